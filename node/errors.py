@@ -1,0 +1,69 @@
+"""Every error llmarket raises on purpose.
+
+One root, ``NodeError``; the CLI prints any of them as a single line (the
+message says what is wrong and what to do) and exits non-zero. Anything that is
+not a ``NodeError`` is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Root of every deliberate llmarket error."""
+
+
+class ConfigError(NodeError):
+    """A setting, flag or configuration file is missing or invalid."""
+
+
+# --------------------------------------------------------------------- payments
+
+
+class PaymentError(NodeError):
+    """Something about the chain, the contracts or a payment channel.
+
+    When a contract refused a call, ``error`` is the Solidity custom error's
+    name (``"ChannelExpired"``, ``"ERC20InsufficientAllowance"``, ...) and
+    ``error_args`` its decoded arguments; otherwise ``error`` is None.
+    """
+
+    def __init__(self, message: str, *, error: str | None = None, error_args: tuple = ()) -> None:
+        super().__init__(message)
+        self.error = error
+        self.error_args = error_args
+
+
+class ChainUnreachable(PaymentError):
+    """No Ethereum JSON-RPC endpoint answers at the configured URL."""
+
+
+class WrongChain(PaymentError):
+    """The RPC endpoint serves a different chain than the one expected."""
+
+
+class DeploymentNotFound(PaymentError):
+    """No deployment record for this chain, or its contracts are not on the chain."""
+
+
+class InsufficientBalance(PaymentError):
+    """The account holds fewer tokens (or less ETH for gas) than the action needs."""
+
+
+class InsufficientAllowance(PaymentError):
+    """The escrow may not move as many of the account's tokens as the action needs."""
+
+
+class ChannelExpired(PaymentError):
+    """The channel is past its expiry: receipts can no longer be redeemed."""
+
+
+class ChannelNotOpen(PaymentError):
+    """The channel does not exist, or was closed or refunded already."""
+
+
+class InvalidReceipt(PaymentError):
+    """A receipt signature does not verify against the channel's requester."""
+
+
+class ContractReverted(PaymentError):
+    """The contract refused a call for a reason with no more specific class here."""
