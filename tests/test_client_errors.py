@@ -103,7 +103,7 @@ def test_insufficient_allowance(chain):
     requester = chain.client(chain.requester)
     call = requester.escrow.functions.open(chain.worker.address, TOKEN, requester.chain_time() + 3600)
     with pytest.raises(InsufficientAllowance) as info:
-        requester._transact(call, "open")  # skip the client's automatic approval
+        requester.send(call, "open")  # skip the client's automatic approval
     assert info.value.error == "ERC20InsufficientAllowance"
     assert "approve the escrow" in str(info.value)
 

@@ -268,9 +268,9 @@ def test_reentrant_token_cannot_reenter(chain, brownie_build):
         requester.escrow.functions.close(channel_id, 10 * TOKEN, signature),
         requester.escrow.functions.refund(channel_id),
     ):
-        requester._transact(evil_token.functions.arm(escrow_address, reentry._encode_transaction_data()), "arm")
+        requester.send(evil_token.functions.arm(escrow_address, reentry._encode_transaction_data()), "arm")
         worker = EscrowClient(w3, deployment, chain.worker)
         _reverts("ReentrancyGuardReentrantCall", worker.claim, channel_id, 10 * TOKEN, signature)
-        requester._transact(evil_token.functions.arm("0x" + "00" * 20, b""), "disarm")
+        requester.send(evil_token.functions.arm("0x" + "00" * 20, b""), "disarm")
     worker.claim(channel_id, 10 * TOKEN, signature)  # unarmed, the same claim goes through
     assert worker.get_channel(channel_id).paid == 10 * TOKEN

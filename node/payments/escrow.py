@@ -233,7 +233,7 @@ class EscrowClient:
 
     def approve(self, amount: int) -> dict:
         """Let the escrow move ``amount`` of the account's tokens."""
-        return self._transact(self.token.functions.approve(self.deployment.escrow, amount), "approve")
+        return self.send(self.token.functions.approve(self.deployment.escrow, amount), "approve")
 
     def open_channel(self, worker: str, amount: int, expiry: int, *, permit: bool = False) -> bytes:
         """Open a channel to ``worker`` with ``amount`` tokens until ``expiry``; returns its id.
@@ -244,12 +244,15 @@ class EscrowClient:
         worker = to_checksum_address(worker)
         self._require_tokens(amount)
         if permit:
-            v, r, s, deadline = self._sign_permit(amount)
+            v, r, s, deadline = self.sign_permit(amount)
             call = self.escrow.functions.openWithPermit(worker, amount, expiry, deadline, v, r, s)
         else:
             self._ensure_allowance(amount)
             call = self.escrow.functions.open(worker, amount, expiry)
-        receipt = self._transact(call, "open")
+        return self.opened_channel_id(self.send(call, "open"))
+
+    def opened_channel_id(self, receipt: dict) -> bytes:
+        """The id of the channel an ``open`` / ``openWithPermit`` transaction created."""
         (event,) = self.escrow.events.ChannelOpened().process_receipt(receipt, errors=DISCARD)
         return bytes(event["args"]["channelId"])
 
@@ -258,29 +261,29 @@ class EscrowClient:
         if amount > 0:
             self._require_tokens(amount)
         if permit and amount > 0:
-            v, r, s, deadline = self._sign_permit(amount)
+            v, r, s, deadline = self.sign_permit(amount)
             call = self.escrow.functions.topUpWithPermit(bytes(channel_id), amount, new_expiry, deadline, v, r, s)
         else:
             if amount > 0:
                 self._ensure_allowance(amount)
             call = self.escrow.functions.topUp(bytes(channel_id), amount, new_expiry)
-        return self._transact(call, "topUp")
+        return self.send(call, "topUp")
 
     def refund(self, channel_id: bytes) -> dict:
         """Take back the unclaimed rest of an expired channel."""
-        return self._transact(self.escrow.functions.refund(bytes(channel_id)), "refund")
+        return self.send(self.escrow.functions.refund(bytes(channel_id)), "refund")
 
     # ------------------------------------------------------------- worker txs
 
     def claim(self, channel_id: bytes, cumulative_amount: int, signature: bytes) -> dict:
         """Redeem a receipt and keep the channel open."""
-        return self._transact(
+        return self.send(
             self.escrow.functions.claim(bytes(channel_id), cumulative_amount, bytes(signature)), "claim"
         )
 
     def close(self, channel_id: bytes, cumulative_amount: int, signature: bytes = b"") -> dict:
         """Redeem the final receipt, close the channel and return the rest to the requester."""
-        return self._transact(
+        return self.send(
             self.escrow.functions.close(bytes(channel_id), cumulative_amount, bytes(signature)), "close"
         )
 
@@ -304,7 +307,8 @@ class EscrowClient:
         if self.allowance(self._require_account().address) < amount:
             self.approve(amount)
 
-    def _sign_permit(self, amount: int) -> tuple[int, bytes, bytes, int]:
+    def sign_permit(self, amount: int) -> tuple[int, bytes, bytes, int]:
+        """An EIP-2612 permit letting the escrow move ``amount`` tokens: ``(v, r, s, deadline)``."""
         account = self._require_account()
         with self._rpc():
             nonce = self.token.functions.nonces(account.address).call()
@@ -337,7 +341,12 @@ class EscrowClient:
         )
         return signed.v, signed.r.to_bytes(32, "big"), signed.s.to_bytes(32, "big"), deadline
 
-    def _transact(self, call: Any, what: str) -> dict:
+    def send(self, call: Any, what: str) -> dict:
+        """Sign and send a contract call as the account; returns the mined receipt.
+
+        Gas is estimated first, so a call the contract refuses raises its decoded
+        custom error (a ``PaymentError``) without spending anything.
+        """
         account = self._require_account()
         with self._rpc(what):
             with self._send_lock:

@@ -1,0 +1,162 @@
+"""The ``llmarket`` command (also ``python -m node``): a thin layer over the library.
+
+Each subcommand parses flags, calls library code and prints. Every deliberate
+failure is a ``NodeError``; ``main`` prints it as one line and exits 1. Set
+``LLMARKET_DEBUG=1`` to get the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+from node import __version__
+from node.config import data_dir
+from node.errors import ConfigError, NodeError
+
+DEFAULT_RPC_URL = "http://127.0.0.1:8545"
+
+
+def _rpc_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rpc-url",
+        default=os.environ.get("LLMARKET_RPC_URL", DEFAULT_RPC_URL),
+        help="the chain's JSON-RPC endpoint (default: $LLMARKET_RPC_URL or %(default)s)",
+    )
+    parser.add_argument(
+        "--deployments",
+        default=os.environ.get("LLMARKET_DEPLOYMENTS_DIR", "deployments"),
+        metavar="DIR",
+        help="directory of <chainId>.json deployment records written by scripts/deploy.py "
+        "(default: $LLMARKET_DEPLOYMENTS_DIR or ./deployments)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmarket",
+        description="llmarket: a decentralized marketplace for LLM inference. "
+        "Workers serve GGUF models over libp2p and are paid through an ERC-20 escrow.",
+        epilog="Run `llmarket COMMAND --help` for a command's flags. Set LLMARKET_DEBUG=1 for tracebacks.",
+    )
+    parser.add_argument("--version", action="version", version=f"llmarket {__version__}")
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where keys, models and state live (default: $LLMARKET_HOME or ~/.local/share/llmarket)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    chain = commands.add_parser(
+        "chain",
+        help="inspect the chain and the escrow contracts",
+        description="Inspect the chain llmarket pays through: the deployed token and escrow, and payment channels.",
+    )
+    chain_commands = chain.add_subparsers(dest="chain_command", metavar="SUBCOMMAND", required=True)
+
+    status = chain_commands.add_parser(
+        "status",
+        help="check the RPC endpoint and the deployment, and show the contracts",
+        description="Connect to the chain, check that the deployment record matches it and that the "
+        "contracts are there, and show their addresses. Example: llmarket chain status --rpc-url http://127.0.0.1:8545",
+    )
+    _rpc_flags(status)
+    status.set_defaults(handler=_chain_status)
+
+    channel = chain_commands.add_parser(
+        "channel",
+        help="show one payment channel",
+        description="Show a payment channel as the escrow stores it: parties, deposit, paid, expiry and status.",
+    )
+    channel.add_argument("channel_id", metavar="CHANNEL_ID", help="the channel id, 32 bytes in hex (0x…)")
+    _rpc_flags(channel)
+    channel.set_defaults(handler=_chain_channel)
+    return parser
+
+
+def _connect(args: argparse.Namespace):
+    from node.payments.escrow import EscrowClient  # web3 is slow to import; only commands that need it pay
+
+    return EscrowClient.connect(args.rpc_url, deployments_dir=args.deployments)
+
+
+def _chain_status(args: argparse.Namespace) -> None:
+    client = _connect(args)
+    d = client.deployment
+    token = client.token.functions
+    info = {
+        "rpc_url": args.rpc_url,
+        "chain_id": d.chain_id,
+        "latest_block": client.w3.eth.block_number,
+        "token": {"address": d.token, "symbol": token.symbol().call(), "decimals": token.decimals().call(),
+                  "total_supply": token.totalSupply().call()},
+        "escrow": {"address": d.escrow, "channels_opened": client.escrow.functions.channelCount().call(),
+                   "deployed_in_block": d.block},
+        "deployer": d.deployer,
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    t, e = info["token"], info["escrow"]
+    print(f"chain     {info['chain_id']} at {info['rpc_url']} (block {info['latest_block']})")
+    print(f"token     {t['address']}  {t['symbol']}, {t['decimals']} decimals, supply {t['total_supply']}")
+    print(f"escrow    {e['address']}  {e['channels_opened']} channels opened, deployed in block {e['deployed_in_block']}")
+    print(f"deployer  {info['deployer']}")
+
+
+def _parse_channel_id(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text.removeprefix("0x"))
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError(f"channel id {text!r} is not 32 bytes of hex; copy the 0x… id that open printed")
+    return raw
+
+
+def _chain_channel(args: argparse.Namespace) -> None:
+    channel_id = _parse_channel_id(args.channel_id)
+    client = _connect(args)
+    state = client.get_channel(channel_id)
+    info = {
+        "channel_id": "0x" + channel_id.hex(),
+        "status": state.status.name.lower(),
+        "requester": state.requester,
+        "worker": state.worker,
+        "deposit": state.deposit,
+        "paid": state.paid,
+        "unclaimed": state.unclaimed,
+        "expiry": state.expiry,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    if state.status.name == "NONE":
+        print(f"channel {info['channel_id']}: no such channel on chain {client.deployment.chain_id}")
+        return
+    expiry = datetime.fromtimestamp(state.expiry, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    for key in ("channel_id", "status", "requester", "worker", "deposit", "paid", "unclaimed"):
+        print(f"{key:<11} {info[key]}")
+    print(f"{'expiry':<11} {state.expiry} ({expiry})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.data_dir = data_dir(args.data_dir)
+    try:
+        args.handler(args)
+    except NodeError as err:
+        if os.environ.get("LLMARKET_DEBUG"):
+            raise
+        print(f"llmarket: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llmarket: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,68 @@
+"""The command line: help for every command, one-line errors, and the chain commands on a real anvil."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from node.cli import build_parser, main
+from node.payments.deployment import write_deployment
+
+from .conftest import TOKEN
+
+
+def _all_commands(parser, prefix=()):
+    yield prefix
+    for action in parser._actions:
+        if hasattr(action, "choices") and isinstance(action.choices, dict):
+            for name, sub in action.choices.items():
+                yield from _all_commands(sub, (*prefix, name))
+
+
+def test_every_command_has_help(capsys):
+    commands = list(_all_commands(build_parser()))
+    assert ("chain", "status") in commands and ("chain", "channel") in commands
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--help"])
+        assert exit_.value.code == 0
+        assert "usage: llmarket" in capsys.readouterr().out
+
+
+def test_python_dash_m_node_is_the_same_program():
+    result = subprocess.run([sys.executable, "-m", "node", "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip().startswith("llmarket ")
+
+
+def test_errors_are_one_line_and_exit_non_zero(capsys, tmp_path):
+    assert main(["chain", "channel", "0x1234", "--deployments", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("llmarket: error: channel id '0x1234' is not 32 bytes")
+
+
+def test_unreachable_chain_is_one_line(capsys, tmp_path):
+    assert main(["chain", "status", "--rpc-url", "http://127.0.0.1:9", "--deployments", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no Ethereum JSON-RPC endpoint answers at http://127.0.0.1:9" in err
+
+
+@pytest.mark.slow
+def test_chain_status_and_channel(chain, tmp_path, capsys):
+    write_deployment(chain.deployment, tmp_path)
+    flags = ["--rpc-url", chain.chain.rpc_url, "--deployments", str(tmp_path), "--json"]
+    assert main(["chain", "status", *flags]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["chain_id"] == 31337 and status["escrow"]["address"] == chain.deployment.escrow
+    assert status["token"]["symbol"] == "LLM"
+
+    requester = chain.client(chain.requester)
+    channel_id = requester.open_channel(chain.worker.address, 3 * TOKEN, requester.chain_time() + 600)
+    assert main(["chain", "channel", "0x" + channel_id.hex(), *flags]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["status"] == "open" and shown["deposit"] == 3 * TOKEN and shown["worker"] == chain.worker.address
+
+    assert main(["chain", "channel", "0x" + channel_id.hex(), *flags[:-1]]) == 0  # the text form
+    assert "unclaimed   3000000000000000000" in capsys.readouterr().out
