@@ -67,3 +67,18 @@ class InvalidReceipt(PaymentError):
 
 class ContractReverted(PaymentError):
     """The contract refused a call for a reason with no more specific class here."""
+
+
+# ----------------------------------------------------------------------- models
+
+
+class ModelError(NodeError):
+    """A model, a CID or the model store: bad input, a missing model, a failed verification."""
+
+
+class ModelNotFound(ModelError):
+    """The model is not in the cache, and no source has it."""
+
+
+class InvalidRequest(NodeError):
+    """A job's parameters are invalid: bad sampling values, a prompt too long for the context, …"""

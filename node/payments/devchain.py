@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +22,14 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from node.errors import ChainUnreachable, ConfigError
+from node.services import terminate, wait_ready
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _LISTENING = re.compile(r"Listening on ([0-9.]+):(\d+)")
+
+
+def _url(match: re.Match[str]) -> str:
+    return f"http://{match.group(1)}:{match.group(2)}"
 
 
 def find_anvil() -> str:
@@ -80,15 +84,24 @@ class DevChain:
         with open(log_path, "wb") as log:
             process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            rpc_url = _wait_ready(process, log_path, config_path, chain_id, timeout_s)
+            match = wait_ready(
+                process,
+                log_path,
+                _LISTENING,
+                lambda m: config_path.exists() and _answers_chain_id(_url(m), chain_id),
+                what="anvil",
+                timeout_s=timeout_s,
+                error=ChainUnreachable,
+            )
+            rpc_url = _url(match)
             keys = json.loads(config_path.read_text())["private_keys"]
         except BaseException:
-            _terminate(process)
+            terminate(process)
             raise
         return cls(process, rpc_url, chain_id, [Account.from_key(k) for k in keys], workdir, owns)
 
     def stop(self) -> None:
-        _terminate(self.process)
+        terminate(self.process)
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -107,32 +120,9 @@ class DevChain:
         self.stop()
 
 
-def _wait_ready(process: subprocess.Popen, log_path: Path, config_path: Path, chain_id: int, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    rpc_url = None
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ChainUnreachable(f"anvil exited with code {process.returncode}: {log_path.read_text()[-500:]}")
-        if rpc_url is None:
-            match = _LISTENING.search(log_path.read_text(errors="replace"))
-            if match:
-                rpc_url = f"http://{match.group(1)}:{match.group(2)}"
-        if rpc_url is not None and config_path.exists():
-            try:
-                reply = requests.post(rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, timeout=2)
-                if int(reply.json()["result"], 16) == chain_id:
-                    return rpc_url
-            except (requests.RequestException, ValueError, KeyError):
-                pass
-        time.sleep(0.05)  # polling interval, not a wait for readiness
-    raise ChainUnreachable(f"anvil did not answer within {timeout_s:.0f}s; see {log_path}")
-
-
-def _terminate(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def _answers_chain_id(rpc_url: str, chain_id: int) -> bool:
+    try:
+        reply = requests.post(rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, timeout=2)
+        return int(reply.json()["result"], 16) == chain_id
+    except (requests.RequestException, ValueError, KeyError):
+        return False

@@ -1,0 +1,326 @@
+"""Content identifiers, computed exactly as kubo's ``ipfs add`` does.
+
+A model is named by the CID of its file as IPFS imports it (UnixFS, kubo's
+defaults): the file is cut into 256 KiB chunks, the chunks become the leaves of
+a *balanced* DAG whose inner nodes hold at most 174 links, and every node is
+hashed with SHA-256. Two profiles matter, both reproduced here byte for byte:
+
+- **CIDv0** (``ipfs add``): every node, leaves included, is a dag-pb node
+  wrapping UnixFS ``Data``; the CID is the base58btc multihash (``Qm…``).
+- **CIDv1** (``ipfs add --cid-version=1``, which implies raw leaves): leaves are
+  raw blocks (codec ``raw``), inner nodes dag-pb; the CID is multibase base32
+  (``bafy…`` for a DAG, ``bafk…`` for a file that fits in one raw block).
+
+``FileHasher`` consumes a file as a stream (no second pass, constant memory),
+so a download or a copy can be hashed while it is written. Nothing here does
+I/O beyond what the caller feeds it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from node.errors import ModelError
+
+CHUNK_SIZE = 262_144  # kubo's default chunker, size-262144
+MAX_LINKS = 174  # kubo's default links per node (balanced layout)
+
+CODEC_DAG_PB = 0x70
+CODEC_RAW = 0x55
+MH_SHA2_256 = 0x12
+
+_B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_B58_INDEX = {c: i for i, c in enumerate(_B58_ALPHABET)}
+
+
+# ------------------------------------------------------------------ encodings
+
+
+def varint(n: int) -> bytes:
+    """Unsigned LEB128, as protobuf and multiformats use it."""
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def read_varint(buf: bytes, pos: int = 0) -> tuple[int, int]:
+    """Decode a varint at ``buf[pos:]``; returns (value, position after it)."""
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated or oversized varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def b58encode(data: bytes) -> str:
+    n = int.from_bytes(data, "big")
+    out = ""
+    while n:
+        n, rem = divmod(n, 58)
+        out = _B58_ALPHABET[rem] + out
+    return "1" * (len(data) - len(data.lstrip(b"\0"))) + out
+
+
+def b58decode(text: str) -> bytes:
+    n = 0
+    for char in text:
+        if char not in _B58_INDEX:
+            raise ValueError(f"{char!r} is not a base58 character")
+        n = n * 58 + _B58_INDEX[char]
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return b"\0" * (len(text) - len(text.lstrip("1"))) + body
+
+
+# ------------------------------------------------------------------------ CID
+
+
+@dataclass(frozen=True)
+class CID:
+    """A parsed CID. Only SHA-256 multihashes, and the dag-pb and raw codecs, are used by IPFS files."""
+
+    version: int
+    codec: int
+    digest: bytes  # the SHA-256 digest of the block
+
+    @classmethod
+    def v0(cls, digest: bytes) -> CID:
+        return cls(0, CODEC_DAG_PB, digest)
+
+    @classmethod
+    def v1(cls, codec: int, digest: bytes) -> CID:
+        return cls(1, codec, digest)
+
+    @property
+    def multihash(self) -> bytes:
+        return bytes([MH_SHA2_256, 32]) + self.digest
+
+    def to_bytes(self) -> bytes:
+        """The binary CID, as dag-pb links and CAR files carry it."""
+        if self.version == 0:
+            return self.multihash
+        return varint(1) + varint(self.codec) + self.multihash
+
+    def __str__(self) -> str:
+        if self.version == 0:
+            return b58encode(self.multihash)
+        return "b" + base64.b32encode(self.to_bytes()).decode().lower().rstrip("=")
+
+    def verify_block(self, block: bytes) -> bool:
+        return hashlib.sha256(block).digest() == self.digest
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CID:
+        """Parse a binary CID (exactly, no trailing bytes)."""
+        cid, end = cls.read(raw, 0)
+        if end != len(raw):
+            raise ModelError(f"binary CID has {len(raw) - end} trailing bytes")
+        return cid
+
+    @classmethod
+    def read(cls, buf: bytes, pos: int) -> tuple[CID, int]:
+        """Parse a binary CID at ``buf[pos:]``; returns (cid, position after it)."""
+        try:
+            if buf[pos : pos + 2] == bytes([MH_SHA2_256, 32]):
+                digest = buf[pos + 2 : pos + 34]
+                if len(digest) != 32:
+                    raise ValueError("truncated multihash")
+                return cls.v0(digest), pos + 34
+            version, pos = read_varint(buf, pos)
+            if version != 1:
+                raise ValueError(f"CID version {version}")
+            codec, pos = read_varint(buf, pos)
+            hash_code, pos = read_varint(buf, pos)
+            length, pos = read_varint(buf, pos)
+        except (ValueError, IndexError) as err:
+            raise ModelError(f"malformed binary CID: {err}") from None
+        if hash_code != MH_SHA2_256 or length != 32:
+            raise ModelError(f"unsupported multihash 0x{hash_code:x}/{length} bytes; llmarket uses SHA-256 CIDs")
+        if codec not in (CODEC_DAG_PB, CODEC_RAW):
+            raise ModelError(f"unsupported CID codec 0x{codec:x}; model files are dag-pb or raw")
+        digest = buf[pos : pos + 32]
+        if len(digest) != 32:
+            raise ModelError("malformed binary CID: truncated digest")
+        return cls.v1(codec, digest), pos + 32
+
+
+def parse_cid(text: str) -> CID:
+    """Parse a CID string: CIDv0 (``Qm…``) or CIDv1 in base32 (``b…``).
+
+    Raises:
+        ModelError: not a CID llmarket can use, with what is wrong.
+    """
+    text = text.strip()
+    hint = "expected a CIDv0 (Qm…, 46 characters) or a base32 CIDv1 (bafy…/bafk…)"
+    if len(text) == 46 and text.startswith("Qm"):
+        try:
+            raw = b58decode(text)
+        except ValueError as err:
+            raise ModelError(f"invalid CID {text!r}: {err}") from None
+        if len(raw) != 34 or raw[:2] != bytes([MH_SHA2_256, 32]):
+            raise ModelError(f"invalid CID {text!r}: not a SHA-256 multihash")
+        return CID.v0(raw[2:])
+    if text[:1] in ("b", "B") and len(text) > 8:
+        body = text[1:].upper()
+        try:
+            raw = base64.b32decode(body + "=" * (-len(body) % 8))
+        except ValueError:
+            raise ModelError(f"invalid CID {text!r}: not base32; {hint}") from None
+        cid = CID.from_bytes(raw) if raw[:1] == b"\x01" else None
+        if cid is None or cid.version != 1:
+            raise ModelError(f"invalid CID {text!r}: {hint}")
+        return cid
+    raise ModelError(f"invalid CID {text!r}: {hint}")
+
+
+# ----------------------------------------------------------------- protobufs
+
+
+def _pb_bytes(field_number: int, value: bytes) -> bytes:
+    return varint(field_number << 3 | 2) + varint(len(value)) + value
+
+
+def _pb_varint(field_number: int, value: int) -> bytes:
+    return varint(field_number << 3) + varint(value)
+
+
+def unixfs_file(data: bytes | None, filesize: int, blocksizes: list[int] = ()) -> bytes:
+    """UnixFS ``Data`` of a file node: Type=File, the chunk (leaves), its size, the children's sizes."""
+    out = _pb_varint(1, 2)  # Type = File
+    if data:
+        out += _pb_bytes(2, data)
+    out += _pb_varint(3, filesize)
+    for size in blocksizes:
+        out += _pb_varint(4, size)
+    return out
+
+
+def dag_pb_node(links: list[tuple[CID, int]], data: bytes) -> bytes:
+    """A dag-pb node in canonical form: links first (Hash, empty Name, Tsize), then Data."""
+    out = b""
+    for cid, tsize in links:
+        link = _pb_bytes(1, cid.to_bytes()) + _pb_bytes(2, b"") + _pb_varint(3, tsize)
+        out += _pb_bytes(2, link)
+    return out + _pb_bytes(1, data)
+
+
+# ---------------------------------------------------------------- the hasher
+
+
+@dataclass
+class _Node:
+    """A finished node of the DAG: how a parent links to it."""
+
+    cid: CID
+    filesize: int  # file bytes under it
+    tsize: int  # encoded bytes under it, itself included
+
+
+@dataclass
+class _Level:
+    """An inner node being filled at one height of the balanced tree."""
+
+    children: list[_Node] = field(default_factory=list)
+
+
+class FileHasher:
+    """Streaming UnixFS import: ``update()`` with the file's bytes, then ``cid()``.
+
+    Args:
+        version: 0 for kubo's default CIDv0, 1 for ``--cid-version=1`` (raw leaves).
+
+    The tree is the balanced layout built bottom-up: leaves fill an inner node of
+    up to 174 links; a full node becomes a child one level up, and so on. That
+    is exactly the tree kubo's top-down balanced builder produces.
+    """
+
+    def __init__(self, version: int = 1) -> None:
+        if version not in (0, 1):
+            raise ValueError("CID version must be 0 or 1")
+        self.version = version
+        self.size = 0
+        self._buffer = bytearray()
+        self._levels: list[_Level] = []  # _levels[0] holds leaves
+        self._leaves = 0
+        self._done: CID | None = None
+
+    def update(self, data: bytes) -> None:
+        if self._done is not None:
+            raise ValueError("FileHasher already finished")
+        self.size += len(data)
+        self._buffer += data
+        while len(self._buffer) >= CHUNK_SIZE:
+            chunk = bytes(self._buffer[:CHUNK_SIZE])
+            del self._buffer[:CHUNK_SIZE]
+            self._add(self._leaf(chunk), 0)
+
+    def cid(self) -> CID:
+        """Finish and return the root CID (idempotent)."""
+        if self._done is None:
+            if self._buffer or self._leaves == 0:
+                self._add(self._leaf(bytes(self._buffer)), 0)
+                self._buffer.clear()
+            self._done = self._finish()
+        return self._done
+
+    # Each node is built only from finished children, so the running state is
+    # one partly filled node per level: O(log n) memory for any file size.
+
+    def _leaf(self, chunk: bytes) -> _Node:
+        self._leaves += 1
+        if self.version == 1:
+            return _Node(CID.v1(CODEC_RAW, hashlib.sha256(chunk).digest()), len(chunk), len(chunk))
+        block = dag_pb_node([], unixfs_file(chunk, len(chunk)))
+        return _Node(CID.v0(hashlib.sha256(block).digest()), len(chunk), len(block))
+
+    def _inner(self, children: list[_Node]) -> _Node:
+        filesize = sum(c.filesize for c in children)
+        block = dag_pb_node([(c.cid, c.tsize) for c in children], unixfs_file(None, filesize, [c.filesize for c in children]))
+        digest = hashlib.sha256(block).digest()
+        cid = CID.v0(digest) if self.version == 0 else CID.v1(CODEC_DAG_PB, digest)
+        return _Node(cid, filesize, len(block) + sum(c.tsize for c in children))
+
+    def _add(self, node: _Node, height: int) -> None:
+        if height == len(self._levels):
+            self._levels.append(_Level())
+        level = self._levels[height]
+        level.children.append(node)
+        # A full node is closed only once a sibling follows it: if nothing
+        # follows, it is the top of the tree and must become the root itself.
+        if len(level.children) > MAX_LINKS:
+            full, level.children = level.children[:MAX_LINKS], level.children[MAX_LINKS:]
+            self._add(self._inner(full), height + 1)
+
+    def _finish(self) -> CID:
+        if self._leaves == 1:
+            return self._levels[0].children[0].cid  # a one-chunk file is its own root
+        height = 0
+        while True:  # close the partly filled node of each level, bottom-up
+            is_top = height == len(self._levels) - 1
+            node = self._inner(self._levels[height].children)
+            self._levels[height].children = []
+            if is_top:
+                return node.cid
+            self._add(node, height + 1)
+            height += 1
+
+
+def file_cid(stream: BinaryIO, version: int = 1, *, block_size: int = 1 << 20) -> CID:
+    """The CID of everything readable from ``stream``."""
+    hasher = FileHasher(version)
+    while chunk := stream.read(block_size):
+        hasher.update(chunk)
+    return hasher.cid()
