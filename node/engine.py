@@ -254,7 +254,7 @@ class Engine:
                 if cancelled.is_set():
                     reason = FINISH_CANCELLED
                     break
-                if llama_cpp.llama_token_is_eog(vocab, token):
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
                     reason = FINISH_STOP
                     break
                 produced += 1

@@ -106,3 +106,29 @@ def probe_hardware() -> HardwareProfile:
         gpus=nvml_gpus(),
         gpu_offload=llama_gpu_offload(),
     )
+
+
+@dataclass(frozen=True)
+class SpeedProfile:
+    """The loaded model's measured speed on this machine (what an offer advertises)."""
+
+    tokens_per_s: float  # decode speed, greedy, one slot
+    first_token_s: float  # time to first token for a short chat prompt, cold
+
+
+BENCH_MESSAGES = ({"role": "user", "content": "Write a short paragraph about the sea."},)
+
+
+async def self_benchmark(engine, *, tokens: int = 32) -> SpeedProfile:
+    """Measure ``engine``'s tokens/s and time to first token with one short greedy job.
+
+    Decode speed excludes the first token (prompt processing), so it is the
+    steady-state rate a long answer streams at.
+    """
+    from node.engine import SamplingParams
+
+    result = await engine.complete_chat(list(BENCH_MESSAGES), SamplingParams(max_tokens=tokens, temperature=0.0))
+    first = result.first_token_s or 0.0
+    decoded = max(result.usage.completion_tokens - 1, 1)
+    decode_s = max(result.elapsed_s - first, 1e-6)
+    return SpeedProfile(tokens_per_s=decoded / decode_s, first_token_s=first)

@@ -97,3 +97,25 @@ def brownie_build() -> Path:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return REPO_ROOT / "build" / "contracts"
+
+
+# ------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="session")
+def ipfs_daemon():
+    """One real js-ipfs daemon (kubo RPC API), offline on 127.0.0.1, for the session."""
+    from node.models.ipfsd import IpfsDaemon
+
+    daemon = IpfsDaemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def default_model_file() -> Path:
+    from node.models.default import default_model_file
+
+    return default_model_file()

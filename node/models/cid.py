@@ -158,31 +158,30 @@ class CID:
 
 
 def parse_cid(text: str) -> CID:
-    """Parse a CID string: CIDv0 (``Qm…``) or CIDv1 in base32 (``b…``).
+    """Parse a CID string: CIDv0 (``Qm…``), or CIDv1 in base32 (``b…``) or base58btc (``z…``).
 
     Raises:
         ModelError: not a CID llmarket can use, with what is wrong.
     """
     text = text.strip()
-    hint = "expected a CIDv0 (Qm…, 46 characters) or a base32 CIDv1 (bafy…/bafk…)"
-    if len(text) == 46 and text.startswith("Qm"):
-        try:
+    hint = "expected a CIDv0 (Qm…, 46 characters) or a CIDv1 (bafy…/bafk…)"
+    try:
+        if len(text) == 46 and text.startswith("Qm"):
             raw = b58decode(text)
-        except ValueError as err:
-            raise ModelError(f"invalid CID {text!r}: {err}") from None
-        if len(raw) != 34 or raw[:2] != bytes([MH_SHA2_256, 32]):
-            raise ModelError(f"invalid CID {text!r}: not a SHA-256 multihash")
-        return CID.v0(raw[2:])
-    if text[:1] in ("b", "B") and len(text) > 8:
-        body = text[1:].upper()
-        try:
-            raw = base64.b32decode(body + "=" * (-len(body) % 8))
-        except ValueError:
-            raise ModelError(f"invalid CID {text!r}: not base32; {hint}") from None
-        cid = CID.from_bytes(raw) if raw[:1] == b"\x01" else None
-        if cid is None or cid.version != 1:
-            raise ModelError(f"invalid CID {text!r}: {hint}")
-        return cid
+            if len(raw) != 34 or raw[:2] != bytes([MH_SHA2_256, 32]):
+                raise ModelError("not a SHA-256 multihash")
+            return CID.v0(raw[2:])
+        if text[:1] in ("b", "B", "z") and len(text) > 8:
+            if text[0] == "z":
+                raw = b58decode(text[1:])
+            else:
+                body = text[1:].upper()
+                raw = base64.b32decode(body + "=" * (-len(body) % 8))
+            if raw[:1] != b"\x01":
+                raise ModelError(hint)
+            return CID.from_bytes(raw)
+    except (ModelError, ValueError) as err:  # binascii.Error is a ValueError
+        raise ModelError(f"invalid CID {text!r}: {err}") from None
     raise ModelError(f"invalid CID {text!r}: {hint}")
 
 

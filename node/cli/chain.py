@@ -1,22 +1,13 @@
-"""The ``llmarket`` command (also ``python -m node``): a thin layer over the library.
-
-Each subcommand parses flags, calls library code and prints. Every deliberate
-failure is a ``NodeError``; ``main`` prints it as one line and exits 1. Set
-``LLMARKET_DEBUG=1`` to get the full traceback instead.
-"""
+"""``llmarket chain …``: the chain and the escrow contracts, read-only."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
-from collections.abc import Sequence
 from datetime import datetime, timezone
 
-from node import __version__
-from node.config import data_dir
-from node.errors import ConfigError, NodeError
+from node.errors import ConfigError
 
 DEFAULT_RPC_URL = "http://127.0.0.1:8545"
 
@@ -37,21 +28,7 @@ def _rpc_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llmarket",
-        description="llmarket: a decentralized marketplace for LLM inference. "
-        "Workers serve GGUF models over libp2p and are paid through an ERC-20 escrow.",
-        epilog="Run `llmarket COMMAND --help` for a command's flags. Set LLMARKET_DEBUG=1 for tracebacks.",
-    )
-    parser.add_argument("--version", action="version", version=f"llmarket {__version__}")
-    parser.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="where keys, models and state live (default: $LLMARKET_HOME or ~/.local/share/llmarket)",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def register(commands: argparse._SubParsersAction) -> None:
     chain = commands.add_parser(
         "chain",
         help="inspect the chain and the escrow contracts",
@@ -76,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     channel.add_argument("channel_id", metavar="CHANNEL_ID", help="the channel id, 32 bytes in hex (0x…)")
     _rpc_flags(channel)
     channel.set_defaults(handler=_chain_channel)
-    return parser
 
 
 def _connect(args: argparse.Namespace):
@@ -143,20 +119,3 @@ def _chain_channel(args: argparse.Namespace) -> None:
     for key in ("channel_id", "status", "requester", "worker", "deposit", "paid", "unclaimed"):
         print(f"{key:<11} {info[key]}")
     print(f"{'expiry':<11} {state.expiry} ({expiry})")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.data_dir = data_dir(args.data_dir)
-    try:
-        args.handler(args)
-    except NodeError as err:
-        if os.environ.get("LLMARKET_DEBUG"):
-            raise
-        print(f"llmarket: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("llmarket: interrupted", file=sys.stderr)
-        return 130
-    return 0

@@ -1,0 +1,86 @@
+"""Flags shared by several commands, spelled the same everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from node.engine import SamplingParams
+from node.models import ModelStore
+from node.models.ipfs import IpfsSource
+
+_DEFAULTS = SamplingParams()
+
+
+def model_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="default",
+        metavar="M",
+        help="'default' (the embedded SmolLM2-135M-Instruct), a CID (Qm…/bafy…) or a .gguf path (default: %(default)s)",
+    )
+
+
+def sampling_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens, metavar="N",
+                       help="stop after N generated tokens (default: %(default)s)")
+    group.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, metavar="T",
+                       help="randomness; 0 = greedy, always the same answer (default: %(default)s)")
+    group.add_argument("--top-p", type=float, default=_DEFAULTS.top_p, metavar="P",
+                       help="nucleus sampling: keep the smallest set of tokens with probability ≥ P (default: %(default)s)")
+    group.add_argument("--top-k", type=int, default=_DEFAULTS.top_k, metavar="K",
+                       help="sample among the K likeliest tokens; 0 = all (default: %(default)s)")
+    group.add_argument("--min-p", type=float, default=_DEFAULTS.min_p, metavar="P",
+                       help="drop tokens less likely than P × the likeliest (default: %(default)s)")
+    group.add_argument("--repeat-penalty", type=float, default=_DEFAULTS.repeat_penalty, metavar="R",
+                       help="penalise repeating recent tokens; 1 = off (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=None, metavar="S",
+                       help="random seed, for repeatable sampling (default: random)")
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="stop when TEXT is generated (repeatable)")  # fmt: skip
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    params.validate()
+    return params
+
+
+def engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--ctx-size", type=int, default=2048, metavar="N",
+                       help="context size in tokens, prompt + answer (default: %(default)s)")
+    group.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads per job (default: cores / slots)")
+    group.add_argument("--gpu-layers", type=int, default=None, metavar="N",
+                       help="layers to offload to the GPU; -1 = all, 0 = CPU only "
+                            "(default: all when llama.cpp has GPU support and a GPU is present)")  # fmt: skip
+
+
+def ipfs_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ipfs-api",
+        default=os.environ.get("LLMARKET_IPFS_API"),
+        metavar="ADDR",
+        help="an IPFS daemon's RPC API to fetch models from, as a multiaddr or URL, "
+        "e.g. /ip4/127.0.0.1/tcp/5001/http (default: $LLMARKET_IPFS_API; none)",
+    )
+
+
+def json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def model_store(args: argparse.Namespace) -> ModelStore:
+    sources = [IpfsSource(args.ipfs_api)] if getattr(args, "ipfs_api", None) else []
+    return ModelStore.in_data_dir(args.data_dir, sources)
