@@ -101,16 +101,23 @@ def test_fetching_the_default_model_from_the_daemon(ipfs_daemon, default_model_f
 
 
 @contextmanager
-def serve_car(car: bytes):
-    """A fake kubo RPC endpoint whose dag/export answers with ``car``."""
+def lying_daemon(daemon, *, flip_at: int | None = None, cut_at: int | None = None):
+    """A fake kubo RPC endpoint in front of the real daemon: blocks pass through, `cat` lies."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 (http.server's naming)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/vnd.ipld.car")
-            self.send_header("Content-Length", str(len(car)))
+            reply = requests.post(f"{daemon.api_url}{self.path}", timeout=30)
+            body = bytearray(reply.content)
+            if self.path.startswith("/api/v0/cat"):
+                if flip_at is not None:
+                    body[flip_at] ^= 0x01
+                if cut_at is not None:
+                    del body[cut_at:]
+            self.send_response(reply.status_code)
+            self.send_header("Content-Type", reply.headers.get("Content-Type", "application/octet-stream"))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(car)
+            self.wfile.write(body)
 
         def log_message(self, *args):
             pass
@@ -125,14 +132,13 @@ def serve_car(car: bytes):
         server.server_close()
 
 
-def test_a_flipped_byte_is_rejected_and_nothing_is_cached(ipfs_daemon, tmp_path):
+@pytest.mark.parametrize("version", [0, 1])
+def test_a_flipped_byte_is_rejected_and_nothing_is_cached(ipfs_daemon, tmp_path, version):
     data = random.Random(5).randbytes(3 * CHUNK_SIZE + 100)
     (tmp_path / "f.bin").write_bytes(data)
-    cid = _add(ipfs_daemon, tmp_path / "f.bin", 1)
-    car = bytearray(requests.post(f"{ipfs_daemon.api_url}/api/v0/dag/export", params={"arg": cid}, timeout=30).content)
-    car[-1000] ^= 0x01  # inside the last block's data
+    cid = _add(ipfs_daemon, tmp_path / "f.bin", version)
     store = ModelStore(tmp_path / "models", [])
-    with serve_car(bytes(car)) as url:
+    with lying_daemon(ipfs_daemon, flip_at=2 * CHUNK_SIZE + 1000) as url:
         store.sources = [IpfsSource(url)]
         with pytest.raises(ModelError) as info:
             store.fetch(cid)
@@ -145,11 +151,10 @@ def test_a_flipped_byte_is_rejected_and_nothing_is_cached(ipfs_daemon, tmp_path)
 def test_a_truncated_stream_is_rejected(ipfs_daemon, tmp_path):
     (tmp_path / "f.bin").write_bytes(random.Random(6).randbytes(2 * CHUNK_SIZE + 1))
     cid = _add(ipfs_daemon, tmp_path / "f.bin", 0)
-    car = requests.post(f"{ipfs_daemon.api_url}/api/v0/dag/export", params={"arg": cid}, timeout=30).content
     store = ModelStore(tmp_path / "models", [])
-    with serve_car(car[: len(car) // 2]) as url:
+    with lying_daemon(ipfs_daemon, cut_at=CHUNK_SIZE + 10) as url:
         store.sources = [IpfsSource(url)]
-        with pytest.raises(ModelError, match="ends inside a section|blocks missing"):
+        with pytest.raises(ModelError, match=f"ended {cid} early, after {CHUNK_SIZE + 10} of"):
             store.fetch(cid)
     assert store.get(cid) is None
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
-import os
 import random
 
 import pytest
 
 from node.errors import ModelError, ModelNotFound
 from node.models import resolve_model
-from node.models.cid import CID, file_cid, parse_cid
-from node.models.dag import DagAssembler
+from node.models.cid import CHUNK_SIZE, CID, FileHasher, dag_pb_node, file_cid, leaf_link, unixfs_file
 from node.models.default import DEFAULT_MODEL_CID, DEFAULT_MODEL_NAME
 from node.models.store import ModelStore
 
@@ -69,52 +68,85 @@ def test_verify_catches_a_file_changed_on_disk(tmp_path):
         resolve_model(store, entry.cid)
 
 
-class BrokenSource:
-    """Writes half the file, then fails the way a bad peer or daemon does."""
+class FileSource:
+    """Serves a file's real DAG blocks, and its bytes (optionally tampered, or cut short)."""
 
-    name = "broken source"
+    name = "test source"
 
-    def __init__(self, data: bytes):
-        self.data = data
+    def __init__(self, data: bytes, version: int = 1, *, flip: int | None = None, cut: int | None = None):
+        hasher = FileHasher(version, keep_inner_blocks=True)
+        hasher.update(data)
+        self.root = hasher.cid()
+        self.blocks = dict(hasher.inner_blocks)
+        for i in range(0, max(len(data), 1), CHUNK_SIZE):
+            chunk = data[i : i + CHUNK_SIZE]
+            self.blocks[leaf_link(chunk, version).cid] = chunk if version == 1 else dag_pb_node([], unixfs_file(chunk, len(chunk)))
+        self.data = bytearray(data)
+        if flip is not None:
+            self.data[flip] ^= 0xFF
+        if cut is not None:
+            del self.data[cut:]
 
-    def fetch(self, cid, fd, progress=None):
-        os.write(fd, self.data[: len(self.data) // 2])
-        raise ModelError("broken source sent a bad block")
+    def get_block(self, cid):
+        if cid not in self.blocks:
+            raise ModelError(f"{self.name} does not have {cid}")
+        return self.blocks[cid]
 
-
-class GoodSource:
-    name = "good source"
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def fetch(self, cid, fd, progress=None):
-        os.write(fd, self.data)
-        return len(self.data)
-
-
-def test_a_failed_source_leaves_nothing_and_the_next_source_is_tried(tmp_path):
-    data = b"GGUF" + random.Random(3).randbytes(400_000)
-    cid = file_cid(io.BytesIO(data), 1)
-    store = ModelStore(tmp_path / "models", [BrokenSource(data)])
-    with pytest.raises(ModelError, match="could not fetch .*broken source sent a bad block"):
-        store.fetch(cid)
-    assert store.get(cid) is None and list((tmp_path / "models" / ".staging").iterdir()) == []
-    store.sources.append(GoodSource(data))
-    assert store.fetch(cid).source == "good source"
+    def cat(self, cid):
+        for i in range(0, len(self.data), 100_000):
+            yield bytes(self.data[i : i + 100_000])
 
 
-def test_bytes_that_do_not_hash_to_the_cid_are_never_stored(tmp_path):
-    """Even a source that skips block verification cannot get wrong bytes under a CID."""
-    data = b"GGUF" + random.Random(4).randbytes(10_000)
-    cid = file_cid(io.BytesIO(data), 1)
-    store = ModelStore(tmp_path / "models", [GoodSource(data[:-1] + b"x")])
-    with pytest.raises(ModelError, match="could not fetch"):
-        store.fetch(cid)
-    assert store.list() == []
+@pytest.mark.parametrize("version", [0, 1])
+def test_a_tampered_chunk_aborts_the_fetch_and_nothing_is_kept(tmp_path, version):
+    data = b"GGUF" + random.Random(9).randbytes(5 * CHUNK_SIZE + 10)
+    liar = FileSource(data, version, flip=3 * CHUNK_SIZE + 5)  # genuine blocks, tampered bytes
+    store = ModelStore(tmp_path / "models", [liar])
+    with pytest.raises(ModelError, match=r"test source sent a bad block .* do not hash to its CID; nothing was kept"):
+        store.fetch(liar.root)
+    assert store.list() == [] and list((tmp_path / "models" / ".staging").iterdir()) == []
+    store.sources.append(FileSource(data, version))  # the next source is honest
+    assert store.fetch(liar.root).path.read_bytes() == data
+
+
+def test_tampered_blocks_and_short_streams_are_refused(tmp_path):
+    data = b"GGUF" + random.Random(8).randbytes(3 * CHUNK_SIZE)
+    bad_root = FileSource(data)
+    bad_root.blocks[bad_root.root] = bad_root.blocks[bad_root.root] + b"\0"
+    with pytest.raises(ModelError, match="do not hash to its CID"):
+        ModelStore(tmp_path / "a", [bad_root]).fetch(bad_root.root)
+    short = FileSource(data, cut=CHUNK_SIZE + 7)
+    with pytest.raises(ModelError, match=f"ended .* early, after {CHUNK_SIZE + 7} of {len(data)} bytes"):
+        ModelStore(tmp_path / "b", [short]).fetch(short.root)
+    long = FileSource(data)
+    long.data += b"extra"
+    with pytest.raises(ModelError, match="sent more than"):
+        ModelStore(tmp_path / "c", [long]).fetch(long.root)
+
+
+def test_small_files_come_in_one_block(tmp_path):
+    for version in (0, 1):
+        source = FileSource(b"GGUF tiny", version)
+        entry = ModelStore(tmp_path / f"v{version}", [source]).fetch(source.root)
+        assert entry.path.read_bytes() == b"GGUF tiny"
+
+
+def test_only_kubos_default_layout_is_accepted(tmp_path):
+    data = random.Random(2).randbytes(2 * CHUNK_SIZE + 1)
+    source = FileSource(data, 1)
+    # The same bytes under a CIDv1 with dag-pb (not raw) leaves: a valid DAG, but not kubo's default.
+    other = FileSource(data, 0)
+    root_block = other.blocks[other.root]
+    odd_root = CID.v1(0x70, hashlib.sha256(root_block).digest())
+    other.blocks[odd_root] = root_block
+    with pytest.raises(ModelError, match="not laid out with kubo's default import settings"):
+        ModelStore(tmp_path / "m", [other]).fetch(odd_root)
+    assert ModelStore(tmp_path / "n", [source]).fetch(source.root).size == len(data)
 
 
 def test_staging_of_dead_processes_is_swept(tmp_path):
+    import os
+
     store = ModelStore(tmp_path / "models")
     dead = tmp_path / "models" / ".staging" / "999999999-abc"
     dead.mkdir()
@@ -123,17 +155,6 @@ def test_staging_of_dead_processes_is_swept(tmp_path):
     mine.mkdir()
     ModelStore(store.root)
     assert not dead.exists() and mine.exists()
-
-
-def test_dag_assembler_refuses_blocks_it_did_not_ask_for(tmp_path):
-    root = parse_cid(DEFAULT_MODEL_CID)
-    with open(tmp_path / "out", "wb") as f:
-        assembler = DagAssembler(root, f.fileno(), "test source")
-        stranger = CID.v1(0x55, bytes(32))
-        with pytest.raises(ModelError, match="not part of this file"):
-            assembler.feed(stranger, b"")
-        with pytest.raises(ModelError, match="do not hash to its CID"):
-            assembler.feed(root, b"not the root block")
 
 
 def test_resolve_model_names(tmp_path, default_model_file):

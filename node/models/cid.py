@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import BinaryIO
 
 from node.errors import ModelError
@@ -219,20 +220,37 @@ def dag_pb_node(links: list[tuple[CID, int]], data: bytes) -> bytes:
 # ---------------------------------------------------------------- the hasher
 
 
-@dataclass
-class _Node:
-    """A finished node of the DAG: how a parent links to it."""
+@dataclass(frozen=True)
+class Link:
+    """A finished node of a file's DAG, as its parent links to it."""
 
     cid: CID
     filesize: int  # file bytes under it
     tsize: int  # encoded bytes under it, itself included
 
 
-@dataclass
-class _Level:
-    """An inner node being filled at one height of the balanced tree."""
+def leaf_link(chunk: bytes, version: int) -> Link:
+    """The leaf block kubo makes of one chunk: raw (CIDv1) or dag-pb wrapping UnixFS data (CIDv0)."""
+    return leaf_link_of_pieces([chunk], len(chunk), version)
 
-    children: list[_Node] = field(default_factory=list)
+
+def leaf_link_of_pieces(pieces: Sequence[bytes | memoryview], size: int, version: int) -> Link:
+    """``leaf_link`` of the concatenation of ``pieces`` (``size`` bytes), without joining them."""
+    digest = hashlib.sha256()
+    if version == 1:
+        for piece in pieces:
+            digest.update(piece)
+        return Link(CID.v1(CODEC_RAW, digest.digest()), size, size)
+    # dag-pb { Data (1): UnixFS { Type (1) = File, Data (2) = chunk, filesize (3) } }, as in dag_pb_node/unixfs_file
+    unixfs_head = _pb_varint(1, 2) + (varint(2 << 3 | 2) + varint(size) if size else b"")
+    unixfs_tail = _pb_varint(3, size)
+    unixfs_len = len(unixfs_head) + size + len(unixfs_tail)
+    head = varint(1 << 3 | 2) + varint(unixfs_len) + unixfs_head
+    digest.update(head)
+    for piece in pieces:
+        digest.update(piece)
+    digest.update(unixfs_tail)
+    return Link(CID.v0(digest.digest()), size, len(head) + size + len(unixfs_tail))
 
 
 class FileHasher:
@@ -243,34 +261,42 @@ class FileHasher:
 
     The tree is the balanced layout built bottom-up: leaves fill an inner node of
     up to 174 links; a full node becomes a child one level up, and so on. That
-    is exactly the tree kubo's top-down balanced builder produces.
+    is exactly the tree kubo's top-down balanced builder produces. Leaves can
+    also be given ready-made (``add_leaf``), which is how a fetched DAG is
+    checked for the default layout without hashing its data twice.
     """
 
-    def __init__(self, version: int = 1) -> None:
+    def __init__(self, version: int = 1, *, keep_inner_blocks: bool = False) -> None:
         if version not in (0, 1):
             raise ValueError("CID version must be 0 or 1")
         self.version = version
+        #: With ``keep_inner_blocks``, every inner node's block by CID (≈ 8 KiB per 44 MiB of file).
+        self.inner_blocks: dict[CID, bytes] | None = {} if keep_inner_blocks else None
         self.size = 0
         self._buffer = bytearray()
-        self._levels: list[_Level] = []  # _levels[0] holds leaves
+        self._levels: list[list[Link]] = []  # the open node's children, per height; 0 holds leaves
         self._leaves = 0
         self._done: CID | None = None
 
     def update(self, data: bytes) -> None:
-        if self._done is not None:
-            raise ValueError("FileHasher already finished")
-        self.size += len(data)
         self._buffer += data
         while len(self._buffer) >= CHUNK_SIZE:
             chunk = bytes(self._buffer[:CHUNK_SIZE])
             del self._buffer[:CHUNK_SIZE]
-            self._add(self._leaf(chunk), 0)
+            self.add_leaf(leaf_link(chunk, self.version))
+
+    def add_leaf(self, leaf: Link) -> None:
+        if self._done is not None:
+            raise ValueError("FileHasher already finished")
+        self.size += leaf.filesize
+        self._leaves += 1
+        self._add(leaf, 0)
 
     def cid(self) -> CID:
         """Finish and return the root CID (idempotent)."""
         if self._done is None:
             if self._buffer or self._leaves == 0:
-                self._add(self._leaf(bytes(self._buffer)), 0)
+                self.add_leaf(leaf_link(bytes(self._buffer), self.version))
                 self._buffer.clear()
             self._done = self._finish()
         return self._done
@@ -278,39 +304,34 @@ class FileHasher:
     # Each node is built only from finished children, so the running state is
     # one partly filled node per level: O(log n) memory for any file size.
 
-    def _leaf(self, chunk: bytes) -> _Node:
-        self._leaves += 1
-        if self.version == 1:
-            return _Node(CID.v1(CODEC_RAW, hashlib.sha256(chunk).digest()), len(chunk), len(chunk))
-        block = dag_pb_node([], unixfs_file(chunk, len(chunk)))
-        return _Node(CID.v0(hashlib.sha256(block).digest()), len(chunk), len(block))
-
-    def _inner(self, children: list[_Node]) -> _Node:
+    def _inner(self, children: list[Link]) -> Link:
         filesize = sum(c.filesize for c in children)
         block = dag_pb_node([(c.cid, c.tsize) for c in children], unixfs_file(None, filesize, [c.filesize for c in children]))
         digest = hashlib.sha256(block).digest()
         cid = CID.v0(digest) if self.version == 0 else CID.v1(CODEC_DAG_PB, digest)
-        return _Node(cid, filesize, len(block) + sum(c.tsize for c in children))
+        if self.inner_blocks is not None:
+            self.inner_blocks[cid] = block
+        return Link(cid, filesize, len(block) + sum(c.tsize for c in children))
 
-    def _add(self, node: _Node, height: int) -> None:
+    def _add(self, node: Link, height: int) -> None:
         if height == len(self._levels):
-            self._levels.append(_Level())
+            self._levels.append([])
         level = self._levels[height]
-        level.children.append(node)
+        level.append(node)
         # A full node is closed only once a sibling follows it: if nothing
         # follows, it is the top of the tree and must become the root itself.
-        if len(level.children) > MAX_LINKS:
-            full, level.children = level.children[:MAX_LINKS], level.children[MAX_LINKS:]
-            self._add(self._inner(full), height + 1)
+        if len(level) > MAX_LINKS:
+            self._levels[height] = level[MAX_LINKS:]
+            self._add(self._inner(level[:MAX_LINKS]), height + 1)
 
     def _finish(self) -> CID:
         if self._leaves == 1:
-            return self._levels[0].children[0].cid  # a one-chunk file is its own root
+            return self._levels[0][0].cid  # a one-chunk file is its own root
         height = 0
         while True:  # close the partly filled node of each level, bottom-up
             is_top = height == len(self._levels) - 1
-            node = self._inner(self._levels[height].children)
-            self._levels[height].children = []
+            node = self._inner(self._levels[height])
+            self._levels[height] = []
             if is_top:
                 return node.cid
             self._add(node, height + 1)

@@ -1,8 +1,10 @@
 """An IPFS daemon as a model source, through its kubo RPC API (``ipfshttpclient``).
 
-Fetching exports the CID's block DAG as a CAR stream (``dag/export``) and feeds
-every block to a ``DagAssembler``, which verifies it against its CID before a
-byte of it is written. The daemon is trusted for nothing but availability.
+It provides the two primitives of ``node.models.dag.BlockSource``: one block
+(``block/get``) and the file's bytes (``cat``). ``fetch_verified`` checks every
+block against its CID before a byte of it is written, so the daemon is trusted
+for nothing but availability. (``cat`` rather than ``dag/export``: the same
+bytes, but measured 25% faster on js-ipfs; see docs/benchmarks.md.)
 
 ``ipfshttpclient.connect()`` refuses daemons newer than 0.8.0, so the client is
 constructed directly (as its own docstring allows). Every request has a
@@ -11,6 +13,7 @@ timeout: a dead daemon is an error, never a hang.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,10 +21,7 @@ import ipfshttpclient
 import ipfshttpclient.exceptions as ipfs_errors
 
 from node.errors import ModelError
-from node.models.car import read_car
 from node.models.cid import CID, parse_cid
-from node.models.dag import DagAssembler
-from node.progress import NO_PROGRESS, Progress
 
 
 def api_multiaddr(api: str) -> str:
@@ -64,25 +64,19 @@ class IpfsSource:
             return ModelError(f"{self.name} refused {cid}: {err}")
         return ModelError(f"{self.name} failed on {cid}: {err}")
 
-    def fetch(self, cid: CID, fd: int, progress: Progress = NO_PROGRESS) -> int:
-        """Write the file named by ``cid`` into ``fd``, verifying every block; returns its size.
-
-        Raises:
-            ModelError: the daemon is unreachable, silent, or sent a block that fails verification.
-        """
-        assembler = DagAssembler(cid, fd, self.name)
-        started = False
+    def get_block(self, cid: CID) -> bytes:
         try:
             with self._client() as client:
-                for block_cid, block in read_car(client.dag.export(str(cid), stream=True)):
-                    assembler.feed(block_cid, block)
-                    if not started and assembler.size is not None:
-                        progress.start(assembler.size, f"fetching {str(cid)[:16]}… from IPFS")
-                        started = True
-                    progress.advance(len(block))
+                return client.block.get(str(cid))
         except ipfs_errors.Error as err:
             raise self._error(err, str(cid)) from None
-        return assembler.finish()
+
+    def cat(self, cid: CID) -> Iterator[bytes]:
+        try:
+            with self._client() as client:
+                yield from client.cat(str(cid), stream=True)
+        except ipfs_errors.Error as err:
+            raise self._error(err, str(cid)) from None
 
     def add(self, path: Path, *, cid_version: int = 1) -> str:
         """Add and pin a file on the daemon (kubo's default chunking and layout); returns the CID it reports."""

@@ -10,14 +10,18 @@ Every entry is written in a staging directory, verified (its CID recomputed
 from the bytes on disk), then renamed into place in one atomic step, so a
 partial or unverified file never appears under a CID's name, even if the
 process is killed halfway. Staging left by dead processes is swept on open.
+Files are not fsynced: after a power cut a cached file may come back damaged,
+and ``resolve_model`` re-hashes every cached model before it is loaded, so
+that is caught and reported (remove and fetch again), never loaded.
 
-Where bytes come from is pluggable: a ``ModelSource`` writes a CID's file into
-a file descriptor, verifying it block by block as it goes (``IpfsSource``
-today; peers later). The store tries the cache, then each source in order.
+Where bytes come from is pluggable: a source (``node.models.dag.BlockSource``)
+only has to hand out blocks and bytes; the store verifies every block against
+its CID as it arrives (``fetch_verified``), so no source is trusted. The store
+tries the cache, then each source in order (``IpfsSource`` today; peers later).
 
 Only CIDs made with kubo's default import settings (``ipfs add``, with or
 without ``--cid-version=1``) are accepted: those are the CIDs the store can
-recompute, which is how it verifies a file at rest.
+recompute, which is how ``verify`` checks a file at rest.
 """
 
 from __future__ import annotations
@@ -30,23 +34,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
 
 from node.errors import ModelError, ModelNotFound
 from node.models.cid import CID, FileHasher, file_cid, parse_cid
+from node.models.dag import BlockSource, fetch_verified
 from node.progress import NO_PROGRESS, Progress
 
 GGUF_MAGIC = b"GGUF"
 _COPY_BLOCK = 1 << 20
-
-
-class ModelSource(Protocol):
-    """Somewhere a CID's bytes can come from."""
-
-    name: str
-
-    def fetch(self, cid: CID, fd: int, progress: Progress = NO_PROGRESS) -> int:
-        """Write the verified file of ``cid`` into ``fd``; return its size. Raise ``ModelError`` on failure."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +83,7 @@ def _pid_alive(pid: int) -> bool:
 class ModelStore:
     """Models by CID under ``root``, with ``sources`` to fetch missing ones from."""
 
-    def __init__(self, root: Path, sources: Sequence[ModelSource] = ()) -> None:
+    def __init__(self, root: Path, sources: Sequence[BlockSource] = ()) -> None:
         self.root = Path(root)
         self.sources = list(sources)
         self._staging = self.root / ".staging"
@@ -96,7 +91,7 @@ class ModelStore:
         self._sweep_staging()
 
     @classmethod
-    def in_data_dir(cls, data_dir: Path, sources: Sequence[ModelSource] = ()) -> ModelStore:
+    def in_data_dir(cls, data_dir: Path, sources: Sequence[BlockSource] = ()) -> ModelStore:
         return cls(Path(data_dir) / "models", sources)
 
     # -------------------------------------------------------------- reading
@@ -175,8 +170,6 @@ class ModelStore:
                     dst.write(block)
                     hasher.update(block)
                     progress.advance(len(block))
-                dst.flush()
-                os.fsync(dst.fileno())
             progress.finish()
             cid = hasher.cid()
             return self._commit(staging, cid, name=name or path.stem, source=f"file {path.resolve()}")
@@ -200,18 +193,10 @@ class ModelStore:
                 with self._staged() as staging:
                     fd = os.open(staging / "model", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                     try:
-                        source.fetch(parsed, fd, progress)
-                        os.fsync(fd)
+                        fetch_verified(source, parsed, fd, progress)
                     finally:
                         os.close(fd)
                     progress.finish()
-                    with open(staging / "model", "rb") as f:
-                        actual = file_cid(f, parsed.version)
-                    if actual != parsed:
-                        raise ModelError(
-                            f"{source.name}: {parsed} is not laid out with kubo's default import settings "
-                            "(chunker/DAG), which llmarket requires; re-add it with a plain `ipfs add`"
-                        )
                     return self._commit(staging, parsed, name=name or str(parsed), source=source.name)
             except ModelError as err:
                 failures.append(str(err))
