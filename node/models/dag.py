@@ -17,7 +17,7 @@ block, and ``cat(cid)``, the file's bytes in order. Fetching then goes:
    transfer itself.
 
 The leaves are most of the bytes and come over the fastest path the source
-has (``cat``); only the inner nodes, ~0.03% of a file, come block by block.
+has (``cat``); only the inner nodes, about 0.02% of a file, come block by block.
 """
 
 from __future__ import annotations
