@@ -9,7 +9,7 @@ contexts let a short job finish while a long one runs.)
 Generation runs in a worker thread (``trio.to_thread.run_sync`` under a
 ``CapacityLimiter`` of ``slots``) and streams text to trio through a memory
 channel; the thread hands each event over with ``run_sync_soon`` and never
-waits for trio, so streaming costs no decode speed (bench/engine.py). Between
+waits for trio (bench/engine.py measures no cost against llama-cpp-python). Between
 two tokens the thread checks a cancel flag, so leaving the ``stream`` block,
 or cancelling it, stops generation within one token and frees the slot.
 
