@@ -99,8 +99,10 @@ def main() -> None:
     hw = probe_hardware()
     threads = hw.cpu_cores
     if args.side:
-        run = direct(path, args.runs, args.tokens, threads) if args.side == "direct" else trio.run(
-            engine, path, args.runs, args.tokens, threads
+        run = (
+            direct(path, args.runs, args.tokens, threads)
+            if args.side == "direct"
+            else trio.run(engine, path, args.runs, args.tokens, threads)
         )
         print(json.dumps(run))
         return
@@ -113,7 +115,9 @@ def main() -> None:
             ).stdout  # fmt: skip
             rows[name] += json.loads(out)
     runs = args.runs * args.rounds
-    print(f"{hw.summary()}; llama.cpp GPU offload: {hw.gpu_offload}; {runs} runs per side of up to {args.tokens} tokens")
+    print(
+        f"{hw.summary()}; llama.cpp GPU offload: {hw.gpu_offload}; {runs} runs per side of up to {args.tokens} tokens"
+    )
     print("| path | TTFT (ms) | decode tokens/s | tokens |")
     print("|---|---:|---:|---:|")
     for name, results in rows.items():

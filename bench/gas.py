@@ -56,7 +56,9 @@ def main() -> None:
             expiry = requester.chain_time() + DAY
             if permit:
                 v, r, s, deadline = requester.sign_permit(amount)
-                receipt = requester.send(esc.openWithPermit(worker_key.address, amount, expiry, deadline, v, r, s), "open")
+                receipt = requester.send(
+                    esc.openWithPermit(worker_key.address, amount, expiry, deadline, v, r, s), "open"
+                )
             else:
                 receipt = requester.send(esc.open(worker_key.address, amount, expiry), "open")
             return requester.opened_channel_id(receipt), gas(receipt)
@@ -76,7 +78,9 @@ def main() -> None:
             ("openWithPermit (one transaction, no approve)", open_permit),
         ]
         requester.approve(10 * TOKEN)
-        rows.append(("topUp", gas(requester.send(esc.topUp(channel, 10 * TOKEN, requester.chain_time() + 2 * DAY), "topUp"))))
+        rows.append(
+            ("topUp", gas(requester.send(esc.topUp(channel, 10 * TOKEN, requester.chain_time() + 2 * DAY), "topUp")))
+        )
         first_claim = gas(worker.claim(channel, TOKEN, requester.sign_receipt(channel, TOKEN)))
         claim = gas(worker.claim(channel, 2 * TOKEN, requester.sign_receipt(channel, 2 * TOKEN)))
         close = gas(worker.close(channel, 3 * TOKEN, requester.sign_receipt(channel, 3 * TOKEN)))
@@ -90,7 +94,9 @@ def main() -> None:
         for jobs in (1, 10, 100):
             price = 10**15
             once_id, once_open = open_channel(jobs * price, permit=True)
-            once_total = once_open + gas(worker.close(once_id, jobs * price, requester.sign_receipt(once_id, jobs * price)))
+            once_total = once_open + gas(
+                worker.close(once_id, jobs * price, requester.sign_receipt(once_id, jobs * price))
+            )
             each_id, each_open = open_channel(jobs * price, permit=True)
             each_total = each_open
             for job in range(1, jobs):

@@ -80,7 +80,10 @@ def main() -> None:
             check=True, capture_output=True, text=True,
         ).stdout  # fmt: skip
         r = json.loads(out)
-        print(f"| {r['slots']} | {r['threads']} | {r['tokens_per_s']:.0f} | {r['ttft_median_ms']:.0f} | {r['ttft_max_ms']:.0f} |")
+        print(
+            f"| {r['slots']} | {r['threads']} | {r['tokens_per_s']:.0f} "
+            f"| {r['ttft_median_ms']:.0f} | {r['ttft_max_ms']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,10 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (0 < self.repeat_penalty <= 10, "repeat_penalty must be in (0, 10]"),
             (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32), "seed must be in [0, 2^32)"),
-            (len(self.stop) <= 8 and all(isinstance(s, str) and s for s in self.stop), "stop: at most 8 non-empty strings"),
+            (
+                len(self.stop) <= 8 and all(isinstance(s, str) and s for s in self.stop),
+                "stop: at most 8 non-empty strings",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -317,7 +320,8 @@ def _check_fits(path: Path, gpu_layers: int, slots: int, n_ctx: int) -> None:
     if profile.ram_available and size + context_cost > profile.ram_available:
         raise ModelError(
             f"{path.name} ({size / 2**30:.1f} GiB) plus {slots} context(s) of {n_ctx} tokens does not fit in the "
-            f"{profile.ram_available / 2**30:.1f} GiB of free RAM; use a smaller model, fewer --slots or a smaller --ctx-size"
+            f"{profile.ram_available / 2**30:.1f} GiB of free RAM; "
+            "use a smaller model, fewer --slots or a smaller --ctx-size"
         )
 
 

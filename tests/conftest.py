@@ -93,7 +93,11 @@ def chain(deployed) -> Deployed:
 def brownie_build() -> Path:
     """A fresh `brownie compile` of contracts/ with the real solc (solc-js behind scripts/solc)."""
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "brownie"), "compile"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+        [str(Path(sys.executable).parent / "brownie"), "compile"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return REPO_ROOT / "build" / "contracts"

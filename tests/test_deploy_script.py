@@ -18,7 +18,11 @@ pytestmark = pytest.mark.slow
 
 def test_brownie_deploys_to_its_development_network(tmp_path):
     venv_bin = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "LLMARKET_DEPLOYMENTS_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
+        "LLMARKET_DEPLOYMENTS_DIR": str(tmp_path),
+    }
     result = subprocess.run(
         [str(venv_bin / "brownie"), "run", "scripts/deploy.py", "--network", "development"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,

@@ -57,7 +57,8 @@ async def test_a_seed_makes_sampling_repeatable(engine):
 async def test_max_tokens_is_honoured(engine):
     with trio.fail_after(30):
         done = await engine.complete_chat(
-            [{"role": "user", "content": "Write a long story about a dragon."}], SamplingParams(max_tokens=7, temperature=0)
+            [{"role": "user", "content": "Write a long story about a dragon."}],
+            SamplingParams(max_tokens=7, temperature=0),
         )
     assert done.finish_reason == FINISH_LENGTH and done.usage.completion_tokens == 7
 
@@ -68,7 +69,9 @@ async def test_stop_sequences_are_honoured(engine):
         full = await engine.complete_chat(prompt, SamplingParams(max_tokens=40, temperature=0))
         stop = full.text[20:24]
         cut = full.text.find(stop)
-        deltas, stopped = await collect(engine.stream_chat(prompt, SamplingParams(max_tokens=40, temperature=0, stop=(stop,))))
+        deltas, stopped = await collect(
+            engine.stream_chat(prompt, SamplingParams(max_tokens=40, temperature=0, stop=(stop,)))
+        )
     assert stopped.finish_reason == FINISH_STOP
     assert stopped.text == full.text[:cut] and "".join(deltas) == stopped.text
     assert stopped.usage.completion_tokens < full.usage.completion_tokens

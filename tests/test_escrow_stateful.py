@@ -171,7 +171,9 @@ def test_random_channel_histories_conserve_tokens(deployed):
             channel_id, ch = self.pick_channel(data)
             actor = self.pick_actor(data, ch.worker)
             signer = self.pick_actor(data, ch.requester)
-            amount = data.draw(st.sampled_from([ch.paid, max(ch.paid - extra, 0), ch.paid + extra, self.between(ch), ch.deposit]))
+            amount = data.draw(
+                st.sampled_from([ch.paid, max(ch.paid - extra, 0), ch.paid + extra, self.between(ch), ch.deposit])
+            )
             signature = self._sign(channel_id, ch, signer, amount)
             error = self._redeem_error(ch, actor, amount, signer, closing=False)
             self.expect(error, clients[actor].claim, channel_id, amount, signature)

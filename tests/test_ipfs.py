@@ -31,7 +31,10 @@ def _daemon_cid(daemon, path: Path, version: int, *, only_hash: bool = True) -> 
         params["cid-base"] = "base32"  # kubo's default for v1; js-ipfs needs telling
     with open(path, "rb") as f:
         reply = requests.post(
-            f"{daemon.api_url}/api/v0/add", params=params, files={"file": (path.name, f, "application/octet-stream")}, timeout=120
+            f"{daemon.api_url}/api/v0/add",
+            params=params,
+            files={"file": (path.name, f, "application/octet-stream")},
+            timeout=120,
         )
     reply.raise_for_status()
     return json.loads(reply.text.strip().splitlines()[-1])["Hash"]
@@ -63,7 +66,9 @@ def test_default_model_cid_matches_the_daemon(ipfs_daemon, default_model_file, v
     assert _daemon_cid(ipfs_daemon, default_model_file, version) == expected
 
 
-@pytest.mark.skipif(shutil.which("ipfs_cid") is None, reason="Debian's ipfs-cid is not installed (apt-get install ipfs-cid)")
+@pytest.mark.skipif(
+    shutil.which("ipfs_cid") is None, reason="Debian's ipfs-cid is not installed (apt-get install ipfs-cid)"
+)
 @pytest.mark.parametrize("size", SIZES[1:])  # ipfs_cid refuses empty input
 def test_cidv0_matches_debians_ipfs_cid(sample_files, size):
     result = subprocess.run(["ipfs_cid", str(sample_files[size])], capture_output=True, text=True, timeout=60)

@@ -98,7 +98,9 @@ def test_python_digest_equals_the_contracts(chain):
     client = chain.client()
     assert client.escrow.functions.domainSeparator().call() == domain_separator_by_hand(client.domain)
     for amount in (0, 123, 2**256 - 1):
-        assert client.escrow.functions.receiptDigest(CHANNEL, amount).call() == receipt_digest(client.domain, CHANNEL, amount)
+        assert client.escrow.functions.receiptDigest(CHANNEL, amount).call() == receipt_digest(
+            client.domain, CHANNEL, amount
+        )
 
 
 @pytest.mark.slow

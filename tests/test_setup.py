@@ -13,4 +13,7 @@ def test_a_bad_python_is_one_clear_line():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr == "scripts/setup: PYTHON=/bin/false is not a working Python 3.11: point it at python3.11, or unset it\n"
+    assert (
+        result.stderr
+        == "scripts/setup: PYTHON=/bin/false is not a working Python 3.11: point it at python3.11, or unset it\n"
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 
 import pytest
@@ -80,7 +79,9 @@ class FileSource:
         self.blocks = dict(hasher.inner_blocks)
         for i in range(0, max(len(data), 1), CHUNK_SIZE):
             chunk = data[i : i + CHUNK_SIZE]
-            self.blocks[leaf_link(chunk, version).cid] = chunk if version == 1 else dag_pb_node([], unixfs_file(chunk, len(chunk)))
+            self.blocks[leaf_link(chunk, version).cid] = (
+                chunk if version == 1 else dag_pb_node([], unixfs_file(chunk, len(chunk)))
+            )
         self.data = bytearray(data)
         if flip is not None:
             self.data[flip] ^= 0xFF

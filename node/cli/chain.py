@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from node.errors import ConfigError
 
@@ -81,7 +81,9 @@ def _chain_status(args: argparse.Namespace) -> None:
     t, e = info["token"], info["escrow"]
     print(f"chain     {info['chain_id']} at {info['rpc_url']} (block {info['latest_block']})")
     print(f"token     {t['address']}  {t['symbol']}, {t['decimals']} decimals, supply {t['total_supply']}")
-    print(f"escrow    {e['address']}  {e['channels_opened']} channels opened, deployed in block {e['deployed_in_block']}")
+    print(
+        f"escrow    {e['address']}  {e['channels_opened']} channels opened, deployed in block {e['deployed_in_block']}"
+    )
     print(f"deployer  {info['deployer']}")
 
 
@@ -115,7 +117,7 @@ def _chain_channel(args: argparse.Namespace) -> None:
     if state.status.name == "NONE":
         print(f"channel {info['channel_id']}: no such channel on chain {client.deployment.chain_id}")
         return
-    expiry = datetime.fromtimestamp(state.expiry, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    expiry = datetime.fromtimestamp(state.expiry, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     for key in ("channel_id", "status", "requester", "worker", "deposit", "paid", "unclaimed"):
         print(f"{key:<11} {info[key]}")
     print(f"{'expiry':<11} {state.expiry} ({expiry})")

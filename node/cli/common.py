@@ -23,20 +23,51 @@ def model_flag(parser: argparse.ArgumentParser) -> None:
 
 def sampling_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens, metavar="N",
-                       help="stop after N generated tokens (default: %(default)s)")
-    group.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, metavar="T",
-                       help="randomness; 0 = greedy, always the same answer (default: %(default)s)")
-    group.add_argument("--top-p", type=float, default=_DEFAULTS.top_p, metavar="P",
-                       help="nucleus sampling: keep the smallest set of tokens with probability ≥ P (default: %(default)s)")
-    group.add_argument("--top-k", type=int, default=_DEFAULTS.top_k, metavar="K",
-                       help="sample among the K likeliest tokens; 0 = all (default: %(default)s)")
-    group.add_argument("--min-p", type=float, default=_DEFAULTS.min_p, metavar="P",
-                       help="drop tokens less likely than P × the likeliest (default: %(default)s)")
-    group.add_argument("--repeat-penalty", type=float, default=_DEFAULTS.repeat_penalty, metavar="R",
-                       help="penalise repeating recent tokens; 1 = off (default: %(default)s)")
-    group.add_argument("--seed", type=int, default=None, metavar="S",
-                       help="random seed, for repeatable sampling (default: random)")
+    group.add_argument(
+        "--max-tokens",
+        type=int,
+        default=_DEFAULTS.max_tokens,
+        metavar="N",
+        help="stop after N generated tokens (default: %(default)s)",
+    )
+    group.add_argument(
+        "--temperature",
+        type=float,
+        default=_DEFAULTS.temperature,
+        metavar="T",
+        help="randomness; 0 = greedy, always the same answer (default: %(default)s)",
+    )
+    group.add_argument(
+        "--top-p",
+        type=float,
+        default=_DEFAULTS.top_p,
+        metavar="P",
+        help="nucleus sampling: keep the smallest set of tokens with probability ≥ P (default: %(default)s)",
+    )
+    group.add_argument(
+        "--top-k",
+        type=int,
+        default=_DEFAULTS.top_k,
+        metavar="K",
+        help="sample among the K likeliest tokens; 0 = all (default: %(default)s)",
+    )
+    group.add_argument(
+        "--min-p",
+        type=float,
+        default=_DEFAULTS.min_p,
+        metavar="P",
+        help="drop tokens less likely than P × the likeliest (default: %(default)s)",
+    )
+    group.add_argument(
+        "--repeat-penalty",
+        type=float,
+        default=_DEFAULTS.repeat_penalty,
+        metavar="R",
+        help="penalise repeating recent tokens; 1 = off (default: %(default)s)",
+    )
+    group.add_argument(
+        "--seed", type=int, default=None, metavar="S", help="random seed, for repeatable sampling (default: random)"
+    )
     group.add_argument("--stop", action="append", default=[], metavar="TEXT",
                        help="stop when TEXT is generated (repeatable)")  # fmt: skip
 
@@ -58,10 +89,16 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--ctx-size", type=int, default=2048, metavar="N",
-                       help="context size in tokens, prompt + answer (default: %(default)s)")
-    group.add_argument("--threads", type=int, default=None, metavar="N",
-                       help="CPU threads per job (default: cores / slots)")
+    group.add_argument(
+        "--ctx-size",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="context size in tokens, prompt + answer (default: %(default)s)",
+    )
+    group.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="CPU threads per job (default: cores / slots)"
+    )
     group.add_argument("--gpu-layers", type=int, default=None, metavar="N",
                        help="layers to offload to the GPU; -1 = all, 0 = CPU only "
                             "(default: all when llama.cpp has GPU support and a GPU is present)")  # fmt: skip

@@ -31,8 +31,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add.add_argument("path", metavar="PATH", help="the .gguf file")
     add.add_argument("--name", help="a friendly name (default: the file name)")
-    add.add_argument("--cid-version", type=int, choices=(0, 1), default=1,
-                     help="1: `ipfs add --cid-version=1` (bafy…); 0: plain `ipfs add` (Qm…) (default: %(default)s)")  # fmt: skip
+    add.add_argument(
+        "--cid-version",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1: `ipfs add --cid-version=1` (bafy…); 0: plain `ipfs add` (Qm…) (default: %(default)s)",
+    )
     ipfs_flag(add)
     json_flag(add)
     add.set_defaults(handler=_add)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from node.errors import ModelError
@@ -306,7 +306,9 @@ class FileHasher:
 
     def _inner(self, children: list[Link]) -> Link:
         filesize = sum(c.filesize for c in children)
-        block = dag_pb_node([(c.cid, c.tsize) for c in children], unixfs_file(None, filesize, [c.filesize for c in children]))
+        block = dag_pb_node(
+            [(c.cid, c.tsize) for c in children], unixfs_file(None, filesize, [c.filesize for c in children])
+        )
         digest = hashlib.sha256(block).digest()
         cid = CID.v0(digest) if self.version == 0 else CID.v1(CODEC_DAG_PB, digest)
         if self.inner_blocks is not None:

@@ -30,7 +30,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from node.errors import ModelError
-from node.models.cid import CHUNK_SIZE, CID, CODEC_DAG_PB, CODEC_RAW, MAX_LINKS, FileHasher, Link, leaf_link_of_pieces, read_varint
+from node.models.cid import (
+    CHUNK_SIZE,
+    CID,
+    CODEC_DAG_PB,
+    CODEC_RAW,
+    MAX_LINKS,
+    FileHasher,
+    Link,
+    leaf_link_of_pieces,
+    read_varint,
+)
 from node.progress import NO_PROGRESS, Progress
 
 _UNIXFS_RAW = 0
@@ -172,7 +182,7 @@ class _Fetcher:
         depth = _depth(-(-root.filesize // CHUNK_SIZE))
         level: list[FileNode] = [root]
         known: dict[CID, FileNode] = {self.root: root}  # identical subtrees are fetched once
-        for height in range(1, depth):
+        for _ in range(1, depth):
             children = []
             for parent in level:
                 for cid, _ in parent.links:
@@ -182,7 +192,11 @@ class _Fetcher:
                         raise self._not_default()
                     children.append(known[cid])
             level = children
-        leaves = [Link(cid, size, tsize) for parent in level for (cid, tsize), size in zip(parent.links, parent.blocksizes)]
+        leaves = [
+            Link(cid, size, tsize)
+            for parent in level
+            for (cid, tsize), size in zip(parent.links, parent.blocksizes, strict=True)
+        ]
         self._check_default_layout(root.filesize, leaves)
         return FilePlan(self.root, root.filesize, leaves, None)
 
@@ -254,7 +268,9 @@ def _rechunk(stream: Iterator[bytes], plan: FilePlan, fetcher: _Fetcher) -> Iter
         pieces = [rest] if rest is not None else []
         have = excess
     if have or next(stream, None):
-        raise ModelError(f"{fetcher.source.name} sent more than the {plan.size} bytes of {fetcher.root}; nothing was kept")
+        raise ModelError(
+            f"{fetcher.source.name} sent more than the {plan.size} bytes of {fetcher.root}; nothing was kept"
+        )
 
 
 def _write_all(fd: int, pieces: Sequence[bytes | memoryview]) -> None:

@@ -38,7 +38,9 @@ def find_jsipfs() -> str:
     for candidate in (os.environ.get("LLMARKET_JSIPFS"), str(_REPO_ROOT / "node_modules/.bin/jsipfs")):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise ConfigError("js-ipfs not found; run scripts/setup (it installs js-ipfs from npm), or use your own kubo daemon")
+    raise ConfigError(
+        "js-ipfs not found; run scripts/setup (it installs js-ipfs from npm), or use your own kubo daemon"
+    )
 
 
 def offline_config(config: dict) -> dict:

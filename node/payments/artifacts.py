@@ -74,6 +74,8 @@ def export_artifacts(build_dir: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in CONTRACTS:
         path = out_dir / f"{name}.json"
-        path.write_text(json.dumps(export_fields(load_build_artifact(build_dir, name)), indent=1, sort_keys=True) + "\n")
+        path.write_text(
+            json.dumps(export_fields(load_build_artifact(build_dir, name)), indent=1, sort_keys=True) + "\n"
+        )
         written.append(path)
     return written

@@ -58,10 +58,14 @@ class Deployment:
                 "deployer": data["deployer"],
             }
         except (KeyError, TypeError, ValueError) as err:
-            raise DeploymentNotFound(f"{source} is malformed ({err!r}); redeploy with `brownie run scripts/deploy.py`") from None
+            raise DeploymentNotFound(
+                f"{source} is malformed ({err!r}); redeploy with `brownie run scripts/deploy.py`"
+            ) from None
         for key in ("token", "escrow", "deployer"):
             if not isinstance(fields[key], str) or not is_address(fields[key]):
-                raise DeploymentNotFound(f"{source}: {key} is not an address; redeploy with `brownie run scripts/deploy.py`")
+                raise DeploymentNotFound(
+                    f"{source}: {key} is not an address; redeploy with `brownie run scripts/deploy.py`"
+                )
             fields[key] = to_checksum_address(fields[key])
         return cls(**fields)
 

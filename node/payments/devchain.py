@@ -107,7 +107,9 @@ class DevChain:
 
     def rpc(self, method: str, *params: object) -> object:
         """One raw JSON-RPC call (for anvil's own methods: ``evm_snapshot``, ``evm_increaseTime``, …)."""
-        reply = requests.post(self.rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}, timeout=10)
+        reply = requests.post(
+            self.rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}, timeout=10
+        )
         body = reply.json()
         if "error" in body:
             raise ChainUnreachable(f"anvil refused {method}: {body['error']}")
@@ -122,7 +124,9 @@ class DevChain:
 
 def _answers_chain_id(rpc_url: str, chain_id: int) -> bool:
     try:
-        reply = requests.post(rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, timeout=2)
+        reply = requests.post(
+            rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, timeout=2
+        )
         return int(reply.json()["result"], 16) == chain_id
     except (requests.RequestException, ValueError, KeyError):
         return False

@@ -158,7 +158,9 @@ class EscrowClient:
         with _transport_errors(rpc_url):
             actual = w3.eth.chain_id
         if chain_id is not None and actual != chain_id:
-            raise WrongChain(f"{rpc_url} serves chain {actual}, not chain {chain_id}; point --rpc-url at the right chain")
+            raise WrongChain(
+                f"{rpc_url} serves chain {actual}, not chain {chain_id}; point --rpc-url at the right chain"
+            )
         if deployment is None:
             deployment = load_deployment(deployments_dir, actual)
         elif deployment.chain_id != actual:
@@ -167,7 +169,10 @@ class EscrowClient:
                 "point --rpc-url at the right chain"
             )
         with _transport_errors(rpc_url):
-            code = {name: w3.eth.get_code(addr) for name, addr in (("token", deployment.token), ("escrow", deployment.escrow))}
+            code = {
+                name: w3.eth.get_code(addr)
+                for name, addr in (("token", deployment.token), ("escrow", deployment.escrow))
+            }
         for name, bytecode in code.items():
             if not bytecode:
                 raise DeploymentNotFound(
@@ -277,15 +282,11 @@ class EscrowClient:
 
     def claim(self, channel_id: bytes, cumulative_amount: int, signature: bytes) -> dict:
         """Redeem a receipt and keep the channel open."""
-        return self.send(
-            self.escrow.functions.claim(bytes(channel_id), cumulative_amount, bytes(signature)), "claim"
-        )
+        return self.send(self.escrow.functions.claim(bytes(channel_id), cumulative_amount, bytes(signature)), "claim")
 
     def close(self, channel_id: bytes, cumulative_amount: int, signature: bytes = b"") -> dict:
         """Redeem the final receipt, close the channel and return the rest to the requester."""
-        return self.send(
-            self.escrow.functions.close(bytes(channel_id), cumulative_amount, bytes(signature)), "close"
-        )
+        return self.send(self.escrow.functions.close(bytes(channel_id), cumulative_amount, bytes(signature)), "close")
 
     # --------------------------------------------------------------- internals
 

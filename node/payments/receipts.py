@@ -113,5 +113,6 @@ def verify_receipt(
     signer = recover_receipt_signer(domain, channel_id, cumulative_amount, signature)
     if signer != to_checksum_address(requester):
         raise InvalidReceipt(
-            f"receipt for channel 0x{bytes(channel_id).hex()[:12]}… is signed by {signer}, not the requester {requester}"
+            f"receipt for channel 0x{bytes(channel_id).hex()[:12]}… "
+            f"is signed by {signer}, not the requester {requester}"
         )
