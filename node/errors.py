@@ -82,3 +82,14 @@ class ModelNotFound(ModelError):
 
 class InvalidRequest(NodeError):
     """A job's parameters are invalid: bad sampling values, a prompt too long for the context, …"""
+
+
+# ------------------------------------------------------------------------ market
+
+
+class IdentityError(NodeError):
+    """A key is missing, unreadable, or may not be used here (e.g. a dev key on a real chain)."""
+
+
+class WireError(NodeError):
+    """A peer sent bytes that are not a valid llmarket message (bad frame, bad msgpack, bad fields)."""

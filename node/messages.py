@@ -1,0 +1,160 @@
+"""Every llmarket wire message, in one place (the registry is ``node.wire``).
+
+Type names carry their version; a change that old peers cannot ignore gets a
+new name (``job.request/2``) and both are served for a while. Fields may be
+added with defaults at any time: decoders ignore what they do not know.
+docs/protocol.md describes the exchanges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from node.wire import Message, message
+
+# ---------------------------------------------------------------- offers (gossip)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    cid: str
+    name: str
+    context_size: int
+    quantization: str = ""
+
+
+@message("offer/1")
+@dataclass(frozen=True)
+class Offer(Message):
+    """A worker's signed advertisement of its capacity, published on the offers topic."""
+
+    peer_id: str
+    addrs: list[str]
+    payee: str  # Ethereum address that is paid, "" if none
+    binding: bytes  # the payee key's signature over the peer id (node.identity)
+    models: list[ModelInfo]
+    price_per_1k: int  # token base units per 1,000 tokens (prompt + completion); 0 = free
+    chain_id: int  # 0 = no chain (free worker)
+    escrow: str  # escrow contract address, "" for none
+    slots_total: int
+    slots_free: int
+    tokens_per_s: float
+    first_token_ms: float
+    hardware: str
+    version: str
+    seq: int  # increases with every offer from this peer
+    expires_at: float  # unix seconds
+    signature: bytes = b""  # the peer's libp2p key over the offer with signature=b""
+
+
+# -------------------------------------------------------- /llmarket/job/1.0.0
+
+
+@message("job.request/1")
+@dataclass(frozen=True)
+class JobRequest(Message):
+    job_id: str
+    model: str  # CID
+    params: dict  # SamplingParams fields
+    messages: list[dict[str, str]] | None = None  # a chat…
+    prompt: str | None = None  # …or a plain completion
+    max_price_per_1k: int = 0
+    resume_text: str = ""  # output already streamed by a worker that died: continue from it
+
+
+@message("job.accepted/1")
+@dataclass(frozen=True)
+class JobAccepted(Message):
+    job_id: str
+    price_per_1k: int
+    prompt_tokens: int
+
+
+REJECT_BUSY = "busy"
+REJECT_UNKNOWN_MODEL = "unknown_model"
+REJECT_PRICE = "price"
+REJECT_MALFORMED = "malformed"
+
+
+@message("job.rejected/1")
+@dataclass(frozen=True)
+class JobRejected(Message):
+    job_id: str
+    reason: str  # one of the REJECT_* values
+    detail: str = ""
+
+
+@message("job.chunk/1")
+@dataclass(frozen=True)
+class JobChunk(Message):
+    job_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ResultReceipt:
+    """The worker's signed statement of what it produced."""
+
+    job_id: str
+    model: str
+    request_hash: bytes  # sha256 of the encoded JobRequest
+    output_hash: bytes  # sha256 of the UTF-8 output
+    prompt_tokens: int
+    completion_tokens: int
+    worker: str  # peer id
+    signature: bytes = b""
+
+
+@message("job.done/1")
+@dataclass(frozen=True)
+class JobDone(Message):
+    job_id: str
+    finish_reason: str
+    receipt: ResultReceipt
+
+
+@message("job.error/1")
+@dataclass(frozen=True)
+class JobError(Message):
+    job_id: str
+    detail: str
+
+
+@message("job.cancel/1")
+@dataclass(frozen=True)
+class JobCancel(Message):
+    job_id: str
+
+
+# ------------------------------------------------------ /llmarket/model/1.0.0
+
+
+@message("model.block/1")
+@dataclass(frozen=True)
+class BlockRequest(Message):
+    cid: str
+
+
+@message("model.cat/1")
+@dataclass(frozen=True)
+class CatRequest(Message):
+    cid: str
+
+
+@message("model.data/1")
+@dataclass(frozen=True)
+class DataChunk(Message):
+    data: bytes
+
+
+@message("model.end/1")
+@dataclass(frozen=True)
+class DataEnd(Message):
+    size: int = 0
+
+
+@message("model.missing/1")
+@dataclass(frozen=True)
+class NotFound(Message):
+    cid: str
+    detail: str = ""
