@@ -61,7 +61,8 @@ def test_cheapest_wins_then_speed_latency_and_reliability():
     q = RouteQuery(model=MODEL)
     ranked = rank([offer("pricey", price_per_1k=50), offer("cheap", price_per_1k=1)], q, rep, NOW)
     assert peers(ranked) == ["cheap", "pricey"]
-    assert peers(rank([offer("slow", tokens_per_s=10), offer("fast", tokens_per_s=200)], q, rep, NOW)) == ["fast", "slow"]
+    by_speed = rank([offer("slow", tokens_per_s=10), offer("fast", tokens_per_s=200)], q, rep, NOW)
+    assert peers(by_speed) == ["fast", "slow"]
     rep.latency("near", 2.0)
     rep.latency("far", 80.0)
     assert peers(rank([offer("far"), offer("near")], q, rep, NOW)) == ["near", "far"]
