@@ -88,7 +88,9 @@ def _passphrase(prompt: str, *, confirm: bool) -> str:
     return first
 
 
-def load_or_create_account(data_dir: Path, *, insecure_dev_key: bool = False, chain_id: int | None = None) -> LocalAccount:
+def load_or_create_account(
+    data_dir: Path, *, insecure_dev_key: bool = False, chain_id: int | None = None
+) -> LocalAccount:
     """The node's Ethereum account, created on first use.
 
     Raises:
