@@ -89,6 +89,14 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Delta:
+    """Streamed text, and how many sampled tokens it took (they add up to ``completion_tokens``)."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
 class Finished:
     """The last event of a stream."""
 
@@ -173,10 +181,21 @@ class Engine:
 
     # ---------------------------------------------------------- streaming
 
-    def stream_chat(self, messages: Sequence[dict[str, str]], params: SamplingParams):
-        """``async with engine.stream_chat(messages, params) as events:`` — see ``stream``."""
+    def stream_chat(self, messages: Sequence[dict[str, str]], params: SamplingParams, *, assistant_prefix: str = ""):
+        """``async with engine.stream_chat(messages, params) as events:`` — see ``stream``.
+
+        ``assistant_prefix`` is text the assistant already said in this turn (from
+        a worker that died mid-answer): generation continues right after it.
+        """
         clean = validate_messages(messages)
-        return self.stream(lambda llama: self._chat_tokens(llama, clean), params)
+
+        def tokenize(llama: Any) -> list[int]:
+            tokens = self._chat_tokens(llama, clean)
+            if assistant_prefix:
+                tokens += llama.tokenize(assistant_prefix.encode(), add_bos=False, special=False)
+            return tokens
+
+        return self.stream(tokenize, params)
 
     def stream_completion(self, prompt: str, params: SamplingParams):
         """``async with engine.stream_completion(prompt, params) as events:`` — see ``stream``."""
@@ -190,7 +209,7 @@ class Engine:
     ) -> AsyncIterator[trio.MemoryReceiveChannel]:
         """Run one job on a free slot (waiting for one if all are busy).
 
-        Yields a channel of events: ``str`` text deltas, then one ``Finished``.
+        Yields a channel of events: ``Delta`` text deltas, then one ``Finished``.
         Leaving the block early cancels the job; the slot is free again when
         the block exits.
 
@@ -247,7 +266,7 @@ class Engine:
         vocab = llama._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         longest_stop = max((len(s) for s in params.stop), default=0)
-        text, sent, produced, first_token_s = "", 0, 0, None
+        text, sent, produced, reported, first_token_s = "", 0, 0, 0, None
         reason = FINISH_LENGTH
         generator = llama.generate(
             prompt,
@@ -276,16 +295,16 @@ class Engine:
                     break
                 ready = len(text) - _holdback(text, params.stop)
                 if ready > sent:
-                    emit(text[sent:ready])
-                    sent = ready
+                    emit(Delta(text[sent:ready], produced - reported))
+                    sent, reported = ready, produced
                 if produced >= params.max_tokens:
                     break
         finally:
             generator.close()
         if reason == FINISH_LENGTH:
             text += decoder.decode(b"", final=True)
-        if len(text) > sent and reason != FINISH_CANCELLED:
-            emit(text[sent:])
+        if (len(text) > sent or produced > reported) and reason != FINISH_CANCELLED:
+            emit(Delta(text[sent:], produced - reported))
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=produced)
         emit(Finished(text, usage, reason, first_token_s, time.perf_counter() - started))
 

@@ -89,6 +89,7 @@ class JobRejected(Message):
 class JobChunk(Message):
     job_id: str
     text: str
+    tokens: int = 0  # sampled tokens this text took
 
 
 @dataclass(frozen=True)

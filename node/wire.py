@@ -117,6 +117,11 @@ def _to_wire(value: Any) -> Any:
     return value
 
 
+def pack(value: Any) -> bytes:
+    """Canonical msgpack of any dataclass value (what signatures inside messages cover)."""
+    return msgpack.packb(_to_wire(value), use_bin_type=True)
+
+
 def encode(msg: Message) -> bytes:
     """The msgpack body of ``msg`` (no length prefix)."""
     if type(msg).TYPE not in _REGISTRY:

@@ -28,7 +28,7 @@ async def collect(stream) -> tuple[list[str], Finished]:
         async for event in events:
             if isinstance(event, Finished):
                 return deltas, event
-            deltas.append(event)
+            deltas.append(event.text)
     raise AssertionError("no Finished event")
 
 
@@ -40,10 +40,23 @@ async def test_greedy_output_is_identical_across_runs(engine):
     assert first.usage == second.usage
 
 
-async def test_streamed_deltas_add_up_to_the_text(engine):
+async def test_streamed_deltas_add_up_to_the_text_and_the_tokens(engine):
     with trio.fail_after(30):
-        deltas, done = await collect(engine.stream_chat(QUESTION, GREEDY))
-    assert len(deltas) > 1 and "".join(deltas) == done.text
+        async with engine.stream_chat(QUESTION, GREEDY) as events:
+            stream = [event async for event in events]
+    *deltas, done = stream
+    assert len(deltas) > 1 and "".join(d.text for d in deltas) == done.text
+    assert sum(d.tokens for d in deltas) == done.usage.completion_tokens
+
+
+async def test_an_answer_continues_after_a_prefix(engine):
+    with trio.fail_after(30):
+        whole = await engine.complete_chat(QUESTION, GREEDY)
+        cut = whole.text.index("\n") + 1  # a cut between tokens, as a worker's streamed chunks are
+        async with engine.stream_chat(QUESTION, GREEDY, assistant_prefix=whole.text[:cut]) as events:
+            rest = "".join([e.text async for e in events if not isinstance(e, Finished)])
+    # greedy decoding from the same context continues with the same words
+    assert whole.text[:cut] + rest == whole.text
 
 
 async def test_a_seed_makes_sampling_repeatable(engine):

@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
                 async for event in events:
                     if isinstance(event, Finished):
                         return event
-                    sys.stdout.write(event)
+                    sys.stdout.write(event.text)
                     sys.stdout.flush()
         raise AssertionError("no Finished event")
 

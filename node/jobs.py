@@ -1,0 +1,378 @@
+"""Jobs over ``/llmarket/job/1.0.0``: the worker's side and the requester's side.
+
+One job is one stream. The requester sends a ``JobRequest`` and keeps its side
+open; the worker answers ``JobRejected`` (busy, unknown model, price,
+malformed) or ``JobAccepted``, then ``JobChunk``s as tokens come, then
+``JobDone`` with a signed ``ResultReceipt`` (or ``JobError``). Either side
+cancels: the requester by sending ``JobCancel`` or just going away (the worker
+stops generating at the next token and frees the slot); the worker by ending
+the stream.
+
+The requester (``run_job``) walks the routed offers best first:
+
+- a worker that rejects, cannot be reached, or fails before its first token is
+  skipped for the next one;
+- a worker that dies mid-stream is replaced by the next one, which is sent the
+  text received so far (``resume_text``) and continues right after it; the
+  caller is told (``on_failover``);
+- the whole job has one deadline, and never outlives it.
+
+Failures are remembered in the requester's ``Reputation`` (backoff bans), and
+successes too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from node.concurrency import open_service_nursery
+from node.engine import Delta, Finished, SamplingParams
+from node.errors import InvalidRequest, NodeError, WireError
+from node.host import Host, PeerUnreachable, Stream
+from node.identity import Identity, verify_peer_signature
+from node.messages import (
+    REJECT_BUSY,
+    REJECT_MALFORMED,
+    REJECT_PRICE,
+    REJECT_UNKNOWN_MODEL,
+    JobAccepted,
+    JobCancel,
+    JobChunk,
+    JobDone,
+    JobError,
+    JobRejected,
+    JobRequest,
+    Offer,
+    ResultReceipt,
+)
+from node.routing import Reputation, RouteQuery, rank
+from node.wire import encode, pack, receive, receive_as, send
+
+log = logging.getLogger("node.jobs")
+
+JOB_PROTOCOL = "/llmarket/job/1.0.0"
+
+
+class NoWorker(NodeError):
+    """No worker on the market can take the job (none offers the model, all are busy, or all failed)."""
+
+
+class JobFailed(NodeError):
+    """The job did not finish: every worker tried failed, or the deadline passed."""
+
+
+class JobEngine(Protocol):
+    """What a worker needs of an engine (``node.engine.Engine`` or a test double)."""
+
+    @property
+    def free_slots(self) -> int: ...
+
+    def stream_chat(self, messages: Any, params: SamplingParams, *, assistant_prefix: str = ""): ...
+
+    def stream_completion(self, prompt: str, params: SamplingParams): ...
+
+
+def request_hash(request: JobRequest) -> bytes:
+    return hashlib.sha256(encode(request)).digest()
+
+
+def receipt_signing_bytes(receipt: ResultReceipt) -> bytes:
+    return pack(dataclasses.replace(receipt, signature=b""))
+
+
+def verify_receipt(receipt: ResultReceipt, request: JobRequest, output: str) -> str | None:
+    """Why the worker's result receipt does not check out, or None if it does."""
+    if receipt.job_id != request.job_id or receipt.model != request.model:
+        return "receipt is for another job or model"
+    if receipt.request_hash != request_hash(request):
+        return "receipt is for another request"
+    if receipt.output_hash != hashlib.sha256(output.encode()).digest():
+        return "receipt does not match the text received"
+    if not verify_peer_signature(receipt.worker, receipt_signing_bytes(receipt), receipt.signature):
+        return "receipt signature is not the worker's"
+    return None
+
+
+# ------------------------------------------------------------------- worker
+
+
+@dataclass
+class WorkerService:
+    """Serve jobs on ``host`` with ``engine`` for the models in ``models`` (CID → engine)."""
+
+    host: Host
+    identity: Identity
+    engines: dict[str, JobEngine]
+    price_per_1k: int = 0
+    request_timeout_s: float = 10.0
+    on_slots_changed: Callable[[], None] = lambda: None
+
+    def install(self) -> None:
+        self.host.set_handler(JOB_PROTOCOL, self.handle)
+
+    @property
+    def free_slots(self) -> int:
+        return sum(e.free_slots for e in self.engines.values())
+
+    async def handle(self, stream: Stream) -> None:
+        with trio.fail_after(self.request_timeout_s):
+            request = await receive_as(stream, JobRequest)
+        engine = self.engines.get(request.model)
+        rejection = None
+        try:
+            params = SamplingParams(**{**request.params, "stop": tuple(request.params.get("stop", ()))})
+            params.validate()
+            if (request.messages is None) == (request.prompt is None):
+                raise InvalidRequest("send messages or a prompt, not both or neither")
+        except (TypeError, InvalidRequest) as err:
+            rejection = JobRejected(request.job_id, REJECT_MALFORMED, str(err))
+        if engine is None:
+            rejection = JobRejected(request.job_id, REJECT_UNKNOWN_MODEL, f"this worker does not serve {request.model}")
+        elif self.price_per_1k > request.max_price_per_1k:
+            rejection = JobRejected(request.job_id, REJECT_PRICE, f"price is {self.price_per_1k} per 1k tokens")
+        elif engine.free_slots <= 0:
+            rejection = JobRejected(request.job_id, REJECT_BUSY, "all slots are busy")
+        if rejection is not None:
+            await send(stream, rejection)
+            await stream.close()
+            return
+        if request.messages is not None:
+            generation = engine.stream_chat(request.messages, params, assistant_prefix=request.resume_text)
+        else:
+            generation = engine.stream_completion(request.prompt + request.resume_text, params)
+        await self._run(stream, request, generation)
+
+    async def _run(self, stream: Stream, request: JobRequest, generation) -> None:
+        async with open_service_nursery() as nursery:
+            # The requester's side stays open: a JobCancel, or the stream ending, cancels the job.
+            async def watch() -> None:
+                try:
+                    while True:
+                        msg = await receive(stream)
+                        if isinstance(msg, JobCancel) and msg.job_id == request.job_id:
+                            break
+                except (EOFError, ConnectionError, WireError):
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                async with generation as events:
+                    await send(stream, JobAccepted(request.job_id, self.price_per_1k, 0))
+                    self.on_slots_changed()
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            if event.text or event.tokens:
+                                await send(stream, JobChunk(request.job_id, event.text, event.tokens))
+                        elif isinstance(event, Finished):
+                            await send(
+                                stream, JobDone(request.job_id, event.finish_reason, self._receipt(request, event))
+                            )
+            except InvalidRequest as err:
+                await send(stream, JobRejected(request.job_id, REJECT_MALFORMED, str(err)))
+            finally:
+                self.on_slots_changed()
+            await stream.close()
+            nursery.cancel_scope.cancel()
+
+    def _receipt(self, request: JobRequest, done: Finished) -> ResultReceipt:
+        receipt = ResultReceipt(
+            job_id=request.job_id,
+            model=request.model,
+            request_hash=request_hash(request),
+            output_hash=hashlib.sha256(done.text.encode()).digest(),
+            prompt_tokens=done.usage.prompt_tokens,
+            completion_tokens=done.usage.completion_tokens,
+            worker=self.identity.peer_id,
+        )
+        return dataclasses.replace(receipt, signature=self.identity.sign(receipt_signing_bytes(receipt)))
+
+
+# ---------------------------------------------------------------- requester
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to run, independent of who runs it."""
+
+    model: str
+    params: SamplingParams
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_price_per_1k: int = 0
+
+
+@dataclass
+class JobResult:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    workers: list[str] = field(default_factory=list)  # every worker that produced part of the text
+    receipts: list[ResultReceipt] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    first_token_s: float | None = None
+
+
+class _WorkerFailed(Exception):
+    """One worker did not finish the job; ``partial``/``tokens`` is what it streamed first."""
+
+    def __init__(self, reason: str, *, partial: str = "", tokens: int = 0, penalise: bool = True) -> None:
+        super().__init__(reason)
+        self.partial, self.tokens, self.penalise = partial, tokens, penalise
+
+
+async def _attempt(
+    host: Host,
+    offer: Offer,
+    request: JobRequest,
+    on_text: Callable[[str], None],
+    accept_timeout_s: float,
+) -> tuple[JobDone, str]:
+    """Run ``request`` on one worker; returns its JobDone and the text it streamed."""
+    try:
+        stream = await host.open_stream(offer.peer_id, JOB_PROTOCOL, offer.addrs)
+    except PeerUnreachable as err:
+        raise _WorkerFailed(str(err)) from None
+    text, tokens = "", 0
+    try:
+        await send(stream, request)
+        with trio.move_on_after(accept_timeout_s) as accept_wait:
+            first = await receive(stream)
+        if accept_wait.cancelled_caught:
+            raise _WorkerFailed(f"no answer within {accept_timeout_s:.0f}s")
+        if isinstance(first, JobRejected):
+            detail = f"rejected: {first.reason} {first.detail}".strip()
+            raise _WorkerFailed(detail, penalise=first.reason != REJECT_BUSY)
+        if not isinstance(first, JobAccepted):
+            raise _WorkerFailed(f"answered {first.TYPE} instead of accepting")
+        while True:
+            msg = await receive(stream)
+            if isinstance(msg, JobChunk):
+                text += msg.text
+                tokens += msg.tokens
+                on_text(msg.text)
+            elif isinstance(msg, JobDone):
+                problem = verify_receipt(msg.receipt, request, text)
+                if problem:
+                    raise _WorkerFailed(problem, partial=text, tokens=tokens)
+                await stream.close()
+                return msg, text
+            elif isinstance(msg, JobError):
+                raise _WorkerFailed(f"worker error: {msg.detail}", partial=text, tokens=tokens)
+            else:
+                raise _WorkerFailed(f"unexpected {msg.TYPE}", partial=text, tokens=tokens)
+    except (EOFError, ConnectionError, WireError) as err:
+        await stream.reset()
+        raise _WorkerFailed(f"stream ended ({err or 'closed'})", partial=text, tokens=tokens) from None
+    except _WorkerFailed:
+        await stream.reset()
+        raise
+    except BaseException:  # cancelled (deadline, Ctrl-C): tell the worker, then drop the stream
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await send(stream, JobCancel(request.job_id))
+            except (ConnectionError, EOFError):
+                pass
+        await stream.reset()
+        raise
+
+
+async def run_job(
+    host: Host,
+    offers: Callable[[], list[Offer]],
+    query: RouteQuery,
+    spec: JobSpec,
+    *,
+    reputation: Reputation,
+    deadline_s: float = 120.0,
+    accept_timeout_s: float = 10.0,
+    on_text: Callable[[str], None] = lambda text: None,
+    on_failover: Callable[[str, str, bool], None] = lambda peer, reason, started: None,
+    clock: Callable[[], float] = time.time,
+) -> JobResult:
+    """Run ``spec`` on the best workers in ``offers()``, failing over as needed.
+
+    Args:
+        offers: the live offers (called again after each failure).
+        on_text: called with each piece of text as it streams in.
+        on_failover: called with (peer id, reason, whether it had started) when a worker is dropped.
+
+    Raises:
+        NoWorker: nobody can take the job at all.
+        JobFailed: every candidate failed, or ``deadline_s`` passed.
+    """
+    job_id = secrets.token_hex(8)
+    started_at = time.perf_counter()
+    first_token_s: float | None = None
+    text, completion_used = "", 0
+    workers: list[str] = []
+    receipts: list[ResultReceipt] = []
+    tried: set[str] = set()
+    reasons: list[str] = []
+
+    def record_text(piece: str) -> None:
+        nonlocal first_token_s
+        if first_token_s is None:
+            first_token_s = time.perf_counter() - started_at
+        on_text(piece)
+
+    with trio.move_on_after(deadline_s) as deadline:
+        while True:
+            candidates = [o for o in rank(offers(), query, reputation, clock()) if o.peer_id not in tried]
+            if not candidates:
+                if not tried:
+                    raise NoWorker(f"no worker offers model {spec.model} within your limits; see `llmarket peers`")
+                raise JobFailed(f"every worker failed ({'; '.join(reasons)})")
+            offer = candidates[0]
+            tried.add(offer.peer_id)
+            params = dataclasses.asdict(spec.params)
+            params["stop"] = list(params["stop"])
+            params["max_tokens"] = max(spec.params.max_tokens - completion_used, 1)
+            request = JobRequest(
+                job_id=job_id,
+                model=spec.model,
+                params=params,
+                messages=spec.messages,
+                prompt=spec.prompt,
+                max_price_per_1k=spec.max_price_per_1k,
+                resume_text=text,
+            )
+            began = time.perf_counter()
+            try:
+                done, part = await _attempt(host, offer, request, record_text, accept_timeout_s)
+            except _WorkerFailed as failure:
+                if failure.partial:
+                    text += failure.partial
+                    completion_used += failure.tokens
+                    workers.append(offer.peer_id)
+                if failure.penalise:
+                    reputation.failure(offer.peer_id, clock())
+                reasons.append(f"{offer.peer_id[:12]}…: {failure}")
+                on_failover(offer.peer_id, str(failure), bool(failure.partial))
+                continue
+            reputation.success(offer.peer_id)
+            reputation.latency(offer.peer_id, 1000 * (time.perf_counter() - began))
+            workers.append(offer.peer_id)
+            receipts.append(done.receipt)
+            return JobResult(
+                text=text + part,
+                finish_reason=done.finish_reason,
+                prompt_tokens=done.receipt.prompt_tokens,
+                completion_tokens=completion_used + done.receipt.completion_tokens,
+                workers=workers,
+                receipts=receipts,
+                elapsed_s=time.perf_counter() - started_at,
+                first_token_s=first_token_s,
+            )
+    assert deadline.cancelled_caught
+    raise JobFailed(f"the job did not finish within its {deadline_s:.0f}s deadline ({len(text)} characters received)")
