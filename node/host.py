@@ -19,6 +19,8 @@ answer) and its pubsub runs.
 from __future__ import annotations
 
 import logging
+import secrets
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -219,6 +221,29 @@ class Host:
                     del self._inbound[peer]
 
         self.libp2p.set_stream_handler(TProtocol(protocol), guarded)
+
+    async def ping(self, peer_id: str, addrs: list[str] = ()) -> float:
+        """Round-trip time to ``peer_id`` in milliseconds (libp2p ping protocol)."""
+        stream = await self.open_stream(peer_id, "/ipfs/ping/1.0.0", addrs)
+        payload = secrets.token_bytes(32)
+        try:
+            with trio.fail_after(self.config.stream_timeout_s):
+                started = time.perf_counter()
+                await stream.write(payload)
+                echoed = b""
+                while len(echoed) < 32:
+                    chunk = await stream.read(32 - len(echoed))
+                    if not chunk:
+                        raise PeerUnreachable(f"peer {peer_id[:12]}… closed the ping")
+                    echoed += chunk
+                rtt_ms = 1000 * (time.perf_counter() - started)
+        except trio.TooSlowError:
+            raise PeerUnreachable(f"peer {peer_id[:12]}… did not answer a ping") from None
+        finally:
+            await stream.close()
+        if echoed != payload:
+            raise PeerUnreachable(f"peer {peer_id[:12]}… answered the ping with other bytes")
+        return rtt_ms
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self.libp2p.get_connected_peers()]

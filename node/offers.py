@@ -143,7 +143,12 @@ class OfferGossip:
 
 
 class Advertiser:
-    """Publish our offer every ``interval_s``, and within a second of ``changed()``."""
+    """Publish our offer every ``interval_s``, and within a second of ``changed()``.
+
+    A peer that newly subscribes to the offers topic also triggers a publish, so a
+    requester that just joined sees every worker within about a second instead
+    of waiting for the next interval.
+    """
 
     def __init__(
         self,
@@ -164,7 +169,21 @@ class Advertiser:
         self._changed.set()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started(self)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_subscribers)
+            task_status.started(self)
+            await self._advertise()
+
+    async def _watch_subscribers(self) -> None:
+        known: set = set()
+        while True:
+            current = set(self.gossip.host.pubsub.peer_topics.get(TOPIC, ()))
+            if current - known:
+                self.changed()
+            known = current
+            await trio.sleep(0.25)  # polling interval: py-libp2p has no subscription callback
+
+    async def _advertise(self) -> None:
         while True:
             self.seq += 1
             offer = self.make_offer(self.seq, self.gossip.clock() + self.ttl_s)

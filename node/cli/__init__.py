@@ -16,11 +16,11 @@ import warnings
 from collections.abc import Sequence
 
 from node import __version__
-from node.cli import chain, hardware, models, run
+from node.cli import chain, hardware, market, models, run
 from node.config import data_dir
 from node.errors import NodeError
 
-_COMMANDS = (models, run, hardware, chain)
+_COMMANDS = (market, models, run, hardware, chain)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,225 @@
+"""``llmarket serve``, ``request`` and ``peers``: the market over libp2p."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from node.cli.common import engine_flags, ipfs_flag, json_flag, model_flag, sampling_flags, sampling_params
+from node.engine import SamplingParams
+from node.jobs import JobSpec, run_job
+from node.node import WorkerConfig, model_cid_for_request, open_requester, serve
+from node.progress import TerminalProgress
+from node.routing import Reputation, RouteQuery
+
+
+def _bootstrap_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="a peer to join the market through, e.g. the line a worker prints (repeatable)",
+    )
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    srv = commands.add_parser(
+        "serve",
+        help="run a worker: load a model, advertise it on the market, and serve jobs",
+        description="Run a worker. It loads --model (cached, fetched by CID, or the embedded default), measures "
+        "its speed, advertises a signed offer over libp2p and serves jobs until Ctrl-C. It prints the multiaddr "
+        "other nodes pass to --bootstrap. Example: llmarket serve --slots 2",
+    )
+    model_flag(srv)
+    srv.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="address to listen on (repeatable; default /ip4/127.0.0.1/tcp/0, a free port on this machine only; "
+        "use e.g. /ip4/0.0.0.0/tcp/4001 to be reachable from other machines)",
+    )
+    _bootstrap_flag(srv)
+    srv.add_argument("--price", type=int, default=0, metavar="UNITS",
+                     help="price per 1,000 tokens in token base units; 0 = free (default; paid jobs come with "
+                          "the escrow integration)")  # fmt: skip
+    srv.add_argument("--slots", type=int, default=1, metavar="N", help="jobs served at once (default: %(default)s)")
+    engine_flags(srv)
+    ipfs_flag(srv)
+    srv.set_defaults(handler=_serve)
+
+    req = commands.add_parser(
+        "request",
+        help="send a prompt to the market and stream the answer",
+        description="Join the market through --bootstrap, pick the best worker for the model (price, speed, "
+        "latency, reputation), stream its answer to the terminal and fail over to the next worker if it dies. "
+        'Example: llmarket request --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/12D3… "Why is the sky blue?"',
+    )
+    req.add_argument(
+        "prompt", metavar="PROMPT", help="the user message; '-' (or nothing) reads it from stdin", nargs="?"
+    )
+    req.add_argument("--system", metavar="TEXT", help="a system message to put first")
+    model_flag(req)
+    sampling_flags(req)
+    _bootstrap_flag(req)
+    req.add_argument("--max-price", type=int, default=0, metavar="UNITS",
+                     help="highest price per 1,000 tokens to accept (default: 0, free workers only)")  # fmt: skip
+    req.add_argument("--peer", metavar="PEER_ID", help="use this worker and no other")
+    req.add_argument(
+        "--timeout", type=float, default=120.0, metavar="S", help="deadline for the whole job (default: %(default)s)"
+    )
+    req.add_argument("--discovery-timeout", type=float, default=10.0, metavar="S",
+                     help="how long to wait for offers for the model (default: %(default)s)")  # fmt: skip
+    json_flag(req)
+    req.set_defaults(handler=_request)
+
+    peers = commands.add_parser(
+        "peers",
+        help="list the live market: workers, models, prices, free slots, speed, latency",
+        description="Join the market through --bootstrap, collect offers for --wait seconds, ping each worker, "
+        "and print the market.",
+    )
+    _bootstrap_flag(peers)
+    peers.add_argument(
+        "--wait", type=float, default=3.0, metavar="S", help="how long to collect offers (default: %(default)s)"
+    )
+    json_flag(peers)
+    peers.set_defaults(handler=_peers)
+
+
+def _quiet_libp2p() -> None:
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _quiet_libp2p()
+    config = WorkerConfig(
+        data_dir=Path(args.data_dir),
+        model=args.model,
+        listen=tuple(args.listen) or WorkerConfig.listen,
+        bootstrap=tuple(args.bootstrap),
+        price_per_1k=args.price,
+        slots=args.slots,
+        ctx_size=args.ctx_size,
+        threads=args.threads,
+        gpu_layers=args.gpu_layers,
+        ipfs_api=args.ipfs_api,
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            worker = await nursery.start(
+                lambda task_status: serve(config, progress=TerminalProgress(), task_status=task_status)
+            )
+            print(f"serving {worker.model.name} ({worker.model.cid})", file=sys.stderr)
+            print(
+                f"{worker.engine.slots} slot(s), {worker.speed.tokens_per_s:.0f} tokens/s, first token "
+                f"{1000 * worker.speed.first_token_s:.0f} ms, gpu layers {worker.engine.gpu_layers}",
+                file=sys.stderr,
+            )
+            print("bootstrap others with:", file=sys.stderr)
+            for addr in worker.host.addrs():
+                print(addr, flush=True)
+
+    trio.run(main)
+    return 0
+
+
+def _request(args: argparse.Namespace) -> int:
+    _quiet_libp2p()
+    params: SamplingParams = sampling_params(args)
+    prompt = args.prompt if args.prompt not in (None, "-") else sys.stdin.read()
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    model = model_cid_for_request(args.model)
+    spec = JobSpec(model=model, params=params, messages=messages, max_price_per_1k=args.max_price)
+    query = RouteQuery(model=model, max_price_per_1k=args.max_price, pinned_peer=args.peer, free_only=True)
+
+    def show(piece: str) -> None:
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    def failover(peer: str, reason: str, started: bool) -> None:
+        when = "mid-answer; continuing on another worker" if started else "trying the next one"
+        print(f"\n[worker {peer[:16]}… failed ({reason}); {when}]", file=sys.stderr)
+
+    async def main():
+        async with open_requester(Path(args.data_dir), tuple(args.bootstrap)) as requester:
+            await requester.wait_for_model(model, args.discovery_timeout)
+            return await run_job(
+                requester.host, requester.offers, query, spec, reputation=Reputation(),
+                deadline_s=args.timeout, on_text=show, on_failover=failover,
+            )  # fmt: skip
+
+    result = trio.run(main)
+    if args.json:
+        print(json.dumps({
+            "text": result.text, "finish_reason": result.finish_reason, "model": model,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            "workers": result.workers, "elapsed_s": round(result.elapsed_s, 3),
+            "first_token_s": None if result.first_token_s is None else round(result.first_token_s, 3),
+        }, indent=2))  # fmt: skip
+    else:
+        print()
+        print(
+            f"[{result.prompt_tokens} prompt + {result.completion_tokens} completion tokens from "
+            f"{', '.join(w[:16] + '…' for w in result.workers)}, finish: {result.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _peers(args: argparse.Namespace) -> int:
+    _quiet_libp2p()
+
+    async def main():
+        async with open_requester(Path(args.data_dir), tuple(args.bootstrap)) as requester:
+            await trio.sleep(args.wait)  # collecting gossip for the time the user asked for
+            offers = requester.offers()
+            latency = {}
+            for offer in offers:
+                try:
+                    latency[offer.peer_id] = await requester.host.ping(offer.peer_id, offer.addrs)
+                except Exception:  # an unreachable peer is shown without a latency
+                    latency[offer.peer_id] = None
+            return offers, latency
+
+    offers, latency = trio.run(main)
+    rows = [
+        {
+            "peer_id": o.peer_id,
+            "models": [{"cid": m.cid, "name": m.name, "context_size": m.context_size} for m in o.models],
+            "price_per_1k": o.price_per_1k,
+            "slots_free": o.slots_free,
+            "slots_total": o.slots_total,
+            "tokens_per_s": o.tokens_per_s,
+            "latency_ms": None if latency[o.peer_id] is None else round(latency[o.peer_id], 1),
+            "addrs": o.addrs,
+            "hardware": o.hardware,
+            "expires_in_s": round(o.expires_at - time.time(), 1),
+        }
+        for o in sorted(offers, key=lambda o: o.peer_id)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no offers seen; are workers running and reachable from the bootstrap peers?")
+        return 0
+    print(f"{'PEER':<18} {'MODELS':<34} {'PRICE/1K':>8} {'FREE':>6} {'TOK/S':>7} {'LATENCY':>9}")
+    for r in rows:
+        models = ", ".join(m["name"] for m in r["models"])[:34]
+        lat = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f} ms"
+        free = f"{r['slots_free']}/{r['slots_total']}"
+        peer = r["peer_id"][:16] + "…"
+        print(f"{peer:<18} {models:<34} {r['price_per_1k']:>8} {free:>6} {r['tokens_per_s']:>7.0f} {lat:>9}")
+    return 0

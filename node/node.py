@@ -1,0 +1,169 @@
+"""Composing a node: a worker (``serve``) or a requester (``open_requester``).
+
+Both are trio services built from the library's parts (identity, model store,
+engine, host, offers, jobs); the CLI only parses flags into a config and calls
+them. Nothing here is global, so tests run several nodes in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from node import __version__
+from node.concurrency import open_service_nursery
+from node.engine import Engine, open_engine
+from node.errors import ConfigError
+from node.hardware import SpeedProfile, probe_hardware, self_benchmark
+from node.host import Host, HostConfig
+from node.identity import Identity
+from node.jobs import WorkerService
+from node.messages import ModelInfo, Offer
+from node.models import ModelStore, resolve_model
+from node.models.default import DEFAULT_MODEL_CID
+from node.models.ipfs import IpfsSource
+from node.offers import Advertiser, OfferBook, OfferGossip, sign_offer
+from node.progress import NO_PROGRESS, Progress
+
+log = logging.getLogger("node.node")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    data_dir: Path
+    model: str = "default"
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    bootstrap: tuple[str, ...] = ()
+    price_per_1k: int = 0
+    slots: int = 1
+    ctx_size: int = 2048
+    threads: int | None = None
+    gpu_layers: int | None = None
+    ipfs_api: str | None = None
+    advertise_interval_s: float = 10.0
+    offer_ttl_s: float = 60.0
+
+
+@dataclass
+class WorkerNode:
+    """A running worker, as ``serve`` hands it to its caller."""
+
+    host: Host
+    engine: Engine
+    model: ModelInfo
+    speed: SpeedProfile
+    gossip: OfferGossip
+    advertiser: Advertiser
+    service: WorkerService = field(repr=False)
+
+
+def _quantization(name: str) -> str:
+    for part in reversed(name.replace("-", ".").split(".")):
+        if part.upper().startswith(("Q", "F16", "F32", "BF16", "IQ")):
+            return part.upper()
+    return ""
+
+
+async def serve(
+    config: WorkerConfig, *, progress: Progress | None = None, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a worker until cancelled: load the model, measure it, advertise it, serve jobs.
+
+    ``task_status.started`` receives the ``WorkerNode`` once it is serving.
+    """
+    if config.price_per_1k != 0:
+        raise ConfigError("paid serving needs the escrow (coming with paid jobs); run with --price 0 for now")
+    identity = Identity.load(config.data_dir)
+    sources = [IpfsSource(config.ipfs_api)] if config.ipfs_api else []
+    store = ModelStore.in_data_dir(config.data_dir, sources)
+    entry = await trio.to_thread.run_sync(lambda: resolve_model(store, config.model, progress=progress or NO_PROGRESS))
+    async with open_engine(
+        entry.path, slots=config.slots, n_ctx=config.ctx_size, threads=config.threads, gpu_layers=config.gpu_layers
+    ) as engine:
+        speed = await self_benchmark(engine)
+        model = ModelInfo(entry.cid, entry.name, config.ctx_size, _quantization(entry.name))
+        hardware = probe_hardware().summary()
+        host = Host(identity, HostConfig(listen=config.listen, bootstrap=config.bootstrap))
+        async with open_service_nursery() as nursery:
+            await nursery.start(host.run)
+            gossip = OfferGossip(host, OfferBook())
+            await nursery.start(gossip.run)
+            service = WorkerService(host, identity, {entry.cid: engine}, price_per_1k=config.price_per_1k)
+
+            def make_offer(seq: int, expires_at: float) -> Offer:
+                return sign_offer(
+                    identity,
+                    Offer(
+                        peer_id=identity.peer_id,
+                        addrs=[a.split("/p2p/")[0] for a in host.addrs()],
+                        payee=identity.payee,
+                        binding=identity.binding,
+                        models=[model],
+                        price_per_1k=config.price_per_1k,
+                        chain_id=0,
+                        escrow="",
+                        slots_total=engine.slots,
+                        slots_free=service.free_slots,
+                        tokens_per_s=round(speed.tokens_per_s, 1),
+                        first_token_ms=round(1000 * speed.first_token_s, 1),
+                        hardware=hardware,
+                        version=__version__,
+                        seq=seq,
+                        expires_at=expires_at,
+                    ),
+                )
+
+            advertiser = Advertiser(
+                gossip, make_offer, interval_s=config.advertise_interval_s, ttl_s=config.offer_ttl_s
+            )
+            service.on_slots_changed = advertiser.changed
+            service.install()
+            await nursery.start(advertiser.run)
+            task_status.started(WorkerNode(host, engine, model, speed, gossip, advertiser, service))
+            await trio.sleep_forever()
+
+
+@dataclass
+class Requester:
+    host: Host
+    gossip: OfferGossip
+
+    def offers(self) -> list[Offer]:
+        return self.gossip.book.live(time.time())
+
+    async def wait_for_model(self, model: str, timeout_s: float) -> list[Offer]:
+        """Offers for ``model``, waiting up to ``timeout_s`` for the first one to arrive."""
+        with trio.move_on_after(timeout_s):
+            await self.gossip.wait_for(lambda live: any(any(m.cid == model for m in o.models) for o in live))
+        return self.offers()
+
+
+@asynccontextmanager
+async def open_requester(
+    data_dir: Path, bootstrap: tuple[str, ...], *, listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+) -> AsyncIterator[Requester]:
+    """A node that only asks: it joins the market, keeps the offer book and runs jobs."""
+    if not bootstrap:
+        raise ConfigError("give at least one --bootstrap MULTIADDR (a worker prints its own when it starts)")
+    host = Host(Identity.load(data_dir), HostConfig(listen=listen, bootstrap=bootstrap))
+    async with open_service_nursery() as nursery:
+        await nursery.start(host.run)
+        if not host.connected_peers():
+            raise ConfigError(f"none of the bootstrap peers answered ({', '.join(bootstrap)}); is a worker running?")
+        gossip = OfferGossip(host, OfferBook())
+        await nursery.start(gossip.run)
+        yield Requester(host, gossip)
+        nursery.cancel_scope.cancel()
+
+
+def model_cid_for_request(ref: str) -> str:
+    """What a requester asks the market for: the default model's CID, or the CID given."""
+    from node.models.cid import parse_cid
+
+    return DEFAULT_MODEL_CID if ref == "default" else str(parse_cid(ref))
