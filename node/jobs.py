@@ -142,6 +142,7 @@ class WorkerService:
         elif engine.free_slots <= 0:
             rejection = JobRejected(request.job_id, REJECT_BUSY, "all slots are busy")
         if rejection is not None:
+            log.info("job %s from %s…: rejected (%s)", request.job_id, stream.peer_id[:12], rejection.reason)
             await send(stream, rejection)
             await stream.close()
             return
@@ -165,6 +166,8 @@ class WorkerService:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
+            log.info("job %s from %s…: accepted", request.job_id, stream.peer_id[:12])
+            outcome = "cancelled"
             try:
                 async with generation as events:
                     await send(stream, JobAccepted(request.job_id, self.price_per_1k, 0))
@@ -181,6 +184,7 @@ class WorkerService:
                 await send(stream, JobRejected(request.job_id, REJECT_MALFORMED, str(err)))
             finally:
                 self.on_slots_changed()
+                log.info("job %s: %s", request.job_id, outcome)
             await stream.close()
             nursery.cancel_scope.cancel()
 

@@ -100,6 +100,11 @@ def _quiet_libp2p() -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     _quiet_libp2p()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    jobs_log = logging.getLogger("node.jobs")
+    jobs_log.addHandler(handler)
+    jobs_log.setLevel(logging.INFO)
     config = WorkerConfig(
         data_dir=Path(args.data_dir),
         model=args.model,
