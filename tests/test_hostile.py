@@ -1,0 +1,117 @@
+"""Hostile peers cannot crash, wedge or stall a node."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+import multiaddr
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.custom_types import TProtocol
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+
+from node import messages as m
+from node.host import Host, HostConfig, PeerUnreachable
+from node.identity import Identity
+from node.jobs import JOB_PROTOCOL, JobFailed, run_job
+from node.routing import Reputation
+from node.wire import frame
+
+from .test_jobs import QUERY, SPEC, WORDS, ScriptedEngine, requester, worker
+from .test_offers import make_offer
+
+
+async def _raw_stream(host: Host, offer) -> object:
+    stream = await host.open_stream(offer.peer_id, JOB_PROTOCOL, offer.addrs)
+    return stream
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        os.urandom(200),  # random bytes
+        struct.pack(">I", 50 * 1024 * 1024) + b"x" * 100,  # a frame announcing 50 MiB
+        frame(m.JobChunk("job", "not a request")),  # a valid message of the wrong type
+        frame(m.JobRequest("job", "bafymodel", {"temperature": "hot"}, prompt="x")),  # bad sampling params
+        b"",  # nothing at all, then end of stream
+    ],
+)
+async def test_garbage_on_the_job_protocol_leaves_the_worker_serving(tmp_path, garbage):
+    with trio.fail_after(20):
+        async with worker(tmp_path, "w", ScriptedEngine()) as (_, offer, _), requester(tmp_path) as host:
+            stream = await _raw_stream(host, offer)
+            await stream.write(garbage)
+            await stream.close_write()
+            reply = await stream.read(1 << 16)  # the worker answers with a rejection, or just drops the stream
+            assert b"job.accepted" not in reply
+            result = await run_job(host, lambda: [offer], QUERY, SPEC, reputation=Reputation())
+    assert result.text == "".join(WORDS)
+
+
+async def test_too_many_streams_from_one_peer_are_refused(tmp_path):
+    with trio.fail_after(20):
+        async with worker(tmp_path, "w", ScriptedEngine()) as (wh, offer, _), requester(tmp_path) as host:
+            limit = wh.config.max_inbound_streams_per_peer
+            streams = [await _raw_stream(host, offer) for _ in range(limit)]  # each holds a handler open
+            try:  # the guard resets the extra stream at once, during or right after negotiation
+                with trio.fail_after(2):  # not after the 10 s a normal handler waits for a request
+                    extra = await _raw_stream(host, offer)
+                    assert await extra.read(10) == b""
+            except PeerUnreachable:
+                pass
+            for stream in streams:
+                await stream.reset()
+            result = await run_job(host, lambda: [offer], QUERY, SPEC, reputation=Reputation())
+    assert result.text == "".join(WORDS)
+
+
+@pytest.fixture
+def silent_listener():
+    """Accepts TCP connections and never says a word."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_a_silent_listener_does_not_stall_a_request(tmp_path, silent_listener):
+    fake = Identity.load(tmp_path / "fake")
+    silent = make_offer(fake, 1, time.time() + 60, addrs=[f"/ip4/127.0.0.1/tcp/{silent_listener}"], tokens_per_s=1e6)
+    with trio.fail_after(30):
+        async with worker(tmp_path, "w", ScriptedEngine()) as (_, good, _), requester(tmp_path) as host:
+            started = time.monotonic()
+            result = await run_job(host, lambda: [silent, good], QUERY, SPEC, reputation=Reputation(), deadline_s=20)
+            assert result.workers == [good.peer_id]
+            assert time.monotonic() - started < 10  # connect deadline (3 s here), then the good worker
+            with pytest.raises(JobFailed):
+                await run_job(host, lambda: [silent], QUERY, SPEC, reputation=Reputation(), deadline_s=2)
+            assert time.monotonic() - started < 15
+
+
+async def test_a_plaintext_peer_is_refused(tmp_path):
+    noise_only = Host(Identity.load(tmp_path / "a"), HostConfig())
+    key_pair = Identity.load(tmp_path / "b").key_pair
+    plaintext = new_host(
+        key_pair=key_pair,
+        sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(key_pair)},
+        listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")],
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(noise_only.run)
+            async with plaintext.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+                with pytest.raises(Exception) as info:
+                    await plaintext.connect(info_from_p2p_addr(multiaddr.Multiaddr(noise_only.addrs()[0])))
+                assert "Dial" in type(info.value).__name__ or "connect" in str(info.value).lower()
+                assert plaintext.get_id() not in noise_only.libp2p.get_connected_peers()
+                with pytest.raises(Exception):
+                    await plaintext.new_stream(noise_only.libp2p.get_id(), [TProtocol(JOB_PROTOCOL)])
+            nursery.cancel_scope.cancel()
