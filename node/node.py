@@ -19,15 +19,17 @@ import trio
 from node import __version__
 from node.concurrency import open_service_nursery
 from node.engine import Engine, open_engine
-from node.errors import ConfigError
+from node.errors import ConfigError, ModelError
 from node.hardware import SpeedProfile, probe_hardware, self_benchmark
 from node.host import Host, HostConfig
 from node.identity import Identity
 from node.jobs import WorkerService
 from node.messages import ModelInfo, Offer
-from node.models import ModelStore, resolve_model
+from node.models import ModelStore, StoredModel, resolve_model
+from node.models.cid import parse_cid
 from node.models.default import DEFAULT_MODEL_CID
 from node.models.ipfs import IpfsSource
+from node.models.peers import ModelServer, PeerSource
 from node.offers import Advertiser, OfferBook, OfferGossip, sign_offer
 from node.progress import NO_PROGRESS, Progress
 
@@ -48,6 +50,7 @@ class WorkerConfig:
     ipfs_api: str | None = None
     advertise_interval_s: float = 10.0
     offer_ttl_s: float = 60.0
+    peer_discovery_s: float = 15.0  # how long to look for peers holding a model no other source has
 
 
 @dataclass
@@ -80,20 +83,20 @@ async def serve(
     if config.price_per_1k != 0:
         raise ConfigError("paid serving needs the escrow (coming with paid jobs); run with --price 0 for now")
     identity = Identity.load(config.data_dir)
-    sources = [IpfsSource(config.ipfs_api)] if config.ipfs_api else []
-    store = ModelStore.in_data_dir(config.data_dir, sources)
-    entry = await trio.to_thread.run_sync(lambda: resolve_model(store, config.model, progress=progress or NO_PROGRESS))
-    async with open_engine(
-        entry.path, slots=config.slots, n_ctx=config.ctx_size, threads=config.threads, gpu_layers=config.gpu_layers
-    ) as engine:
-        speed = await self_benchmark(engine)
-        model = ModelInfo(entry.cid, entry.name, config.ctx_size, _quantization(entry.name))
-        hardware = probe_hardware().summary()
-        host = Host(identity, HostConfig(listen=config.listen, bootstrap=config.bootstrap))
-        async with open_service_nursery() as nursery:
-            await nursery.start(host.run)
-            gossip = OfferGossip(host, OfferBook())
-            await nursery.start(gossip.run)
+    host = Host(identity, HostConfig(listen=config.listen, bootstrap=config.bootstrap))
+    async with open_service_nursery() as nursery:
+        await nursery.start(host.run)
+        gossip = OfferGossip(host, OfferBook())
+        await nursery.start(gossip.run)
+        store = ModelStore.in_data_dir(config.data_dir, [IpfsSource(config.ipfs_api)] if config.ipfs_api else [])
+        ModelServer(host, store).install()
+        entry = await _resolve(config, store, gossip, progress or NO_PROGRESS)
+        async with open_engine(
+            entry.path, slots=config.slots, n_ctx=config.ctx_size, threads=config.threads, gpu_layers=config.gpu_layers
+        ) as engine:
+            speed = await self_benchmark(engine)
+            model = ModelInfo(entry.cid, entry.name, config.ctx_size, _quantization(entry.name))
+            hardware = probe_hardware().summary()
             service = WorkerService(host, identity, {entry.cid: engine}, price_per_1k=config.price_per_1k)
 
             def make_offer(seq: int, expires_at: float) -> Offer:
@@ -127,6 +130,26 @@ async def serve(
             await nursery.start(advertiser.run)
             task_status.started(WorkerNode(host, engine, model, speed, gossip, advertiser, service))
             await trio.sleep_forever()
+
+
+async def _resolve(config: WorkerConfig, store: ModelStore, gossip: OfferGossip, progress: Progress) -> StoredModel:
+    """The model to serve: from the cache or an IPFS daemon, else from peers that offer it."""
+    try:
+        return await trio.to_thread.run_sync(lambda: resolve_model(store, config.model, progress=progress))
+    except ModelError as first_failure:
+        if not config.model.startswith(("Qm", "b")):
+            raise
+        cid = str(parse_cid(config.model))
+        log.info("%s; looking for peers that offer %s", first_failure, cid)
+        with trio.move_on_after(config.peer_discovery_s):
+            await gossip.wait_for(lambda live: any(any(m.cid == cid for m in o.models) for o in live))
+        holders = [o for o in gossip.book.live(time.time()) if any(m.cid == cid for m in o.models)]
+        if not holders:
+            raise ModelError(
+                f"{first_failure}; and no peer offered {cid} within {config.peer_discovery_s:.0f}s"
+            ) from None
+        peers = ModelStore(store.root, [PeerSource(gossip.host, o.peer_id, o.addrs) for o in holders])
+        return await trio.to_thread.run_sync(lambda: resolve_model(peers, config.model, progress=progress))
 
 
 @dataclass
@@ -164,6 +187,4 @@ async def open_requester(
 
 def model_cid_for_request(ref: str) -> str:
     """What a requester asks the market for: the default model's CID, or the CID given."""
-    from node.models.cid import parse_cid
-
     return DEFAULT_MODEL_CID if ref == "default" else str(parse_cid(ref))

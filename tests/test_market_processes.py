@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from node.engine import SamplingParams, open_engine
+from node.models.default import DEFAULT_MODEL_CID
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +49,8 @@ class Processes:
     def err(self, name: str) -> str:
         return (self.root / f"{name}.err").read_text()
 
-    def worker(self, name: str, *bootstrap: str) -> str:
-        args = ["serve", "--ctx-size", "1024"]
+    def worker(self, name: str, *bootstrap: str, extra: tuple[str, ...] = ()) -> str:
+        args = ["serve", "--ctx-size", "1024", *extra]
         for addr in bootstrap:
             args += ["--bootstrap", addr]
         self.start(name, *args)
@@ -128,3 +129,17 @@ def test_a_greedy_request_equals_the_engines_direct_output(processes, default_mo
         "prompt_tokens": expected.usage.prompt_tokens,
         "completion_tokens": expected.usage.completion_tokens,
     }
+
+
+def test_a_new_worker_fetches_its_model_from_a_peer(processes):
+    first = processes.worker("w1")
+    second = processes.worker("w2", first, extra=("--model", DEFAULT_MODEL_CID))  # empty cache, no IPFS daemon
+    assert (processes.root / "w2" / "models" / DEFAULT_MODEL_CID / "model").stat().st_size == 98_362_432
+    peer = second.rsplit("/p2p/", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "--data-dir", str(processes.root / "req"), "request", "--bootstrap", first,
+         "--peer", peer, "--model", DEFAULT_MODEL_CID, "--temperature", "0", "--max-tokens", "8", "--json", "Hi"],
+        capture_output=True, text=True, timeout=DEADLINE_S,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["workers"] == [peer]
