@@ -54,7 +54,7 @@ from node.messages import (
     Offer,
     ResultReceipt,
 )
-from node.routing import Reputation, RouteQuery, rank
+from node.routing import Reputation, RouteQuery, exclusion, rank
 from node.wire import encode, pack, receive, receive_as, send
 
 log = logging.getLogger("node.jobs")
@@ -291,6 +291,19 @@ async def _attempt(
         raise
 
 
+def _why_no_worker(offers: list[Offer], query: RouteQuery, reputation: Reputation, now: float) -> str:
+    reasons: dict[str, int] = {}
+    for offer in offers:
+        reason = exclusion(offer, query, reputation, now)
+        if reason and reason not in ("not the pinned peer", "does not serve the model"):
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if not reasons:
+        who = f"peer {query.pinned_peer}" if query.pinned_peer else "no worker"
+        return f"{who} offers model {query.model} on the market; see `llmarket peers`"
+    detail = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+    return f"no worker can take a job for {query.model} now ({detail}); see `llmarket peers`"
+
+
 async def run_job(
     host: Host,
     offers: Callable[[], list[Offer]],
@@ -335,7 +348,7 @@ async def run_job(
             candidates = [o for o in rank(offers(), query, reputation, clock()) if o.peer_id not in tried]
             if not candidates:
                 if not tried:
-                    raise NoWorker(f"no worker offers model {spec.model} within your limits; see `llmarket peers`")
+                    raise NoWorker(_why_no_worker(offers(), query, reputation, clock()))
                 raise JobFailed(f"every worker failed ({'; '.join(reasons)})")
             offer = candidates[0]
             tried.add(offer.peer_id)
