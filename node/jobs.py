@@ -345,7 +345,8 @@ async def run_job(
 
     with trio.move_on_after(deadline_s) as deadline:
         while True:
-            candidates = [o for o in rank(offers(), query, reputation, clock()) if o.peer_id not in tried]
+            available = [o for o in offers() if o.peer_id not in tried]
+            candidates = rank(available, query, reputation, clock(), limit=1)  # re-ranked after every failure
             if not candidates:
                 if not tried:
                     raise NoWorker(_why_no_worker(offers(), query, reputation, clock()))

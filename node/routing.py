@@ -25,6 +25,7 @@ consecutive failure, doubling up to 10 minutes; a success clears it.
 
 from __future__ import annotations
 
+import heapq
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -127,31 +128,61 @@ def _scaled(values: list[float]) -> list[float]:
     return [0.0] * len(values) if span == 0 else [(v - low) / span for v in values]
 
 
-def rank(offers: Iterable[Offer], query: RouteQuery, reputation: Reputation, now: float) -> list[Offer]:
-    """The offers that can take the job, best first."""
-    candidates = [o for o in offers if exclusion(o, query, reputation, now) is None]
+def eligible(offers: Iterable[Offer], query: RouteQuery, reputation: Reputation, now: float) -> list[Offer]:
+    """The offers whose ``exclusion`` is None, in one tight loop (``rank`` runs it over the whole market)."""
+    pinned, cap, model = query.pinned_peer, query.max_price_per_1k, query.model
+    free_only, chain_id, escrow = query.free_only, query.chain_id, query.escrow.lower()
+    banned = set() if pinned is not None else {p for p, r in reputation.peers.items() if r.banned_until > now}
+    out = []
+    for o in offers:
+        if o.expires_at <= now or o.slots_free <= 0:
+            continue
+        if pinned is not None and o.peer_id != pinned:
+            continue
+        price = o.price_per_1k
+        if cap is not None and price > cap:
+            continue
+        if price > 0 and (free_only or o.chain_id != chain_id or o.escrow.lower() != escrow):
+            continue
+        for m in o.models:
+            if m.cid == model:
+                break
+        else:
+            continue
+        if o.peer_id in banned:
+            continue
+        out.append(o)
+    return out
+
+
+def rank(
+    offers: Iterable[Offer], query: RouteQuery, reputation: Reputation, now: float, *, limit: int | None = None
+) -> list[Offer]:
+    """The offers that can take the job, best first (only the best ``limit`` of them, if given)."""
+    candidates = eligible(offers, query, reputation, now)
     if len(candidates) <= 1:
         return candidates
-    measured = [r.latency_ms for o in candidates if (r := reputation.peers.get(o.peer_id)) and r.latency_ms is not None]
+    peers = reputation.peers
+    records = [peers.get(o.peer_id) for o in candidates]
+    measured = [r.latency_ms for r in records if r is not None and r.latency_ms is not None]
     default_latency = statistics.median(measured) if measured else 0.0
-    latencies = []
-    for o in candidates:
-        rec = reputation.peers.get(o.peer_id)
-        latencies.append(rec.latency_ms if rec and rec.latency_ms is not None else default_latency)
+    latency = _scaled(
+        [r.latency_ms if r is not None and r.latency_ms is not None else default_latency for r in records]
+    )
     price = _scaled([float(o.price_per_1k) for o in candidates])
-    latency = _scaled(latencies)
     slowness = _scaled([1.0 / max(o.tokens_per_s, 1e-3) for o in candidates])
-    unreliability = _scaled([1.0 - reputation.reliability(o.peer_id) for o in candidates])
-    scored = [
+    unreliability = _scaled(
+        [1.0 - ((r.successes + 1) / (r.successes + r.failures + 2) if r is not None else 0.5) for r in records]
+    )
+    keyed = [
         (
-            WEIGHT_PRICE * price[i]
-            + WEIGHT_LATENCY * latency[i]
-            + WEIGHT_SPEED * slowness[i]
-            + WEIGHT_RELIABILITY * unreliability[i],
+            WEIGHT_PRICE * p + WEIGHT_LATENCY * lat + WEIGHT_SPEED * slow + WEIGHT_RELIABILITY * unrel,
             o.peer_id,
-            o,
+            i,
         )
-        for i, o in enumerate(candidates)
+        for i, (o, p, lat, slow, unrel) in enumerate(
+            zip(candidates, price, latency, slowness, unreliability, strict=True)
+        )
     ]
-    scored.sort(key=lambda t: (t[0], t[1]))
-    return [o for _, _, o in scored]
+    best = heapq.nsmallest(limit, keyed) if limit is not None and limit < len(keyed) else sorted(keyed)
+    return [candidates[i] for _, _, i in best]

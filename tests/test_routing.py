@@ -6,7 +6,7 @@ import dataclasses
 import time
 
 from node.messages import ModelInfo, Offer
-from node.routing import Reputation, RouteQuery, exclusion, rank
+from node.routing import Reputation, RouteQuery, eligible, exclusion, rank
 
 NOW = 1_000_000.0
 MODEL = "bafymodel"
@@ -105,3 +105,31 @@ def test_ranking_a_thousand_offers_is_fast_enough_to_not_matter():
     ranked = rank(offers, RouteQuery(model=MODEL), rep, NOW)
     assert len(ranked) == 1000 and ranked[0].price_per_1k == 0
     assert time.perf_counter() - start < 1.0
+
+
+def test_the_fast_filter_agrees_with_the_spec():
+    import random
+
+    rng = random.Random(1)
+    rep = Reputation()
+    rep.failure("p3", NOW)
+    offers = [
+        offer(
+            f"p{i}",
+            price_per_1k=rng.choice([0, 0, 5, 20]),
+            chain_id=rng.choice([1, 2]),
+            escrow=rng.choice(["0xE", "0xe", "0xF"]),
+            slots_free=rng.choice([0, 1, 3]),
+            expires_at=NOW + rng.choice([-1, 0, 30]),
+            models=[ModelInfo(rng.choice([MODEL, "other"]), "m", 1)],
+        )
+        for i in range(300)
+    ]
+    for query in (
+        RouteQuery(model=MODEL),
+        RouteQuery(model=MODEL, max_price_per_1k=10, chain_id=1, escrow="0xE"),
+        RouteQuery(model=MODEL, free_only=True),
+        RouteQuery(model=MODEL, pinned_peer="p3"),
+    ):
+        spec = [o.peer_id for o in offers if exclusion(o, query, rep, NOW) is None]
+        assert [o.peer_id for o in eligible(offers, query, rep, NOW)] == spec
