@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -114,6 +115,7 @@ class WorkerService:
     engines: dict[str, JobEngine]
     price_per_1k: int = 0
     request_timeout_s: float = 10.0
+    flush_s: float = 0.02
     on_slots_changed: Callable[[], None] = lambda: None
 
     def install(self) -> None:
@@ -172,14 +174,7 @@ class WorkerService:
                 async with generation as events:
                     await send(stream, JobAccepted(request.job_id, self.price_per_1k, 0))
                     self.on_slots_changed()
-                    async for event in events:
-                        if isinstance(event, Delta):
-                            if event.text or event.tokens:
-                                await send(stream, JobChunk(request.job_id, event.text, event.tokens))
-                        elif isinstance(event, Finished):
-                            await send(
-                                stream, JobDone(request.job_id, event.finish_reason, self._receipt(request, event))
-                            )
+                    outcome = await self._pump(stream, request, events)
             except InvalidRequest as err:
                 await send(stream, JobRejected(request.job_id, REJECT_MALFORMED, str(err)))
             finally:
@@ -187,6 +182,39 @@ class WorkerService:
                 log.info("job %s: %s", request.job_id, outcome)
             await stream.close()
             nursery.cancel_scope.cancel()
+
+    async def _pump(self, stream: Stream, request: JobRequest, events) -> str:
+        """Forward the engine's events as frames; returns how the job ended.
+
+        The first text goes out at once (time to first token); after that, text
+        is sent at most every ``flush_s``: one frame per few tokens instead of
+        one per token, which matters when requester and worker share CPUs.
+        """
+        text, tokens, sent_first = "", 0, False
+        flush_at = math.inf
+        async with events:
+            while True:
+                event = None
+                with trio.move_on_at(flush_at):
+                    try:
+                        event = await events.receive()
+                    except trio.EndOfChannel:
+                        return "ended without a result"
+                if isinstance(event, Delta):
+                    text, tokens = text + event.text, tokens + event.tokens
+                    if sent_first and flush_at == math.inf:
+                        flush_at = trio.current_time() + self.flush_s
+                        continue
+                    if sent_first:
+                        continue
+                if (text or tokens) and (event is None or not sent_first or isinstance(event, Finished)):
+                    await send(stream, JobChunk(request.job_id, text, tokens))
+                    text, tokens, sent_first, flush_at = "", 0, True, math.inf
+                if isinstance(event, Finished):
+                    await send(stream, JobDone(request.job_id, event.finish_reason, self._receipt(request, event)))
+                    decode_s = event.elapsed_s - (event.first_token_s or 0.0)
+                    rate = (event.usage.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0
+                    return f"done, {event.usage.completion_tokens} tokens ({rate:.0f}/s), {event.finish_reason}"
 
     def _receipt(self, request: JobRequest, done: Finished) -> ResultReceipt:
         receipt = ResultReceipt(

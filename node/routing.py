@@ -6,12 +6,18 @@ walks down the list). ``Reputation`` is the requester's local memory of how
 each peer behaved.
 
 Filters (an offer is out if any fails):
-  serves the model (by CID); has a free slot; is not expired; its price is at
-  most the cap; a paid offer is on the requester's chain and escrow (and paid
-  offers are refused outright while ``free_only``); the peer is not banned;
-  with a pinned peer, it is that peer.
+  serves the model (by CID); is not expired; its price is at most the cap; a
+  paid offer is on the requester's chain and escrow (and paid offers are
+  refused outright while ``free_only``); the peer is not banned; with a pinned
+  peer, it is that peer.
 
-Score (lower is better), each term scaled to 0..1 across the candidates:
+Free slots order, they do not filter: every offer with a free slot comes before
+every offer without one. An offer can be a second old (workers re-advertise at
+most once a second), so a worker that just finished a job still shows as full;
+if a "full" worker is tried and really is busy, it says so and the next one is
+tried, at the cost of one round trip.
+
+Then the score (lower is better), each term scaled to 0..1 across the candidates:
   0.4 × price  +  0.2 × measured latency  +  0.2 × slowness (1 / advertised tokens/s)
   +  0.2 × unreliability (1 − smoothed success rate).
 Price matters most because it is what a requester set a cap on; the other
@@ -108,8 +114,6 @@ def exclusion(offer: Offer, query: RouteQuery, reputation: Reputation, now: floa
         return "does not serve the model"
     if offer.expires_at <= now:
         return "offer expired"
-    if offer.slots_free <= 0:
-        return "no free slot"
     if query.max_price_per_1k is not None and offer.price_per_1k > query.max_price_per_1k:
         return "over the price cap"
     if offer.price_per_1k > 0:
@@ -135,7 +139,7 @@ def eligible(offers: Iterable[Offer], query: RouteQuery, reputation: Reputation,
     banned = set() if pinned is not None else {p for p, r in reputation.peers.items() if r.banned_until > now}
     out = []
     for o in offers:
-        if o.expires_at <= now or o.slots_free <= 0:
+        if o.expires_at <= now:
             continue
         if pinned is not None and o.peer_id != pinned:
             continue
@@ -176,6 +180,7 @@ def rank(
     )
     keyed = [
         (
+            o.slots_free <= 0,
             WEIGHT_PRICE * p + WEIGHT_LATENCY * lat + WEIGHT_SPEED * slow + WEIGHT_RELIABILITY * unrel,
             o.peer_id,
             i,
@@ -185,4 +190,4 @@ def rank(
         )
     ]
     best = heapq.nsmallest(limit, keyed) if limit is not None and limit < len(keyed) else sorted(keyed)
-    return [candidates[i] for _, _, i in best]
+    return [candidates[i] for _, _, _, i in best]

@@ -43,7 +43,6 @@ def test_filters():
     q = RouteQuery(model=MODEL, max_price_per_1k=10, chain_id=1, escrow="0xE")
     cases = {
         "does not serve the model": offer("a", models=[ModelInfo("other", "x", 1)]),
-        "no free slot": offer("b", slots_free=0),
         "offer expired": offer("c", expires_at=NOW),
         "over the price cap": offer("d", price_per_1k=11, chain_id=1, escrow="0xE"),
         "paid on another chain or escrow": offer("e", price_per_1k=5, chain_id=2, escrow="0xE"),
@@ -70,6 +69,12 @@ def test_cheapest_wins_then_speed_latency_and_reliability():
     rep.success("good")
     rep.failure("flaky", NOW - 3600)  # long ago: not banned any more, but less reliable
     assert peers(rank([offer("flaky"), offer("good")], q, rep, NOW)) == ["good", "flaky"]
+
+
+def test_full_workers_come_last_but_are_not_dropped():
+    q = RouteQuery(model=MODEL)
+    ranked = rank([offer("full-cheap", slots_free=0), offer("free-pricey", price_per_1k=9)], q, Reputation(), NOW)
+    assert peers(ranked) == ["free-pricey", "full-cheap"]
 
 
 def test_ties_break_deterministically():

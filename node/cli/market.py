@@ -105,6 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
     jobs_log = logging.getLogger("node.jobs")
     jobs_log.addHandler(handler)
     jobs_log.setLevel(logging.INFO)
+    jobs_log.propagate = False  # libp2p configures the root logger; do not print twice
     config = WorkerConfig(
         data_dir=Path(args.data_dir),
         model=args.model,
