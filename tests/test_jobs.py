@@ -65,7 +65,7 @@ class ScriptedEngine:
 
 
 @asynccontextmanager
-async def worker(tmp_path, name, engine, *, price=0):
+async def worker(tmp_path, name, engine, *, price=0, **offer_changes):
     """A worker node running in its own task and cancel scope, so a test can kill it."""
     identity = Identity.load(tmp_path / name)
     host = Host(identity)
@@ -80,7 +80,7 @@ async def worker(tmp_path, name, engine, *, price=0):
 
     async with trio.open_nursery() as nursery:
         await nursery.start(serve)
-        offer = make_offer(identity, 1, time.time() + 60, addrs=host.addrs(), slots_free=1)
+        offer = make_offer(identity, 1, time.time() + 60, addrs=host.addrs(), slots_free=1, **offer_changes)
         yield host, offer, life
         nursery.cancel_scope.cancel()
 
@@ -109,17 +109,10 @@ async def test_a_busy_worker_fails_over_before_the_first_token(tmp_path):
     failovers = []
     with trio.fail_after(20):
         async with (
-            worker(tmp_path, "busy", busy) as (_, busy_offer, _),
-            worker(tmp_path, "free", free) as (
-                _,
-                free_offer,
-                _,
-            ),
+            worker(tmp_path, "busy", busy, tokens_per_s=1000) as (_, busy_offer, _),  # the preferred one
+            worker(tmp_path, "free", free) as (_, free_offer, _),
             requester(tmp_path) as host,
         ):
-            busy_offer = make_offer(
-                Identity.load(tmp_path / "busy"), 1, time.time() + 60, addrs=busy_offer.addrs, tokens_per_s=1000
-            )
             rep = Reputation()
             result = await run_job(
                 host,
@@ -139,17 +132,10 @@ async def test_a_worker_dying_mid_stream_is_replaced_and_the_text_continues(tmp_
     received = []
     with trio.fail_after(20):
         async with (
-            worker(tmp_path, "dying", dying) as (_, dying_offer, kill),
-            worker(tmp_path, "backup", backup) as (
-                _,
-                backup_offer,
-                _,
-            ),
+            worker(tmp_path, "dying", dying, tokens_per_s=1000) as (_, dying_offer, kill),  # the preferred one
+            worker(tmp_path, "backup", backup) as (_, backup_offer, _),
             requester(tmp_path) as host,
         ):
-            dying_offer = make_offer(
-                Identity.load(tmp_path / "dying"), 1, time.time() + 60, addrs=dying_offer.addrs, tokens_per_s=1000
-            )
 
             def on_text(piece):
                 received.append(piece)

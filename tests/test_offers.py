@@ -12,33 +12,15 @@ import trio
 from node.errors import WireError
 from node.host import Host, HostConfig
 from node.identity import Identity, load_or_create_account
-from node.messages import ModelInfo, Offer
-from node.offers import TOPIC, Advertiser, OfferBook, OfferGossip, check_offer, parse_offer, sign_offer
+from node.messages import Offer
+from node.offers import TOPIC, Advertiser, OfferBook, OfferGossip, check_offer, parse_offer
 from node.wire import encode
 
-MODEL = "bafymodel"
+from .factories import MODEL, signed_offer
 
 
 def make_offer(identity: Identity, seq: int, expires_at: float, **changes) -> Offer:
-    offer = Offer(
-        peer_id=identity.peer_id,
-        addrs=[],
-        payee=identity.payee,
-        binding=identity.binding,
-        models=[ModelInfo(MODEL, "test model", 2048, "Q4_1")],
-        price_per_1k=0,
-        chain_id=0,
-        escrow="",
-        slots_total=1,
-        slots_free=1,
-        tokens_per_s=100.0,
-        first_token_ms=10.0,
-        hardware="test",
-        version="test",
-        seq=seq,
-        expires_at=expires_at,
-    )
-    return sign_offer(identity, dataclasses.replace(offer, **changes))
+    return signed_offer(identity, seq, expires_at, **changes)
 
 
 @asynccontextmanager

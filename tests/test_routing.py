@@ -8,30 +8,14 @@ import time
 from node.messages import ModelInfo, Offer
 from node.routing import Reputation, RouteQuery, eligible, exclusion, rank
 
+from . import factories
+from .factories import MODEL
+
 NOW = 1_000_000.0
-MODEL = "bafymodel"
 
 
 def offer(peer: str, **changes) -> Offer:
-    base = Offer(
-        peer_id=peer,
-        addrs=[],
-        payee="",
-        binding=b"",
-        models=[ModelInfo(MODEL, "m", 2048)],
-        price_per_1k=0,
-        chain_id=0,
-        escrow="",
-        slots_total=2,
-        slots_free=1,
-        tokens_per_s=100.0,
-        first_token_ms=10.0,
-        hardware="",
-        version="",
-        seq=1,
-        expires_at=NOW + 60,
-    )
-    return dataclasses.replace(base, **changes)
+    return factories.offer(peer, **{"expires_at": NOW + 60, "models": [ModelInfo(MODEL, "m", 2048)], **changes})
 
 
 def peers(ranked):

@@ -13,28 +13,11 @@ from node import messages as m
 from node.errors import WireError
 from node.wire import MAX_FRAME, decode, encode, frame, receive, receive_as, registered_types, send
 
+from . import factories
+
 
 def sample_offer(**changes) -> m.Offer:
-    base = dict(
-        peer_id="12D3KooWtest",
-        addrs=["/ip4/127.0.0.1/tcp/4001"],
-        payee="",
-        binding=b"",
-        models=[m.ModelInfo("bafybeitest", "smol", 2048, "Q4_1")],
-        price_per_1k=0,
-        chain_id=0,
-        escrow="",
-        slots_total=2,
-        slots_free=1,
-        tokens_per_s=100.5,
-        first_token_ms=12.0,
-        hardware="2 cores",
-        version="0.1.0",
-        seq=3,
-        expires_at=1e9,
-    )
-    base.update(changes)
-    return m.Offer(**base)
+    return factories.offer(tokens_per_s=100.5, first_token_ms=12.0, slots_total=2, seq=3, **changes)
 
 
 def encode_fields() -> dict:
