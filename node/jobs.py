@@ -137,12 +137,15 @@ class WorkerService:
                 raise InvalidRequest("send messages or a prompt, not both or neither")
         except (TypeError, InvalidRequest) as err:
             rejection = JobRejected(request.job_id, REJECT_MALFORMED, str(err))
-        if engine is None:
-            rejection = JobRejected(request.job_id, REJECT_UNKNOWN_MODEL, f"this worker does not serve {request.model}")
-        elif self.price_per_1k > request.max_price_per_1k:
-            rejection = JobRejected(request.job_id, REJECT_PRICE, f"price is {self.price_per_1k} per 1k tokens")
-        elif engine.free_slots <= 0:
-            rejection = JobRejected(request.job_id, REJECT_BUSY, "all slots are busy")
+        else:
+            if engine is None:
+                rejection = JobRejected(
+                    request.job_id, REJECT_UNKNOWN_MODEL, f"this worker does not serve {request.model}"
+                )
+            elif self.price_per_1k > request.max_price_per_1k:
+                rejection = JobRejected(request.job_id, REJECT_PRICE, f"price is {self.price_per_1k} per 1k tokens")
+            elif engine.free_slots <= 0:
+                rejection = JobRejected(request.job_id, REJECT_BUSY, "all slots are busy")
         if rejection is not None:
             log.info("job %s from %s…: rejected (%s)", request.job_id, stream.peer_id[:12], rejection.reason)
             await send(stream, rejection)
@@ -202,12 +205,11 @@ class WorkerService:
                         return "ended without a result"
                 if isinstance(event, Delta):
                     text, tokens = text + event.text, tokens + event.tokens
-                    if sent_first and flush_at == math.inf:
-                        flush_at = trio.current_time() + self.flush_s
+                    if sent_first:  # hold it until the flush time
+                        flush_at = min(flush_at, trio.current_time() + self.flush_s)
                         continue
-                    if sent_first:
-                        continue
-                if (text or tokens) and (event is None or not sent_first or isinstance(event, Finished)):
+                # the first text, the flush time (event is None), or the end
+                if text or tokens:
                     await send(stream, JobChunk(request.job_id, text, tokens))
                     text, tokens, sent_first, flush_at = "", 0, True, math.inf
                 if isinstance(event, Finished):
