@@ -1,0 +1,65 @@
+"""Payment arithmetic and the checks both sides make, as pure functions.
+
+Prices are in token base units per 1,000 tokens, and a job costs its prompt
+plus completion tokens at that price, rounded up to a whole base unit:
+
+    cost = ceil((prompt_tokens + completion_tokens) × price_per_1k / 1000)
+
+A requester deposits enough for the worst case of a job, ``(prompt tokens +
+max_tokens) × price``, plus a margin so later jobs can reuse the channel. A
+worker serves against a channel only if it is open, pays this worker, leaves
+time to claim before it expires, and has the job's worst case left unsigned.
+"""
+
+from __future__ import annotations
+
+from node.payments.escrow import ChannelState, ChannelStatus
+
+
+def job_cost(prompt_tokens: int, completion_tokens: int, price_per_1k: int) -> int:
+    """What a job owes, in token base units (rounded up)."""
+    return -(-(prompt_tokens + completion_tokens) * price_per_1k // 1000)
+
+
+def worst_case_cost(prompt_tokens: int, max_tokens: int, price_per_1k: int) -> int:
+    return job_cost(prompt_tokens, max_tokens, price_per_1k)
+
+
+def deposit_for(worst_case: int, *, margin: float = 10.0) -> int:
+    """A deposit covering ``worst_case`` and ``margin`` more jobs like it (default: 11 jobs in all)."""
+    return int(worst_case * (1 + margin))
+
+
+def channel_problem(
+    channel: ChannelState,
+    *,
+    payee: str,
+    now: float,
+    min_time_left_s: float,
+    signed_total: int,
+    needed: int,
+) -> str | None:
+    """Why a worker must not serve a job against ``channel``, or None if it may.
+
+    Args:
+        payee: the worker's own address.
+        signed_total: the highest cumulative receipt the worker already holds for this channel.
+        needed: the job's worst-case cost.
+    """
+    if channel.status != ChannelStatus.OPEN:
+        return f"channel is {channel.status.name.lower()}, not open"
+    if channel.worker.lower() != payee.lower():
+        return f"channel pays {channel.worker}, not this worker ({payee})"
+    if channel.expiry - now < min_time_left_s:
+        return (
+            f"channel expires in {max(channel.expiry - now, 0):.0f}s; this worker needs {min_time_left_s:.0f}s to claim"
+        )
+    owed = max(signed_total, channel.paid)
+    if channel.deposit - owed < needed:
+        return f"channel has {channel.deposit - owed} base units left; this job may cost {needed}"
+    return None
+
+
+def credit_left(streamed_cost: int, receipted: int, window: int) -> int:
+    """How much more (in base units) a worker may stream before it needs a newer receipt."""
+    return receipted + window - streamed_cost
