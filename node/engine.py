@@ -90,10 +90,15 @@ class Usage:
 
 @dataclass(frozen=True)
 class Delta:
-    """Streamed text, and how many sampled tokens it took (they add up to ``completion_tokens``)."""
+    """Streamed text, and how many sampled tokens it took (they add up to ``completion_tokens``).
+
+    ``prompt_tokens`` is the job's prompt size, the same on every delta, so a
+    consumer that bills as tokens arrive knows the whole cost so far.
+    """
 
     text: str
     tokens: int
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -295,7 +300,7 @@ class Engine:
                     break
                 ready = len(text) - _holdback(text, params.stop)
                 if ready > sent:
-                    emit(Delta(text[sent:ready], produced - reported))
+                    emit(Delta(text[sent:ready], produced - reported, len(prompt)))
                     sent, reported = ready, produced
                 if produced >= params.max_tokens:
                     break
@@ -304,7 +309,7 @@ class Engine:
         if reason == FINISH_LENGTH:
             text += decoder.decode(b"", final=True)
         if (len(text) > sent or produced > reported) and reason != FINISH_CANCELLED:
-            emit(Delta(text[sent:], produced - reported))
+            emit(Delta(text[sent:], produced - reported, len(prompt)))
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=produced)
         emit(Finished(text, usage, reason, first_token_s, time.perf_counter() - started))
 

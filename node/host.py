@@ -83,22 +83,37 @@ class Stream:
             raise ConnectionError(f"stream from {self.peer_id[:12]}… broke: {err.__class__.__name__}") from None
 
     async def write(self, data: bytes) -> None:
-        try:
-            await self.raw.write(data)
-        except StreamError as err:
-            raise ConnectionError(f"stream to {self.peer_id[:12]}… broke: {err.__class__.__name__}") from None
+        """Write all of ``data``; a cancellation waits for the write to finish (up to 30 s).
+
+        py-libp2p's yamux writes a frame in several steps; a write cancelled half-way
+        leaves a partial frame on the shared connection and breaks every stream on
+        it. So writes are shielded from cancellation; a peer that stops reading
+        for 30 s gets its stream reset instead.
+        """
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.fail_after(30):
+                    await self.raw.write(data)
+            except StreamError as err:
+                raise ConnectionError(f"stream to {self.peer_id[:12]}… broke: {err.__class__.__name__}") from None
+            except trio.TooSlowError:
+                await self.reset()
+                raise ConnectionError(f"peer {self.peer_id[:12]}… stopped reading for 30 s") from None
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def close_write(self) -> None:
-        try:
-            await self.raw.close_write()
-        except StreamError:
-            pass
+        with trio.CancelScope(shield=True), trio.move_on_after(5):  # a close is a frame too
+            try:
+                await self.raw.close_write()
+            except StreamError:
+                pass
 
     async def close(self) -> None:
-        try:
-            await self.raw.close()
-        except StreamError:
-            pass
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self.raw.close()
+            except StreamError:
+                pass
 
     async def reset(self) -> None:
         with trio.CancelScope(shield=True):

@@ -35,14 +35,16 @@ from typing import Any, Protocol
 
 import trio
 
+from node.billing import Billing, PaymentRefused, WorkerPayments, prompt_token_bound
 from node.concurrency import open_service_nursery
 from node.engine import Delta, Finished, SamplingParams
-from node.errors import InvalidRequest, NodeError, WireError
+from node.errors import InvalidReceipt, InvalidRequest, NodeError, PaymentError, WireError
 from node.host import Host, PeerUnreachable, Stream
 from node.identity import Identity, verify_peer_signature
 from node.messages import (
     REJECT_BUSY,
     REJECT_MALFORMED,
+    REJECT_PAYMENT,
     REJECT_PRICE,
     REJECT_UNKNOWN_MODEL,
     JobAccepted,
@@ -53,8 +55,12 @@ from node.messages import (
     JobRejected,
     JobRequest,
     Offer,
+    PaymentTerms,
+    PayReceipt,
     ResultReceipt,
 )
+from node.payments.policy import job_cost, worst_case_cost
+from node.payments.wallet import Wallet
 from node.routing import Reputation, RouteQuery, exclusion, rank
 from node.wire import encode, pack, receive, receive_as, send
 
@@ -116,6 +122,7 @@ class WorkerService:
     price_per_1k: int = 0
     request_timeout_s: float = 10.0
     flush_s: float = 0.02
+    payments: WorkerPayments | None = None  # required when price_per_1k > 0
     on_slots_changed: Callable[[], None] = lambda: None
 
     def install(self) -> None:
@@ -146,6 +153,14 @@ class WorkerService:
                 rejection = JobRejected(request.job_id, REJECT_PRICE, f"price is {self.price_per_1k} per 1k tokens")
             elif engine.free_slots <= 0:
                 rejection = JobRejected(request.job_id, REJECT_BUSY, "all slots are busy")
+        billing = None
+        if rejection is None and self.price_per_1k > 0:
+            try:
+                if self.payments is None:
+                    raise PaymentRefused("this worker has no payment set-up")
+                billing = await Billing.open(self.payments, request, self.price_per_1k)
+            except PaymentRefused as err:
+                rejection = JobRejected(request.job_id, REJECT_PAYMENT, str(err))
         if rejection is not None:
             log.info("job %s from %s…: rejected (%s)", request.job_id, stream.peer_id[:12], rejection.reason)
             await send(stream, rejection)
@@ -155,9 +170,9 @@ class WorkerService:
             generation = engine.stream_chat(request.messages, params, assistant_prefix=request.resume_text)
         else:
             generation = engine.stream_completion(request.prompt + request.resume_text, params)
-        await self._run(stream, request, generation)
+        await self._run(stream, request, generation, billing)
 
-    async def _run(self, stream: Stream, request: JobRequest, generation) -> None:
+    async def _run(self, stream: Stream, request: JobRequest, generation, billing: Billing | None) -> None:
         async with open_service_nursery() as nursery:
             # The requester's side stays open: a JobCancel, or the stream ending, cancels the job.
             async def watch() -> None:
@@ -166,8 +181,12 @@ class WorkerService:
                         msg = await receive(stream)
                         if isinstance(msg, JobCancel) and msg.job_id == request.job_id:
                             break
+                        if isinstance(msg, PayReceipt) and billing is not None and msg.job_id == request.job_id:
+                            await billing.accept(msg)
                 except (EOFError, ConnectionError, WireError):
                     pass
+                except InvalidReceipt as err:
+                    log.info("job %s: stopping on a bad receipt: %s", request.job_id, err)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
@@ -177,7 +196,11 @@ class WorkerService:
                 async with generation as events:
                     await send(stream, JobAccepted(request.job_id, self.price_per_1k, 0))
                     self.on_slots_changed()
-                    outcome = await self._pump(stream, request, events)
+                    outcome, final = await self._pump(stream, request, events, billing)
+                if billing is not None and final is not None:  # the slot is free again; now collect the pay
+                    paid = await billing.wait_for_final(final)
+                    outcome += ", paid" if paid else ", final receipt missing"
+                    billing.done()
             except InvalidRequest as err:
                 await send(stream, JobRejected(request.job_id, REJECT_MALFORMED, str(err)))
             finally:
@@ -186,14 +209,18 @@ class WorkerService:
             await stream.close()
             nursery.cancel_scope.cancel()
 
-    async def _pump(self, stream: Stream, request: JobRequest, events) -> str:
-        """Forward the engine's events as frames; returns how the job ended.
+    async def _pump(
+        self, stream: Stream, request: JobRequest, events, billing: Billing | None
+    ) -> tuple[str, int | None]:
+        """Forward the engine's events as frames; returns how the job ended, and what a paid job owes in all.
 
         The first text goes out at once (time to first token); after that, text
         is sent at most every ``flush_s``: one frame per few tokens instead of
-        one per token, which matters when requester and worker share CPUs.
+        one per token, which matters when requester and worker share CPUs. A
+        paid job sends text only while the requester's receipts cover it.
         """
         text, tokens, sent_first = "", 0, False
+        prompt_tokens = completion_tokens = 0
         flush_at = math.inf
         async with events:
             while True:
@@ -202,21 +229,26 @@ class WorkerService:
                     try:
                         event = await events.receive()
                     except trio.EndOfChannel:
-                        return "ended without a result"
+                        return "ended without a result", None
                 if isinstance(event, Delta):
                     text, tokens = text + event.text, tokens + event.tokens
+                    prompt_tokens, completion_tokens = event.prompt_tokens, completion_tokens + event.tokens
                     if sent_first:  # hold it until the flush time
                         flush_at = min(flush_at, trio.current_time() + self.flush_s)
                         continue
                 # the first text, the flush time (event is None), or the end
                 if text or tokens:
-                    await send(stream, JobChunk(request.job_id, text, tokens))
+                    if billing is not None and not await billing.wait_for_credit(prompt_tokens, completion_tokens):
+                        await send(stream, JobError(request.job_id, "stopped: the requester's receipts fell behind"))
+                        return f"stopped after {completion_tokens} tokens: receipts fell behind the credit window", None
+                    await send(stream, JobChunk(request.job_id, text, tokens, prompt_tokens))
                     text, tokens, sent_first, flush_at = "", 0, True, math.inf
                 if isinstance(event, Finished):
                     await send(stream, JobDone(request.job_id, event.finish_reason, self._receipt(request, event)))
+                    final = billing.owed(event.usage.prompt_tokens, event.usage.completion_tokens) if billing else None
                     decode_s = event.elapsed_s - (event.first_token_s or 0.0)
                     rate = (event.usage.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0
-                    return f"done, {event.usage.completion_tokens} tokens ({rate:.0f}/s), {event.finish_reason}"
+                    return f"done, {event.usage.completion_tokens} tokens ({rate:.0f}/s), {event.finish_reason}", final
 
     def _receipt(self, request: JobRequest, done: Finished) -> ResultReceipt:
         receipt = ResultReceipt(
@@ -265,14 +297,77 @@ class _WorkerFailed(Exception):
         self.partial, self.tokens, self.penalise = partial, tokens, penalise
 
 
+CREDIT_TOKENS = 64  # a paid worker may stream this many tokens' worth ahead of the last receipt
+
+
+@dataclass
+class _Payer:
+    """The requester's side of one paid attempt: signs receipts as tokens arrive."""
+
+    wallet: Wallet
+    request: JobRequest
+    price: int
+    base: int  # what was signed on the channel before this job
+    step: int  # sign again once this much more is owed
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    signed: int = 0
+
+    @property
+    def channel_id(self) -> bytes:
+        return self.request.payment.channel_id
+
+    def owed(self, prompt_tokens: int, completion_tokens: int) -> int:
+        return self.base + job_cost(prompt_tokens, completion_tokens, self.price)
+
+    async def receipt(self, amount: int) -> PayReceipt:
+        amount, signature = await trio.to_thread.run_sync(self.wallet.sign, self.channel_id, amount)
+        self.signed = amount
+        return PayReceipt(self.request.job_id, str(amount), signature)
+
+    async def on_chunk(self, stream: Stream, chunk: JobChunk) -> None:
+        self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
+        self.completion_tokens += chunk.tokens
+        owed = self.owed(self.prompt_tokens, self.completion_tokens)
+        if owed - self.signed >= self.step:
+            await send(stream, await self.receipt(owed))
+
+    async def on_done(self, stream: Stream, done: JobDone) -> None:
+        """Sign the final receipt: exactly the job's usage at the price (after a plausibility check)."""
+        usage = done.receipt
+        if usage.prompt_tokens > prompt_token_bound(self.request):
+            raise _WorkerFailed(f"worker claims {usage.prompt_tokens} prompt tokens for a shorter prompt")
+        if usage.completion_tokens > int(self.request.params.get("max_tokens", 0)):
+            raise _WorkerFailed(f"worker claims {usage.completion_tokens} tokens, more than max_tokens")
+        await send(stream, await self.receipt(self.owed(usage.prompt_tokens, usage.completion_tokens)))
+
+
+async def _payer_for(wallet: Wallet, offer: Offer, request: JobRequest) -> _Payer:
+    """Choose (or open) a channel to the offer's payee and attach payment terms to ``request``."""
+    price = offer.price_per_1k
+    needed = worst_case_cost(prompt_token_bound(request), int(request.params["max_tokens"]), price)
+    try:
+        channel = await trio.to_thread.run_sync(wallet.channel_for, offer.payee, needed)
+    except PaymentError as err:
+        raise _WorkerFailed(f"could not fund a channel to {offer.payee}: {err}", penalise=False) from None
+    window = max(job_cost(0, CREDIT_TOKENS, price), 1)
+    terms = PaymentTerms(channel.channel_id, channel.chain_id, channel.escrow, price, str(window))
+    paid_request = dataclasses.replace(request, payment=terms)
+    return _Payer(wallet, paid_request, price, channel.signed, max(window // 2, 1), signed=channel.signed)
+
+
 async def _attempt(
     host: Host,
     offer: Offer,
     request: JobRequest,
     on_text: Callable[[str], None],
     accept_timeout_s: float,
+    wallet: Wallet | None = None,
 ) -> tuple[JobDone, str]:
-    """Run ``request`` on one worker; returns its JobDone and the text it streamed."""
+    """Run ``request`` on one worker (paying it from ``wallet`` if it charges); returns its JobDone and text."""
+    payer = await _payer_for(wallet, offer, request) if offer.price_per_1k > 0 and wallet is not None else None
+    if payer is not None:
+        request = payer.request
     try:
         stream = await host.open_stream(offer.peer_id, JOB_PROTOCOL, offer.addrs)
     except PeerUnreachable as err:
@@ -295,10 +390,14 @@ async def _attempt(
                 text += msg.text
                 tokens += msg.tokens
                 on_text(msg.text)
+                if payer is not None:
+                    await payer.on_chunk(stream, msg)
             elif isinstance(msg, JobDone):
                 problem = verify_receipt(msg.receipt, request, text)
                 if problem:
                     raise _WorkerFailed(problem, partial=text, tokens=tokens)
+                if payer is not None:
+                    await payer.on_done(stream, msg)
                 await stream.close()
                 return msg, text
             elif isinstance(msg, JobError):
@@ -346,6 +445,7 @@ async def run_job(
     on_text: Callable[[str], None] = lambda text: None,
     on_failover: Callable[[str, str, bool], None] = lambda peer, reason, started: None,
     clock: Callable[[], float] = time.time,
+    wallet: Wallet | None = None,
 ) -> JobResult:
     """Run ``spec`` on the best workers in ``offers()``, failing over as needed.
 
@@ -353,6 +453,7 @@ async def run_job(
         offers: the live offers (called again after each failure).
         on_text: called with each piece of text as it streams in.
         on_failover: called with (peer id, reason, whether it had started) when a worker is dropped.
+        wallet: pays workers that charge (the query must then allow paid offers on its chain and escrow).
 
     Raises:
         NoWorker: nobody can take the job at all.
@@ -397,7 +498,7 @@ async def run_job(
             )
             began = time.perf_counter()
             try:
-                done, part = await _attempt(host, offer, request, record_text, accept_timeout_s)
+                done, part = await _attempt(host, offer, request, record_text, accept_timeout_s, wallet)
             except _WorkerFailed as failure:
                 if failure.partial:
                     text += failure.partial

@@ -50,6 +50,20 @@ class Offer(Message):
 # -------------------------------------------------------- /llmarket/job/1.0.0
 
 
+@dataclass(frozen=True)
+class PaymentTerms:
+    """How a paid job is paid: a channel of the escrow, and the credit the worker may extend.
+
+    Amounts are uint256 in token base units, carried as decimal strings.
+    """
+
+    channel_id: bytes
+    chain_id: int
+    escrow: str
+    price_per_1k: int
+    credit_window: str  # how far (in base units) the worker may stream ahead of the last receipt
+
+
 @message("job.request/1")
 @dataclass(frozen=True)
 class JobRequest(Message):
@@ -60,6 +74,7 @@ class JobRequest(Message):
     prompt: str | None = None  # …or a plain completion
     max_price_per_1k: int = 0
     resume_text: str = ""  # output already streamed by a worker that died: continue from it
+    payment: PaymentTerms | None = None  # None: a free job
 
 
 @message("job.accepted/1")
@@ -74,6 +89,7 @@ REJECT_BUSY = "busy"
 REJECT_UNKNOWN_MODEL = "unknown_model"
 REJECT_PRICE = "price"
 REJECT_MALFORMED = "malformed"
+REJECT_PAYMENT = "payment"  # no usable channel: missing, wrong payee, too little left, expiring
 
 
 @message("job.rejected/1")
@@ -90,6 +106,7 @@ class JobChunk(Message):
     job_id: str
     text: str
     tokens: int = 0  # sampled tokens this text took
+    prompt_tokens: int = 0  # the job's prompt size (what a paid job is billed for besides the tokens)
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,16 @@ class JobDone(Message):
 class JobError(Message):
     job_id: str
     detail: str
+
+
+@message("pay.receipt/1")
+@dataclass(frozen=True)
+class PayReceipt(Message):
+    """Requester → worker: a signed cumulative receipt on the job's channel (node/payments/receipts.py)."""
+
+    job_id: str
+    cumulative: str  # uint256, decimal
+    signature: bytes
 
 
 @message("job.cancel/1")

@@ -1,0 +1,134 @@
+"""Paid jobs: escrow channels, receipts while streaming, settlement (real anvil, real libp2p, scripted engine)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from node.billing import Billing, PaymentRefused, WorkerPayments
+from node.host import Host
+from node.identity import Identity
+from node.jobs import JobFailed, JobSpec, WorkerService, run_job
+from node.messages import JobRequest, PaymentTerms
+from node.payments.ledger import WalletLedger, WorkerLedger
+from node.payments.policy import job_cost
+from node.payments.settlement import Settler
+from node.payments.wallet import Wallet
+from node.routing import Reputation, RouteQuery
+
+from .conftest import TOKEN
+from .factories import MODEL, signed_offer
+from .test_jobs import SPEC, WORDS, ScriptedEngine, requester
+
+pytestmark = pytest.mark.slow
+
+PRICE = 10**15  # 0.001 token per 1,000 tokens … per token 10**12 base units
+
+
+@asynccontextmanager
+async def paid_worker(chain, tmp_path, engine, *, receipt_timeout_s=5.0):
+    identity = Identity.load(tmp_path / "worker", account=chain.worker)
+    ledger = WorkerLedger.in_data_dir(tmp_path / "worker")
+    client = chain.client(chain.worker)
+    payments = WorkerPayments(
+        client, ledger, Settler(ledger, client), max_credit_window=TOKEN, receipt_timeout_s=receipt_timeout_s
+    )
+    host = Host(identity)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        WorkerService(host, identity, {MODEL: engine}, price_per_1k=PRICE, payments=payments).install()
+        offer = signed_offer(
+            identity, 1, time.time() + 60, addrs=host.addrs(), price_per_1k=PRICE,
+            chain_id=chain.deployment.chain_id, escrow=chain.deployment.escrow,
+        )  # fmt: skip
+        yield offer, payments
+        nursery.cancel_scope.cancel()
+
+
+def paid_query(chain) -> RouteQuery:
+    return RouteQuery(
+        model=MODEL, max_price_per_1k=PRICE, chain_id=chain.deployment.chain_id, escrow=chain.deployment.escrow
+    )
+
+
+def wallet_for(chain, tmp_path) -> Wallet:
+    return Wallet(chain.client(chain.requester), WalletLedger.in_data_dir(tmp_path / "requester"))
+
+
+async def test_a_paid_job_pays_exactly_usage_times_price(chain, tmp_path):
+    wallet = wallet_for(chain, tmp_path)
+    spec = JobSpec(**{**SPEC.__dict__, "max_price_per_1k": PRICE})
+    with trio.fail_after(30):
+        async with paid_worker(chain, tmp_path, ScriptedEngine()) as (offer, payments), requester(tmp_path) as host:
+            result = await run_job(
+                host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(), wallet=wallet
+            )
+            second = await run_job(
+                host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(), wallet=wallet
+            )
+            (channel,) = wallet.ledger.channels()  # both jobs shared one channel
+            while payments.ledger.get(channel.channel_id).receipted < channel.signed:
+                await trio.sleep(0.01)  # the final receipt is on its way to the worker
+            assert await trio.to_thread.run_sync(payments.settler.settle_once) == (1, 0)
+    assert result.text == "".join(WORDS) == second.text
+    per_job = job_cost(5, len(WORDS), PRICE)  # the scripted engine reports 5 prompt tokens
+    assert channel.signed == 2 * per_job
+    assert chain.client().token_balance(chain.worker.address) == 2 * per_job
+    assert chain.client().get_channel(channel.channel_id).paid == 2 * per_job
+
+
+async def test_a_requester_that_stops_signing_is_cut_off_within_the_credit_window(chain, tmp_path, monkeypatch):
+    from node import jobs
+
+    async def never_sign(self, stream, chunk):  # a requester that takes the text and never pays
+        self.completion_tokens += chunk.tokens
+
+    monkeypatch.setattr(jobs._Payer, "on_chunk", never_sign)
+    long_engine = ScriptedEngine(tick_s=0.001)
+    long_engine_words = ["tok "] * 400
+    monkeypatch.setattr("tests.test_jobs.WORDS", long_engine_words)
+    received = []
+    spec = JobSpec(**{**SPEC.__dict__, "max_price_per_1k": PRICE, "params": SPEC.params.__class__(max_tokens=400)})
+    with trio.fail_after(30):
+        async with (
+            paid_worker(chain, tmp_path, long_engine, receipt_timeout_s=1.0) as (offer, payments),
+            requester(tmp_path) as host,
+        ):
+            with pytest.raises(JobFailed, match="receipts fell behind"):
+                await run_job(host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(),
+                              wallet=wallet_for(chain, tmp_path), on_text=received.append)  # fmt: skip
+            assert await trio.to_thread.run_sync(payments.settler.settle_once) == (0, 0)  # nothing was signed
+    streamed = "".join(received).count("tok")
+    assert 0 < streamed <= jobs.CREDIT_TOKENS  # the worker stopped at the window, not at 400
+
+
+async def test_lying_channels_are_refused_before_any_generation(chain, tmp_path):
+    ledger = WorkerLedger.in_data_dir(tmp_path / "worker")
+    client = chain.client(chain.worker)
+    payments = WorkerPayments(client, ledger, Settler(ledger, client), max_credit_window=TOKEN)
+    requester_client = chain.client(chain.requester)
+    now = requester_client.chain_time()
+    to_someone_else = requester_client.open_channel(chain.other_worker.address, TOKEN, now + 86_400)
+    mine_but_small = requester_client.open_channel(chain.worker.address, 10, now + 86_400)
+    mine_but_expiring = requester_client.open_channel(chain.worker.address, TOKEN, now + 60)
+
+    def request(channel_id, escrow=chain.deployment.escrow):
+        terms = PaymentTerms(channel_id, chain.deployment.chain_id, escrow, PRICE, str(TOKEN))
+        return JobRequest("j", MODEL, {"max_tokens": 100}, messages=[{"role": "user", "content": "hi"}], payment=terms)
+
+    cases = {
+        "not this worker": request(to_someone_else),
+        "channel is none, not open": request(b"\x09" * 32),
+        "base units left": request(mine_but_small),
+        "needs 1800s to claim": request(mine_but_expiring),
+        "this worker is paid on chain": request(mine_but_small, escrow=chain.deployment.token),
+    }
+    for reason, req in cases.items():
+        with pytest.raises(PaymentRefused, match=reason):
+            await Billing.open(payments, req, PRICE)
+    with pytest.raises(PaymentRefused, match="send payment terms"):
+        await Billing.open(payments, JobRequest("j", MODEL, {}, prompt="x"), PRICE)
+    assert ledger.all() == []
