@@ -25,8 +25,8 @@ QUERY = RouteQuery(model=MODEL, free_only=True)
 class ScriptedEngine:
     """Streams WORDS (after echoing any assistant prefix it was given as '[prefix]'), one per tick."""
 
-    def __init__(self, *, slots: int = 1, tick_s: float = 0.01, stall: bool = False):
-        self.slots, self.tick_s, self.stall = slots, tick_s, stall
+    def __init__(self, *, slots: int = 1, tick_s: float = 0.01, stall: bool = False, words: list[str] = WORDS):
+        self.slots, self.tick_s, self.stall, self.words = slots, tick_s, stall, words
         self.busy = 0
         self.prefixes: list[str] = []
 
@@ -49,7 +49,7 @@ class ScriptedEngine:
         async def produce():
             if self.stall:
                 await trio.sleep_forever()
-            words = WORDS[: params.max_tokens]
+            words = self.words[: params.max_tokens]
             for word in words:
                 await trio.sleep(self.tick_s)
                 send.send_nowait(Delta(word, 1))

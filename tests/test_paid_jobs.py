@@ -29,10 +29,11 @@ PRICE = 10**15  # 0.001 token per 1,000 tokens … per token 10**12 base units
 
 
 @asynccontextmanager
-async def paid_worker(chain, tmp_path, engine, *, receipt_timeout_s=5.0):
-    identity = Identity.load(tmp_path / "worker", account=chain.worker)
+async def paid_worker(chain, tmp_path, engine, *, receipt_timeout_s=5.0, account=None, **offer_changes):
+    account = account or chain.worker
+    identity = Identity.load(tmp_path / "worker", account=account)
     ledger = WorkerLedger.in_data_dir(tmp_path / "worker")
-    client = chain.client(chain.worker)
+    client = chain.client(account)
     payments = WorkerPayments(
         client, ledger, Settler(ledger, client), max_credit_window=TOKEN, receipt_timeout_s=receipt_timeout_s
     )
@@ -42,7 +43,7 @@ async def paid_worker(chain, tmp_path, engine, *, receipt_timeout_s=5.0):
         WorkerService(host, identity, {MODEL: engine}, price_per_1k=PRICE, payments=payments).install()
         offer = signed_offer(
             identity, 1, time.time() + 60, addrs=host.addrs(), price_per_1k=PRICE,
-            chain_id=chain.deployment.chain_id, escrow=chain.deployment.escrow,
+            chain_id=chain.deployment.chain_id, escrow=chain.deployment.escrow, **offer_changes,
         )  # fmt: skip
         yield offer, payments
         nursery.cancel_scope.cancel()
@@ -87,9 +88,7 @@ async def test_a_requester_that_stops_signing_is_cut_off_within_the_credit_windo
         self.completion_tokens += chunk.tokens
 
     monkeypatch.setattr(jobs._Payer, "on_chunk", never_sign)
-    long_engine = ScriptedEngine(tick_s=0.001)
-    long_engine_words = ["tok "] * 400
-    monkeypatch.setattr("tests.test_jobs.WORDS", long_engine_words)
+    long_engine = ScriptedEngine(tick_s=0.001, words=["tok "] * 400)
     received = []
     spec = JobSpec(**{**SPEC.__dict__, "max_price_per_1k": PRICE, "params": SPEC.params.__class__(max_tokens=400)})
     with trio.fail_after(30):
@@ -132,3 +131,56 @@ async def test_lying_channels_are_refused_before_any_generation(chain, tmp_path)
     with pytest.raises(PaymentRefused, match="send payment terms"):
         await Billing.open(payments, JobRequest("j", MODEL, {}, prompt="x"), PRICE)
     assert ledger.all() == []
+
+
+async def test_a_worker_killed_mid_stream_is_paid_only_what_was_receipted(chain, tmp_path):
+    """The dying worker keeps the receipts it got; the job finishes, paid, on the other worker."""
+    wallet = wallet_for(chain, tmp_path)
+    params = SPEC.params.__class__(max_tokens=300)
+    spec = JobSpec(**{**SPEC.__dict__, "max_price_per_1k": PRICE, "params": params})
+    slow, fast = ScriptedEngine(tick_s=0.01, words=["tok "] * 300), ScriptedEngine(words=["tok "] * 300)
+    received: list[str] = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            life = trio.CancelScope()
+            started = trio.Event()
+            dying: dict = {}
+
+            async def run_dying():
+                with life:
+                    async with paid_worker(chain, tmp_path / "a", slow, tokens_per_s=10_000) as (offer, payments):
+                        dying.update(offer=offer, payments=payments)
+                        started.set()
+                        await trio.sleep_forever()
+
+            nursery.start_soon(run_dying)
+            await started.wait()
+            async with (
+                paid_worker(chain, tmp_path / "b", fast, account=chain.other_worker) as (backup, backup_payments),
+                requester(tmp_path) as host,
+            ):
+
+                def on_text(piece):
+                    received.append(piece)
+                    if "".join(received).count("tok") >= 150:
+                        life.cancel()  # the preferred worker dies mid-answer
+
+                result = await run_job(
+                    host, lambda: [dying["offer"], backup], paid_query(chain), spec, reputation=Reputation(),
+                    wallet=wallet, on_text=on_text,
+                )  # fmt: skip
+                channels = {c.worker: c for c in wallet.ledger.channels()}
+                to_backup = channels[chain.other_worker.address]
+                while backup_payments.ledger.get(to_backup.channel_id).receipted < to_backup.signed:
+                    await trio.sleep(0.01)  # the final receipt is on its way
+            nursery.cancel_scope.cancel()
+    assert result.workers == [dying["offer"].peer_id, backup.peer_id]
+    assert result.text.count("tok") == 300
+    n_backup = result.receipts[-1].completion_tokens
+    n_dying = result.completion_tokens - n_backup
+    assert n_dying >= 150 and n_dying + n_backup == 300
+    signed_to_dying = channels[chain.worker.address].signed
+    (held,) = dying["payments"].ledger.all()
+    # the scripted engine reports its prompt only at the end, so the dying worker's stream cost its tokens alone
+    assert 0 < held.receipted <= signed_to_dying <= job_cost(0, n_dying, PRICE)
+    assert to_backup.signed == job_cost(5, n_backup, PRICE)  # the backup: exactly its usage
