@@ -17,12 +17,13 @@ from pathlib import Path
 import trio
 
 from node import __version__
+from node.billing import WorkerPayments
 from node.concurrency import open_service_nursery
 from node.engine import Engine, open_engine
 from node.errors import ConfigError, ModelError
 from node.hardware import SpeedProfile, probe_hardware, self_benchmark
 from node.host import Host, HostConfig
-from node.identity import Identity
+from node.identity import Identity, load_or_create_account
 from node.jobs import WorkerService
 from node.messages import ModelInfo, Offer
 from node.models import ModelStore, StoredModel, resolve_model
@@ -31,6 +32,11 @@ from node.models.default import DEFAULT_MODEL_CID
 from node.models.ipfs import IpfsSource
 from node.models.peers import ModelServer, PeerSource
 from node.offers import Advertiser, OfferBook, OfferGossip, sign_offer
+from node.payments.escrow import EscrowClient
+from node.payments.ledger import WalletLedger, WorkerLedger
+from node.payments.policy import job_cost
+from node.payments.settlement import SettlementPolicy, Settler
+from node.payments.wallet import Wallet
 from node.progress import NO_PROGRESS, Progress
 
 log = logging.getLogger("node.node")
@@ -51,6 +57,13 @@ class WorkerConfig:
     advertise_interval_s: float = 10.0
     offer_ttl_s: float = 60.0
     peer_discovery_s: float = 15.0  # how long to look for peers holding a model no other source has
+    # paid serving (price_per_1k > 0)
+    rpc_url: str | None = None
+    deployments_dir: Path | None = None
+    insecure_dev_key: bool = False
+    settle_every: int = 1
+    settle_interval_s: float | None = None
+    max_credit_window: int | None = None  # default: the price of 256 tokens
 
 
 @dataclass
@@ -80,12 +93,13 @@ async def serve(
 
     ``task_status.started`` receives the ``WorkerNode`` once it is serving.
     """
-    if config.price_per_1k != 0:
-        raise ConfigError("paid serving needs the escrow (coming with paid jobs); run with --price 0 for now")
-    identity = Identity.load(config.data_dir)
+    payments = await trio.to_thread.run_sync(_worker_payments, config) if config.price_per_1k > 0 else None
+    identity = Identity.load(config.data_dir, account=payments.client.account if payments else None)
     host = Host(identity, HostConfig(listen=config.listen, bootstrap=config.bootstrap))
     async with open_service_nursery() as nursery:
         await nursery.start(host.run)
+        if payments is not None:
+            await nursery.start(payments.settler.run)
         gossip = OfferGossip(host, OfferBook())
         await nursery.start(gossip.run)
         store = ModelStore.in_data_dir(config.data_dir, [IpfsSource(config.ipfs_api)] if config.ipfs_api else [])
@@ -97,7 +111,9 @@ async def serve(
             speed = await self_benchmark(engine)
             model = ModelInfo(entry.cid, entry.name, config.ctx_size, _quantization(entry.name))
             hardware = probe_hardware().summary()
-            service = WorkerService(host, identity, {entry.cid: engine}, price_per_1k=config.price_per_1k)
+            service = WorkerService(
+                host, identity, {entry.cid: engine}, price_per_1k=config.price_per_1k, payments=payments
+            )
 
             def make_offer(seq: int, expires_at: float) -> Offer:
                 return sign_offer(
@@ -109,8 +125,8 @@ async def serve(
                         binding=identity.binding,
                         models=[model],
                         price_per_1k=config.price_per_1k,
-                        chain_id=0,
-                        escrow="",
+                        chain_id=payments.client.deployment.chain_id if payments else 0,
+                        escrow=payments.client.deployment.escrow if payments else "",
                         slots_total=engine.slots,
                         slots_free=service.free_slots,
                         tokens_per_s=round(speed.tokens_per_s, 1),
@@ -130,6 +146,28 @@ async def serve(
             await nursery.start(advertiser.run)
             task_status.started(WorkerNode(host, engine, model, speed, gossip, advertiser, service))
             await trio.sleep_forever()
+
+
+def _worker_payments(config: WorkerConfig) -> WorkerPayments:
+    """Connect to the chain as the worker's account (blocking): client, ledger, settler."""
+    if not config.rpc_url or config.deployments_dir is None:
+        raise ConfigError("a paid worker (--price > 0) needs --rpc-url and --deployments")
+    probe = EscrowClient.connect(config.rpc_url, deployments_dir=config.deployments_dir)
+    account = load_or_create_account(
+        config.data_dir, insecure_dev_key=config.insecure_dev_key, chain_id=probe.deployment.chain_id
+    )
+    client = EscrowClient(probe.w3, probe.deployment, account)
+    ledger = WorkerLedger.in_data_dir(config.data_dir)
+    policy = SettlementPolicy(settle_every=config.settle_every, settle_interval_s=config.settle_interval_s)
+    window = config.max_credit_window or job_cost(0, 256, config.price_per_1k)
+    return WorkerPayments(client, ledger, Settler(ledger, client, policy), max_credit_window=max(window, 1))
+
+
+def requester_wallet(data_dir: Path, rpc_url: str, deployments_dir: Path, *, insecure_dev_key: bool = False) -> Wallet:
+    """The requester's wallet on the chain at ``rpc_url`` (blocking)."""
+    probe = EscrowClient.connect(rpc_url, deployments_dir=deployments_dir)
+    account = load_or_create_account(data_dir, insecure_dev_key=insecure_dev_key, chain_id=probe.deployment.chain_id)
+    return Wallet(EscrowClient(probe.w3, probe.deployment, account), WalletLedger.in_data_dir(data_dir))
 
 
 async def _resolve(config: WorkerConfig, store: ModelStore, gossip: OfferGossip, progress: Progress) -> StoredModel:

@@ -118,7 +118,7 @@ def exclusion(offer: Offer, query: RouteQuery, reputation: Reputation, now: floa
         return "over the price cap"
     if offer.price_per_1k > 0:
         if query.free_only:
-            return "paid offer (paid jobs are not supported yet)"
+            return "paid offer (pass --max-price to pay)"
         if offer.chain_id != query.chain_id or offer.escrow.lower() != query.escrow.lower():
             return "paid on another chain or escrow"
     if query.pinned_peer is None and reputation.banned(offer.peer_id, now):

@@ -200,5 +200,5 @@ async def test_why_nobody_can_take_the_job_is_explained(tmp_path):
     paid = make_offer(Identity.load(tmp_path / "paid"), 1, time.time() + 60, price_per_1k=10, chain_id=1, escrow="0xE")
     stale = make_offer(Identity.load(tmp_path / "stale"), 1, time.time() - 1)
     async with requester(tmp_path) as host:
-        with pytest.raises(NoWorker, match=r"\(1 offer expired, 1 paid offer \(paid jobs are not supported yet\)\)"):
+        with pytest.raises(NoWorker, match=r"\(1 offer expired, 1 paid offer \(pass --max-price to pay\)\)"):
             await run_job(host, lambda: [paid, stale], QUERY, SPEC, reputation=Reputation())

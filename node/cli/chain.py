@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from datetime import UTC, datetime
 
+from node.cli.common import chain_flags
 from node.errors import ConfigError
-
-DEFAULT_RPC_URL = "http://127.0.0.1:8545"
 
 
 def _rpc_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--rpc-url",
-        default=os.environ.get("LLMARKET_RPC_URL", DEFAULT_RPC_URL),
-        help="the chain's JSON-RPC endpoint (default: $LLMARKET_RPC_URL or %(default)s)",
-    )
-    parser.add_argument(
-        "--deployments",
-        default=os.environ.get("LLMARKET_DEPLOYMENTS_DIR", "deployments"),
-        metavar="DIR",
-        help="directory of <chainId>.json deployment records written by scripts/deploy.py "
-        "(default: $LLMARKET_DEPLOYMENTS_DIR or ./deployments)",
-    )
+    chain_flags(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 

@@ -114,6 +114,34 @@ def ipfs_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+DEFAULT_RPC_URL = "http://127.0.0.1:8545"
+
+
+def chain_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rpc-url",
+        default=os.environ.get("LLMARKET_RPC_URL", DEFAULT_RPC_URL),
+        help="the chain's JSON-RPC endpoint (default: $LLMARKET_RPC_URL or %(default)s)",
+    )
+    parser.add_argument(
+        "--deployments",
+        default=os.environ.get("LLMARKET_DEPLOYMENTS_DIR", "deployments"),
+        metavar="DIR",
+        help="directory of <chainId>.json deployment records written by scripts/deploy.py "
+        "(default: $LLMARKET_DEPLOYMENTS_DIR or ./deployments)",
+    )
+
+
+def wallet_flags(parser: argparse.ArgumentParser) -> None:
+    chain_flags(parser)
+    parser.add_argument(
+        "--insecure-dev-key",
+        action="store_true",
+        help="keep the Ethereum key unencrypted in the data dir (local dev chains 31337/1337 only); "
+        "otherwise the key is an encrypted keystore unlocked with $LLMARKET_PASSPHRASE or a prompt",
+    )
+
+
 def json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

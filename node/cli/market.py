@@ -11,10 +11,18 @@ from pathlib import Path
 
 import trio
 
-from node.cli.common import engine_flags, ipfs_flag, json_flag, model_flag, sampling_flags, sampling_params
+from node.cli.common import (
+    engine_flags,
+    ipfs_flag,
+    json_flag,
+    model_flag,
+    sampling_flags,
+    sampling_params,
+    wallet_flags,
+)
 from node.engine import SamplingParams
 from node.jobs import JobSpec, run_job
-from node.node import WorkerConfig, model_cid_for_request, open_requester, serve
+from node.node import WorkerConfig, model_cid_for_request, open_requester, requester_wallet, serve
 from node.progress import TerminalProgress
 from node.routing import Reputation, RouteQuery
 
@@ -48,9 +56,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     _bootstrap_flag(srv)
     srv.add_argument("--price", type=int, default=0, metavar="UNITS",
-                     help="price per 1,000 tokens in token base units; 0 = free (default; paid jobs come with "
-                          "the escrow integration)")  # fmt: skip
+                     help="price per 1,000 tokens (prompt + answer) in token base units; 0 = free (default). "
+                          "A paid worker needs the chain: see the payment flags")  # fmt: skip
     srv.add_argument("--slots", type=int, default=1, metavar="N", help="jobs served at once (default: %(default)s)")
+    pay = srv.add_argument_group("payment (with --price > 0)")
+    wallet_flags(pay)
+    pay.add_argument("--settle-every", type=int, default=1, metavar="N",
+                     help="claim on chain after every N paid jobs on a channel (default: %(default)s)")  # fmt: skip
+    pay.add_argument("--settle-interval", type=float, default=None, metavar="S",
+                     help="also claim a channel's receipts at least every S seconds")  # fmt: skip
     engine_flags(srv)
     ipfs_flag(srv)
     srv.set_defaults(handler=_serve)
@@ -70,8 +84,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     sampling_flags(req)
     _bootstrap_flag(req)
     req.add_argument("--max-price", type=int, default=0, metavar="UNITS",
-                     help="highest price per 1,000 tokens to accept (default: 0, free workers only)")  # fmt: skip
+                     help="highest price per 1,000 tokens to pay (default: 0, free workers only); above 0 the "
+                          "wallet pays through the escrow (see the payment flags)")  # fmt: skip
     req.add_argument("--peer", metavar="PEER_ID", help="use this worker and no other")
+    wallet_flags(req.add_argument_group("payment (with --max-price > 0)"))
     req.add_argument(
         "--timeout", type=float, default=120.0, metavar="S", help="deadline for the whole job (default: %(default)s)"
     )
@@ -117,6 +133,11 @@ def _serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         gpu_layers=args.gpu_layers,
         ipfs_api=args.ipfs_api,
+        rpc_url=args.rpc_url,
+        deployments_dir=Path(args.deployments),
+        insecure_dev_key=args.insecure_dev_key,
+        settle_every=args.settle_every,
+        settle_interval_s=args.settle_interval,
     )
 
     async def main() -> None:
@@ -147,7 +168,20 @@ def _request(args: argparse.Namespace) -> int:
     ]
     model = model_cid_for_request(args.model)
     spec = JobSpec(model=model, params=params, messages=messages, max_price_per_1k=args.max_price)
-    query = RouteQuery(model=model, max_price_per_1k=args.max_price, pinned_peer=args.peer, free_only=True)
+    wallet = None
+    if args.max_price > 0:
+        wallet = requester_wallet(
+            Path(args.data_dir), args.rpc_url, Path(args.deployments), insecure_dev_key=args.insecure_dev_key
+        )
+    deployment = wallet.client.deployment if wallet else None
+    query = RouteQuery(
+        model=model,
+        max_price_per_1k=args.max_price,
+        pinned_peer=args.peer,
+        chain_id=deployment.chain_id if deployment else 0,
+        escrow=deployment.escrow if deployment else "",
+        free_only=wallet is None,
+    )
 
     def show(piece: str) -> None:
         if not args.json:
@@ -163,7 +197,7 @@ def _request(args: argparse.Namespace) -> int:
             await requester.wait_for_model(model, args.discovery_timeout)
             return await run_job(
                 requester.host, requester.offers, query, spec, reputation=Reputation(),
-                deadline_s=args.timeout, on_text=show, on_failover=failover,
+                deadline_s=args.timeout, on_text=show, on_failover=failover, wallet=wallet,
             )  # fmt: skip
 
     result = trio.run(main)
