@@ -148,3 +148,95 @@ class Billing:
 
     def done(self) -> None:
         self.payments.settler.job_done(self.channel.channel_id)
+
+
+# ------------------------------------------------------------ closing channels
+
+PAY_PROTOCOL = "/llmarket/pay/1.0.0"
+
+
+def close_text(channel_id: bytes) -> str:
+    return f"llmarket close 0x{channel_id.hex()}"
+
+
+def sign_close(account, channel_id: bytes) -> bytes:
+    """The requester's request to close ``channel_id`` (EIP-191)."""
+    from eth_account.messages import encode_defunct
+
+    return bytes(account.sign_message(encode_defunct(text=close_text(channel_id))).signature)
+
+
+@dataclass
+class CloseService:
+    """Close channels on their requester's request: claim the last receipt, return the rest on chain."""
+
+    payments: WorkerPayments
+
+    def install(self, host) -> None:
+        host.set_handler(PAY_PROTOCOL, self.handle)
+
+    async def handle(self, stream) -> None:
+        from node.messages import Closed, CloseRefused, CloseRequest
+        from node.wire import receive_as, send
+
+        with trio.fail_after(10):
+            request = await receive_as(stream, CloseRequest)
+        try:
+            paid, returned = await trio.to_thread.run_sync(self.close, request.channel_id, request.signature)
+        except PaymentRefused as err:
+            await send(stream, CloseRefused(request.channel_id, str(err)))
+        else:
+            await send(stream, Closed(request.channel_id, str(paid), str(returned)))
+        await stream.close()
+
+    def close(self, channel_id: bytes, signature: bytes) -> tuple[int, int]:
+        """Close on chain (blocking); returns (paid to the worker in all, returned to the requester)."""
+        from eth_account import Account
+        from eth_account.messages import encode_defunct
+
+        client, ledger = self.payments.client, self.payments.ledger
+        try:
+            channel = client.get_channel(channel_id)
+            signer = Account.recover_message(encode_defunct(text=close_text(channel_id)), signature=signature)
+        except Exception as err:  # an unknown channel or a malformed signature
+            raise PaymentRefused(f"cannot close: {err}") from None
+        if signer.lower() != channel.requester.lower():
+            raise PaymentRefused("only the channel's requester may ask to close it")
+        held = ledger.get(channel_id)
+        amount, receipt = (
+            (held.receipted, held.signature) if held and held.receipted > channel.paid else (channel.paid, b"")
+        )
+        try:
+            client.close(channel_id, amount, receipt or b"")
+        except PaymentError as err:
+            raise PaymentRefused(f"close failed on chain: {err}") from None
+        if held:
+            ledger.mark_claimed(channel_id, amount, closed=True)
+        return amount, channel.deposit - amount
+
+
+async def ask_to_close(host, peer_id: str, addrs: list[str], account, channel_id: bytes) -> tuple[int, int]:
+    """Ask the worker at ``peer_id`` to close ``channel_id``; returns (paid to it, returned to us).
+
+    Raises:
+        PaymentError: the worker refused, or could not be reached.
+    """
+    from node.host import PeerUnreachable
+    from node.messages import Closed, CloseRequest
+    from node.wire import receive, send
+
+    try:
+        stream = await host.open_stream(peer_id, PAY_PROTOCOL, addrs)
+    except PeerUnreachable as err:
+        raise PaymentError(f"cannot reach the worker to close 0x{channel_id.hex()[:12]}…: {err}") from None
+    try:
+        await send(stream, CloseRequest(channel_id, sign_close(account, channel_id)))
+        with trio.fail_after(120):  # an on-chain transaction
+            reply = await receive(stream)
+    except (EOFError, ConnectionError, trio.TooSlowError) as err:
+        raise PaymentError(f"the worker did not answer the close request ({err!r})") from None
+    finally:
+        await stream.close()
+    if not isinstance(reply, Closed):
+        raise PaymentError(f"the worker refused to close: {getattr(reply, 'detail', reply.TYPE)}")
+    return int(reply.paid), int(reply.returned)

@@ -347,7 +347,7 @@ async def _payer_for(wallet: Wallet, offer: Offer, request: JobRequest) -> _Paye
     price = offer.price_per_1k
     needed = worst_case_cost(prompt_token_bound(request), int(request.params["max_tokens"]), price)
     try:
-        channel = await trio.to_thread.run_sync(wallet.channel_for, offer.payee, needed)
+        channel = await trio.to_thread.run_sync(lambda: wallet.channel_for(offer.payee, needed, peer_id=offer.peer_id))
     except PaymentError as err:
         raise _WorkerFailed(f"could not fund a channel to {offer.payee}: {err}", penalise=False) from None
     window = max(job_cost(0, CREDIT_TOKENS, price), 1)

@@ -148,6 +148,33 @@ class PayReceipt(Message):
     signature: bytes
 
 
+# ---------------------------------------------------------- /llmarket/pay/1.0.0
+
+
+@message("pay.close/1")
+@dataclass(frozen=True)
+class CloseRequest(Message):
+    """Requester → worker: settle this channel now and return the rest (signed by the channel's requester)."""
+
+    channel_id: bytes
+    signature: bytes  # EIP-191 over "llmarket close 0x<channel id>" (node/billing.py)
+
+
+@message("pay.closed/1")
+@dataclass(frozen=True)
+class Closed(Message):
+    channel_id: bytes
+    paid: str  # uint256, decimal: what the worker was paid in all
+    returned: str  # uint256, decimal: what went back to the requester
+
+
+@message("pay.refused/1")
+@dataclass(frozen=True)
+class CloseRefused(Message):
+    channel_id: bytes
+    detail: str
+
+
 @message("job.cancel/1")
 @dataclass(frozen=True)
 class JobCancel(Message):

@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from node import __version__
-from node.billing import WorkerPayments
+from node.billing import CloseService, WorkerPayments
 from node.concurrency import open_service_nursery
 from node.engine import Engine, open_engine
 from node.errors import ConfigError, ModelError
@@ -143,6 +143,8 @@ async def serve(
             )
             service.on_slots_changed = advertiser.changed
             service.install()
+            if payments is not None:
+                CloseService(payments).install(host)
             await nursery.start(advertiser.run)
             task_status.started(WorkerNode(host, engine, model, speed, gossip, advertiser, service))
             await trio.sleep_forever()

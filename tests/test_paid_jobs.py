@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from node.billing import Billing, PaymentRefused, WorkerPayments
+from node.billing import Billing, CloseService, PaymentRefused, WorkerPayments, ask_to_close
+from node.errors import PaymentError
 from node.host import Host
 from node.identity import Identity
 from node.jobs import JobFailed, JobSpec, WorkerService, run_job
@@ -41,12 +42,19 @@ async def paid_worker(chain, tmp_path, engine, *, receipt_timeout_s=5.0, account
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
         WorkerService(host, identity, {MODEL: engine}, price_per_1k=PRICE, payments=payments).install()
+        CloseService(payments).install(host)
         offer = signed_offer(
             identity, 1, time.time() + 60, addrs=host.addrs(), price_per_1k=PRICE,
             chain_id=chain.deployment.chain_id, escrow=chain.deployment.escrow, **offer_changes,
         )  # fmt: skip
         yield offer, payments
         nursery.cancel_scope.cancel()
+
+
+async def receipt_arrived(payments, channel) -> None:
+    """Wait until the worker holds the requester's last receipt (the final one is sent after JobDone)."""
+    while (held := payments.ledger.get(channel.channel_id)) is None or held.receipted < channel.signed:
+        await trio.sleep(0.01)  # polling interval
 
 
 def paid_query(chain) -> RouteQuery:
@@ -71,8 +79,7 @@ async def test_a_paid_job_pays_exactly_usage_times_price(chain, tmp_path):
                 host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(), wallet=wallet
             )
             (channel,) = wallet.ledger.channels()  # both jobs shared one channel
-            while payments.ledger.get(channel.channel_id).receipted < channel.signed:
-                await trio.sleep(0.01)  # the final receipt is on its way to the worker
+            await receipt_arrived(payments, channel)
             assert await trio.to_thread.run_sync(payments.settler.settle_once) == (1, 0)
     assert result.text == "".join(WORDS) == second.text
     per_job = job_cost(5, len(WORDS), PRICE)  # the scripted engine reports 5 prompt tokens
@@ -171,8 +178,7 @@ async def test_a_worker_killed_mid_stream_is_paid_only_what_was_receipted(chain,
                 )  # fmt: skip
                 channels = {c.worker: c for c in wallet.ledger.channels()}
                 to_backup = channels[chain.other_worker.address]
-                while backup_payments.ledger.get(to_backup.channel_id).receipted < to_backup.signed:
-                    await trio.sleep(0.01)  # the final receipt is on its way
+                await receipt_arrived(backup_payments, to_backup)
             nursery.cancel_scope.cancel()
     assert result.workers == [dying["offer"].peer_id, backup.peer_id]
     assert result.text.count("tok") == 300
@@ -184,3 +190,24 @@ async def test_a_worker_killed_mid_stream_is_paid_only_what_was_receipted(chain,
     # the scripted engine reports its prompt only at the end, so the dying worker's stream cost its tokens alone
     assert 0 < held.receipted <= signed_to_dying <= job_cost(0, n_dying, PRICE)
     assert to_backup.signed == job_cost(5, n_backup, PRICE)  # the backup: exactly its usage
+
+
+async def test_the_requester_asks_the_worker_to_close_and_gets_the_rest_back(chain, tmp_path):
+    wallet = wallet_for(chain, tmp_path)
+    spec = JobSpec(**{**SPEC.__dict__, "max_price_per_1k": PRICE})
+    reader = chain.client()
+    before = reader.token_balance(chain.requester.address)
+    with trio.fail_after(30):
+        async with paid_worker(chain, tmp_path, ScriptedEngine()) as (offer, payments), requester(tmp_path) as host:
+            await run_job(host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(), wallet=wallet)
+            (channel,) = wallet.ledger.channels()
+            assert channel.peer_id == offer.peer_id
+            await receipt_arrived(payments, channel)
+            with pytest.raises(PaymentError, match="only the channel's requester"):
+                await ask_to_close(host, offer.peer_id, offer.addrs, chain.stranger, channel.channel_id)
+            paid, returned = await ask_to_close(host, offer.peer_id, offer.addrs, chain.requester, channel.channel_id)
+    cost = job_cost(5, len(WORDS), PRICE)
+    assert (paid, returned) == (cost, channel.deposit - cost)
+    assert reader.token_balance(chain.worker.address) == cost
+    assert reader.token_balance(chain.requester.address) == before - cost
+    assert reader.get_channel(channel.channel_id).status.name == "CLOSED"

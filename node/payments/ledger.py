@@ -177,7 +177,8 @@ CREATE TABLE IF NOT EXISTS channels (
     signed TEXT NOT NULL DEFAULT '0',
     expiry INTEGER NOT NULL,
     status TEXT NOT NULL DEFAULT 'open',
-    opened_at REAL NOT NULL
+    opened_at REAL NOT NULL,
+    peer_id TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -192,6 +193,7 @@ class WalletChannel:
     signed: int  # highest cumulative amount signed so far
     expiry: int
     status: str  # open | closed | refunded
+    peer_id: str = ""  # the worker's libp2p peer id, to ask it to close
 
     @property
     def unsigned(self) -> int:
@@ -199,8 +201,8 @@ class WalletChannel:
 
 
 def _wallet_row(row: tuple) -> WalletChannel:
-    cid, chain_id, escrow, worker, deposit, signed, expiry, status, _ = row
-    return WalletChannel(bytes(cid), chain_id, escrow, worker, int(deposit), int(signed), expiry, status)
+    cid, chain_id, escrow, worker, deposit, signed, expiry, status, _, peer_id = row
+    return WalletChannel(bytes(cid), chain_id, escrow, worker, int(deposit), int(signed), expiry, status, peer_id)
 
 
 class WalletLedger:
@@ -219,9 +221,9 @@ class WalletLedger:
     def add(self, channel: WalletChannel) -> None:
         with self._db() as db:
             db.execute(
-                "INSERT OR REPLACE INTO channels VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO channels VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (channel.channel_id, channel.chain_id, channel.escrow, channel.worker, str(channel.deposit),
-                 str(channel.signed), channel.expiry, channel.status, time.time()),
+                 str(channel.signed), channel.expiry, channel.status, time.time(), channel.peer_id),
             )  # fmt: skip
 
     def get(self, channel_id: bytes) -> WalletChannel | None:

@@ -32,7 +32,7 @@ class Wallet:
     def address(self) -> str:
         return self.client.account.address
 
-    def channel_for(self, worker: str, needed: int, *, permit: bool = True) -> WalletChannel:
+    def channel_for(self, worker: str, needed: int, *, peer_id: str = "", permit: bool = True) -> WalletChannel:
         """An open channel to ``worker`` with at least ``needed`` unsigned; reused if we have one, else opened."""
         worker = to_checksum_address(worker)
         d = self.client.deployment
@@ -50,7 +50,7 @@ class Wallet:
             deposit = deposit_for(needed, margin=self.margin)
             expiry = now + CHANNEL_LIFETIME_S
             channel_id = self.client.open_channel(worker, deposit, expiry, permit=permit)
-            channel = WalletChannel(channel_id, d.chain_id, d.escrow, worker, deposit, 0, expiry, "open")
+            channel = WalletChannel(channel_id, d.chain_id, d.escrow, worker, deposit, 0, expiry, "open", peer_id)
             self.ledger.add(channel)
             return channel
 
