@@ -77,7 +77,9 @@ class IpfsDaemon:
         return f"/ip4/{host}/tcp/{port}/http"
 
     @classmethod
-    def start(cls, *, repo: Path | None = None, jsipfs: str | None = None, timeout_s: float = 60.0) -> IpfsDaemon:
+    def start(
+        cls, *, repo: Path | None = None, jsipfs: str | None = None, timeout_s: float = 60.0, detach: bool = False
+    ) -> IpfsDaemon:
         """Initialise the repo if needed, start the daemon and wait until its API answers.
 
         Raises:
@@ -98,7 +100,12 @@ class IpfsDaemon:
         log_path = repo / "daemon.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [cmd, "daemon", "--offline"], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                [cmd, "daemon", "--offline"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=detach,  # outlives this process (the local testnet stops it by pid)
             )
         try:
             match = wait_ready(

@@ -61,8 +61,12 @@ class DevChain:
         workdir: Path | None = None,
         anvil: str | None = None,
         timeout_s: float = 30.0,
+        detach: bool = False,
     ) -> DevChain:
         """Start anvil and wait until it answers JSON-RPC.
+
+        With ``detach`` it runs in its own session, so it outlives this process
+        (the local testnet stops it later by pid).
 
         Raises:
             ConfigError: anvil is not installed.
@@ -82,7 +86,9 @@ class DevChain:
             "--config-out", str(config_path),
         ]  # fmt: skip
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=detach
+            )
         try:
             match = wait_ready(
                 process,
