@@ -287,6 +287,7 @@ class JobResult:
     receipts: list[ResultReceipt] = field(default_factory=list)
     elapsed_s: float = 0.0
     first_token_s: float | None = None
+    cost: int = 0  # token base units signed to workers for this job (0 for free workers)
 
 
 class _WorkerFailed(Exception):
@@ -295,6 +296,7 @@ class _WorkerFailed(Exception):
     def __init__(self, reason: str, *, partial: str = "", tokens: int = 0, penalise: bool = True) -> None:
         super().__init__(reason)
         self.partial, self.tokens, self.penalise = partial, tokens, penalise
+        self.paid = 0  # what the requester signed to this worker before it failed
 
 
 CREDIT_TOKENS = 64  # a paid worker may stream this many tokens' worth ahead of the last receipt
@@ -363,8 +365,8 @@ async def _attempt(
     on_text: Callable[[str], None],
     accept_timeout_s: float,
     wallet: Wallet | None = None,
-) -> tuple[JobDone, str]:
-    """Run ``request`` on one worker (paying it from ``wallet`` if it charges); returns its JobDone and text."""
+) -> tuple[JobDone, str, int]:
+    """Run ``request`` on one worker (paying it from ``wallet`` if it charges); returns JobDone, text, cost."""
     payer = await _payer_for(wallet, offer, request) if offer.price_per_1k > 0 and wallet is not None else None
     if payer is not None:
         request = payer.request
@@ -399,15 +401,18 @@ async def _attempt(
                 if payer is not None:
                     await payer.on_done(stream, msg)
                 await stream.close()
-                return msg, text
+                return msg, text, payer.signed - payer.base if payer else 0
             elif isinstance(msg, JobError):
                 raise _WorkerFailed(f"worker error: {msg.detail}", partial=text, tokens=tokens)
             else:
                 raise _WorkerFailed(f"unexpected {msg.TYPE}", partial=text, tokens=tokens)
     except (EOFError, ConnectionError, WireError) as err:
         await stream.reset()
-        raise _WorkerFailed(f"stream ended ({err or 'closed'})", partial=text, tokens=tokens) from None
-    except _WorkerFailed:
+        failure = _WorkerFailed(f"stream ended ({err or 'closed'})", partial=text, tokens=tokens)
+        failure.paid = payer.signed - payer.base if payer else 0
+        raise failure from None
+    except _WorkerFailed as failure:
+        failure.paid = payer.signed - payer.base if payer else 0
         await stream.reset()
         raise
     except BaseException:  # cancelled (deadline, Ctrl-C): tell the worker, then drop the stream
@@ -467,6 +472,7 @@ async def run_job(
     receipts: list[ResultReceipt] = []
     tried: set[str] = set()
     reasons: list[str] = []
+    cost = 0
 
     def record_text(piece: str) -> None:
         nonlocal first_token_s
@@ -498,8 +504,10 @@ async def run_job(
             )
             began = time.perf_counter()
             try:
-                done, part = await _attempt(host, offer, request, record_text, accept_timeout_s, wallet)
+                done, part, paid = await _attempt(host, offer, request, record_text, accept_timeout_s, wallet)
+                cost += paid
             except _WorkerFailed as failure:
+                cost += failure.paid
                 if failure.partial:
                     text += failure.partial
                     completion_used += failure.tokens
@@ -522,6 +530,7 @@ async def run_job(
                 receipts=receipts,
                 elapsed_s=time.perf_counter() - started_at,
                 first_token_s=first_token_s,
+                cost=cost,
             )
     assert deadline.cancelled_caught
     raise JobFailed(f"the job did not finish within its {deadline_s:.0f}s deadline ({len(text)} characters received)")

@@ -83,6 +83,7 @@ async def test_a_paid_job_pays_exactly_usage_times_price(chain, tmp_path):
             assert await trio.to_thread.run_sync(payments.settler.settle_once) == (1, 0)
     assert result.text == "".join(WORDS) == second.text
     per_job = job_cost(5, len(WORDS), PRICE)  # the scripted engine reports 5 prompt tokens
+    assert result.cost == second.cost == per_job
     assert channel.signed == 2 * per_job
     assert chain.client().token_balance(chain.worker.address) == 2 * per_job
     assert chain.client().get_channel(channel.channel_id).paid == 2 * per_job

@@ -205,14 +205,16 @@ def _request(args: argparse.Namespace) -> int:
         print(json.dumps({
             "text": result.text, "finish_reason": result.finish_reason, "model": model,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-            "workers": result.workers, "elapsed_s": round(result.elapsed_s, 3),
+            "workers": result.workers, "cost": result.cost, "elapsed_s": round(result.elapsed_s, 3),
             "first_token_s": None if result.first_token_s is None else round(result.first_token_s, 3),
         }, indent=2))  # fmt: skip
     else:
         print()
         print(
             f"[{result.prompt_tokens} prompt + {result.completion_tokens} completion tokens from "
-            f"{', '.join(w[:16] + '…' for w in result.workers)}, finish: {result.finish_reason}]",
+            f"{', '.join(w[:16] + '…' for w in result.workers)}, "
+            + (f"paid {result.cost} base units, " if result.cost else "")
+            + f"finish: {result.finish_reason}]",
             file=sys.stderr,
         )
     return 0
