@@ -47,6 +47,18 @@ class Offer(Message):
     signature: bytes = b""  # the peer's libp2p key over the offer with signature=b""
 
 
+@message("offers.get/1")
+@dataclass(frozen=True)
+class OffersRequest(Message):
+    """Ask a peer for the live offers it knows (``/llmarket/offers/1.0.0``), to join the market at once."""
+
+
+@message("offers.batch/1")
+@dataclass(frozen=True)
+class OffersBatch(Message):
+    offers: list[bytes]  # each an encoded, signed ``offer/1``, checked by the receiver like a gossiped one
+
+
 # -------------------------------------------------------- /llmarket/job/1.0.0
 
 

@@ -13,6 +13,11 @@ far ahead, and a payee address carries a valid binding to the peer. Invalid
 offers are dropped (and count against the sender in GossipSub's scoring).
 
 The ``OfferBook`` keeps the newest offer (highest ``seq``) per peer.
+
+Gossip only carries what is published after a node joins, so a joining node
+also asks its bootstrap peers for the offers they hold
+(``/llmarket/offers/1.0.0``); every offer in the answer is checked exactly like
+a gossiped one, so a peer can withhold offers but not forge them.
 """
 
 from __future__ import annotations
@@ -25,15 +30,17 @@ from collections.abc import Callable
 import trio
 from libp2p.peer.id import ID
 
-from node.errors import WireError
+from node.errors import NodeError, WireError
 from node.host import Host
 from node.identity import Identity, verify_binding, verify_peer_signature
-from node.messages import Offer
-from node.wire import decode, encode
+from node.messages import Offer, OffersBatch, OffersRequest
+from node.wire import decode, encode, receive_as, send
 
 log = logging.getLogger("node.offers")
 
 TOPIC = "llmarket/offers/1"
+SYNC_PROTOCOL = "/llmarket/offers/1.0.0"
+MAX_SYNC_OFFERS = 1000
 MAX_OFFER_BYTES = 64 * 1024
 MAX_TTL_S = 600.0
 
@@ -116,7 +123,10 @@ class OfferGossip:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.host.pubsub.set_topic_validator(TOPIC, self._validate, is_async_validator=False)
+        self.host.set_handler(SYNC_PROTOCOL, self._serve_sync)
         subscription = await self.host.pubsub.subscribe(TOPIC)
+        for peer in self.host.connected_peers():
+            await self.sync_from(peer)
         task_status.started(self)
         while True:
             msg = await subscription.get()
@@ -128,6 +138,42 @@ class OfferGossip:
             if self.book.add(offer):
                 self.received.set()
                 self.received = trio.Event()
+
+    async def _serve_sync(self, stream) -> None:
+        with trio.fail_after(10):
+            await receive_as(stream, OffersRequest)
+        live = self.book.live(self.clock())[:MAX_SYNC_OFFERS]
+        await send(stream, OffersBatch([encode(o) for o in live]))
+        await stream.close()
+
+    async def sync_from(self, peer_id: str) -> int:
+        """Add the offers ``peer_id`` holds to our book; returns how many were kept. Never raises."""
+        kept = 0
+        try:
+            stream = await self.host.open_stream(peer_id, SYNC_PROTOCOL)
+            try:
+                await send(stream, OffersRequest())
+                with trio.fail_after(10):
+                    batch = await receive_as(stream, OffersBatch, max_frame=MAX_SYNC_OFFERS * MAX_OFFER_BYTES)
+            finally:
+                await stream.close()
+        except (NodeError, EOFError, ConnectionError, trio.TooSlowError) as err:
+            log.debug("offer sync from %s… failed: %s", peer_id[:12], err)
+            return 0
+        now = self.clock()
+        for data in batch.offers:
+            try:
+                offer = decode(data, max_size=MAX_OFFER_BYTES)
+                if not isinstance(offer, Offer) or check_offer(offer, offer.peer_id, now) is not None:
+                    continue  # a peer may relay only offers that check out under their own signatures
+            except WireError:
+                continue
+            if self.book.add(offer):
+                kept += 1
+        if kept:
+            self.received.set()
+            self.received = trio.Event()
+        return kept
 
     async def publish(self, offer: Offer) -> None:
         self.book.add(offer)  # our own offer is part of the market too

@@ -84,3 +84,20 @@ async def test_offers_propagate_to_every_node_and_expire(tmp_path):
                         # when c stops advertising, its offer expires everywhere
                         nursery.cancel_scope.cancel()
     assert [o for o in gossip_a.book.live(time.time() + 3) if o.peer_id == c.peer_id] == []
+
+
+async def test_a_late_joiner_gets_the_market_at_once_and_forgeries_are_dropped(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with node(nursery, tmp_path, "a") as (a, gossip_a):
+                worker_identity = Identity.load(tmp_path / "w")
+                genuine = make_offer(worker_identity, 1, time.time() + 60)
+                forged = make_offer(worker_identity, 2, time.time() + 60, price_per_1k=1)
+                forged = dataclasses.replace(forged, price_per_1k=0)  # altered after signing
+                gossip_a.book.add(genuine)
+                gossip_a.book.offers["someone"] = dataclasses.replace(forged, peer_id="someone")
+                async with node(nursery, tmp_path, "late", a.addrs()) as (_, late):
+                    # no gossip happened: the offers came with the sync at start-up
+                    assert [o.peer_id for o in late.book.live(time.time())] == [worker_identity.peer_id]
+                    assert late.book.offers[worker_identity.peer_id].seq == 1
+                nursery.cancel_scope.cancel()

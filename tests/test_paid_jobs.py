@@ -212,3 +212,15 @@ async def test_the_requester_asks_the_worker_to_close_and_gets_the_rest_back(cha
     assert reader.token_balance(chain.worker.address) == cost
     assert reader.token_balance(chain.requester.address) == before - cost
     assert reader.get_channel(channel.channel_id).status.name == "CLOSED"
+
+
+def test_an_expired_channel_is_refunded(chain, tmp_path):
+    wallet = wallet_for(chain, tmp_path)
+    wallet.min_time_left_s = 0
+    channel = wallet.channel_for(chain.worker.address, 10 * PRICE)
+    before = chain.client().token_balance(chain.requester.address)
+    assert wallet.refund_expired() == []  # not expired yet
+    chain.advance(2 * 86_400)
+    assert wallet.refund_expired() == [channel.channel_id]
+    assert wallet.ledger.get(channel.channel_id).status == "refunded"
+    assert chain.client().token_balance(chain.requester.address) == before + channel.deposit
