@@ -74,7 +74,7 @@ def gas_of(w3: Web3, sender: str, first_block: int) -> int:
     return total
 
 
-async def jobs(root, chain, addr, n, *, paid, wallet_dir, tokens, prompt="Say hello.") -> tuple[list, object]:
+async def jobs(root, chain, addr, n, *, paid, wallet_dir, tokens, prompt="Write a long, detailed story about the sea.") -> tuple[list, object]:
     wallet = requester_wallet(wallet_dir, chain.rpc_url, root / "deployments", insecure_dev_key=True) if paid else None
     query = RouteQuery(model=DEFAULT_MODEL_CID, max_price_per_1k=PRICE if paid else 0, free_only=not paid,
                        chain_id=31337 if paid else 0, escrow=wallet.client.deployment.escrow if paid else "")  # fmt: skip
@@ -93,6 +93,7 @@ async def jobs(root, chain, addr, n, *, paid, wallet_dir, tokens, prompt="Say he
         if paid:
             for channel in wallet.ledger.channels(status="open"):
                 await ask_to_close(requester.host, channel.peer_id, [], wallet.client.account, channel.channel_id)
+                wallet.ledger.update(channel.channel_id, status="closed")
     return out, wallet
 
 

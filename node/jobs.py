@@ -122,6 +122,7 @@ class WorkerService:
     price_per_1k: int = 0
     request_timeout_s: float = 10.0
     flush_s: float = 0.02
+    busy_wait_s: float = 1.0
     payments: WorkerPayments | None = None  # required when price_per_1k > 0
     on_slots_changed: Callable[[], None] = lambda: None
 
@@ -151,7 +152,7 @@ class WorkerService:
                 )
             elif self.price_per_1k > request.max_price_per_1k:
                 rejection = JobRejected(request.job_id, REJECT_PRICE, f"price is {self.price_per_1k} per 1k tokens")
-            elif engine.free_slots <= 0:
+            elif not await self._slot_soon(engine):
                 rejection = JobRejected(request.job_id, REJECT_BUSY, "all slots are busy")
         billing = None
         if rejection is None and self.price_per_1k > 0:
@@ -171,6 +172,19 @@ class WorkerService:
         else:
             generation = engine.stream_completion(request.prompt + request.resume_text, params)
         await self._run(stream, request, generation, billing)
+
+    async def _slot_soon(self, engine: JobEngine) -> bool:
+        """Whether a slot is free, or frees within ``busy_wait_s``.
+
+        A requester that sends its next job right after the last one finished
+        would otherwise often find the slot not yet released (a few ms) and be
+        turned away; genuinely busy workers still answer within a moment.
+        """
+        with trio.move_on_after(self.busy_wait_s):
+            while engine.free_slots <= 0:
+                await trio.sleep(0.01)  # polling interval; the engine has no "slot freed" event
+            return True
+        return False
 
     async def _run(self, stream: Stream, request: JobRequest, generation, billing: Billing | None) -> None:
         async with open_service_nursery() as nursery:

@@ -145,6 +145,7 @@ async def serve(
             service.install()
             if payments is not None:
                 CloseService(payments).install(host)
+                payments.settler.busy = lambda: service.free_slots < engine.slots
             await nursery.start(advertiser.run)
             task_status.started(WorkerNode(host, engine, model, speed, gossip, advertiser, service))
             await trio.sleep_forever()

@@ -9,6 +9,11 @@ Receipts are in the ``WorkerLedger`` before the worker relies on them. The
 - always once a channel's expiry is within ``safety_margin_s``;
 - at start-up, everything unclaimed (a restarted worker catches up).
 
+A claim is a few hundred milliseconds of Python (web3, signing); on a small
+machine that would slow the next job's decoding, so claims wait while the
+worker is generating (``busy``) until it has been idle for ``idle_s``, for at
+most ``max_defer_s``.
+
 A claim that fails because the chain is unreachable is retried with backoff
 (1 s, doubling to 60 s) and the worker keeps serving. A claim the contract can
 never accept (channel closed, expired) is given up and recorded. If the chain
@@ -45,6 +50,9 @@ class Settler:
     client: EscrowClient
     policy: SettlementPolicy = field(default_factory=SettlementPolicy)
     clock: Callable[[], float] = time.time
+    busy: Callable[[], bool] = lambda: False  # is the worker generating right now?
+    max_defer_s: float = 30.0
+    idle_s: float = 0.5  # how long the worker must have been idle before a claim starts
     _jobs: dict[bytes, int] = field(default_factory=dict)
     _last_claim: dict[bytes, float] = field(default_factory=dict)
     _started: bool = False
@@ -110,6 +118,14 @@ class Settler:
         """Settle until cancelled: at start-up, when poked, and every ``poll_s``; back off while the chain is down."""
         task_status.started(self)
         while True:
+            with trio.move_on_after(self.max_defer_s):  # claim once the worker has been idle a moment
+                idle_since = None
+                while idle_since is None or trio.current_time() - idle_since < self.idle_s:
+                    if self.busy():
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = trio.current_time()
+                    await trio.sleep(0.05)  # polling interval
             _, failed = await trio.to_thread.run_sync(self.settle_once)
             self._failures = self._failures + 1 if failed else 0
             wait = min(60.0, 2.0 ** (self._failures - 1)) if failed else poll_s

@@ -46,7 +46,11 @@ class Wallet:
                     and channel.unsigned >= needed
                     and channel.expiry - now >= self.min_time_left_s
                 ):
-                    return channel
+                    # the worker may have closed it (on our request, from another process): ask the chain
+                    state = self.client.get_channel(channel.channel_id)
+                    if state.status.name == "OPEN":
+                        return channel
+                    self.ledger.update(channel.channel_id, status=state.status.name.lower())
             deposit = deposit_for(needed, margin=self.margin)
             expiry = now + CHANNEL_LIFETIME_S
             channel_id = self.client.open_channel(worker, deposit, expiry, permit=permit)
