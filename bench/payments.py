@@ -74,20 +74,32 @@ def gas_of(w3: Web3, sender: str, first_block: int) -> int:
     return total
 
 
-async def jobs(root, chain, addr, n, *, paid, wallet_dir, tokens, prompt="Write a long, detailed story about the sea.") -> tuple[list, object]:
+PROMPT = "Write a long, detailed story about the sea."
+
+
+async def jobs(root, chain, addr, n, *, paid, wallet_dir, tokens) -> tuple[list, object]:
+    """Run ``n`` jobs from one requester; returns [(ttft, decode tokens/s)] and its wallet."""
     wallet = requester_wallet(wallet_dir, chain.rpc_url, root / "deployments", insecure_dev_key=True) if paid else None
-    query = RouteQuery(model=DEFAULT_MODEL_CID, max_price_per_1k=PRICE if paid else 0, free_only=not paid,
-                       chain_id=31337 if paid else 0, escrow=wallet.client.deployment.escrow if paid else "")  # fmt: skip
+    query = RouteQuery(
+        model=DEFAULT_MODEL_CID,
+        max_price_per_1k=PRICE if paid else 0,
+        free_only=not paid,
+        chain_id=31337 if paid else 0,
+        escrow=wallet.client.deployment.escrow if paid else "",
+    )
+    params = SamplingParams(max_tokens=tokens, temperature=0, repeat_penalty=1.0)
     out = []
     async with open_requester(wallet_dir, (addr,)) as requester:
         await requester.wait_for_model(DEFAULT_MODEL_CID, 30)
         for i in range(n):
             stamps: list[float] = []
-            spec = JobSpec(DEFAULT_MODEL_CID, SamplingParams(max_tokens=tokens, temperature=0, repeat_penalty=1.0),
-                           messages=[{"role": "user", "content": f"{prompt} ({i})"}], max_price_per_1k=query.max_price_per_1k)  # fmt: skip
+            messages = [{"role": "user", "content": f"{PROMPT} ({i})"}]
+            spec = JobSpec(DEFAULT_MODEL_CID, params, messages=messages, max_price_per_1k=query.max_price_per_1k)
             began = time.perf_counter()
-            result = await run_job(requester.host, requester.offers, query, spec, reputation=Reputation(), wallet=wallet,
-                                   on_text=lambda _, s=stamps: s.append(time.perf_counter()))  # fmt: skip
+            result = await run_job(
+                requester.host, requester.offers, query, spec, reputation=Reputation(), wallet=wallet,
+                on_text=lambda _, s=stamps: s.append(time.perf_counter()),
+            )  # fmt: skip
             n_tok = result.completion_tokens
             out.append((stamps[0] - began, (n_tok - 1) / (stamps[-1] - stamps[0]) if n_tok > 1 else 0.0))
         if paid:
@@ -145,22 +157,24 @@ def main() -> None:
                 with worker(root, name, chain, PRICE, *extra) as (addr, worker_address):
                     start = w3.eth.block_number + 1
                     _, wallet = trio.run(
-                        lambda: jobs(root, chain, addr, n, paid=True, wallet_dir=root / f"r-{name}", tokens=8)
+                        lambda n=n, name=name: jobs(
+                            root, chain, addr, n, paid=True, wallet_dir=root / f"r-{name}", tokens=8
+                        )
                     )
-                    time.sleep(0.5)  # let the worker's last claim land before counting (benchmark, not a test)
                     total = gas_of(w3, wallet.address, start) + gas_of(w3, worker_address, start)
                 gas_rows.append((label, n, total / n))
 
-    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
-    print(f"| measurement | free | paid |")
+    def med(rows, k):
+        return statistics.median(r[k] for r in rows)
+
+    ratio = med(paid, 1) / med(free, 1)
+    print("| measurement | free | paid |")
     print("|---|---:|---:|")
-    print(
-        f"| decode tokens/s (channel open), median of {args.runs} | {med(free, 1):.1f} | {med(paid, 1):.1f} ({med(paid, 1) / med(free, 1):.1%}) |"
-    )
+    label = f"decode tokens/s (channel open), median of {args.runs}"
+    print(f"| {label} | {med(free, 1):.1f} | {med(paid, 1):.1f} ({ratio:.1%}) |")
     print(f"| time to first token, ms | {1000 * med(free, 0):.0f} | {1000 * med(paid, 0):.0f} |")
-    print(
-        f"| time to first token with a new channel (open with permit), ms, median of 3 | | {1000 * statistics.median(new_channel):.0f} |"
-    )
+    new = 1000 * statistics.median(new_channel)
+    print(f"| time to first token with a new channel (open with permit), ms, median of 3 | | {new:.0f} |")
     print()
     print("| settlement | jobs per channel | gas per job (open + worker's claims + close) |")
     print("|---|---:|---:|")
