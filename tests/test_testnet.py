@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,51 @@ def test_the_demo_pays_exactly_usage_times_price():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "ok: the workers earned exactly usage × price" in result.stdout
     assert "stopped anvil, ipfs, worker-1, worker-2" in result.stdout
+
+
+def test_a_paid_worker_killed_mid_stream_is_paid_only_what_it_was_signed(tmp_path):
+    import json
+    import signal
+    import sys
+    import time
+
+    from node.payments.escrow import EscrowClient
+    from node.payments.ledger import WalletLedger, WorkerLedger
+
+    net = testnet.up(tmp_path / "net", workers=2, say=lambda line: None)
+    try:
+        out, err = open(tmp_path / "req.out", "w"), open(tmp_path / "req.err", "w")
+        cmd = [
+            sys.executable, "-m", "node", "--data-dir", net.requester["data_dir"], "request",
+            "--bootstrap", net.workers[0]["multiaddr"], "--max-price", str(max(w["price"] for w in net.workers)),
+            "--rpc-url", net.rpc_url, "--deployments", net.deployments, "--insecure-dev-key",
+            "--temperature", "0", "--max-tokens", "300", "--json", "Write a long story about a dragon.",
+        ]  # fmt: skip
+        request = subprocess.Popen(cmd, stdout=out, stderr=err)
+        wallet = WalletLedger.in_data_dir(Path(net.requester["data_dir"]))
+        deadline = time.monotonic() + 120
+        victim = None
+        while victim is None and time.monotonic() < deadline:  # the first receipt means tokens are flowing
+            paying = [c for c in wallet.channels()] if wallet.path.exists() else []
+            victim = next((w for w in net.workers for c in paying if c.worker == w["address"] and c.signed > 0), None)
+            time.sleep(0.02)  # polling interval
+        assert victim is not None, (tmp_path / "req.err").read_text()
+        os.killpg(net.pids[victim["name"]], signal.SIGKILL)
+        assert request.wait(timeout=120) == 0, (tmp_path / "req.err").read_text()
+        answer = json.loads((tmp_path / "req.out").read_text())
+        survivor = next(w for w in net.workers if w is not victim)
+        assert answer["workers"] == [victim["peer_id"], survivor["peer_id"]]
+        assert "continuing on another worker" in (tmp_path / "req.err").read_text()
+
+        channels = {c.worker: c for c in wallet.channels()}
+        signed_victim, signed_survivor = channels[victim["address"]].signed, channels[survivor["address"]].signed
+        assert answer["cost"] == signed_victim + signed_survivor
+        held = WorkerLedger.in_data_dir(Path(victim["data_dir"])).all()
+        assert 0 < held[0].receipted <= signed_victim  # the dead worker holds only what it was signed
+        client = EscrowClient.connect(net.rpc_url, deployments_dir=net.deployments)
+        deadline = time.monotonic() + 60
+        while client.token_balance(survivor["address"]) < signed_survivor and time.monotonic() < deadline:
+            time.sleep(0.2)  # the survivor claims once idle
+        assert client.token_balance(survivor["address"]) == signed_survivor
+    finally:
+        testnet.down(tmp_path / "net")
