@@ -19,7 +19,8 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from node import messages as m
 from node.host import Host, HostConfig, PeerUnreachable
 from node.identity import Identity
-from node.jobs import JOB_PROTOCOL, JobFailed, run_job
+from node.jobs import JOB_PROTOCOL
+from node.requester import JobFailed, run_job
 from node.routing import Reputation
 from node.wire import frame
 

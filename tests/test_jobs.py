@@ -12,7 +12,8 @@ import trio
 from node.engine import Delta, Finished, SamplingParams, Usage
 from node.host import Host, HostConfig
 from node.identity import Identity
-from node.jobs import JobFailed, JobSpec, NoWorker, WorkerService, run_job
+from node.jobs import WorkerService
+from node.requester import JobFailed, JobSpec, NoWorker, run_job
 from node.routing import Reputation, RouteQuery
 
 from .test_offers import MODEL, make_offer

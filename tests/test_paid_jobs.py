@@ -12,12 +12,13 @@ from node.billing import Billing, CloseService, PaymentRefused, WorkerPayments, 
 from node.errors import PaymentError
 from node.host import Host
 from node.identity import Identity
-from node.jobs import JobFailed, JobSpec, WorkerService, run_job
+from node.jobs import WorkerService
 from node.messages import JobRequest, PaymentTerms
 from node.payments.ledger import WalletLedger, WorkerLedger
 from node.payments.policy import job_cost
 from node.payments.settlement import Settler
 from node.payments.wallet import Wallet
+from node.requester import JobFailed, JobSpec, run_job
 from node.routing import Reputation, RouteQuery
 
 from .conftest import TOKEN
@@ -90,7 +91,7 @@ async def test_a_paid_job_pays_exactly_usage_times_price(chain, tmp_path):
 
 
 async def test_a_requester_that_stops_signing_is_cut_off_within_the_credit_window(chain, tmp_path, monkeypatch):
-    from node import jobs
+    from node import requester as jobs
 
     async def never_sign(self, stream, chunk):  # a requester that takes the text and never pays
         self.completion_tokens += chunk.tokens

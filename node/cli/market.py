@@ -21,9 +21,9 @@ from node.cli.common import (
     wallet_flags,
 )
 from node.engine import SamplingParams
-from node.jobs import JobSpec, run_job
 from node.node import WorkerConfig, model_cid_for_request, open_requester, requester_wallet, serve
 from node.progress import TerminalProgress
+from node.requester import JobSpec, run_job
 from node.routing import Reputation, RouteQuery
 
 
@@ -87,7 +87,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help="highest price per 1,000 tokens to pay (default: 0, free workers only); above 0 the "
                           "wallet pays through the escrow (see the payment flags)")  # fmt: skip
     req.add_argument("--peer", metavar="PEER_ID", help="use this worker and no other")
-    wallet_flags(req.add_argument_group("payment (with --max-price > 0)"))
+    pay = req.add_argument_group("payment (with --max-price > 0)")
+    wallet_flags(pay)
+    pay.add_argument("--deposit-margin", type=float, default=10.0, metavar="M",
+                     help="a new channel holds the job's worst case × (1 + M), so later jobs reuse it "
+                          "(default: %(default)s)")  # fmt: skip
     req.add_argument(
         "--timeout", type=float, default=120.0, metavar="S", help="deadline for the whole job (default: %(default)s)"
     )
@@ -173,6 +177,7 @@ def _request(args: argparse.Namespace) -> int:
         wallet = requester_wallet(
             Path(args.data_dir), args.rpc_url, Path(args.deployments), insecure_dev_key=args.insecure_dev_key
         )
+        wallet.margin = args.deposit_margin
     deployment = wallet.client.deployment if wallet else None
     query = RouteQuery(
         model=model,
