@@ -7,6 +7,7 @@ for both (never a fixed sleep); ``terminate`` always reaps the process.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -40,6 +41,21 @@ def wait_ready(
             return match
         time.sleep(0.05)  # the polling interval, not a wait for readiness
     raise error(f"{what} did not answer within {timeout_s:.0f}s; see {log_path}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def terminate(process: subprocess.Popen) -> None:

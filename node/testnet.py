@@ -37,6 +37,7 @@ from node.models.ipfsd import IpfsDaemon
 from node.payments.deployment import deploy_contracts, write_deployment
 from node.payments.devchain import DevChain
 from node.payments.escrow import EscrowClient
+from node.services import pid_alive
 
 STATE = "testnet.json"
 TOKEN = 10**18
@@ -79,20 +80,6 @@ class Testnet:
         )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return True
-
-
 def _stop(pid: int) -> None:
     for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         try:
@@ -103,7 +90,7 @@ def _stop(pid: int) -> None:
             os.kill(pid, sig)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if not _alive(pid):
+            if not pid_alive(pid):
                 return
             time.sleep(0.05)  # polling interval
 
@@ -126,7 +113,7 @@ def up(directory: Path, *, workers: int = 2, say=print) -> Testnet:
     directory = Path(directory).resolve()
     if (directory / STATE).exists():
         existing = Testnet.load(directory)
-        if any(_alive(pid) for pid in existing.pids.values()):
+        if any(pid_alive(pid) for pid in existing.pids.values()):
             raise ConfigError(
                 f"a testnet is already running in {directory}; `llmarket testnet down --dir {directory}` first"
             )
@@ -215,7 +202,7 @@ def up(directory: Path, *, workers: int = 2, say=print) -> Testnet:
 def status(directory: Path) -> dict:
     """Which of the testnet's processes are alive, and whether the chain and IPFS answer."""
     net = Testnet.load(directory)
-    processes = {name: _alive(pid) for name, pid in net.pids.items()}
+    processes = {name: pid_alive(pid) for name, pid in net.pids.items()}
     try:
         chain_ok = Web3(HTTPProvider(net.rpc_url, request_kwargs={"timeout": 3})).eth.chain_id == net.chain_id
     except Exception:  # any failure means "not answering"

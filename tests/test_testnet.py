@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from node import testnet
+from node.services import pid_alive
 
 from .conftest import REPO_ROOT
 
@@ -26,10 +27,10 @@ def test_up_status_down_leaves_nothing_running_and_up_works_again(tmp_path):
     finally:
         stopped = testnet.down(tmp_path / "net")
     assert set(stopped) == {"anvil", "ipfs", "worker-1"}
-    assert not any(testnet._alive(pid) for pid in net.pids.values())
+    assert not any(pid_alive(pid) for pid in net.pids.values())
     again = testnet.up(tmp_path / "net", workers=1, say=lambda line: None)
     testnet.down(tmp_path / "net")
-    assert not any(testnet._alive(pid) for pid in again.pids.values())
+    assert not any(pid_alive(pid) for pid in again.pids.values())
 
 
 def test_the_demo_pays_exactly_usage_times_price():

@@ -39,6 +39,7 @@ from node.errors import ModelError, ModelNotFound
 from node.models.cid import CID, FileHasher, file_cid, parse_cid
 from node.models.dag import BlockSource, fetch_verified
 from node.progress import NO_PROGRESS, Progress
+from node.services import pid_alive
 
 GGUF_MAGIC = b"GGUF"
 _COPY_BLOCK = 1 << 20
@@ -68,16 +69,6 @@ def check_gguf(path: Path) -> None:
             f"{path} is not a GGUF model (it starts with {head[:4]!r}, not b'GGUF'); "
             "llmarket serves llama.cpp GGUF files: convert or download a .gguf"
         )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ModelStore:
@@ -234,7 +225,7 @@ class ModelStore:
     def _sweep_staging(self) -> None:
         for child in self._staging.iterdir():
             pid = child.name.split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(child, ignore_errors=True)
 
 
