@@ -16,11 +16,11 @@ import warnings
 from collections.abc import Sequence
 
 from node import __version__
-from node.cli import chain, hardware, market, models, run, testnet, wallet
+from node.cli import chain, gateway, hardware, market, models, run, testnet, wallet
 from node.config import data_dir
 from node.errors import NodeError
 
-_COMMANDS = (market, models, run, hardware, wallet, testnet, chain)
+_COMMANDS = (market, gateway, models, run, hardware, wallet, testnet, chain)
 
 
 def build_parser() -> argparse.ArgumentParser:
