@@ -7,6 +7,8 @@
 - a worker that dies mid-stream is replaced by the next one, which is sent the
   text received so far (``resume_text``) and continues right after it; the
   caller is told (``on_failover``);
+- when every usable worker turned it away as busy, it waits and asks again, like
+  a queue, until the deadline;
 - the whole job has one deadline, and never outlives it.
 
 A worker that charges is paid from a ``Wallet``: a channel is reused or opened,
@@ -27,7 +29,7 @@ import trio
 
 from node.billing import prompt_token_bound
 from node.engine import SamplingParams
-from node.errors import NodeError, PaymentError, WireError
+from node.errors import NodeError, WireError
 from node.host import Host, PeerUnreachable, Stream
 from node.jobs import JOB_PROTOCOL, verify_receipt
 from node.messages import (
@@ -85,12 +87,15 @@ class JobResult:
 class _WorkerFailed(Exception):
     """One worker did not finish the job; ``partial``/``tokens`` is what it streamed first."""
 
-    def __init__(self, reason: str, *, partial: str = "", tokens: int = 0, penalise: bool = True) -> None:
+    def __init__(
+        self, reason: str, *, partial: str = "", tokens: int = 0, penalise: bool = True, busy: bool = False
+    ) -> None:
         super().__init__(reason)
-        self.partial, self.tokens, self.penalise = partial, tokens, penalise
+        self.partial, self.tokens, self.penalise, self.busy = partial, tokens, penalise, busy
         self.paid = 0  # what the requester signed to this worker before it failed
 
 
+BUSY_RETRY_S = 0.25  # when every usable worker is busy, ask again after this long (until the deadline)
 CREDIT_TOKENS = 64  # a paid worker may stream this many tokens' worth ahead of the last receipt
 
 
@@ -140,10 +145,9 @@ async def _payer_for(wallet: Wallet, offer: Offer, request: JobRequest) -> _Paye
     """Choose (or open) a channel to the offer's payee and attach payment terms to ``request``."""
     price = offer.price_per_1k
     needed = worst_case_cost(prompt_token_bound(request), int(request.params["max_tokens"]), price)
-    try:
-        channel = await trio.to_thread.run_sync(lambda: wallet.channel_for(offer.payee, needed, peer_id=offer.peer_id))
-    except PaymentError as err:
-        raise _WorkerFailed(f"could not fund a channel to {offer.payee}: {err}", penalise=False) from None
+    # A wallet that cannot fund a channel (no tokens, no ETH, no chain) cannot pay any worker:
+    # its PaymentError ends the job rather than trying the next worker.
+    channel = await trio.to_thread.run_sync(lambda: wallet.channel_for(offer.payee, needed, peer_id=offer.peer_id))
     window = max(job_cost(0, CREDIT_TOKENS, price), 1)
     terms = PaymentTerms(channel.channel_id, channel.chain_id, channel.escrow, price, str(window))
     paid_request = dataclasses.replace(request, payment=terms)
@@ -175,7 +179,8 @@ async def _attempt(
             raise _WorkerFailed(f"no answer within {accept_timeout_s:.0f}s")
         if isinstance(first, JobRejected):
             detail = f"rejected: {first.reason} {first.detail}".strip()
-            raise _WorkerFailed(detail, penalise=first.reason != REJECT_BUSY)
+            busy = first.reason == REJECT_BUSY
+            raise _WorkerFailed(detail, penalise=not busy, busy=busy)
         if not isinstance(first, JobAccepted):
             raise _WorkerFailed(f"answered {first.TYPE} instead of accepting")
         while True:
@@ -263,6 +268,7 @@ async def run_job(
     workers: list[str] = []
     receipts: list[ResultReceipt] = []
     tried: set[str] = set()
+    busy: set[str] = set()  # tried, and turned us away only because all their slots were in use
     reasons: list[str] = []
     cost = 0
 
@@ -276,6 +282,12 @@ async def run_job(
         while True:
             available = [o for o in offers() if o.peer_id not in tried]
             candidates = rank(available, query, reputation, clock(), limit=1)  # re-ranked after every failure
+            if not candidates and tried and tried == busy:
+                # every worker we could use is busy: wait for one, like a queue, within the deadline
+                await trio.sleep(BUSY_RETRY_S)
+                tried.clear()
+                busy.clear()
+                continue
             if not candidates:
                 if not tried:
                     raise NoWorker(_why_no_worker(offers(), query, reputation, clock()))
@@ -300,6 +312,8 @@ async def run_job(
                 cost += paid
             except _WorkerFailed as failure:
                 cost += failure.paid
+                if failure.busy:
+                    busy.add(offer.peer_id)
                 if failure.partial:
                     text += failure.partial
                     completion_used += failure.tokens
