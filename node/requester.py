@@ -147,7 +147,11 @@ async def _payer_for(wallet: Wallet, offer: Offer, request: JobRequest) -> _Paye
     needed = worst_case_cost(prompt_token_bound(request), int(request.params["max_tokens"]), price)
     # A wallet that cannot fund a channel (no tokens, no ETH, no chain) cannot pay any worker:
     # its PaymentError ends the job rather than trying the next worker.
-    channel = await trio.to_thread.run_sync(lambda: wallet.channel_for(offer.payee, needed, peer_id=offer.peer_id))
+    channel = await trio.to_thread.run_sync(
+        lambda: wallet.lease(offer.payee, needed, peer_id=offer.peer_id, max_leases=max(offer.slots_total, 1))
+    )
+    if channel is None:  # as many of our jobs as it has slots run there already
+        raise _WorkerFailed("busy with our other jobs", penalise=False, busy=True)
     window = max(job_cost(0, CREDIT_TOKENS, price), 1)
     terms = PaymentTerms(channel.channel_id, channel.chain_id, channel.escrow, price, str(window))
     paid_request = dataclasses.replace(request, payment=terms)
@@ -164,8 +168,22 @@ async def _attempt(
 ) -> tuple[JobDone, str, int]:
     """Run ``request`` on one worker (paying it from ``wallet`` if it charges); returns JobDone, text, cost."""
     payer = await _payer_for(wallet, offer, request) if offer.price_per_1k > 0 and wallet is not None else None
-    if payer is not None:
-        request = payer.request
+    if payer is None:
+        return await _run_attempt(host, offer, request, on_text, accept_timeout_s, None)
+    try:
+        return await _run_attempt(host, offer, payer.request, on_text, accept_timeout_s, payer)
+    finally:
+        wallet.release(payer.channel_id)
+
+
+async def _run_attempt(
+    host: Host,
+    offer: Offer,
+    request: JobRequest,
+    on_text: Callable[[str], None],
+    accept_timeout_s: float,
+    payer: _Payer | None,
+) -> tuple[JobDone, str, int]:
     try:
         stream = await host.open_stream(offer.peer_id, JOB_PROTOCOL, offer.addrs)
     except PeerUnreachable as err:

@@ -1,0 +1,191 @@
+"""The OpenAI gateway, through the official `openai` client, on a 2-worker paid testnet with the real model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from node import testnet
+from node.identity import load_or_create_account
+from node.models.default import DEFAULT_MODEL_CID, DEFAULT_MODEL_CID_V0
+from node.payments.escrow import EscrowClient
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-test-key"
+
+
+def start_gateway(net, data_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    cmd = [
+        sys.executable, "-m", "node", "--data-dir", str(data_dir), "gateway", "--listen", "127.0.0.1:0",
+        "--bootstrap", net.workers[0]["multiaddr"], "--max-price", str(max(w["price"] for w in net.workers)),
+        "--rpc-url", net.rpc_url, "--deployments", net.deployments, "--insecure-dev-key", *extra,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline().strip()
+    assert line.startswith("OpenAI-compatible API at "), line
+    return proc, line.split(" at ", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gateway")
+    net = testnet.up(root / "net", workers=2, say=lambda line: None)
+    gateway = None
+    try:
+        gateway, base_url = start_gateway(net, Path(net.requester["data_dir"]), "--api-key", KEY)
+        yield net, base_url
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait()
+        testnet.down(root / "net")
+
+
+def client(base_url, key=KEY):
+    return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
+
+
+def test_chat_streaming_and_not_completions_and_models(market):
+    net, base_url = market
+    c = client(base_url)
+    models = c.models.list().data
+    assert [m.id for m in models] == [DEFAULT_MODEL_CID]
+    messages = [{"role": "user", "content": "Name three colors."}]
+    full = c.chat.completions.create(model="default", messages=messages, temperature=0, max_tokens=30)
+    assert full.choices[0].message.content and full.usage.completion_tokens > 0
+    stream = c.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1", messages=messages, temperature=0, max_tokens=30,
+        stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == full.choices[0].message.content  # greedy: the same text either way
+    assert finish == full.choices[0].finish_reason and usage.completion_tokens == full.usage.completion_tokens
+    text = c.completions.create(model=DEFAULT_MODEL_CID, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert text.choices[0].text and text.usage.prompt_tokens > 0
+
+
+def test_a_seeded_greedy_call_equals_llmarket_request(market):
+    net, base_url = market
+    via_gateway = client(base_url).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "What is 2 + 2?"}], temperature=0, max_tokens=24, seed=7,
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "--data-dir", net.requester["data_dir"], "request",
+         "--bootstrap", net.workers[0]["multiaddr"], "--max-price", str(max(w["price"] for w in net.workers)),
+         "--rpc-url", net.rpc_url, "--deployments", net.deployments, "--insecure-dev-key",
+         "--temperature", "0", "--top-p", "1", "--max-tokens", "24", "--seed", "7", "--json", "What is 2 + 2?"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["text"] == via_gateway.choices[0].message.content
+
+
+def test_errors_come_back_as_openai_errors(market, tmp_path):
+    net, base_url = market
+    c = client(base_url)
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.AuthenticationError):
+        client(base_url, key="wrong").models.list()
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="default", messages=messages, n=2)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="gpt-4", messages=messages)
+    with pytest.raises(openai.InternalServerError) as unavailable:  # a real CID nobody serves
+        c.chat.completions.create(model=DEFAULT_MODEL_CID_V0, messages=messages)
+    assert unavailable.value.status_code == 503
+    # a wallet with no tokens: 402
+    load_or_create_account(tmp_path / "broke", insecure_dev_key=True, chain_id=net.chain_id)
+    broke, broke_url = start_gateway(net, tmp_path / "broke")
+    try:
+        with pytest.raises(openai.APIStatusError) as funds:
+            client(broke_url).chat.completions.create(model="default", messages=messages)
+        assert funds.value.status_code == 402
+    finally:
+        broke.terminate()
+        broke.wait()
+    # a deadline too short for the answer: 504
+    hurried, hurried_url = start_gateway(net, Path(net.requester["data_dir"]), "--timeout", "0.3")
+    try:
+        with pytest.raises(openai.APIStatusError) as late:
+            client(hurried_url).chat.completions.create(
+                model="default", messages=[{"role": "user", "content": "Write a long story."}], max_tokens=300
+            )
+        assert late.value.status_code == 504
+    finally:
+        hurried.terminate()
+        hurried.wait()
+
+
+def test_eight_concurrent_streams_across_two_paid_workers_reconcile(market, tmp_path):
+    net, base_url = market
+    requester_dir = tmp_path / "concurrent"
+    account = load_or_create_account(requester_dir, insecure_dev_key=True, chain_id=net.chain_id)
+    chain = EscrowClient.connect(net.rpc_url, deployments_dir=net.deployments)
+    owner_key = json.loads((Path(net.dir) / "anvil" / "anvil-accounts.json").read_text())["private_keys"][0]
+    from eth_account import Account
+
+    owner = EscrowClient(chain.w3, chain.deployment, Account.from_key(owner_key))
+    owner.send(owner.token.functions.transfer(account.address, 100 * 10**18), "fund")
+    chain.w3.provider.make_request("anvil_setBalance", [account.address, hex(10**20)])
+    gateway, url = start_gateway(net, requester_dir)
+    workers_before = sum(chain.token_balance(w["address"]) for w in net.workers)
+    try:
+
+        def one(i):
+            stream = client(url).chat.completions.create(
+                model="default", messages=[{"role": "user", "content": f"Tell me fact number {i} about the sea."}],
+                max_tokens=24, stream=True, temperature=0,
+            )  # fmt: skip
+            return "".join(choice.delta.content or "" for chunk in stream for choice in chunk.choices)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, range(8)))
+        assert all(answers) and len(answers) == 8
+        metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
+        spend = int(
+            next(line.split()[-1] for line in metrics.splitlines() if line.startswith("llmarket_gateway_spend"))
+        )
+    finally:
+        gateway.terminate()
+        gateway.wait()
+    subprocess.run(
+        [sys.executable, "-m", "node", "--data-dir", str(requester_dir), "wallet", "close",
+         "--bootstrap", net.workers[0]["multiaddr"], "--rpc-url", net.rpc_url, "--deployments", net.deployments,
+         "--insecure-dev-key"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    earned = sum(chain.token_balance(w["address"]) for w in net.workers) - workers_before
+    assert spend > 0 and earned == spend == 100 * 10**18 - chain.token_balance(account.address)
+
+
+def test_a_client_that_disconnects_frees_the_worker_slot(market):
+    net, base_url = market
+    with httpx.stream(
+        "POST", f"{base_url}/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+        json={"model": "default", "messages": [{"role": "user", "content": "Write a very long story."}],
+              "max_tokens": 1000, "stream": True},
+    ) as response:  # fmt: skip
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")  # the answer has started; hang up
+    logs = [Path(net.dir) / "logs" / f"{w['name']}.err" for w in net.workers]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any(log.read_text().rstrip().endswith("cancelled") for log in logs):
+            break
+        time.sleep(0.1)  # polling interval
+    assert any(log.read_text().rstrip().endswith("cancelled") for log in logs)
