@@ -167,13 +167,17 @@ async def _attempt(
     wallet: Wallet | None = None,
 ) -> tuple[JobDone, str, int]:
     """Run ``request`` on one worker (paying it from ``wallet`` if it charges); returns JobDone, text, cost."""
-    payer = await _payer_for(wallet, offer, request) if offer.price_per_1k > 0 and wallet is not None else None
-    if payer is None:
+    if offer.price_per_1k <= 0 or wallet is None:
         return await _run_attempt(host, offer, request, on_text, accept_timeout_s, None)
+    payer = None
     try:
+        # Shielded: a cancellation while the wallet leases (in a thread) would lose the lease.
+        with trio.CancelScope(shield=True):
+            payer = await _payer_for(wallet, offer, request)
         return await _run_attempt(host, offer, payer.request, on_text, accept_timeout_s, payer)
     finally:
-        wallet.release(payer.channel_id)
+        if payer is not None:
+            wallet.release(payer.channel_id)
 
 
 async def _run_attempt(
