@@ -323,10 +323,6 @@ class Engine:
                     return event
         raise AssertionError("stream ended without a Finished event")
 
-    def tokenize_text(self, text: str) -> list[int]:
-        """Tokens of ``text`` with the model's tokenizer (no BOS, no special tokens)."""
-        return self._llamas[0].tokenize(text.encode(), add_bos=False, special=False)
-
 
 def _check_fits(path: Path, gpu_layers: int, slots: int, n_ctx: int) -> None:
     size = path.stat().st_size

@@ -142,6 +142,16 @@ def wallet_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def bootstrap_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="a peer to join the market through, e.g. the line a worker prints (repeatable)",
+    )
+
+
 def json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

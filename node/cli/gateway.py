@@ -12,7 +12,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from node.cli.common import wallet_flags
+from node.cli.common import bootstrap_flag, wallet_flags
 from node.gateway import Gateway
 from node.node import open_requester, requester_wallet
 
@@ -28,8 +28,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     gw.add_argument(
         "--listen", default="127.0.0.1:8000", metavar="HOST:PORT", help="where to serve HTTP (default: %(default)s)"
     )
-    gw.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
-                    help="a peer to join the market through (repeatable)")  # fmt: skip
+    bootstrap_flag(gw)
     gw.add_argument("--api-key", default=os.environ.get("LLMARKET_API_KEY"), metavar="KEY",
                     help="require `Authorization: Bearer KEY` (default: $LLMARKET_API_KEY; none: open)")  # fmt: skip
     gw.add_argument(

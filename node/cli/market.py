@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 
 from node.cli.common import (
+    bootstrap_flag,
     engine_flags,
     ipfs_flag,
     json_flag,
@@ -25,16 +26,6 @@ from node.node import WorkerConfig, model_cid_for_request, open_requester, reque
 from node.progress import TerminalProgress
 from node.requester import JobSpec, run_job
 from node.routing import Reputation, RouteQuery
-
-
-def _bootstrap_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--bootstrap",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="a peer to join the market through, e.g. the line a worker prints (repeatable)",
-    )
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -54,7 +45,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="address to listen on (repeatable; default /ip4/127.0.0.1/tcp/0, a free port on this machine only; "
         "use e.g. /ip4/0.0.0.0/tcp/4001 to be reachable from other machines)",
     )
-    _bootstrap_flag(srv)
+    bootstrap_flag(srv)
     srv.add_argument("--price", type=int, default=0, metavar="UNITS",
                      help="price per 1,000 tokens (prompt + answer) in token base units; 0 = free (default). "
                           "A paid worker needs the chain: see the payment flags")  # fmt: skip
@@ -82,7 +73,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     req.add_argument("--system", metavar="TEXT", help="a system message to put first")
     model_flag(req)
     sampling_flags(req)
-    _bootstrap_flag(req)
+    bootstrap_flag(req)
     req.add_argument("--max-price", type=int, default=0, metavar="UNITS",
                      help="highest price per 1,000 tokens to pay (default: 0, free workers only); above 0 the "
                           "wallet pays through the escrow (see the payment flags)")  # fmt: skip
@@ -106,7 +97,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Join the market through --bootstrap, collect offers for --wait seconds, ping each worker, "
         "and print the market.",
     )
-    _bootstrap_flag(peers)
+    bootstrap_flag(peers)
     peers.add_argument(
         "--wait", type=float, default=3.0, metavar="S", help="how long to collect offers (default: %(default)s)"
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 
 from node.billing import ask_to_close
-from node.cli.common import json_flag, wallet_flags
+from node.cli.common import bootstrap_flag, json_flag, wallet_flags
 from node.errors import PaymentError
 from node.node import open_requester, requester_wallet
 from node.payments.ledger import WorkerLedger
@@ -42,8 +42,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "worker is paid what was signed and the rest of the deposit returns to this wallet.",
     )
     wallet_flags(close)
-    close.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
-                       help="a peer to join the market through (repeatable)")  # fmt: skip
+    bootstrap_flag(close)
     close.add_argument("--channel", metavar="ID", help="close only this channel (0x…)")
     close.set_defaults(handler=_close)
 

@@ -78,10 +78,6 @@ class ChannelState:
         """What is left in the channel: deposit not yet paid to the worker."""
         return self.deposit - self.paid
 
-    def is_redeemable(self, now: float) -> bool:
-        """Whether the worker can still claim or close at time ``now`` (unix seconds)."""
-        return self.status == ChannelStatus.OPEN and now < self.expiry
-
 
 @dataclass(frozen=True)
 class _ErrorSpec:
