@@ -69,6 +69,10 @@ class ContractReverted(PaymentError):
     """The contract refused a call for a reason with no more specific class here."""
 
 
+class PaymentRefused(PaymentError):
+    """A worker will not serve a job on these payment terms; the message is the reason (sent to the requester)."""
+
+
 # ----------------------------------------------------------------------- models
 
 
@@ -93,3 +97,33 @@ class IdentityError(NodeError):
 
 class WireError(NodeError):
     """A peer sent bytes that are not a valid llmarket message (bad frame, bad msgpack, bad fields)."""
+
+
+class PeerUnreachable(NodeError):
+    """A peer could not be dialled, or would not open a stream, before the deadline."""
+
+
+class NoWorker(NodeError):
+    """No worker on the market can take the job (none offers the model, all are busy, or all failed)."""
+
+
+class JobFailed(NodeError):
+    """The job did not finish: every worker tried failed."""
+
+
+class DeadlineExceeded(JobFailed):
+    """The job did not finish within its deadline."""
+
+
+# ---------------------------------------------------------------------- gateway
+
+
+class ApiError(NodeError):
+    """An error as the OpenAI API reports it: an HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, *, type: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}

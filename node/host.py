@@ -44,14 +44,10 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
-from node.errors import NodeError
+from node.errors import NodeError, PeerUnreachable
 from node.identity import Identity
 
 log = logging.getLogger("node.host")
-
-
-class PeerUnreachable(NodeError):
-    """A peer could not be dialled, or would not open a stream, before the deadline."""
 
 
 @dataclass(frozen=True)

@@ -23,22 +23,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from node.engine import SamplingParams
-from node.errors import InsufficientAllowance, InsufficientBalance, InvalidRequest, ModelError, NodeError
+from node.errors import (
+    ApiError,
+    DeadlineExceeded,
+    InsufficientAllowance,
+    InsufficientBalance,
+    InvalidRequest,
+    JobFailed,
+    ModelError,
+    NoWorker,
+)
 from node.messages import Offer
 from node.models.cid import parse_cid
 from node.models.default import DEFAULT_MODEL_CID
-from node.requester import JobFailed, JobResult, JobSpec, NoWorker
-
-
-class ApiError(NodeError):
-    """An error as the OpenAI API reports it."""
-
-    def __init__(self, status: int, message: str, *, type: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.type, self.param, self.code = status, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+from node.requester import JobResult, JobSpec
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:
@@ -55,9 +53,9 @@ def error_for(err: BaseException) -> ApiError:
         return ApiError(402, str(err), type="insufficient_quota", code="insufficient_funds")
     if isinstance(err, NoWorker):
         return ApiError(503, str(err), type="service_unavailable", code="no_worker")
+    if isinstance(err, DeadlineExceeded):
+        return ApiError(504, str(err), type="timeout", code="deadline_exceeded")
     if isinstance(err, JobFailed):
-        if "deadline" in str(err):
-            return ApiError(504, str(err), type="timeout", code="deadline_exceeded")
         return ApiError(503, str(err), type="service_unavailable", code="all_workers_failed")
     return ApiError(500, f"internal error: {err.__class__.__name__}", type="server_error")
 

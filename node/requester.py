@@ -29,8 +29,8 @@ import trio
 
 from node.billing import prompt_token_bound
 from node.engine import SamplingParams
-from node.errors import NodeError, WireError
-from node.host import Host, PeerUnreachable, Stream
+from node.errors import DeadlineExceeded, JobFailed, NoWorker, PeerUnreachable, WireError
+from node.host import Host, Stream
 from node.jobs import JOB_PROTOCOL, verify_receipt
 from node.messages import (
     REJECT_BUSY,
@@ -50,14 +50,6 @@ from node.payments.policy import job_cost, worst_case_cost
 from node.payments.wallet import Wallet
 from node.routing import Reputation, RouteQuery, exclusion, rank
 from node.wire import receive, send
-
-
-class NoWorker(NodeError):
-    """No worker on the market can take the job (none offers the model, all are busy, or all failed)."""
-
-
-class JobFailed(NodeError):
-    """The job did not finish: every worker tried failed, or the deadline passed."""
 
 
 @dataclass(frozen=True)
@@ -361,4 +353,4 @@ async def run_job(
                 cost=cost,
             )
     assert deadline.cancelled_caught
-    raise JobFailed(f"the job did not finish within its {deadline_s:.0f}s deadline ({len(text)} characters received)")
+    raise DeadlineExceeded(f"the job did not finish within its {deadline_s:.0f}s deadline ({len(text)} characters received)")

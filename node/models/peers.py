@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from node.errors import ModelError, WireError
-from node.host import Host, PeerUnreachable, Stream
+from node.errors import ModelError, PeerUnreachable, WireError
+from node.host import Host, Stream
 from node.messages import BlockRequest, CatRequest, DataChunk, DataEnd, NotFound
 from node.models.cid import CHUNK_SIZE, CID, FileHasher, dag_pb_node, parse_cid, unixfs_file
 from node.models.store import ModelStore
