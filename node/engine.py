@@ -37,80 +37,18 @@ from node.concurrency import open_service_nursery
 from node.errors import InvalidRequest, ModelError
 from node.hardware import llama_gpu_offload, nvml_gpus, probe_hardware
 from node.models.store import check_gguf
-
-FINISH_STOP = "stop"  # end-of-generation token, or a stop sequence
-FINISH_LENGTH = "length"  # max_tokens reached
-FINISH_CANCELLED = "cancelled"
+from node.sampling import (  # noqa: F401  (re-exported: node.engine was their home)
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Delta,
+    Finished,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
 
 _ROLES = ("system", "user", "assistant", "tool")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample. ``temperature=0`` is greedy (and then ``seed`` does not matter)."""
-
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.1
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def validate(self) -> None:
-        """Raise ``InvalidRequest`` naming the first bad value."""
-        checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer ≥ 1"),
-            (0 <= self.temperature <= 10, "temperature must be between 0 and 10"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer ≥ 0 (0 = off)"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (0 < self.repeat_penalty <= 10, "repeat_penalty must be in (0, 10]"),
-            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32), "seed must be in [0, 2^32)"),
-            (
-                len(self.stop) <= 8 and all(isinstance(s, str) and s for s in self.stop),
-                "stop: at most 8 non-empty strings",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidRequest(message)
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(frozen=True)
-class Delta:
-    """Streamed text, and how many sampled tokens it took (they add up to ``completion_tokens``).
-
-    ``prompt_tokens`` is the job's prompt size, the same on every delta, so a
-    consumer that bills as tokens arrive knows the whole cost so far.
-    """
-
-    text: str
-    tokens: int
-    prompt_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The last event of a stream."""
-
-    text: str
-    usage: Usage
-    finish_reason: str  # FINISH_STOP, FINISH_LENGTH or FINISH_CANCELLED
-    first_token_s: float | None  # seconds from start to the first sampled token
-    elapsed_s: float
-
 
 def validate_messages(messages: Any) -> list[dict[str, str]]:
     if not isinstance(messages, (list, tuple)) or not messages:

@@ -1,0 +1,109 @@
+"""What a job asks of an engine and what comes back: sampling parameters and stream events.
+
+A leaf module (no llama.cpp, no chain): the requester, the gateway and the CLI
+use these types without importing the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from node.errors import InvalidRequest
+
+FINISH_STOP = "stop"  # end-of-generation token, or a stop sequence
+FINISH_LENGTH = "length"  # max_tokens reached
+FINISH_CANCELLED = "cancelled"
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+MAX_GRAMMAR_CHARS = 65_536
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``temperature=0`` is greedy (and then ``seed`` does not matter)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: off; k: each sampled token's logprob and its top k alternatives
+    json_schema: str | None = None  # JSON Schema text: the output must match it (llama.cpp grammar)
+    grammar: str | None = None  # GBNF: the output must match it (json_schema and grammar exclude each other)
+
+    def validate(self) -> None:
+        """Raise ``InvalidRequest`` naming the first bad value."""
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer ≥ 1"),
+            (0 <= self.temperature <= 10, "temperature must be between 0 and 10"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer ≥ 0 (0 = off)"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (0 < self.repeat_penalty <= 10, "repeat_penalty must be in (0, 10]"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32), "seed must be in [0, 2^32)"),
+            (
+                len(self.stop) <= 8 and all(isinstance(s, str) and s for s in self.stop),
+                "stop: at most 8 non-empty strings",
+            ),
+            (
+                self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+                f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]",
+            ),
+            (self.json_schema is None or self.grammar is None, "send json_schema or grammar, not both"),
+            (
+                all(g is None or (isinstance(g, str) and 0 < len(g) <= MAX_GRAMMAR_CHARS) for g in (self.json_schema, self.grammar)),
+                f"json_schema and grammar must be non-empty strings of at most {MAX_GRAMMAR_CHARS} characters",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequest(message)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token's log-probability, and the ``top`` alternatives (token text, logprob), best first."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Streamed text, and how many sampled tokens it took (they add up to ``completion_tokens``).
+
+    ``prompt_tokens`` is the job's prompt size, the same on every delta, so a
+    consumer that bills as tokens arrive knows the whole cost so far.
+    """
+
+    text: str
+    tokens: int
+    prompt_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token in ``tokens`` when params.logprobs is set
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a stream."""
+
+    text: str
+    usage: Usage
+    finish_reason: str  # FINISH_STOP, FINISH_LENGTH or FINISH_CANCELLED
+    first_token_s: float | None  # seconds from start to the first sampled token
+    elapsed_s: float
+
+
