@@ -34,7 +34,7 @@ from web3 import HTTPProvider, Web3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.billing import ask_to_close  # noqa: E402
+from node.payments.close import ask_to_close  # noqa: E402
 from node.engine import SamplingParams  # noqa: E402
 from node.identity import load_or_create_account  # noqa: E402
 from node.models.default import DEFAULT_MODEL_CID  # noqa: E402

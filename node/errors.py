@@ -69,6 +69,10 @@ class ContractReverted(PaymentError):
     """The contract refused a call for a reason with no more specific class here."""
 
 
+class Overcharge(PaymentError):
+    """A worker asked to be paid for more than the job can have used (more prompt or completion tokens)."""
+
+
 class PaymentRefused(PaymentError):
     """A worker will not serve a job on these payment terms; the message is the reason (sent to the requester)."""
 
@@ -86,6 +90,10 @@ class ModelNotFound(ModelError):
 
 class InvalidRequest(NodeError):
     """A job's parameters are invalid: bad sampling values, a prompt too long for the context, …"""
+
+
+class ContextTooLong(InvalidRequest):
+    """The prompt plus ``max_tokens`` does not fit the model's context; the message names the limit."""
 
 
 # ------------------------------------------------------------------------ market

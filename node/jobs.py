@@ -8,7 +8,11 @@ cancels: the requester by sending ``JobCancel`` or just going away (the worker
 stops generating at the next token and frees the slot); the worker by ending
 the stream.
 
-The requester's side, with routing and failover, is ``node.requester``.
+Payment is not this module's concern: a ``Metering`` admits each request and
+gives a ``JobMeter`` that says how far the text may stream ahead of what the
+requester has paid (node/payments/metering.py); a free worker's meter allows
+everything. The requester's side, with routing and failover, is
+``node.requester``.
 """
 
 from __future__ import annotations
@@ -18,22 +22,22 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
 
-from node.billing import Billing, PaymentRefused, WorkerPayments
 from node.concurrency import open_service_nursery
-from node.engine import Delta, Finished, SamplingParams
-from node.errors import InvalidReceipt, InvalidRequest, WireError
+from node.errors import ContextTooLong, InvalidReceipt, InvalidRequest, PaymentRefused, WireError
 from node.host import Host, Stream
 from node.identity import Identity, verify_peer_signature
 from node.messages import (
+    ERROR_PAYMENT,
     REJECT_BUSY,
     REJECT_MALFORMED,
     REJECT_PAYMENT,
     REJECT_PRICE,
+    REJECT_TOO_LONG,
     REJECT_UNKNOWN_MODEL,
     JobAccepted,
     JobCancel,
@@ -42,9 +46,11 @@ from node.messages import (
     JobError,
     JobRejected,
     JobRequest,
-    PayReceipt,
+    Logprob,
     ResultReceipt,
 )
+from node.payments.metering import FreeMetering, JobMeter, Metering
+from node.sampling import Delta, Finished, SamplingParams, TokenLogprob
 from node.wire import encode, pack, receive, receive_as, send
 
 log = logging.getLogger("node.jobs")
@@ -63,6 +69,17 @@ class JobEngine(Protocol):
     def stream_completion(self, prompt: str, params: SamplingParams): ...
 
 
+def logprobs_to_wire(logprobs: tuple[TokenLogprob, ...]) -> list[Logprob]:
+    return [Logprob(lp.token, lp.logprob, [t for t, _ in lp.top], [v for _, v in lp.top]) for lp in logprobs]
+
+
+def logprobs_from_wire(logprobs: list[Logprob]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(lp.token, lp.logprob, tuple(zip(lp.top_tokens, lp.top_logprobs, strict=False)))
+        for lp in logprobs
+    )
+
+
 def request_hash(request: JobRequest) -> bytes:
     return hashlib.sha256(encode(request)).digest()
 
@@ -71,8 +88,8 @@ def receipt_signing_bytes(receipt: ResultReceipt) -> bytes:
     return pack(dataclasses.replace(receipt, signature=b""))
 
 
-def verify_receipt(receipt: ResultReceipt, request: JobRequest, output: str) -> str | None:
-    """Why the worker's result receipt does not check out, or None if it does."""
+def check_result_receipt(receipt: ResultReceipt, request: JobRequest, output: str) -> str | None:
+    """Why the worker's signed statement of its result does not check out, or None if it does."""
     if receipt.job_id != request.job_id or receipt.model != request.model:
         return "receipt is for another job or model"
     if receipt.request_hash != request_hash(request):
@@ -94,15 +111,18 @@ class WorkerService:
     host: Host
     identity: Identity
     engines: dict[str, JobEngine]
-    price_per_1k: int = 0
+    metering: Metering = field(default_factory=FreeMetering)
     request_timeout_s: float = 10.0
     flush_s: float = 0.02
     busy_wait_s: float = 1.0
-    payments: WorkerPayments | None = None  # required when price_per_1k > 0
     on_slots_changed: Callable[[], None] = lambda: None
 
     def install(self) -> None:
         self.host.set_handler(JOB_PROTOCOL, self.handle)
+
+    @property
+    def price_per_1k(self) -> int:
+        return self.metering.price_per_1k
 
     @property
     def free_slots(self) -> int:
@@ -111,42 +131,44 @@ class WorkerService:
     async def handle(self, stream: Stream) -> None:
         with trio.fail_after(self.request_timeout_s):
             request = await receive_as(stream, JobRequest)
+        admitted = await self._admit(request)
+        if isinstance(admitted, JobRejected):
+            log.info("job %s from %s…: rejected (%s %s)", request.job_id, stream.peer_id[:12], admitted.reason,
+                     admitted.detail)  # fmt: skip
+            await send(stream, admitted)
+            await stream.close()
+            return
+        generation, meter = admitted
+        await self._run(stream, request, generation, meter)
+
+    async def _admit(self, request: JobRequest) -> tuple[Any, JobMeter] | JobRejected:
+        """The engine's generation and the job's meter, or why the job is rejected."""
         engine = self.engines.get(request.model)
-        rejection = None
         try:
             params = SamplingParams(**{**request.params, "stop": tuple(request.params.get("stop", ()))})
             params.validate()
             if (request.messages is None) == (request.prompt is None):
                 raise InvalidRequest("send messages or a prompt, not both or neither")
-        except (TypeError, InvalidRequest) as err:
-            rejection = JobRejected(request.job_id, REJECT_MALFORMED, str(err))
-        else:
-            if engine is None:
-                rejection = JobRejected(
-                    request.job_id, REJECT_UNKNOWN_MODEL, f"this worker does not serve {request.model}"
-                )
-            elif self.price_per_1k > request.max_price_per_1k:
-                rejection = JobRejected(request.job_id, REJECT_PRICE, f"price is {self.price_per_1k} per 1k tokens")
-            elif not await self._slot_soon(engine):
-                rejection = JobRejected(request.job_id, REJECT_BUSY, "all slots are busy")
-        billing = None
-        if rejection is None and self.price_per_1k > 0:
-            try:
-                if self.payments is None:
-                    raise PaymentRefused("this worker has no payment set-up")
-                billing = await Billing.open(self.payments, request, self.price_per_1k)
-            except PaymentRefused as err:
-                rejection = JobRejected(request.job_id, REJECT_PAYMENT, str(err))
-        if rejection is not None:
-            log.info("job %s from %s…: rejected (%s)", request.job_id, stream.peer_id[:12], rejection.reason)
-            await send(stream, rejection)
-            await stream.close()
-            return
-        if request.messages is not None:
-            generation = engine.stream_chat(request.messages, params, assistant_prefix=request.resume_text)
-        else:
-            generation = engine.stream_completion(request.prompt + request.resume_text, params)
-        await self._run(stream, request, generation, billing)
+            if engine is not None:
+                if request.messages is not None:
+                    generation = engine.stream_chat(request.messages, params, assistant_prefix=request.resume_text)
+                else:
+                    generation = engine.stream_completion(request.prompt + request.resume_text, params)
+        except ContextTooLong as err:
+            return JobRejected(request.job_id, REJECT_TOO_LONG, str(err))
+        except (TypeError, ValueError, InvalidRequest) as err:
+            return JobRejected(request.job_id, REJECT_MALFORMED, str(err))
+        if engine is None:
+            return JobRejected(request.job_id, REJECT_UNKNOWN_MODEL, f"this worker does not serve {request.model}")
+        if self.price_per_1k > request.max_price_per_1k:
+            return JobRejected(request.job_id, REJECT_PRICE, f"price is {self.price_per_1k} per 1k tokens")
+        if not await self._slot_soon(engine):
+            return JobRejected(request.job_id, REJECT_BUSY, "all slots are busy")
+        try:
+            meter = await self.metering.admit(request)
+        except PaymentRefused as err:
+            return JobRejected(request.job_id, REJECT_PAYMENT, str(err))
+        return generation, meter
 
     async def _slot_soon(self, engine: JobEngine) -> bool:
         """Whether a slot is free, or frees within ``busy_wait_s``.
@@ -161,7 +183,7 @@ class WorkerService:
             return True
         return False
 
-    async def _run(self, stream: Stream, request: JobRequest, generation, billing: Billing | None) -> None:
+    async def _run(self, stream: Stream, request: JobRequest, generation, meter: JobMeter) -> None:
         async with open_service_nursery() as nursery:
             # The requester's side stays open: a JobCancel, or the stream ending, cancels the job.
             async def watch() -> None:
@@ -170,8 +192,7 @@ class WorkerService:
                         msg = await receive(stream)
                         if isinstance(msg, JobCancel) and msg.job_id == request.job_id:
                             break
-                        if isinstance(msg, PayReceipt) and billing is not None and msg.job_id == request.job_id:
-                            await billing.accept(msg)
+                        await meter.take(msg)
                 except (EOFError, ConnectionError, WireError):
                     pass
                 except InvalidReceipt as err:
@@ -185,12 +206,15 @@ class WorkerService:
                 async with generation as events:
                     await send(stream, JobAccepted(request.job_id, self.price_per_1k, 0))
                     self.on_slots_changed()
-                    outcome, final = await self._pump(stream, request, events, billing)
-                if billing is not None and final is not None:  # the slot is free again; now collect the pay
-                    paid = await billing.wait_for_final(final)
-                    outcome += ", paid" if paid else ", final receipt missing"
-                    billing.done()
+                    outcome, usage = await self._pump(stream, request, events, meter)
+                if usage is not None:  # the slot is free again; now collect the pay
+                    note = await meter.settle(*usage)
+                    outcome += f", {note}" if note else ""
+            except ContextTooLong as err:
+                outcome = "rejected: too long"
+                await send(stream, JobRejected(request.job_id, REJECT_TOO_LONG, str(err)))
             except InvalidRequest as err:
+                outcome = "rejected: malformed"
                 await send(stream, JobRejected(request.job_id, REJECT_MALFORMED, str(err)))
             finally:
                 self.on_slots_changed()
@@ -199,16 +223,18 @@ class WorkerService:
             nursery.cancel_scope.cancel()
 
     async def _pump(
-        self, stream: Stream, request: JobRequest, events, billing: Billing | None
-    ) -> tuple[str, int | None]:
-        """Forward the engine's events as frames; returns how the job ended, and what a paid job owes in all.
+        self, stream: Stream, request: JobRequest, events, meter: JobMeter
+    ) -> tuple[str, tuple[int, int] | None]:
+        """Forward the engine's events as frames; returns how the job ended, and its usage if it finished.
 
         The first text goes out at once (time to first token); after that, text
         is sent at most every ``flush_s``: one frame per few tokens instead of
-        one per token, which matters when requester and worker share CPUs. A
-        paid job sends text only while the requester's receipts cover it.
+        one per token, which matters when requester and worker share CPUs.
+        Text goes out only while the meter says it is covered; when it is not,
+        a chunk with no text first tells the requester what is owed (the
+        prompt's size, before the first token), then the pump waits for credit.
         """
-        text, tokens, sent_first = "", 0, False
+        text, tokens, logprobs, sent_first = "", 0, [], False
         prompt_tokens = completion_tokens = 0
         flush_at = math.inf
         async with events:
@@ -221,23 +247,28 @@ class WorkerService:
                         return "ended without a result", None
                 if isinstance(event, Delta):
                     text, tokens = text + event.text, tokens + event.tokens
+                    logprobs += logprobs_to_wire(event.logprobs)
                     prompt_tokens, completion_tokens = event.prompt_tokens, completion_tokens + event.tokens
                     if sent_first:  # hold it until the flush time
                         flush_at = min(flush_at, trio.current_time() + self.flush_s)
                         continue
                 # the first text, the flush time (event is None), or the end
                 if text or tokens:
-                    if billing is not None and not await billing.wait_for_credit(prompt_tokens, completion_tokens):
-                        await send(stream, JobError(request.job_id, "stopped: the requester's receipts fell behind"))
-                        return f"stopped after {completion_tokens} tokens: receipts fell behind the credit window", None
-                    await send(stream, JobChunk(request.job_id, text, tokens, prompt_tokens))
-                    text, tokens, sent_first, flush_at = "", 0, True, math.inf
+                    if not meter.covers(prompt_tokens, completion_tokens):
+                        if not sent_first:  # say what the prompt costs before asking for credit
+                            await send(stream, JobChunk(request.job_id, "", 0, prompt_tokens))
+                        if not await meter.wait_for_credit(prompt_tokens, completion_tokens):
+                            detail = "stopped: the requester's receipts fell behind"
+                            await send(stream, JobError(request.job_id, detail, ERROR_PAYMENT))
+                            return f"stopped after {completion_tokens} tokens: receipts fell behind", None
+                    await send(stream, JobChunk(request.job_id, text, tokens, prompt_tokens, logprobs))
+                    text, tokens, logprobs, sent_first, flush_at = "", 0, [], True, math.inf
                 if isinstance(event, Finished):
                     await send(stream, JobDone(request.job_id, event.finish_reason, self._receipt(request, event)))
-                    final = billing.owed(event.usage.prompt_tokens, event.usage.completion_tokens) if billing else None
                     decode_s = event.elapsed_s - (event.first_token_s or 0.0)
                     rate = (event.usage.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0
-                    return f"done, {event.usage.completion_tokens} tokens ({rate:.0f}/s), {event.finish_reason}", final
+                    outcome = f"done, {event.usage.completion_tokens} tokens ({rate:.0f}/s), {event.finish_reason}"
+                    return outcome, (event.usage.prompt_tokens, event.usage.completion_tokens)
 
     def _receipt(self, request: JobRequest, done: Finished) -> ResultReceipt:
         receipt = ResultReceipt(

@@ -8,7 +8,7 @@ docs/protocol.md describes the exchanges.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from node.wire import Message, message
 
@@ -102,6 +102,10 @@ REJECT_UNKNOWN_MODEL = "unknown_model"
 REJECT_PRICE = "price"
 REJECT_MALFORMED = "malformed"
 REJECT_PAYMENT = "payment"  # no usable channel: missing, wrong payee, too little left, expiring
+REJECT_TOO_LONG = "too_long"  # prompt + max_tokens do not fit the model's context (detail names the limit)
+
+#: Rejections that say the request is at fault, not the worker: they never count against its reputation.
+REQUEST_FAULTS = (REJECT_MALFORMED, REJECT_TOO_LONG)
 
 
 @message("job.rejected/1")
@@ -112,13 +116,27 @@ class JobRejected(Message):
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One sampled token's log-probability, and its top alternatives (best first), when the request asked."""
+
+    token: str
+    logprob: float
+    top_tokens: list[str] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
 @message("job.chunk/1")
 @dataclass(frozen=True)
 class JobChunk(Message):
+    """Text as it is generated. A chunk with no text and no tokens announces ``prompt_tokens`` (and asks a paid
+    job's requester to pay for the prompt)."""
+
     job_id: str
     text: str
     tokens: int = 0  # sampled tokens this text took
     prompt_tokens: int = 0  # the job's prompt size (what a paid job is billed for besides the tokens)
+    logprobs: list[Logprob] = field(default_factory=list)  # one per token, if params asked for logprobs
 
 
 @dataclass(frozen=True)
@@ -143,11 +161,15 @@ class JobDone(Message):
     receipt: ResultReceipt
 
 
+ERROR_PAYMENT = "payment"  # the requester's receipts fell behind the credit window
+
+
 @message("job.error/1")
 @dataclass(frozen=True)
 class JobError(Message):
     job_id: str
     detail: str
+    reason: str = ""  # ERROR_PAYMENT, or "" for the worker's own failure
 
 
 @message("pay.receipt/1")
@@ -169,7 +191,7 @@ class CloseRequest(Message):
     """Requester → worker: settle this channel now and return the rest (signed by the channel's requester)."""
 
     channel_id: bytes
-    signature: bytes  # EIP-191 over "llmarket close 0x<channel id>" (node/billing.py)
+    signature: bytes  # EIP-191 over "llmarket close 0x<channel id>" (node/payments/close.py)
 
 
 @message("pay.closed/1")

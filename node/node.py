@@ -17,7 +17,6 @@ from pathlib import Path
 import trio
 
 from node import __version__
-from node.billing import CloseService, WorkerPayments
 from node.concurrency import open_service_nursery
 from node.engine import Engine, open_engine
 from node.errors import ConfigError, ModelError
@@ -32,8 +31,10 @@ from node.models.default import DEFAULT_MODEL_CID
 from node.models.ipfs import IpfsSource
 from node.models.peers import ModelServer, PeerSource
 from node.offers import Advertiser, OfferBook, OfferGossip, sign_offer
+from node.payments.close import CloseService
 from node.payments.escrow import EscrowClient
 from node.payments.ledger import WalletLedger, WorkerLedger
+from node.payments.metering import EscrowMetering, FreeMetering, Metering
 from node.payments.policy import job_cost
 from node.payments.settlement import SettlementPolicy, Settler
 from node.payments.wallet import Wallet
@@ -93,7 +94,8 @@ async def serve(
 
     ``task_status.started`` receives the ``WorkerNode`` once it is serving.
     """
-    payments = await trio.to_thread.run_sync(_worker_payments, config) if config.price_per_1k > 0 else None
+    payments = await trio.to_thread.run_sync(_escrow_metering, config) if config.price_per_1k > 0 else None
+    metering: Metering = payments or FreeMetering()
     identity = Identity.load(config.data_dir, account=payments.client.account if payments else None)
     host = Host(identity, HostConfig(listen=config.listen, bootstrap=config.bootstrap))
     async with open_service_nursery() as nursery:
@@ -111,9 +113,7 @@ async def serve(
             speed = await self_benchmark(engine)
             model = ModelInfo(entry.cid, entry.name, config.ctx_size, _quantization(entry.name))
             hardware = probe_hardware().summary()
-            service = WorkerService(
-                host, identity, {entry.cid: engine}, price_per_1k=config.price_per_1k, payments=payments
-            )
+            service = WorkerService(host, identity, {entry.cid: engine}, metering=metering)
 
             def make_offer(seq: int, expires_at: float) -> Offer:
                 return sign_offer(
@@ -144,14 +144,14 @@ async def serve(
             service.on_slots_changed = advertiser.changed
             service.install()
             if payments is not None:
-                CloseService(payments).install(host)
+                CloseService(payments.client, payments.ledger).install(host)
                 payments.settler.busy = lambda: service.free_slots < engine.slots
             await nursery.start(advertiser.run)
             task_status.started(WorkerNode(host, engine, model, speed, gossip, advertiser, service))
             await trio.sleep_forever()
 
 
-def _worker_payments(config: WorkerConfig) -> WorkerPayments:
+def _escrow_metering(config: WorkerConfig) -> EscrowMetering:
     """Connect to the chain as the worker's account (blocking): client, ledger, settler."""
     if not config.rpc_url or config.deployments_dir is None:
         raise ConfigError("a paid worker (--price > 0) needs --rpc-url and --deployments")
@@ -163,7 +163,8 @@ def _worker_payments(config: WorkerConfig) -> WorkerPayments:
     ledger = WorkerLedger.in_data_dir(config.data_dir)
     policy = SettlementPolicy(settle_every=config.settle_every, settle_interval_s=config.settle_interval_s)
     window = config.max_credit_window or job_cost(0, 256, config.price_per_1k)
-    return WorkerPayments(client, ledger, Settler(ledger, client, policy), max_credit_window=max(window, 1))
+    settler = Settler(ledger, client, policy)
+    return EscrowMetering(client, ledger, settler, config.price_per_1k, max_credit_window=max(window, 1))
 
 
 def requester_wallet(data_dir: Path, rpc_url: str, deployments_dir: Path, *, insecure_dev_key: bool = False) -> Wallet:

@@ -11,10 +11,17 @@
   a queue, until the deadline;
 - the whole job has one deadline, and never outlives it.
 
-A worker that charges is paid from a ``Wallet``: a channel is reused or opened,
-receipts are signed as tokens arrive (never for text not received), and the
-final receipt is exactly usage × price (docs/payments.md). Failures are
-remembered in the requester's ``Reputation`` (backoff bans), and successes too.
+- a worker that accepts and then says nothing (no first token within a bound
+  that grows with the prompt, or no progress for ``progress_timeout_s``) is
+  dropped like one that died;
+- a request the workers reject as its own fault (malformed, or too long for
+  the context) ends the job with ``InvalidRequest`` after at most
+  ``REQUEST_FAULT_TRIES`` workers said so; it never counts against them.
+
+Paying is the ``Payer``'s concern (node/payments/payer.py): each attempt runs
+inside ``payer.pay(offer, request)``, and every chunk and the final result
+pass through it. Failures are remembered in the requester's ``Reputation``
+(backoff bans), and successes too, with the speed and latency measured here.
 """
 
 from __future__ import annotations
@@ -27,13 +34,23 @@ from dataclasses import dataclass, field
 
 import trio
 
-from node.billing import prompt_token_bound
-from node.engine import SamplingParams
-from node.errors import DeadlineExceeded, JobFailed, NoWorker, PeerUnreachable, WireError
+from node.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    JobFailed,
+    NoWorker,
+    Overcharge,
+    PeerUnreachable,
+    WireError,
+)
 from node.host import Host, Stream
-from node.jobs import JOB_PROTOCOL, verify_receipt
+from node.jobs import JOB_PROTOCOL, check_result_receipt, logprobs_from_wire
 from node.messages import (
+    ERROR_PAYMENT,
     REJECT_BUSY,
+    REJECT_PAYMENT,
+    REJECT_TOO_LONG,
+    REQUEST_FAULTS,
     JobAccepted,
     JobCancel,
     JobChunk,
@@ -42,13 +59,11 @@ from node.messages import (
     JobRejected,
     JobRequest,
     Offer,
-    PaymentTerms,
-    PayReceipt,
     ResultReceipt,
 )
-from node.payments.policy import job_cost, worst_case_cost
-from node.payments.wallet import Wallet
+from node.payments.payer import FreePayer, JobPayment, Payer
 from node.routing import Reputation, RouteQuery, exclusion, rank
+from node.sampling import SamplingParams, TokenLogprob
 from node.wire import receive, send
 
 
@@ -74,159 +89,167 @@ class JobResult:
     elapsed_s: float = 0.0
     first_token_s: float | None = None
     cost: int = 0  # token base units signed to workers for this job (0 for free workers)
+    model: str = ""  # the model's CID
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when params.logprobs is set
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a worker may keep the requester waiting, at each step of an attempt."""
+
+    accept_s: float = 10.0  # from the request to JobAccepted / JobRejected
+    first_token_s: float = 20.0  # from acceptance to the first chunk, for a short prompt…
+    first_token_per_prompt_byte_s: float = 0.005  # …plus this per byte of prompt (a long prefill)
+    progress_s: float = 10.0  # between chunks once text flows
+
+    def first_token_for(self, request: JobRequest) -> float:
+        size = len((request.prompt or "").encode()) + sum(
+            len(str(m.get("content", "")).encode()) for m in request.messages or [] if isinstance(m, dict)
+        )
+        return self.first_token_s + self.first_token_per_prompt_byte_s * (size + len(request.resume_text.encode()))
 
 
 class _WorkerFailed(Exception):
-    """One worker did not finish the job; ``partial``/``tokens`` is what it streamed first."""
+    """One worker did not finish the job; ``partial``/``tokens`` is what it streamed first.
+
+    ``penalise``: count it against the worker. ``busy``: it only had no free slot.
+    ``request_fault``: the worker says the request itself is bad (malformed, too long).
+    """
 
     def __init__(
-        self, reason: str, *, partial: str = "", tokens: int = 0, penalise: bool = True, busy: bool = False
+        self,
+        reason: str,
+        *,
+        partial: str = "",
+        tokens: int = 0,
+        penalise: bool = True,
+        busy: bool = False,
+        request_fault: bool = False,
     ) -> None:
         super().__init__(reason)
         self.partial, self.tokens, self.penalise, self.busy = partial, tokens, penalise, busy
+        self.request_fault = request_fault
+        self.logprobs: list[TokenLogprob] = []
         self.paid = 0  # what the requester signed to this worker before it failed
 
 
 BUSY_RETRY_S = 0.25  # when every usable worker is busy, ask again after this long (until the deadline)
-CREDIT_TOKENS = 64  # a paid worker may stream this many tokens' worth ahead of the last receipt
+REQUEST_FAULT_TRIES = 2  # workers that must call the request bad before the job ends as InvalidRequest
 
 
 @dataclass
-class _Payer:
-    """The requester's side of one paid attempt: signs receipts as tokens arrive."""
+class _Finished:
+    """One attempt that finished: the worker's JobDone and what it streamed, with timings measured here."""
 
-    wallet: Wallet
-    request: JobRequest
-    price: int
-    base: int  # what was signed on the channel before this job
-    step: int  # sign again once this much more is owed
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    signed: int = 0
-
-    @property
-    def channel_id(self) -> bytes:
-        return self.request.payment.channel_id
-
-    def owed(self, prompt_tokens: int, completion_tokens: int) -> int:
-        return self.base + job_cost(prompt_tokens, completion_tokens, self.price)
-
-    async def receipt(self, amount: int) -> PayReceipt:
-        amount, signature = await trio.to_thread.run_sync(self.wallet.sign, self.channel_id, amount)
-        self.signed = amount
-        return PayReceipt(self.request.job_id, str(amount), signature)
-
-    async def on_chunk(self, stream: Stream, chunk: JobChunk) -> None:
-        self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
-        self.completion_tokens += chunk.tokens
-        owed = self.owed(self.prompt_tokens, self.completion_tokens)
-        if owed - self.signed >= self.step:
-            await send(stream, await self.receipt(owed))
-
-    async def on_done(self, stream: Stream, done: JobDone) -> None:
-        """Sign the final receipt: exactly the job's usage at the price (after a plausibility check)."""
-        usage = done.receipt
-        if usage.prompt_tokens > prompt_token_bound(self.request):
-            raise _WorkerFailed(f"worker claims {usage.prompt_tokens} prompt tokens for a shorter prompt")
-        if usage.completion_tokens > int(self.request.params.get("max_tokens", 0)):
-            raise _WorkerFailed(f"worker claims {usage.completion_tokens} tokens, more than max_tokens")
-        await send(stream, await self.receipt(self.owed(usage.prompt_tokens, usage.completion_tokens)))
+    done: JobDone
+    text: str
+    logprobs: list[TokenLogprob]
+    spent: int  # signed to the worker for this attempt
+    first_token_s: float | None  # from sending the request to the first text
+    elapsed_s: float
 
 
-async def _payer_for(wallet: Wallet, offer: Offer, request: JobRequest) -> _Payer:
-    """Choose (or open) a channel to the offer's payee and attach payment terms to ``request``."""
-    price = offer.price_per_1k
-    needed = worst_case_cost(prompt_token_bound(request), int(request.params["max_tokens"]), price)
-    # A wallet that cannot fund a channel (no tokens, no ETH, no chain) cannot pay any worker:
-    # its PaymentError ends the job rather than trying the next worker.
-    channel = await trio.to_thread.run_sync(
-        lambda: wallet.lease(offer.payee, needed, peer_id=offer.peer_id, max_leases=max(offer.slots_total, 1))
-    )
-    if channel is None:  # as many of our jobs as it has slots run there already
-        raise _WorkerFailed("busy with our other jobs", penalise=False, busy=True)
-    window = max(job_cost(0, CREDIT_TOKENS, price), 1)
-    terms = PaymentTerms(channel.channel_id, channel.chain_id, channel.escrow, price, str(window))
-    paid_request = dataclasses.replace(request, payment=terms)
-    return _Payer(wallet, paid_request, price, channel.signed, max(window // 2, 1), signed=channel.signed)
+@dataclass
+class _Callbacks:
+    on_text: Callable[[str], None]
+    on_logprobs: Callable[[tuple[TokenLogprob, ...]], None]
 
 
 async def _attempt(
-    host: Host,
-    offer: Offer,
-    request: JobRequest,
-    on_text: Callable[[str], None],
-    accept_timeout_s: float,
-    wallet: Wallet | None = None,
-) -> tuple[JobDone, str, int]:
-    """Run ``request`` on one worker (paying it from ``wallet`` if it charges); returns JobDone, text, cost."""
-    if offer.price_per_1k <= 0 or wallet is None:
-        return await _run_attempt(host, offer, request, on_text, accept_timeout_s, None)
-    payer = None
-    try:
-        # Shielded: a cancellation while the wallet leases (in a thread) would lose the lease.
-        with trio.CancelScope(shield=True):
-            payer = await _payer_for(wallet, offer, request)
-        return await _run_attempt(host, offer, payer.request, on_text, accept_timeout_s, payer)
-    finally:
-        if payer is not None:
-            wallet.release(payer.channel_id)
+    host: Host, offer: Offer, request: JobRequest, payer: Payer, callbacks: _Callbacks, timeouts: Timeouts
+) -> _Finished:
+    """Run ``request`` on one worker, paid by ``payer``."""
+    async with payer.pay(offer, request) as payment:
+        if payment is None:  # as many of our jobs as it has slots run there already
+            raise _WorkerFailed("busy with our other jobs", penalise=False, busy=True)
+        return await _run_attempt(host, offer, payment, callbacks, timeouts)
+
+
+def _rejection(first: JobRejected) -> _WorkerFailed:
+    detail = f"rejected: {first.reason} {first.detail}".strip()
+    if first.reason == REJECT_BUSY:
+        return _WorkerFailed(detail, penalise=False, busy=True)
+    if first.reason in REQUEST_FAULTS:
+        return _WorkerFailed(detail, penalise=False, request_fault=True)
+    if first.reason == REJECT_PAYMENT:  # our channel or terms: not the worker's fault
+        return _WorkerFailed(detail, penalise=False)
+    return _WorkerFailed(detail)
 
 
 async def _run_attempt(
-    host: Host,
-    offer: Offer,
-    request: JobRequest,
-    on_text: Callable[[str], None],
-    accept_timeout_s: float,
-    payer: _Payer | None,
-) -> tuple[JobDone, str, int]:
+    host: Host, offer: Offer, payment: JobPayment, callbacks: _Callbacks, timeouts: Timeouts
+) -> _Finished:
+    request = payment.request
+    began, first_text_at = time.perf_counter(), None
     try:
         stream = await host.open_stream(offer.peer_id, JOB_PROTOCOL, offer.addrs)
     except PeerUnreachable as err:
         raise _WorkerFailed(str(err)) from None
-    text, tokens = "", 0
+    text, tokens, logprobs = "", 0, []
+
+    async def reply(message) -> None:
+        await send(stream, message)
+
+    async def next_message(timeout_s: float, waiting_for: str):
+        with trio.move_on_after(timeout_s):
+            return await receive(stream)
+        raise _WorkerFailed(f"no {waiting_for} within {timeout_s:.0f}s", partial=text, tokens=tokens)
+
     try:
         await send(stream, request)
-        with trio.move_on_after(accept_timeout_s) as accept_wait:
-            first = await receive(stream)
-        if accept_wait.cancelled_caught:
-            raise _WorkerFailed(f"no answer within {accept_timeout_s:.0f}s")
+        first = await next_message(timeouts.accept_s, "answer")
         if isinstance(first, JobRejected):
-            detail = f"rejected: {first.reason} {first.detail}".strip()
-            busy = first.reason == REJECT_BUSY
-            raise _WorkerFailed(detail, penalise=not busy, busy=busy)
+            raise _rejection(first)
         if not isinstance(first, JobAccepted):
             raise _WorkerFailed(f"answered {first.TYPE} instead of accepting")
+        wait_s, waiting_for = timeouts.first_token_for(request), "first token"
         while True:
-            msg = await receive(stream)
+            msg = await next_message(wait_s, waiting_for)
             if isinstance(msg, JobChunk):
+                await payment.on_chunk(reply, msg)
+                if msg.text or msg.tokens:
+                    wait_s, waiting_for = timeouts.progress_s, "progress"
                 text += msg.text
                 tokens += msg.tokens
-                on_text(msg.text)
-                if payer is not None:
-                    await payer.on_chunk(stream, msg)
+                if msg.logprobs:
+                    piece = logprobs_from_wire(msg.logprobs)
+                    logprobs.extend(piece)
+                    callbacks.on_logprobs(piece)
+                if msg.text:
+                    first_text_at = first_text_at or time.perf_counter()
+                    callbacks.on_text(msg.text)
             elif isinstance(msg, JobDone):
-                problem = verify_receipt(msg.receipt, request, text)
+                problem = check_result_receipt(msg.receipt, request, text)
                 if problem:
                     raise _WorkerFailed(problem, partial=text, tokens=tokens)
-                if payer is not None:
-                    await payer.on_done(stream, msg)
+                await payment.on_done(reply, msg)
                 await stream.close()
-                return msg, text, payer.signed - payer.base if payer else 0
+                now = time.perf_counter()
+                first = first_text_at - began if first_text_at else None
+                return _Finished(msg, text, logprobs, payment.spent, first, now - began)
             elif isinstance(msg, JobError):
-                raise _WorkerFailed(f"worker error: {msg.detail}", partial=text, tokens=tokens)
+                # A worker that stopped because our receipts fell behind is not at fault.
+                penalise = msg.reason != ERROR_PAYMENT
+                raise _WorkerFailed(f"worker error: {msg.detail}", partial=text, tokens=tokens, penalise=penalise)
+            elif isinstance(msg, JobRejected) and msg.reason == REJECT_TOO_LONG:
+                raise _rejection(msg)
             else:
                 raise _WorkerFailed(f"unexpected {msg.TYPE}", partial=text, tokens=tokens)
     except (EOFError, ConnectionError, WireError) as err:
         await stream.reset()
         failure = _WorkerFailed(f"stream ended ({err or 'closed'})", partial=text, tokens=tokens)
-        failure.paid = payer.signed - payer.base if payer else 0
+        failure.paid, failure.logprobs = payment.spent, logprobs
+        raise failure from None
+    except Overcharge as err:
+        await stream.reset()
+        failure = _WorkerFailed(str(err), partial=text, tokens=tokens)
+        failure.paid, failure.logprobs = payment.spent, logprobs
         raise failure from None
     except _WorkerFailed as failure:
-        failure.paid = payer.signed - payer.base if payer else 0
+        failure.paid, failure.logprobs = payment.spent, logprobs
         await stream.reset()
         raise
-    except BaseException:  # cancelled (deadline, Ctrl-C): tell the worker, then drop the stream
+    except BaseException:  # cancelled (deadline, Ctrl-C), or our own payment failed: tell the worker, drop the stream
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             try:
                 await send(stream, JobCancel(request.job_id))
@@ -249,6 +272,36 @@ def _why_no_worker(offers: list[Offer], query: RouteQuery, reputation: Reputatio
     return f"no worker can take a job for {query.model} now ({detail}); see `llmarket peers`"
 
 
+MAX_BYTES_PER_TOKEN = 64  # no tokenizer's token covers more bytes than this, so bytes / 64 bounds a prompt's tokens below
+
+
+def context_problem(offers: list[Offer], spec: JobSpec) -> str | None:
+    """Why ``spec`` cannot fit the context of any worker serving its model, or None.
+
+    Checked before routing, so a request that cannot run anywhere is the
+    client's error at once (never a worker's fault, never a ban). The prompt's
+    token count is not known before a worker tokenizes it, so only what is
+    certain is checked: ``max_tokens`` alone, and the prompt's bytes divided by
+    the most bytes one token can cover.
+    """
+    contexts = [m.context_size for o in offers for m in o.models if m.cid == spec.model and m.context_size > 0]
+    if not contexts:
+        return None
+    limit = max(contexts)
+    prompt_bytes = len((spec.prompt or "").encode()) + sum(
+        len(str(m.get("content", "")).encode()) for m in spec.messages or [] if isinstance(m, dict)
+    )
+    at_least = -(-prompt_bytes // MAX_BYTES_PER_TOKEN)
+    if spec.params.max_tokens >= limit:
+        return f"max_tokens {spec.params.max_tokens} does not fit the model's context of {limit} tokens; lower it"
+    if at_least + spec.params.max_tokens > limit:
+        return (
+            f"the prompt ({prompt_bytes} bytes, at least {at_least} tokens) plus max_tokens "
+            f"{spec.params.max_tokens} does not fit the model's context of {limit} tokens; shorten it"
+        )
+    return None
+
+
 async def run_job(
     host: Host,
     offers: Callable[[], list[Offer]],
@@ -257,32 +310,43 @@ async def run_job(
     *,
     reputation: Reputation,
     deadline_s: float = 120.0,
-    accept_timeout_s: float = 10.0,
+    timeouts: Timeouts = Timeouts(),
     on_text: Callable[[str], None] = lambda text: None,
+    on_logprobs: Callable[[tuple[TokenLogprob, ...]], None] = lambda logprobs: None,
     on_failover: Callable[[str, str, bool], None] = lambda peer, reason, started: None,
     clock: Callable[[], float] = time.time,
-    wallet: Wallet | None = None,
+    payer: Payer | None = None,
 ) -> JobResult:
     """Run ``spec`` on the best workers in ``offers()``, failing over as needed.
 
     Args:
         offers: the live offers (called again after each failure).
         on_text: called with each piece of text as it streams in.
+        on_logprobs: called with a piece's token logprobs just before ``on_text`` gets the piece
+            (when ``spec.params.logprobs`` is set).
         on_failover: called with (peer id, reason, whether it had started) when a worker is dropped.
-        wallet: pays workers that charge (the query must then allow paid offers on its chain and escrow).
+        payer: pays workers that charge (default: ``FreePayer``; the query must then be free only).
 
     Raises:
+        InvalidRequest: the request cannot run: it does not fit the model's context, or workers rejected it
+            as malformed.
         NoWorker: nobody can take the job at all.
-        JobFailed: every candidate failed, or ``deadline_s`` passed.
+        JobFailed: every candidate failed; ``DeadlineExceeded`` if ``deadline_s`` passed.
+        PaymentError: the payer cannot pay (no funds, no chain).
     """
+    payer = payer or FreePayer()
+    problem = context_problem(offers(), spec)
+    if problem:
+        raise InvalidRequest(problem)
     job_id = secrets.token_hex(8)
     started_at = time.perf_counter()
     first_token_s: float | None = None
-    text, completion_used = "", 0
+    text, completion_used, logprobs = "", 0, []
     workers: list[str] = []
     receipts: list[ResultReceipt] = []
     tried: set[str] = set()
     busy: set[str] = set()  # tried, and turned us away only because all their slots were in use
+    request_faults: list[str] = []
     reasons: list[str] = []
     cost = 0
 
@@ -292,6 +356,7 @@ async def run_job(
             first_token_s = time.perf_counter() - started_at
         on_text(piece)
 
+    callbacks = _Callbacks(record_text, on_logprobs)
     with trio.move_on_after(deadline_s) as deadline:
         while True:
             available = [o for o in offers() if o.peer_id not in tried]
@@ -303,6 +368,8 @@ async def run_job(
                 busy.clear()
                 continue
             if not candidates:
+                if request_faults and not workers:
+                    raise InvalidRequest(request_faults[0])
                 if not tried:
                     raise NoWorker(_why_no_worker(offers(), query, reputation, clock()))
                 raise JobFailed(f"every worker failed ({'; '.join(reasons)})")
@@ -322,27 +389,34 @@ async def run_job(
             )
             began = time.perf_counter()
             try:
-                done, part, paid = await _attempt(host, offer, request, record_text, accept_timeout_s, wallet)
-                cost += paid
+                finished = await _attempt(host, offer, request, payer, callbacks, timeouts)
+                cost += finished.spent
             except _WorkerFailed as failure:
                 cost += failure.paid
                 if failure.busy:
                     busy.add(offer.peer_id)
                 if failure.partial:
                     text += failure.partial
+                    logprobs += failure.logprobs
                     completion_used += failure.tokens
                     workers.append(offer.peer_id)
                 if failure.penalise:
                     reputation.failure(offer.peer_id, clock())
+                if failure.request_fault:
+                    request_faults.append(str(failure).removeprefix("rejected: ").strip())
+                    if len(request_faults) >= REQUEST_FAULT_TRIES and not workers:
+                        raise InvalidRequest(request_faults[0]) from None
                 reasons.append(f"{offer.peer_id[:12]}…: {failure}")
                 on_failover(offer.peer_id, str(failure), bool(failure.partial))
                 continue
+            done = finished.done
             reputation.success(offer.peer_id)
             reputation.latency(offer.peer_id, 1000 * (time.perf_counter() - began))
+            _observe(reputation, offer.peer_id, finished)
             workers.append(offer.peer_id)
             receipts.append(done.receipt)
             return JobResult(
-                text=text + part,
+                text=text + finished.text,
                 finish_reason=done.finish_reason,
                 prompt_tokens=done.receipt.prompt_tokens,
                 completion_tokens=completion_used + done.receipt.completion_tokens,
@@ -351,6 +425,21 @@ async def run_job(
                 elapsed_s=time.perf_counter() - started_at,
                 first_token_s=first_token_s,
                 cost=cost,
+                model=spec.model,
+                logprobs=logprobs + finished.logprobs,
             )
     assert deadline.cancelled_caught
-    raise DeadlineExceeded(f"the job did not finish within its {deadline_s:.0f}s deadline ({len(text)} characters received)")
+    raise DeadlineExceeded(
+        f"the job did not finish within its {deadline_s:.0f}s deadline ({len(text)} characters received)"
+    )
+
+
+def _observe(reputation: Reputation, peer_id: str, finished: _Finished) -> None:
+    """Tell the reputation how fast the worker really was: routing trusts this over what offers claim."""
+    tokens = finished.done.receipt.completion_tokens
+    decode_s = finished.elapsed_s - (finished.first_token_s or 0.0)
+    reputation.observe(
+        peer_id,
+        tokens_per_s=(tokens - 1) / decode_s if tokens > 1 and decode_s > 0 else None,
+        first_token_ms=1000 * finished.first_token_s if finished.first_token_s is not None else None,
+    )

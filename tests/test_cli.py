@@ -65,4 +65,36 @@ def test_chain_status_and_channel(chain, tmp_path, capsys):
     assert shown["status"] == "open" and shown["deposit"] == 3 * TOKEN and shown["worker"] == chain.worker.address
 
     assert main(["chain", "channel", "0x" + channel_id.hex(), *flags[:-1]]) == 0  # the text form
-    assert "unclaimed   3000000000000000000" in capsys.readouterr().out
+    assert "remaining   3000000000000000000" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_serve_with_a_model_nobody_has_is_one_line(tmp_path):
+    """The fetch fails inside serve's nursery: the error arrives wrapped in exception groups, and is still one line."""
+    missing = "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi"  # a valid CID no source has
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "--data-dir", str(tmp_path), "serve", "--model", missing],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("llmarket: error:")]
+    assert len(errors) == 1 and missing in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_serve_is_one_line_and_exit_130(tmp_path):
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node", "--data-dir", str(tmp_path), "serve", "--ctx-size", "512"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().startswith("/ip4/")  # serving
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.rstrip().endswith("llmarket: interrupted")

@@ -17,15 +17,15 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 
 from node import messages as m
-from node.host import Host, HostConfig, PeerUnreachable
+from node.errors import JobFailed, PeerUnreachable
+from node.host import Host, HostConfig
 from node.identity import Identity
 from node.jobs import JOB_PROTOCOL
-from node.requester import JobFailed, run_job
+from node.requester import run_job
 from node.routing import Reputation
 from node.wire import frame
 
-from .test_jobs import QUERY, SPEC, WORDS, ScriptedEngine, requester, worker
-from .test_offers import make_offer
+from .factories import QUERY, SPEC, WORDS, ScriptedEngine, requester, signed_offer, worker
 
 
 async def _raw_stream(host: Host, offer) -> object:
@@ -86,7 +86,7 @@ def silent_listener():
 
 async def test_a_silent_listener_does_not_stall_a_request(tmp_path, silent_listener):
     fake = Identity.load(tmp_path / "fake")
-    silent = make_offer(fake, 1, time.time() + 60, addrs=[f"/ip4/127.0.0.1/tcp/{silent_listener}"], tokens_per_s=1e6)
+    silent = signed_offer(fake, 1, time.time() + 60, addrs=[f"/ip4/127.0.0.1/tcp/{silent_listener}"], tokens_per_s=1e6)
     with trio.fail_after(30):
         async with worker(tmp_path, "w", ScriptedEngine()) as (_, good, _), requester(tmp_path) as host:
             started = time.monotonic()

@@ -2,98 +2,18 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
-from node.engine import Delta, Finished, SamplingParams, Usage
-from node.host import Host, HostConfig
+from node.errors import InvalidRequest, JobFailed, NoWorker
 from node.identity import Identity
-from node.jobs import WorkerService
-from node.requester import JobFailed, JobSpec, NoWorker, run_job
-from node.routing import Reputation, RouteQuery
+from node.requester import Timeouts, run_job
+from node.routing import Reputation
 
-from .test_offers import MODEL, make_offer
-
-WORDS = ["Once", " upon", " a", " time", " there", " was", " a", " market", "."]
-SPEC = JobSpec(model=MODEL, params=SamplingParams(max_tokens=50), messages=[{"role": "user", "content": "story"}])
-QUERY = RouteQuery(model=MODEL, free_only=True)
-
-
-class ScriptedEngine:
-    """Streams WORDS (after echoing any assistant prefix it was given as '[prefix]'), one per tick."""
-
-    def __init__(self, *, slots: int = 1, tick_s: float = 0.01, stall: bool = False, words: list[str] = WORDS):
-        self.slots, self.tick_s, self.stall, self.words = slots, tick_s, stall, words
-        self.busy = 0
-        self.prefixes: list[str] = []
-
-    @property
-    def free_slots(self) -> int:
-        return self.slots - self.busy
-
-    def stream_chat(self, messages, params, *, assistant_prefix=""):
-        self.prefixes.append(assistant_prefix)
-        return self._stream(params)
-
-    def stream_completion(self, prompt, params):
-        return self._stream(params)
-
-    @asynccontextmanager
-    async def _stream(self, params):
-        self.busy += 1
-        send, recv = trio.open_memory_channel(math.inf)
-
-        async def produce():
-            if self.stall:
-                await trio.sleep_forever()
-            words = self.words[: params.max_tokens]
-            for word in words:
-                await trio.sleep(self.tick_s)
-                send.send_nowait(Delta(word, 1))
-            send.send_nowait(Finished("".join(words), Usage(5, len(words)), "stop", 0.0, 0.0))
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(produce)
-                yield recv
-                nursery.cancel_scope.cancel()
-        finally:
-            self.busy -= 1
-
-
-@asynccontextmanager
-async def worker(tmp_path, name, engine, *, price=0, **offer_changes):
-    """A worker node running in its own task and cancel scope, so a test can kill it."""
-    identity = Identity.load(tmp_path / name)
-    host = Host(identity)
-    life = trio.CancelScope()
-
-    async def serve(task_status=trio.TASK_STATUS_IGNORED):
-        with life:
-            async with trio.open_nursery() as inner:
-                await inner.start(host.run)
-                WorkerService(host, identity, {MODEL: engine}, price_per_1k=price).install()
-                task_status.started()
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(serve)
-        offer = make_offer(identity, 1, time.time() + 60, addrs=host.addrs(), slots_free=1, **offer_changes)
-        yield host, offer, life
-        nursery.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def requester(tmp_path):
-    host = Host(Identity.load(tmp_path / "requester"), HostConfig(connect_timeout_s=3, stream_timeout_s=3))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        yield host
-        nursery.cancel_scope.cancel()
-
+from .factories import QUERY, SPEC, WORDS, ScriptedEngine, requester, signed_offer, worker
 
 async def test_a_job_streams_and_the_receipt_checks_out(tmp_path):
     pieces = []
@@ -198,8 +118,107 @@ async def test_no_worker_for_the_model(tmp_path):
 
 
 async def test_why_nobody_can_take_the_job_is_explained(tmp_path):
-    paid = make_offer(Identity.load(tmp_path / "paid"), 1, time.time() + 60, price_per_1k=10, chain_id=1, escrow="0xE")
-    stale = make_offer(Identity.load(tmp_path / "stale"), 1, time.time() - 1)
+    paid = signed_offer(Identity.load(tmp_path / "paid"), 1, time.time() + 60, price_per_1k=10, chain_id=1, escrow="0xE")
+    stale = signed_offer(Identity.load(tmp_path / "stale"), 1, time.time() - 1)
     async with requester(tmp_path) as host:
         with pytest.raises(NoWorker, match=r"\(1 offer expired, 1 paid offer \(pass --max-price to pay\)\)"):
             await run_job(host, lambda: [paid, stale], QUERY, SPEC, reputation=Reputation())
+
+
+# ------------------------------------------------- the request's own fault
+
+
+async def test_a_prompt_too_long_for_the_context_is_the_requests_fault_and_bans_nobody(tmp_path):
+    """Workers answer `too_long`; the job ends as InvalidRequest naming the limit, after two of them said so."""
+    engines = [ScriptedEngine(prompt_tokens=3000) for _ in range(3)]
+    rep = Reputation()
+    with trio.fail_after(20):
+        async with (
+            worker(tmp_path, "a", engines[0]) as (_, a, _),
+            worker(tmp_path, "b", engines[1]) as (_, b, _),
+            worker(tmp_path, "c", engines[2]) as (_, c, _),
+            requester(tmp_path) as host,
+        ):
+            with pytest.raises(InvalidRequest, match="exceeds the context size 2048"):
+                await run_job(host, lambda: [a, b, c], QUERY, SPEC, reputation=rep)
+    assert not any(rep.banned(o.peer_id, time.time()) for o in (a, b, c))
+    assert sum(len(e.params) for e in engines) == 0  # nobody generated anything
+    assert sum(1 for e in engines if e.prefixes) == 2  # asked two workers, not every one
+
+
+async def test_max_tokens_over_every_offers_context_is_refused_before_routing(tmp_path):
+    spec = dataclasses.replace(SPEC, params=dataclasses.replace(SPEC.params, max_tokens=5000))
+    engine = ScriptedEngine()
+    with trio.fail_after(20):
+        async with worker(tmp_path, "w", engine) as (_, offer, _), requester(tmp_path) as host:
+            with pytest.raises(InvalidRequest, match="max_tokens 5000 does not fit the model's context of 2048"):
+                await run_job(host, lambda: [offer], QUERY, spec, reputation=Reputation())
+    assert engine.prefixes == []  # never sent
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"messages": []}, "messages must be a non-empty list"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "role must be one of"),
+        ({"messages": None, "prompt": ""}, "prompt must be a non-empty string"),
+    ],
+)
+async def test_malformed_jobs_are_rejected_with_the_reason_and_ban_nobody(tmp_path, change, reason):
+    spec = dataclasses.replace(SPEC, **change)
+    rep = Reputation()
+    with trio.fail_after(20):
+        async with worker(tmp_path, "w", ScriptedEngine()) as (_, offer, _), requester(tmp_path) as host:
+            with pytest.raises(InvalidRequest, match=reason):
+                await run_job(host, lambda: [offer], QUERY, spec, reputation=rep)
+    assert not rep.banned(offer.peer_id, time.time())
+
+
+# --------------------------------------------------------- silent workers
+
+
+async def test_a_worker_that_accepts_and_sends_nothing_is_dropped_for_the_next(tmp_path):
+    """A fake worker that claims to be fast takes the job first, then stays silent: fail over, count it."""
+    timeouts = Timeouts(first_token_s=1.0, first_token_per_prompt_byte_s=0.0, progress_s=1.0)
+    rep = Reputation()
+    failovers = []
+    with trio.fail_after(20):
+        async with (
+            worker(tmp_path, "fake", ScriptedEngine(stall=True), tokens_per_s=1000) as (_, fake, _),
+            worker(tmp_path, "honest", ScriptedEngine()) as (_, honest, _),
+            requester(tmp_path) as host,
+        ):
+            started = time.monotonic()
+            result = await run_job(
+                host, lambda: [fake, honest], QUERY, SPEC, reputation=rep, timeouts=timeouts,
+                on_failover=lambda *args: failovers.append(args),
+            )  # fmt: skip
+            assert time.monotonic() - started < 10
+    assert result.workers == [honest.peer_id] and result.text == "".join(WORDS)
+    assert failovers == [(fake.peer_id, "no first token within 1s", False)]
+    assert rep.banned(fake.peer_id, time.time())
+
+
+async def test_a_worker_that_stops_mid_answer_is_replaced_after_the_progress_timeout(tmp_path):
+    timeouts = Timeouts(progress_s=1.0)
+    with trio.fail_after(20):
+        async with (
+            worker(tmp_path, "stuck", ScriptedEngine(stall_after=3), tokens_per_s=1000) as (_, stuck, _),
+            worker(tmp_path, "backup", ScriptedEngine()) as (_, backup, _),
+            requester(tmp_path) as host,
+        ):
+            result = await run_job(host, lambda: [stuck, backup], QUERY, SPEC, reputation=Reputation(),
+                                   timeouts=timeouts)  # fmt: skip
+    assert result.workers == [stuck.peer_id, backup.peer_id]
+    assert result.text.startswith("".join(WORDS[:3]))
+
+
+async def test_logprobs_travel_with_the_text(tmp_path):
+    spec = dataclasses.replace(SPEC, params=dataclasses.replace(SPEC.params, logprobs=2))
+    streamed = []
+    with trio.fail_after(20):
+        async with worker(tmp_path, "w", ScriptedEngine()) as (_, offer, _), requester(tmp_path) as host:
+            result = await run_job(host, lambda: [offer], QUERY, spec, reputation=Reputation(),
+                                   on_logprobs=streamed.extend)  # fmt: skip
+    assert [lp.token for lp in result.logprobs] == WORDS == [lp.token for lp in streamed]
+    assert all(lp.logprob == -0.5 and [t for t, _ in lp.top] == ["alt0", "alt1"] for lp in result.logprobs)

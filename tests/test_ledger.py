@@ -17,13 +17,13 @@ def test_worker_keeps_only_higher_receipts_and_tracks_claims(tmp_path):
     assert not ledger.record_receipt(CH, 90, b"sig90", **meta)  # older receipts never replace newer ones
     assert ledger.record_receipt(CH, 2**200, b"big", **meta)  # uint256 amounts survive
     assert ledger.record_receipt(OTHER, 5, b"sig5", **{**meta, "expiry": 1_000})
-    assert [c.channel_id for c in ledger.unclaimed()] == [OTHER, CH]  # soonest expiry first
+    assert [c.channel_id for c in ledger.pending_claims()] == [OTHER, CH]  # soonest expiry first
     ledger.mark_claimed(CH, 2**200)
-    assert [c.channel_id for c in ledger.unclaimed()] == [OTHER]
+    assert [c.channel_id for c in ledger.pending_claims()] == [OTHER]
     ledger.mark_failed(OTHER, "rpc down")
-    assert ledger.get(OTHER).last_error == "rpc down" and ledger.unclaimed()[0].channel_id == OTHER
+    assert ledger.get(OTHER).last_error == "rpc down" and ledger.pending_claims()[0].channel_id == OTHER
     ledger.mark_failed(OTHER, "ChannelExpired", give_up=True)
-    assert ledger.unclaimed() == []
+    assert ledger.pending_claims() == []
     # a new process (a restarted worker) sees the same state
     again = WorkerLedger.in_data_dir(tmp_path).get(CH)
     assert (again.receipted, again.claimed, again.signature) == (2**200, 2**200, b"big")

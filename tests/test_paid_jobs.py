@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
-from node.billing import Billing, CloseService, PaymentRefused, WorkerPayments, ask_to_close
-from node.errors import PaymentError
+from node.errors import JobFailed, PaymentError, PaymentRefused
 from node.host import Host
 from node.identity import Identity
 from node.jobs import WorkerService
 from node.messages import JobRequest, PaymentTerms
-from node.payments.ledger import WalletLedger, WorkerLedger
+from node.payments import payer as payer_module
+from node.payments.close import CloseService, ask_to_close
+from node.payments.escrow import EscrowClient
+from node.payments.ledger import WalletChannel, WalletLedger, WorkerLedger
+from node.payments.metering import EscrowMetering
+from node.payments.payer import WalletPayer
 from node.payments.policy import job_cost
 from node.payments.settlement import Settler
 from node.payments.wallet import Wallet
-from node.requester import JobFailed, JobSpec, run_job
+from node.requester import JobSpec, run_job
 from node.routing import Reputation, RouteQuery
 
 from .conftest import TOKEN
-from .factories import MODEL, signed_offer
-from .test_jobs import SPEC, WORDS, ScriptedEngine, requester
+from .factories import MODEL, SPEC, WORDS, ScriptedEngine, requester, signed_offer
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +40,14 @@ async def paid_worker(chain, tmp_path, engine, *, receipt_timeout_s=5.0, account
     identity = Identity.load(tmp_path / "worker", account=account)
     ledger = WorkerLedger.in_data_dir(tmp_path / "worker")
     client = chain.client(account)
-    payments = WorkerPayments(
-        client, ledger, Settler(ledger, client), max_credit_window=TOKEN, receipt_timeout_s=receipt_timeout_s
+    payments = EscrowMetering(
+        client, ledger, Settler(ledger, client), PRICE, max_credit_window=TOKEN, receipt_timeout_s=receipt_timeout_s
     )
     host = Host(identity)
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
-        WorkerService(host, identity, {MODEL: engine}, price_per_1k=PRICE, payments=payments).install()
-        CloseService(payments).install(host)
+        WorkerService(host, identity, {MODEL: engine}, metering=payments).install()
+        CloseService(client, ledger).install(host)
         offer = signed_offer(
             identity, 1, time.time() + 60, addrs=host.addrs(), price_per_1k=PRICE,
             chain_id=chain.deployment.chain_id, escrow=chain.deployment.escrow, **offer_changes,
@@ -74,10 +78,10 @@ async def test_a_paid_job_pays_exactly_usage_times_price(chain, tmp_path):
     with trio.fail_after(30):
         async with paid_worker(chain, tmp_path, ScriptedEngine()) as (offer, payments), requester(tmp_path) as host:
             result = await run_job(
-                host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(), wallet=wallet
+                host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(), payer=WalletPayer(wallet)
             )
             second = await run_job(
-                host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(), wallet=wallet
+                host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(), payer=WalletPayer(wallet)
             )
             (channel,) = wallet.ledger.channels()  # both jobs shared one channel
             await receipt_arrived(payments, channel)
@@ -91,12 +95,10 @@ async def test_a_paid_job_pays_exactly_usage_times_price(chain, tmp_path):
 
 
 async def test_a_requester_that_stops_signing_is_cut_off_within_the_credit_window(chain, tmp_path, monkeypatch):
-    from node import requester as jobs
-
-    async def never_sign(self, stream, chunk):  # a requester that takes the text and never pays
+    async def never_sign(self, send, chunk):  # a requester that takes the text and never pays
         self.completion_tokens += chunk.tokens
 
-    monkeypatch.setattr(jobs._Payer, "on_chunk", never_sign)
+    monkeypatch.setattr(payer_module.EscrowPayment, "on_chunk", never_sign)
     long_engine = ScriptedEngine(tick_s=0.001, words=["tok "] * 400)
     received = []
     spec = JobSpec(**{**SPEC.__dict__, "max_price_per_1k": PRICE, "params": SPEC.params.__class__(max_tokens=400)})
@@ -107,16 +109,16 @@ async def test_a_requester_that_stops_signing_is_cut_off_within_the_credit_windo
         ):
             with pytest.raises(JobFailed, match="receipts fell behind"):
                 await run_job(host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(),
-                              wallet=wallet_for(chain, tmp_path), on_text=received.append)  # fmt: skip
+                              payer=WalletPayer(wallet_for(chain, tmp_path)), on_text=received.append)  # fmt: skip
             assert await trio.to_thread.run_sync(payments.settler.settle_once) == (0, 0)  # nothing was signed
     streamed = "".join(received).count("tok")
-    assert 0 < streamed <= jobs.CREDIT_TOKENS  # the worker stopped at the window, not at 400
+    assert 0 < streamed <= payer_module.CREDIT_TOKENS  # the worker stopped at the window, not at 400
 
 
 async def test_lying_channels_are_refused_before_any_generation(chain, tmp_path):
     ledger = WorkerLedger.in_data_dir(tmp_path / "worker")
     client = chain.client(chain.worker)
-    payments = WorkerPayments(client, ledger, Settler(ledger, client), max_credit_window=TOKEN)
+    payments = EscrowMetering(client, ledger, Settler(ledger, client), PRICE, max_credit_window=TOKEN)
     requester_client = chain.client(chain.requester)
     now = requester_client.chain_time()
     to_someone_else = requester_client.open_channel(chain.other_worker.address, TOKEN, now + 86_400)
@@ -136,9 +138,9 @@ async def test_lying_channels_are_refused_before_any_generation(chain, tmp_path)
     }
     for reason, req in cases.items():
         with pytest.raises(PaymentRefused, match=reason):
-            await Billing.open(payments, req, PRICE)
+            await payments.admit(req)
     with pytest.raises(PaymentRefused, match="send payment terms"):
-        await Billing.open(payments, JobRequest("j", MODEL, {}, prompt="x"), PRICE)
+        await payments.admit(JobRequest("j", MODEL, {}, prompt="x"))
     assert ledger.all() == []
 
 
@@ -176,7 +178,7 @@ async def test_a_worker_killed_mid_stream_is_paid_only_what_was_receipted(chain,
 
                 result = await run_job(
                     host, lambda: [dying["offer"], backup], paid_query(chain), spec, reputation=Reputation(),
-                    wallet=wallet, on_text=on_text,
+                    payer=WalletPayer(wallet), on_text=on_text,
                 )  # fmt: skip
                 channels = {c.worker: c for c in wallet.ledger.channels()}
                 to_backup = channels[chain.other_worker.address]
@@ -189,8 +191,8 @@ async def test_a_worker_killed_mid_stream_is_paid_only_what_was_receipted(chain,
     assert n_dying >= 150 and n_dying + n_backup == 300
     signed_to_dying = channels[chain.worker.address].signed
     (held,) = dying["payments"].ledger.all()
-    # the scripted engine reports its prompt only at the end, so the dying worker's stream cost its tokens alone
-    assert 0 < held.receipted <= signed_to_dying <= job_cost(0, n_dying, PRICE)
+    # the dying worker was paid its prompt and at most the tokens it streamed, never more
+    assert 0 < held.receipted <= signed_to_dying <= job_cost(5, n_dying, PRICE)
     assert to_backup.signed == job_cost(5, n_backup, PRICE)  # the backup: exactly its usage
 
 
@@ -201,7 +203,7 @@ async def test_the_requester_asks_the_worker_to_close_and_gets_the_rest_back(cha
     before = reader.token_balance(chain.requester.address)
     with trio.fail_after(30):
         async with paid_worker(chain, tmp_path, ScriptedEngine()) as (offer, payments), requester(tmp_path) as host:
-            await run_job(host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(), wallet=wallet)
+            await run_job(host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(), payer=WalletPayer(wallet))
             (channel,) = wallet.ledger.channels()
             assert channel.peer_id == offer.peer_id
             await receipt_arrived(payments, channel)
@@ -225,3 +227,133 @@ def test_an_expired_channel_is_refunded(chain, tmp_path):
     assert wallet.refund_expired() == [channel.channel_id]
     assert wallet.ledger.get(channel.channel_id).status == "refunded"
     assert chain.client().token_balance(chain.requester.address) == before + channel.deposit
+
+
+async def test_a_paid_job_with_a_1500_token_prompt_is_paid_exactly(chain, tmp_path):
+    """Before, a prompt over the credit window (64 tokens) deadlocked: nobody sent first."""
+    wallet = wallet_for(chain, tmp_path)
+    spec = JobSpec(**{**SPEC.__dict__, "max_price_per_1k": PRICE, "messages": [{"role": "user", "content": "w " * 1600}]})
+    with trio.fail_after(30):
+        async with (
+            paid_worker(chain, tmp_path, ScriptedEngine(prompt_tokens=1500)) as (offer, payments),
+            requester(tmp_path) as host,
+        ):
+            result = await run_job(host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(),
+                                   payer=WalletPayer(wallet))  # fmt: skip
+            (channel,) = wallet.ledger.channels()
+            await receipt_arrived(payments, channel)
+            assert await trio.to_thread.run_sync(payments.settler.settle_once) == (1, 0)
+    assert result.text == "".join(WORDS) and result.prompt_tokens == 1500
+    assert result.cost == job_cost(1500, len(WORDS), PRICE) == channel.signed
+    assert chain.client().token_balance(chain.worker.address) == result.cost
+
+
+async def test_a_payment_rejection_is_not_held_against_the_worker(chain, tmp_path):
+    """A worker paid on another escrow turns our terms down: no ban (the fault is in our payment, not in it)."""
+    rep = Reputation()
+    spec = JobSpec(**{**SPEC.__dict__, "max_price_per_1k": PRICE})
+    with trio.fail_after(30):
+        async with paid_worker(chain, tmp_path, ScriptedEngine()) as (offer, _), requester(tmp_path) as host:
+            other_escrow = dataclasses.replace(chain.deployment, escrow=chain.deployment.token)
+            wallet = Wallet(EscrowClient(chain.client().w3, other_escrow, chain.requester),
+                            WalletLedger.in_data_dir(tmp_path / "requester"))  # fmt: skip
+            wallet.reusable_channel = lambda *args, **kwargs: None  # noqa: E731  (never touch that "escrow")
+            wallet.open_channel = lambda worker, needed, peer_id="": WalletChannel(  # noqa: E731
+                b"\x01" * 32, other_escrow.chain_id, other_escrow.escrow, worker, 10**18, 0, 2**40, "open", peer_id
+            )
+            with pytest.raises(JobFailed, match="rejected: payment"):
+                await run_job(host, lambda: [offer], paid_query(chain), spec, reputation=rep,
+                              payer=WalletPayer(wallet))  # fmt: skip
+    assert not rep.banned(offer.peer_id, time.time())
+
+
+class SlowRpc:
+    """An HTTP JSON-RPC proxy in front of anvil that, once ``slow`` is set, delays every call by ``delay_s``."""
+
+    def __init__(self, upstream: str, delay_s: float = 2.0) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import requests
+
+        proxy = self
+        self.slow, self.delay_s = False, delay_s
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if proxy.slow:
+                    time.sleep(proxy.delay_s)
+                answer = requests.post(upstream, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_a_stream_flows_while_another_job_opens_a_channel_on_a_slow_chain(chain, tmp_path):
+    """Two jobs share a payer, as the gateway's requests do; the second opens a channel through an RPC proxy
+    that delays every call by 2 s. The first job's chunks keep coming, and the event loop never stalls."""
+    proxy = SlowRpc(chain.chain.rpc_url)
+    wallet = Wallet(EscrowClient.connect(proxy.url, deployment=chain.deployment, account=chain.requester),
+                    WalletLedger.in_data_dir(tmp_path / "requester"))  # fmt: skip
+    payer = WalletPayer(wallet)
+    params = SPEC.params.__class__(max_tokens=150)
+    spec = JobSpec(**{**SPEC.__dict__, "max_price_per_1k": PRICE, "params": params})
+    first_engine = ScriptedEngine(tick_s=0.02, words=["tok "] * 150)  # about 3 s of streaming
+    arrivals: list[float] = []
+    lateness: list[float] = []
+    try:
+        with trio.fail_after(120):
+            async with (
+                paid_worker(chain, tmp_path / "a", first_engine) as (a, _),
+                paid_worker(chain, tmp_path / "b", ScriptedEngine(), account=chain.other_worker) as (b, _),
+                requester(tmp_path) as host,
+                trio.open_nursery() as nursery,
+            ):
+
+                async def heartbeat():
+                    while True:
+                        before = trio.current_time()
+                        await trio.sleep(0.01)
+                        lateness.append(trio.current_time() - before - 0.01)
+
+                streaming, first_done = trio.Event(), trio.Event()
+
+                def on_text(piece):
+                    arrivals.append(trio.current_time())
+                    streaming.set()
+
+                async def first_job():
+                    await run_job(host, lambda: [a], paid_query(chain), spec, reputation=Reputation(), payer=payer,
+                                  on_text=on_text)  # fmt: skip
+                    first_done.set()
+
+                nursery.start_soon(heartbeat)
+                nursery.start_soon(first_job)
+                await streaming.wait()  # streaming on a channel it opened while the chain was fast
+                proxy.slow = True
+                opened_at = trio.current_time()
+                second = await run_job(host, lambda: [b], paid_query(chain), spec, reputation=Reputation(),
+                                       payer=payer)  # fmt: skip
+                assert trio.current_time() - opened_at > 4  # the second job really waited on the slow chain
+                assert first_done.is_set()  # and the first one finished meanwhile
+                nursery.cancel_scope.cancel()
+    finally:
+        proxy.close()
+    assert second.text == "".join(WORDS) and len(arrivals) > 20
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
+    assert max(gaps) < 0.1, max(gaps)
+    assert max(lateness) < 0.1, max(lateness)

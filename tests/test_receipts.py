@@ -13,7 +13,7 @@ from node.payments.receipts import (
     receipt_digest,
     recover_receipt_signer,
     sign_receipt,
-    verify_receipt,
+    check_receipt_signer,
 )
 
 from .conftest import TOKEN
@@ -54,7 +54,7 @@ def test_sign_then_recover_round_trips():
     signature = sign_receipt(REQUESTER, DOMAIN, CHANNEL, 5 * TOKEN)
     assert len(signature) == 65 and signature[64] in (27, 28)
     assert recover_receipt_signer(DOMAIN, CHANNEL, 5 * TOKEN, signature) == REQUESTER.address
-    verify_receipt(DOMAIN, CHANNEL, 5 * TOKEN, signature, REQUESTER.address.lower())
+    check_receipt_signer(DOMAIN, CHANNEL, 5 * TOKEN, signature, REQUESTER.address.lower())
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_sign_then_recover_round_trips():
 def test_a_receipt_does_not_verify_for_anything_else(domain, channel, amount):
     signature = sign_receipt(REQUESTER, DOMAIN, CHANNEL, 5 * TOKEN)
     with pytest.raises(InvalidReceipt, match="not the requester"):
-        verify_receipt(domain, channel, amount, signature, REQUESTER.address)
+        check_receipt_signer(domain, channel, amount, signature, REQUESTER.address)
 
 
 def test_malformed_signatures_are_refused_like_the_contract_does():
@@ -114,11 +114,11 @@ def test_python_receipts_are_accepted_and_tampered_ones_rejected_on_chain(chain)
     tampered[10] ^= 0x01
     state = worker.get_channel(channel_id)
     with pytest.raises(InvalidReceipt):
-        worker.verify_receipt(state, 3 * TOKEN, bytes(tampered))
+        worker.check_receipt(state, 3 * TOKEN, bytes(tampered))
     with pytest.raises(InvalidReceipt) as info:
         worker.claim(channel_id, 3 * TOKEN, bytes(tampered))
     assert info.value.error == "InvalidSignature"
 
-    worker.verify_receipt(state, 3 * TOKEN, signature)
+    worker.check_receipt(state, 3 * TOKEN, signature)
     worker.claim(channel_id, 3 * TOKEN, signature)
     assert worker.token_balance(chain.worker.address) == 3 * TOKEN

@@ -38,7 +38,7 @@ def test_claims_on_job_completion(chain, tmp_path):
     settler.job_done(channel)
     assert settler.settle_once() == (1, 0)
     assert chain.client().token_balance(chain.worker.address) == 3 * TOKEN
-    assert ledger.get(channel).claimed == 3 * TOKEN and ledger.unclaimed() == []
+    assert ledger.get(channel).claimed == 3 * TOKEN and ledger.pending_claims() == []
 
 
 def test_batching_every_n_jobs_and_near_expiry(chain, tmp_path):
@@ -70,7 +70,7 @@ def test_an_rpc_outage_loses_nothing(chain, tmp_path):
     )
     assert Settler(ledger, dead).settle_once() == (0, 1)
     assert "no Ethereum JSON-RPC endpoint answers" in ledger.get(channel).last_error
-    assert ledger.unclaimed()[0].channel_id == channel  # still owed
+    assert ledger.pending_claims()[0].channel_id == channel  # still owed
     assert Settler(ledger, chain.client(chain.worker)).settle_once() == (1, 0)  # the chain is back
     assert chain.client().token_balance(chain.worker.address) == 2 * TOKEN
 
@@ -87,4 +87,4 @@ def test_a_claim_already_mined_is_caught_up_and_an_expired_one_given_up(chain, t
     chain.advance(120)
     assert Settler(ledger, worker).settle_once() == (1, 0)
     assert ledger.get(expiring).closed and "ChannelExpired" in ledger.get(expiring).last_error
-    assert ledger.unclaimed() == []
+    assert ledger.pending_claims() == []

@@ -50,11 +50,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.data_dir = data_dir(args.data_dir)
     try:
         return args.handler(args) or 0
-    except NodeError as err:
-        if os.environ.get("LLMARKET_DEBUG"):
-            raise
-        print(f"llmarket: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nllmarket: interrupted", file=sys.stderr)
-        return 130
+    except BaseException as err:
+        cause = _the_cause(err)
+        if isinstance(cause, NodeError) and not os.environ.get("LLMARKET_DEBUG"):
+            print(f"llmarket: error: {cause}", file=sys.stderr)
+            return 1
+        if isinstance(cause, KeyboardInterrupt):
+            print("\nllmarket: interrupted", file=sys.stderr)
+            return 130
+        raise
+
+
+def _the_cause(err: BaseException) -> BaseException:
+    """The one exception that ended a command, out of the exception groups trio's nurseries wrap it in.
+
+    A failure in one task cancels its siblings, so a group holds the failure and
+    ``Cancelled`` for the rest; anything else (two real failures) stays a group.
+    """
+    import trio
+
+    while isinstance(err, BaseExceptionGroup):
+        causes = [e for e in err.exceptions if not isinstance(e, trio.Cancelled)]
+        if len(causes) != 1:
+            return err
+        err = causes[0]
+    return err

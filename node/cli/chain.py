@@ -95,7 +95,7 @@ def _chain_channel(args: argparse.Namespace) -> None:
         "worker": state.worker,
         "deposit": state.deposit,
         "paid": state.paid,
-        "unclaimed": state.unclaimed,
+        "remaining": state.remaining,
         "expiry": state.expiry,
     }
     if args.json:
@@ -105,6 +105,6 @@ def _chain_channel(args: argparse.Namespace) -> None:
         print(f"channel {info['channel_id']}: no such channel on chain {client.deployment.chain_id}")
         return
     expiry = datetime.fromtimestamp(state.expiry, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    for key in ("channel_id", "status", "requester", "worker", "deposit", "paid", "unclaimed"):
+    for key in ("channel_id", "status", "requester", "worker", "deposit", "paid", "remaining"):
         print(f"{key:<11} {info[key]}")
     print(f"{'expiry':<11} {state.expiry} ({expiry})")

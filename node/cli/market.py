@@ -22,6 +22,7 @@ from node.cli.common import (
     wallet_flags,
 )
 from node.engine import SamplingParams
+from node.payments.payer import WalletPayer
 from node.node import WorkerConfig, model_cid_for_request, open_requester, requester_wallet, serve
 from node.progress import TerminalProgress
 from node.requester import JobSpec, run_job
@@ -193,7 +194,8 @@ def _request(args: argparse.Namespace) -> int:
             await requester.wait_for_model(model, args.discovery_timeout)
             return await run_job(
                 requester.host, requester.offers, query, spec, reputation=Reputation(),
-                deadline_s=args.timeout, on_text=show, on_failover=failover, wallet=wallet,
+                deadline_s=args.timeout, on_text=show, on_failover=failover,
+                payer=WalletPayer(wallet) if wallet else None,
             )  # fmt: skip
 
     result = trio.run(main)

@@ -5,13 +5,16 @@
 - ``receipts``   EIP-712 receipts: signing and verification, byte-for-byte as the contract does it
 - ``escrow``     a web3.py client for open / topUp / claim / close / refund and channel reads
 
-Everything here is blocking (web3 over HTTP). Async callers run it through
-``trio.to_thread.run_sync`` under a ``CapacityLimiter``.
+- ``metering``   the worker's side of a paid job (a meter per job); ``payer`` the requester's side
+- ``close``      closing a channel on the requester's request
+
+The chain clients are blocking (web3 over HTTP). Async callers run them through
+``EscrowClient.io``, one ``CapacityLimiter`` per client (``chainio``).
 """
 
 from node.payments.deployment import Deployment, deploy_contracts, load_deployment
 from node.payments.escrow import ChannelState, ChannelStatus, EscrowClient
-from node.payments.receipts import ReceiptDomain, receipt_digest, recover_receipt_signer, sign_receipt, verify_receipt
+from node.payments.receipts import ReceiptDomain, receipt_digest, check_pay_receipt, check_receipt_signer, recover_receipt_signer, sign_receipt
 
 __all__ = [
     "ChannelState",
@@ -19,10 +22,11 @@ __all__ = [
     "Deployment",
     "EscrowClient",
     "ReceiptDomain",
+    "check_pay_receipt",
+    "check_receipt_signer",
     "deploy_contracts",
     "load_deployment",
     "receipt_digest",
     "recover_receipt_signer",
     "sign_receipt",
-    "verify_receipt",
 ]

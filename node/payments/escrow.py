@@ -47,7 +47,8 @@ from node.errors import (
 )
 from node.payments.artifacts import load_artifact
 from node.payments.deployment import Deployment, load_deployment
-from node.payments.receipts import ReceiptDomain, sign_receipt, verify_receipt
+from node.payments.chainio import ChainIO
+from node.payments.receipts import ReceiptDomain, check_pay_receipt, sign_receipt
 
 TX_TIMEOUT_S = 120
 
@@ -74,7 +75,7 @@ class ChannelState:
     status: ChannelStatus
 
     @property
-    def unclaimed(self) -> int:
+    def remaining(self) -> int:
         """What is left in the channel: deposit not yet paid to the worker."""
         return self.deposit - self.paid
 
@@ -121,6 +122,7 @@ class EscrowClient:
         self.escrow = w3.eth.contract(address=deployment.escrow, abi=escrow_artifact.abi)
         self._errors = _error_specs(escrow_artifact.abi, token_artifact.abi)
         self._send_lock = threading.Lock()
+        self.io = ChainIO()  # async callers: ``await client.io(client.get_channel, channel_id)``
 
     # ------------------------------------------------------------ construction
 
@@ -218,17 +220,16 @@ class EscrowClient:
         """Sign ``Receipt(channel_id, cumulative_amount)`` as the requester."""
         return sign_receipt(self._require_account(), self.domain, channel_id, cumulative_amount)
 
-    def verify_receipt(self, channel: ChannelState, cumulative_amount: int, signature: bytes) -> None:
+    def check_receipt(self, channel: ChannelState, cumulative_amount: int, signature: bytes) -> None:
         """Check a receipt against the channel as the contract would, without a transaction.
 
         Raises:
             InvalidReceipt: bad signature, or an amount the contract would refuse.
         """
-        verify_receipt(self.domain, channel.channel_id, cumulative_amount, signature, channel.requester)
-        if cumulative_amount > channel.deposit:
-            raise InvalidReceipt(f"receipt for {cumulative_amount} exceeds the channel's deposit {channel.deposit}")
-        if cumulative_amount < channel.paid:
-            raise InvalidReceipt(f"receipt for {cumulative_amount} is below the {channel.paid} already paid")
+        check_pay_receipt(
+            self.domain, channel.channel_id, cumulative_amount, signature,
+            requester=channel.requester, deposit=channel.deposit, paid=channel.paid,
+        )  # fmt: skip
 
     # ---------------------------------------------------------- requester txs
 

@@ -74,7 +74,8 @@ class WorkerChannel:
     last_error: str | None
 
     @property
-    def unclaimed(self) -> int:
+    def claimable(self) -> int:
+        """Receipted by the requester but not yet paid out on chain."""
         return self.receipted - self.claimed
 
 
@@ -141,11 +142,11 @@ class WorkerLedger:
                 )
         return True
 
-    def unclaimed(self) -> list[WorkerChannel]:
+    def pending_claims(self) -> list[WorkerChannel]:
         """Open channels holding receipts not yet claimed, soonest expiry first."""
         with self._db() as db:
             rows = db.execute("SELECT * FROM channels WHERE closed = 0 ORDER BY expiry").fetchall()
-        return [c for c in map(_worker_row, rows) if c.unclaimed > 0]
+        return [c for c in map(_worker_row, rows) if c.claimable > 0]
 
     def mark_claimed(self, channel_id: bytes, cumulative: int, *, closed: bool = False) -> None:
         with self._db() as db:

@@ -13,7 +13,24 @@ time to claim before it expires, and has the job's worst case left unsigned.
 
 from __future__ import annotations
 
+from node.messages import JobRequest
 from node.payments.escrow import ChannelState, ChannelStatus
+
+PROMPT_TOKEN_OVERHEAD = 64  # chat-template tokens, on top of one token per prompt byte at most…
+MESSAGE_TOKEN_OVERHEAD = 8  # …and the template's markers around each message
+
+
+def prompt_token_bound(request: JobRequest) -> int:
+    """An upper bound on the prompt's tokens, known before tokenizing: a BPE token covers at least one byte.
+
+    Both sides use it: the requester to size its deposit and to check the
+    prompt size a worker announces, the worker to check the channel can pay
+    for the job's worst case.
+    """
+    text = request.prompt or "".join(
+        str(m.get("role", "")) + str(m.get("content", "")) for m in request.messages or [] if isinstance(m, dict)
+    )
+    return len((text + request.resume_text).encode()) + PROMPT_TOKEN_OVERHEAD + MESSAGE_TOKEN_OVERHEAD * len(request.messages or [])
 
 
 def job_cost(prompt_tokens: int, completion_tokens: int, price_per_1k: int) -> int:

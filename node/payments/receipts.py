@@ -102,7 +102,7 @@ def recover_receipt_signer(domain: ReceiptDomain, channel_id: bytes, cumulative_
         raise InvalidReceipt(f"receipt signature does not recover to any address: {err}") from err
 
 
-def verify_receipt(
+def check_receipt_signer(
     domain: ReceiptDomain, channel_id: bytes, cumulative_amount: int, signature: bytes, requester: str
 ) -> None:
     """Check that ``requester`` signed this receipt, as the contract will.
@@ -116,3 +116,29 @@ def verify_receipt(
             f"receipt for channel 0x{bytes(channel_id).hex()[:12]}… "
             f"is signed by {signer}, not the requester {requester}"
         )
+
+
+def check_pay_receipt(
+    domain: ReceiptDomain,
+    channel_id: bytes,
+    cumulative_amount: int,
+    signature: bytes,
+    *,
+    requester: str,
+    deposit: int,
+    paid: int,
+) -> None:
+    """Check a receipt as the contract's ``claim`` will: the requester's signature, within the channel.
+
+    The one receipt check: the worker's meter runs it on every receipt before
+    relying on it, and ``EscrowClient.check_receipt`` before a claim.
+
+    Raises:
+        InvalidReceipt: a bad signature, or an amount the contract would refuse (over the deposit, below
+            what was already paid).
+    """
+    if cumulative_amount > deposit:
+        raise InvalidReceipt(f"receipt for {cumulative_amount} exceeds the channel's deposit {deposit}")
+    if cumulative_amount < paid:
+        raise InvalidReceipt(f"receipt for {cumulative_amount} is below the {paid} already paid")
+    check_receipt_signer(domain, channel_id, cumulative_amount, signature, requester)

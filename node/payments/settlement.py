@@ -53,7 +53,10 @@ class Settler:
     busy: Callable[[], bool] = lambda: False  # is the worker generating right now?
     max_defer_s: float = 30.0
     idle_s: float = 0.5  # how long the worker must have been idle before a claim starts
-    _jobs: dict[bytes, int] = field(default_factory=dict)
+    # Jobs paid per channel, counted on the trio thread, and how many of them the last claim covered, written
+    # by the claiming thread. Each dict has one writer, so a job counted during a claim is never lost.
+    _jobs_done: dict[bytes, int] = field(default_factory=dict)
+    _jobs_claimed: dict[bytes, int] = field(default_factory=dict)
     _last_claim: dict[bytes, float] = field(default_factory=dict)
     _started: bool = False
     _failures: int = 0
@@ -61,26 +64,34 @@ class Settler:
 
     def job_done(self, channel_id: bytes) -> None:
         """Count a job paid on ``channel_id``; wakes the settler if a claim is now due."""
-        self._jobs[channel_id] = self._jobs.get(channel_id, 0) + 1
-        if self._jobs[channel_id] >= self.policy.settle_every:
+        self._jobs_done[channel_id] = self._jobs_done.get(channel_id, 0) + 1
+        if self._unclaimed_jobs(channel_id) >= self.policy.settle_every:
             self._poke.set()
+
+    def _unclaimed_jobs(self, channel_id: bytes) -> int:
+        return self._jobs_done.get(channel_id, 0) - self._jobs_claimed.get(channel_id, 0)
 
     def due(self, now: float) -> list[WorkerChannel]:
         """The channels to claim now, under the policy."""
-        pending = self.ledger.unclaimed()
+        pending = self.ledger.pending_claims()
         if not self._started:
             return pending
         interval = self.policy.settle_interval_s
         return [
             c
             for c in pending
-            if self._jobs.get(c.channel_id, 0) >= self.policy.settle_every
+            if self._unclaimed_jobs(c.channel_id) >= self.policy.settle_every
             or (interval is not None and now - self._last_claim.get(c.channel_id, 0.0) >= interval)
             or c.expiry - now <= self.policy.safety_margin_s
         ]
 
-    def claim(self, channel: WorkerChannel) -> bool:
-        """Claim one channel's latest receipt (blocking). Returns False if it should be retried later."""
+    def claim(self, channel: WorkerChannel, jobs_covered: int | None = None) -> bool:
+        """Claim one channel's latest receipt (blocking). Returns False if it should be retried later.
+
+        ``jobs_covered``: how many jobs had been counted when ``channel`` was read from the ledger.
+        """
+        if jobs_covered is None:
+            jobs_covered = self._jobs_done.get(channel.channel_id, 0)
         try:
             self.client.claim(channel.channel_id, channel.receipted, channel.signature)
         except ChainUnreachable as err:
@@ -98,16 +109,17 @@ class Settler:
             self.ledger.mark_failed(channel.channel_id, str(err))
             return False
         self.ledger.mark_claimed(channel.channel_id, channel.receipted)
-        self._jobs[channel.channel_id] = 0
+        self._jobs_claimed[channel.channel_id] = jobs_covered
         self._last_claim[channel.channel_id] = self.clock()
-        log.info("claimed %d on channel 0x%s…", channel.unclaimed, channel.channel_id.hex()[:12])
+        log.info("claimed %d on channel 0x%s…", channel.claimable, channel.channel_id.hex()[:12])
         return True
 
     def settle_once(self) -> tuple[int, int]:
         """Claim everything due (blocking); returns (claimed, failed)."""
         ok = failed = 0
+        counted = dict(self._jobs_done)  # before reading the ledger: these jobs' receipts are in what we read
         for channel in self.due(self.clock()):
-            if self.claim(channel):
+            if self.claim(channel, counted.get(channel.channel_id, 0)):
                 ok += 1
             else:
                 failed += 1
@@ -126,7 +138,7 @@ class Settler:
                     elif idle_since is None:
                         idle_since = trio.current_time()
                     await trio.sleep(0.05)  # polling interval
-            _, failed = await trio.to_thread.run_sync(self.settle_once)
+            _, failed = await self.client.io(self.settle_once)
             self._failures = self._failures + 1 if failed else 0
             wait = min(60.0, 2.0 ** (self._failures - 1)) if failed else poll_s
             with trio.move_on_after(wait):

@@ -1,0 +1,202 @@
+"""The requester's side of payment: a payer that pays each attempt of a job.
+
+``run_job`` (node/requester.py) knows nothing of chains. For every attempt on
+a worker it asks its ``Payer`` for a ``JobPayment`` (``async with
+payer.pay(offer, request) as payment``); the payment's ``request`` is what is
+sent (with payment terms attached, for a paid worker). While the answer
+streams, the requester hands every chunk to ``on_chunk`` and the final
+``JobDone`` to ``on_done``; either may send a payment message back through
+``send``. Leaving the block gives back whatever the payment held.
+
+Two payers exist:
+
+- ``FreePayer``: pays nothing; for free workers.
+- ``WalletPayer``: pays workers that charge from a ``Wallet`` of escrow
+  channels (free workers are still free). A channel carries one job at a
+  time: receipts are cumulative, so two jobs signing on one channel would have
+  to agree on who owes what first. The payer leases a channel that is not in
+  use, opening a new one when all are (at most one per slot of the worker);
+  leasing runs on the trio thread, and only the chain calls go to threads, so
+  opening a channel on a slow chain never holds up another job's stream.
+
+What is signed, and when (docs/payments.md): the prompt once the worker
+announces its size (checked against a bound computed from the prompt's
+bytes), then generated text as it arrives, a receipt every half window, never
+for text not received; the final receipt is exactly usage × price.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+from eth_utils import to_checksum_address
+
+from node.errors import Overcharge
+from node.messages import JobChunk, JobDone, JobRequest, Offer, PaymentTerms, PayReceipt
+from node.payments.policy import job_cost, prompt_token_bound, worst_case_cost
+from node.payments.wallet import Wallet
+from node.wire import Message
+
+Send = Callable[[Message], Awaitable[None]]
+
+CREDIT_TOKENS = 64  # a paid worker may stream this many tokens' worth ahead of the last receipt
+
+
+class JobPayment(Protocol):
+    """How one attempt on one worker is paid."""
+
+    request: JobRequest  # what to send the worker
+
+    @property
+    def spent(self) -> int:
+        """What was signed to this worker for this attempt, in token base units."""
+
+    async def on_chunk(self, send: Send, chunk: JobChunk) -> None:
+        """Text arrived (or, with no text, the worker announced what the prompt costs). Raises ``Overcharge``."""
+
+    async def on_done(self, send: Send, done: JobDone) -> None:
+        """The job ended: pay the final amount for the usage in ``done``. Raises ``Overcharge``."""
+
+
+class Payer(Protocol):
+    def pay(self, offer: Offer, request: JobRequest) -> AsyncIterator[JobPayment | None]:
+        """``async with payer.pay(offer, request) as payment``: None if this worker cannot be paid right now.
+
+        None means every channel we may use with the worker is busy with our
+        other jobs (the worker is treated as busy). Raises ``PaymentError`` if
+        the wallet cannot pay at all (no tokens, no chain): that ends the job.
+        """
+
+
+# ---------------------------------------------------------------------- free
+
+
+@dataclass
+class FreePayment:
+    request: JobRequest
+    spent: int = 0
+
+    async def on_chunk(self, send: Send, chunk: JobChunk) -> None:
+        pass
+
+    async def on_done(self, send: Send, done: JobDone) -> None:
+        pass
+
+
+class FreePayer:
+    """Pays nothing (the requester without a wallet)."""
+
+    @asynccontextmanager
+    async def pay(self, offer: Offer, request: JobRequest) -> AsyncIterator[JobPayment | None]:
+        yield FreePayment(request)
+
+
+# -------------------------------------------------------------------- wallet
+
+
+@dataclass
+class EscrowPayment:
+    """One paid attempt: signs cumulative receipts on the leased channel as the worker's text arrives."""
+
+    wallet: Wallet
+    request: JobRequest  # with payment terms
+    price: int
+    base: int  # what was signed on the channel before this job
+    step: int  # sign again once this much more is owed
+    prompt_bound: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    signed: int = 0
+
+    @property
+    def channel_id(self) -> bytes:
+        return self.request.payment.channel_id
+
+    @property
+    def spent(self) -> int:
+        return self.signed - self.base
+
+    def owed(self, prompt_tokens: int, completion_tokens: int) -> int:
+        return self.base + job_cost(prompt_tokens, completion_tokens, self.price)
+
+    def _check_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        if prompt_tokens > self.prompt_bound:
+            raise Overcharge(f"worker claims {prompt_tokens} prompt tokens for a prompt of at most {self.prompt_bound}")
+        if completion_tokens > int(self.request.params.get("max_tokens", 0)):
+            raise Overcharge(f"worker claims {completion_tokens} tokens, more than max_tokens")
+
+    async def _sign(self, send: Send, amount: int) -> None:
+        amount, signature = await trio.to_thread.run_sync(self.wallet.sign, self.channel_id, amount)
+        self.signed = amount
+        await send(PayReceipt(self.request.job_id, str(amount), signature))
+
+    async def on_chunk(self, send: Send, chunk: JobChunk) -> None:
+        prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
+        self._check_usage(prompt_tokens, self.completion_tokens + chunk.tokens)
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, self.completion_tokens + chunk.tokens
+        owed = self.owed(self.prompt_tokens, self.completion_tokens)
+        # A chunk with no text is the worker asking for what is owed (the prompt, before its first token).
+        if owed > self.signed and (not chunk.text or owed - self.signed >= self.step):
+            await self._sign(send, owed)
+
+    async def on_done(self, send: Send, done: JobDone) -> None:
+        usage = done.receipt
+        self._check_usage(usage.prompt_tokens, usage.completion_tokens)
+        await self._sign(send, self.owed(usage.prompt_tokens, usage.completion_tokens))
+
+
+@dataclass
+class WalletPayer:
+    """Pays workers that charge from ``wallet``'s channels; free workers stay free."""
+
+    wallet: Wallet
+    credit_tokens: int = CREDIT_TOKENS
+    _leased: dict[bytes, str] = field(default_factory=dict)  # channel id → worker address, in use by a job
+    _opening: dict[str, int] = field(default_factory=dict)  # worker address → channels being leased now
+
+    @asynccontextmanager
+    async def pay(self, offer: Offer, request: JobRequest) -> AsyncIterator[JobPayment | None]:
+        price = offer.price_per_1k
+        if price <= 0:
+            yield FreePayment(request)
+            return
+        bound = prompt_token_bound(request)
+        needed = worst_case_cost(bound, int(request.params["max_tokens"]), price)
+        channel = await self._lease(offer, needed)
+        if channel is None:
+            yield None
+            return
+        try:
+            window = max(job_cost(0, self.credit_tokens, price), 1)
+            terms = PaymentTerms(channel.channel_id, channel.chain_id, channel.escrow, price, str(window))
+            yield EscrowPayment(
+                self.wallet, dataclasses.replace(request, payment=terms), price,
+                base=channel.signed, step=max(window // 2, 1), prompt_bound=bound, signed=channel.signed,
+            )  # fmt: skip
+        finally:
+            self._leased.pop(channel.channel_id, None)
+
+    async def _lease(self, offer: Offer, needed: int):
+        """A channel to the offer's payee for one job; None if as many as it has slots are in use by our jobs."""
+        worker = to_checksum_address(offer.payee)
+        in_use = sum(1 for w in self._leased.values() if w == worker) + self._opening.get(worker, 0)
+        if in_use >= max(offer.slots_total, 1):
+            return None
+        io = self.wallet.client.io
+        self._opening[worker] = self._opening.get(worker, 0) + 1
+        try:
+            while True:
+                exclude = frozenset(self._leased)
+                channel = await io(lambda: self.wallet.reusable_channel(worker, needed, exclude=exclude))
+                if channel is None:
+                    channel = await io(lambda: self.wallet.open_channel(worker, needed, peer_id=offer.peer_id))
+                if channel.channel_id not in self._leased:  # not taken by another job while we asked the chain
+                    self._leased[channel.channel_id] = worker
+                    return channel
+        finally:
+            self._opening[worker] -= 1
