@@ -24,3 +24,26 @@ async def open_service_nursery() -> AsyncIterator[trio.Nursery]:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+class TokenBucket:
+    """A rate limit: ``rate`` events a second on average, bursts of up to ``burst``.
+
+    Time is passed in (``now``, any monotonic or wall clock in seconds), so the
+    bucket is pure and works in tests with a fake clock.
+    """
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.stamp: float | None = None
+
+    def take(self, now: float, n: float = 1.0) -> bool:
+        """Spend ``n`` tokens if there are that many; returns whether they were spent."""
+        if self.stamp is not None and now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now if self.stamp is None else max(self.stamp, now)
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True

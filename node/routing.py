@@ -18,12 +18,24 @@ if a "full" worker is tried and really is busy, it says so and the next one is
 tried, at the cost of one round trip.
 
 Then the score (lower is better), each term scaled to 0..1 across the candidates:
-  0.4 × price  +  0.2 × measured latency  +  0.2 × slowness (1 / advertised tokens/s)
+  0.4 × price  +  0.2 × time to first token  +  0.2 × slowness (1 / tokens/s)
   +  0.2 × unreliability (1 − smoothed success rate).
 Price matters most because it is what a requester set a cap on; the other
-three stand for "how soon is my answer done". Peers never measured get the
-median latency of those that were. Ties break on the peer id, so the choice
-is deterministic.
+three stand for "how soon is my answer done". Ties break on the peer id, so the
+choice is deterministic.
+
+Speed and time to first token come from our own jobs where we have them
+(``Reputation.observe``, smoothed); an offer's claims are only a stand-in, and
+they are believed only so far:
+  - a claim out of the plausible range (tokens/s not in (0, 100k], first token
+    not in [1 ms, 10 min]; NaN and infinities included) counts as absent;
+  - a claimed speed is capped at the fastest speed we measured among the
+    candidates, and a claimed time to first token (plus the ping round trip)
+    is floored at the quickest we measured, so a claim never beats a measurement;
+  - an absent value gets the median of the candidates that have one.
+A peer's time to first token is its measured one, else its ping round trip
+(``Reputation.latency``; the median of measured peers if never pinged) plus its
+claim.
 
 Failing peers are banned with exponential backoff: 5 s after the first
 consecutive failure, doubling up to 10 minutes; a success clears it.
@@ -32,6 +44,7 @@ consecutive failure, doubling up to 10 minutes; a success clears it.
 from __future__ import annotations
 
 import heapq
+import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,6 +55,13 @@ WEIGHT_PRICE = 0.4
 WEIGHT_LATENCY = 0.2
 WEIGHT_SPEED = 0.2
 WEIGHT_RELIABILITY = 0.2
+
+#: Claims outside these count as absent (and measurements are clamped to the upper bounds).
+MAX_PLAUSIBLE_TOKENS_PER_S = 100_000.0
+MIN_PLAUSIBLE_FIRST_TOKEN_MS = 1.0  # no model answers within a millisecond of a request
+MAX_PLAUSIBLE_FIRST_TOKEN_MS = 600_000.0
+#: Weight of a new measurement in the smoothed averages.
+SMOOTHING = 0.3
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,19 @@ class PeerRecord:
     consecutive_failures: int = 0
     banned_until: float = 0.0
     latency_ms: float | None = None  # smoothed round-trip time
+    tokens_per_s: float | None = None  # smoothed, measured on our own jobs
+    first_token_ms: float | None = None  # smoothed, measured on our own jobs (request sent → first text)
+
+
+def plausible(value: float | None, high: float, low: float = 0.0) -> float | None:
+    """``value`` if it is a finite number in (0, high] and at least ``low``, else None (absent)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and 0 < value <= high and value >= low else None
+
+
+def _smooth(old: float | None, new: float) -> float:
+    return new if old is None else (1 - SMOOTHING) * old + SMOOTHING * new
 
 
 @dataclass
@@ -93,6 +126,30 @@ class Reputation:
     def latency(self, peer: str, rtt_ms: float) -> None:
         rec = self.record(peer)
         rec.latency_ms = rtt_ms if rec.latency_ms is None else 0.7 * rec.latency_ms + 0.3 * rtt_ms
+
+    def observe(self, peer_id: str, *, tokens_per_s: float | None, first_token_ms: float | None) -> None:
+        """Record what one of our jobs on ``peer_id`` measured; None (or a value that is no measurement) skips it.
+
+        ``tokens_per_s``: generated tokens over the time from first to last text;
+        ``first_token_ms``: from sending the request to the first text. Values
+        above the plausible bounds are clamped to them; zero, negative and
+        non-finite values are ignored.
+        """
+        rec = self.record(peer_id)
+        for name, value, high in (
+            ("tokens_per_s", tokens_per_s, MAX_PLAUSIBLE_TOKENS_PER_S),
+            ("first_token_ms", first_token_ms, MAX_PLAUSIBLE_FIRST_TOKEN_MS),
+        ):
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value) or value <= 0:
+                continue
+            setattr(rec, name, _smooth(getattr(rec, name), min(float(value), high)))
+
+    def valued(self, peer: str) -> bool:
+        """Whether ``peer`` has done a job for us (its offers are kept before strangers', node.offers)."""
+        rec = self.peers.get(peer)
+        return rec is not None and rec.successes > 0
 
     def banned(self, peer: str, now: float) -> bool:
         rec = self.peers.get(peer)
@@ -168,13 +225,9 @@ def rank(
         return candidates
     peers = reputation.peers
     records = [peers.get(o.peer_id) for o in candidates]
-    measured = [r.latency_ms for r in records if r is not None and r.latency_ms is not None]
-    default_latency = statistics.median(measured) if measured else 0.0
-    latency = _scaled(
-        [r.latency_ms if r is not None and r.latency_ms is not None else default_latency for r in records]
-    )
+    latency = _scaled(_first_token_estimates(candidates, records))
     price = _scaled([float(o.price_per_1k) for o in candidates])
-    slowness = _scaled([1.0 / max(o.tokens_per_s, 1e-3) for o in candidates])
+    slowness = _scaled([1.0 / s for s in _speed_estimates(candidates, records)])
     unreliability = _scaled(
         [1.0 - ((r.successes + 1) / (r.successes + r.failures + 2) if r is not None else 0.5) for r in records]
     )
@@ -191,3 +244,46 @@ def rank(
     ]
     best = heapq.nsmallest(limit, keyed) if limit is not None and limit < len(keyed) else sorted(keyed)
     return [candidates[i] for _, _, _, i in best]
+
+
+def _fill_absent(values: list[float | None]) -> list[float]:
+    """Absent values become the median of the present ones (all equal if none is present)."""
+    present = [v for v in values if v is not None]
+    default = statistics.median(present) if present else 1.0
+    return [default if v is None else v for v in values]
+
+
+def _speed_estimates(candidates: list[Offer], records: list[PeerRecord | None]) -> list[float]:
+    """Tokens/s per candidate: measured, else the plausible claim capped at the fastest measured."""
+    measured = [r.tokens_per_s if r is not None else None for r in records]
+    known = [m for m in measured if m is not None]
+    cap = max(known) if known else MAX_PLAUSIBLE_TOKENS_PER_S
+    estimates: list[float | None] = []
+    for offer, m in zip(candidates, measured, strict=True):
+        if m is not None:
+            estimates.append(m)
+        else:
+            claim = plausible(offer.tokens_per_s, MAX_PLAUSIBLE_TOKENS_PER_S)
+            estimates.append(None if claim is None else min(claim, cap))
+    return _fill_absent(estimates)
+
+
+def _first_token_estimates(candidates: list[Offer], records: list[PeerRecord | None]) -> list[float]:
+    """Milliseconds to the first token per candidate: measured, else round trip + plausible claim."""
+    rtts = [r.latency_ms if r is not None else None for r in records]
+    known_rtts = [x for x in rtts if x is not None]
+    default_rtt = statistics.median(known_rtts) if known_rtts else 0.0
+    measured = [r.first_token_ms if r is not None else None for r in records]
+    known = [m for m in measured if m is not None]
+    floor = min(known) if known else 0.0
+    estimates: list[float | None] = []
+    for offer, m, rtt in zip(candidates, measured, rtts, strict=True):
+        if m is not None:
+            estimates.append(m)
+            continue
+        claim = plausible(offer.first_token_ms, MAX_PLAUSIBLE_FIRST_TOKEN_MS, MIN_PLAUSIBLE_FIRST_TOKEN_MS)
+        if claim is None:
+            estimates.append(None)
+        else:
+            estimates.append(max((default_rtt if rtt is None else rtt) + claim, floor))
+    return _fill_absent(estimates)

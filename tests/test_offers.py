@@ -12,10 +12,24 @@ import trio
 from node.errors import WireError
 from node.host import Host, HostConfig
 from node.identity import Identity, load_or_create_account
-from node.messages import Offer
-from node.offers import TOPIC, Advertiser, OfferBook, OfferGossip, check_offer, parse_offer
-from node.wire import encode
+from node.messages import ModelInfo, Offer, OffersBatch
+from node.offers import (
+    MAX_OFFER_BYTES,
+    REFUSED_FULL,
+    REFUSED_MODEL_FULL,
+    REFUSED_OLDER,
+    REFUSED_RATE,
+    SYNC_PIECE_BYTES,
+    TOPIC,
+    Advertiser,
+    OfferBook,
+    OfferGossip,
+    check_offer,
+    parse_offer,
+)
+from node.wire import decode, encode
 
+from . import factories
 from .factories import MODEL, signed_offer
 
 
@@ -47,7 +61,7 @@ def test_offer_checks(tmp_path):
     assert check_offer(make_offer(me, 1, now + 10_000), me.peer_id, now) == "expiry too far ahead"
     stolen = make_offer(other, 1, now + 60, payee=me.payee, binding=me.binding)  # my address on their offer
     assert check_offer(stolen, other.peer_id, now) == "payee not bound to the peer"
-    with pytest.raises(WireError, match="over 65536"):
+    with pytest.raises(WireError, match="over 8192"):
         parse_offer(b"\0" * 70_000, me.peer_id, now)
 
 
@@ -95,9 +109,166 @@ async def test_a_late_joiner_gets_the_market_at_once_and_forgeries_are_dropped(t
                 forged = make_offer(worker_identity, 2, time.time() + 60, price_per_1k=1)
                 forged = dataclasses.replace(forged, price_per_1k=0)  # altered after signing
                 gossip_a.book.add(genuine)
-                gossip_a.book.offers["someone"] = dataclasses.replace(forged, peer_id="someone")
+                gossip_a.book.add(dataclasses.replace(forged, peer_id="someone"))  # the book does not check
                 async with node(nursery, tmp_path, "late", a.addrs()) as (_, late):
                     # no gossip happened: the offers came with the sync at start-up
                     assert [o.peer_id for o in late.book.live(time.time())] == [worker_identity.peer_id]
                     assert late.book.offers[worker_identity.peer_id].seq == 1
+                nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------ validation of every field (issue 9, item 6)
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({"expires_at": NAN}, "expires_at is not a finite number"),
+        ({"expires_at": INF}, "expires_at is not a finite number"),
+        ({"tokens_per_s": NAN}, "tokens_per_s is not a finite number"),
+        ({"tokens_per_s": -1.0}, "tokens_per_s -1.0 is out of range"),
+        ({"tokens_per_s": 1e9}, "tokens_per_s 1000000000.0 is out of range"),
+        ({"first_token_ms": -INF}, "first_token_ms is not a finite number"),
+        ({"first_token_ms": -3.0}, "first_token_ms -3.0 is out of range"),
+        ({"slots_total": 2**63, "slots_free": 1}, "slots_total 9223372036854775808 is out of range"),
+        ({"slots_total": 0, "slots_free": 0}, "slots_total 0 is out of range"),
+        ({"slots_free": 5}, "slots_free 5 is out of range"),
+        ({"slots_free": -1}, "slots_free -1 is out of range"),
+        ({"price_per_1k": -1}, "price_per_1k -1 is out of range"),
+        ({"chain_id": -1}, "chain_id -1 is out of range"),
+        ({"seq": -1}, "seq -1 is out of range"),
+        ({"addrs": ["/ip4/127.0.0.1/tcp/1"] * 3000}, "3000 addresses, more than 32"),
+        ({"addrs": ["/ip4/" + "1" * 300]}, "an address is longer than 256"),
+        ({"models": []}, "0 models, not 1 to 8"),
+        ({"models": [ModelInfo(MODEL, "m", 2048)] * 9}, "9 models, not 1 to 8"),
+        ({"models": [ModelInfo(MODEL, "m", 0)]}, "a model's context_size 0 is out of range"),
+        ({"models": [ModelInfo(MODEL, "m", 2**40)]}, "a model's context_size 1099511627776 is out of range"),
+        ({"models": [ModelInfo("b" * 200, "m", 2048)]}, "a model's cid is longer than 128"),
+        ({"models": [ModelInfo(MODEL, "m" * 300, 2048)]}, "a model's name is longer than 256"),
+        ({"hardware": "h" * 2000}, "hardware is longer than 1024"),
+        ({"version": "v" * 200}, "version is longer than 128"),
+        ({"escrow": "not an address"}, "escrow is not an Ethereum address"),
+    ],
+)
+def test_every_field_is_bounded(tmp_path, changes, reason):
+    """An offer with NaN expiry (or any other field out of bounds) was accepted, and handed out on sync."""
+    me = Identity.load(tmp_path)
+    now = time.time()
+    bad = make_offer(me, **{"seq": 1, "expires_at": now + 60, **changes})  # properly signed: only the field is wrong
+    problem = check_offer(bad, me.peer_id, now)
+    assert problem is not None and problem.startswith(reason)
+    with pytest.raises(WireError) as refused:  # what the topic validator and the sync do
+        parse_offer(encode(bad), me.peer_id, now)
+    assert str(refused.value).endswith(problem) or f"over {MAX_OFFER_BYTES}" in str(refused.value)
+
+
+def test_an_offer_over_the_size_cap_is_refused_before_it_is_decoded(tmp_path):
+    me = Identity.load(tmp_path)
+    now = time.time()
+    big = make_offer(me, 1, now + 60, addrs=["/ip4/127.0.0.1/tcp/4001/" + "x" * 200] * 32, hardware="h" * 1000)
+    assert len(encode(big)) > MAX_OFFER_BYTES  # every field within its own cap, the whole over the cap
+    with pytest.raises(WireError, match=f"over {MAX_OFFER_BYTES}"):
+        parse_offer(encode(big), me.peer_id, now)
+
+
+def test_a_real_worker_offer_is_well_within_the_caps(tmp_path):
+    me = Identity.load(tmp_path)
+    now = time.time()
+    offer = make_offer(me, 1, now + 60, addrs=["/ip4/192.168.1.20/tcp/4001", "/ip6/::1/tcp/4001"],
+                       hardware="AMD EPYC 9654 96-Core Processor × 192 cores, 1536 GiB RAM, "
+                       + ", ".join(["NVIDIA H200 (141 GiB)"] * 8))  # fmt: skip
+    assert check_offer(offer, me.peer_id, now) is None and len(encode(offer)) < MAX_OFFER_BYTES // 4
+
+
+# ------------------------------------------------------------ the book's caps (issue 9, item 6)
+
+
+def book_offer(peer: str, *, seq: int = 1, expires_at: float = 1e12, models=(MODEL,)) -> factories.Offer:
+    return factories.offer(peer, seq=seq, expires_at=expires_at, models=[ModelInfo(m, "m", 2048) for m in models])
+
+
+def test_the_book_is_capped_per_model_and_in_total():
+    book = OfferBook(max_offers=6, max_per_model=4)
+    for i in range(4):
+        assert book.admit(book_offer(f"a{i}")) is None
+    assert book.admit(book_offer("a4")) == REFUSED_MODEL_FULL
+    assert book.admit(book_offer("b0", models=("other",))) is None
+    assert book.admit(book_offer("b1", models=("other",))) is None
+    assert book.admit(book_offer("b2", models=("third",))) == REFUSED_FULL
+    assert len(book) == 6
+    # peers already in the book keep refreshing their offers
+    assert book.admit(book_offer("a0", seq=2)) is None and book.offers["a0"].seq == 2
+    assert book.admit(book_offer("a0", seq=2)) == REFUSED_OLDER
+    # an update may not add a model that is full
+    assert book.admit(book_offer("b0", seq=2, models=("other", MODEL))) == REFUSED_MODEL_FULL
+    # expired offers make room
+    assert book.admit(book_offer("a1", seq=2, expires_at=5.0)) is None
+    book.clock = lambda: 10.0
+    assert book.admit(book_offer("a5")) is None and "a1" not in book.offers
+
+
+def test_a_full_book_keeps_peers_we_value_before_strangers():
+    valued = {"friend"}
+    book = OfferBook(max_offers=3, max_per_model=10, valued=valued.__contains__)
+    for name in ("s0", "s1", "s2"):
+        assert book.add(book_offer(name))
+    assert book.admit(book_offer("stranger")) == REFUSED_FULL
+    assert book.admit(book_offer("friend")) is None  # displaces the stranger admitted last
+    assert set(book.offers) == {"s0", "s1", "friend"}
+    valued.update({"s0", "s1"})
+    assert book.admit(book_offer("friend2")) == REFUSED_FULL  # nobody left to displace: all are valued
+
+
+def test_new_peers_from_gossip_are_rate_limited():
+    now = [0.0]
+    book = OfferBook(new_peers_per_s=2.0, new_peer_burst=3.0, clock=lambda: now[0], valued={"friend"}.__contains__)
+    assert [book.admit(book_offer(f"p{i}"), rate_limited=True) for i in range(4)] == [None, None, None, REFUSED_RATE]
+    assert book.admit(book_offer("friend"), rate_limited=True) is None  # peers we value are never held back
+    assert book.admit(book_offer("p0", seq=2), rate_limited=True) is None  # nor are known peers' updates
+    assert book.admit(book_offer("p4")) is None  # a sync answer is bounded by itself
+    now[0] = 0.5
+    assert book.admit(book_offer("p5"), rate_limited=True) is None
+    assert book.admit(book_offer("p6"), rate_limited=True) == REFUSED_RATE
+
+
+def test_the_sync_answer_is_built_once_shared_and_in_pieces():
+    now = [100.0]
+    book = OfferBook(max_per_model=1000, clock=lambda: now[0], valued={"p0999"}.__contains__)
+    fat = ["/ip4/127.0.0.1/tcp/4001/" + "x" * 200] * 8  # about 2 KB an offer
+    for i in range(1000):
+        book.add(dataclasses.replace(book_offer(f"p{i:04d}"), addrs=fat))
+    frames = book.sync_frames(now[0])
+    assert book.sync_frames(now[0]) is frames  # shared, not rebuilt
+    assert all(len(f) <= SYNC_PIECE_BYTES for f in frames) and len(frames) > 20
+    offers = [decode(data) for f in frames for data in decode(f[4:]).offers]
+    assert len(offers) == 1000 and offers[0].peer_id == "p0999"  # peers we value first
+    book.add(book_offer("p0001", seq=2))
+    assert book.sync_frames(now[0] + 0.5) is frames  # a changing book is rebuilt at most once a second
+    now[0] += 1.0
+    rebuilt = book.sync_frames(now[0])
+    assert rebuilt is not frames
+    assert isinstance(decode(rebuilt[0][4:]), OffersBatch)
+
+
+async def test_a_sync_answer_of_many_pieces_arrives_whole(tmp_path):
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from node.identity import peer_id_of
+
+    now = time.time()
+    offers = []
+    for _ in range(250):
+        key_pair = create_new_key_pair()
+        identity = Identity(key_pair, peer_id_of(key_pair), None, b"")
+        offers.append(make_offer(identity, 1, now + 60, addrs=["/ip4/127.0.0.1/tcp/4001/" + "x" * 200] * 2))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            async with node(nursery, tmp_path, "a") as (a, gossip_a):
+                for offer in offers:
+                    assert gossip_a.book.add(offer)
+                assert len(gossip_a.book.sync_frames(time.time())) > 2
+                async with node(nursery, tmp_path, "late", a.addrs()) as (_, late):
+                    assert {o.peer_id for o in late.book.live(time.time())} == {o.peer_id for o in offers}
                 nursery.cancel_scope.cancel()

@@ -122,3 +122,86 @@ def test_the_fast_filter_agrees_with_the_spec():
     ):
         spec = [o.peer_id for o in offers if exclusion(o, query, rep, NOW) is None]
         assert [o.peer_id for o in eligible(offers, query, rep, NOW)] == spec
+
+
+# ----------------------------------------------- claims, measurements (issue 9, item 6)
+
+
+def test_absurd_speed_claims_count_as_absent():
+    """A fake worker advertising 1e9 tokens/s (or NaN, inf, ≤ 0) must not win the speed term."""
+    q = RouteQuery(model=MODEL)
+    for claim in (1e9, 100_001.0, float("inf"), float("nan"), -1.0, 0.0):
+        ranked = rank([offer("zfake", tokens_per_s=claim), offer("honest", tokens_per_s=100.0)], q, Reputation(), NOW)
+        assert peers(ranked) == ["honest", "zfake"], claim  # as if it claimed nothing: a tie, broken on the id
+    # a plausible claim still counts while nothing is measured
+    assert peers(
+        rank([offer("zfast", tokens_per_s=500.0), offer("slow", tokens_per_s=50.0)], q, Reputation(), NOW)
+    ) == [
+        "zfast",
+        "slow",
+    ]
+
+
+def test_absurd_first_token_claims_count_as_absent():
+    q = RouteQuery(model=MODEL)
+    for claim in (0.0, -5.0, float("nan"), float("-inf"), 1e12):
+        ranked = rank(
+            [offer("zfake", first_token_ms=claim), offer("honest", first_token_ms=10.0)], q, Reputation(), NOW
+        )
+        assert peers(ranked) == ["honest", "zfake"], claim
+
+
+def test_measured_speed_outweighs_claims():
+    q = RouteQuery(model=MODEL)
+    rep = Reputation()
+    rep.observe("bragger", tokens_per_s=20.0, first_token_ms=None)  # claims 5,000, delivered 20
+    rep.observe("steady", tokens_per_s=100.0, first_token_ms=None)
+    ranked = rank([offer("bragger", tokens_per_s=5000.0), offer("steady", tokens_per_s=100.0)], q, rep, NOW)
+    assert peers(ranked) == ["steady", "bragger"]
+    # an unmeasured claim is believed only up to the fastest measured peer: no better than "steady" here
+    ranked = rank([offer("znew", tokens_per_s=90_000.0), offer("steady", tokens_per_s=100.0)], q, rep, NOW)
+    assert peers(ranked) == ["steady", "znew"]
+
+
+def test_measured_first_token_outweighs_claims_and_ping():
+    q = RouteQuery(model=MODEL)
+    rep = Reputation()
+    rep.observe("quick", tokens_per_s=None, first_token_ms=50.0)
+    rep.observe("a-sluggish", tokens_per_s=None, first_token_ms=3000.0)
+    rep.latency("a-sluggish", 1.0)  # a fast ping says nothing about how soon text comes
+    ranked = rank([offer("a-sluggish", first_token_ms=1.0), offer("quick", first_token_ms=40.0)], q, rep, NOW)
+    assert peers(ranked) == ["quick", "a-sluggish"]
+    # a claim (plus the ping) is no better than the quickest measured peer
+    ranked = rank([offer("zclaims", first_token_ms=0.5), offer("quick", first_token_ms=40.0)], q, rep, NOW)
+    assert peers(ranked) == ["quick", "zclaims"]
+
+
+def test_observe_smooths_and_ignores_non_measurements():
+    rep = Reputation()
+    rep.observe("p", tokens_per_s=100.0, first_token_ms=200.0)
+    rep.observe("p", tokens_per_s=200.0, first_token_ms=None)
+    rec = rep.peers["p"]
+    assert rec.tokens_per_s == 0.7 * 100.0 + 0.3 * 200.0 and rec.first_token_ms == 200.0
+    for bad in (None, float("nan"), float("inf"), -3.0, 0.0):
+        rep.observe("p", tokens_per_s=bad, first_token_ms=bad)
+    assert rep.peers["p"].tokens_per_s == 130.0 and rep.peers["p"].first_token_ms == 200.0
+    rep.observe("q", tokens_per_s=1e12, first_token_ms=None)  # a measurement is clamped to the plausible bound
+    assert rep.peers["q"].tokens_per_s == 100_000.0
+    # observing is not a success: reliability and bans are success/failure's business
+    assert rep.reliability("p") == 0.5 and not rep.valued("p")
+    rep.success("p")
+    assert rep.valued("p")
+
+
+def test_the_fake_fast_worker_of_the_hostile_tests_is_not_first():
+    """Issue 9: a free peer advertising tokens_per_s = 1e9 got every job first."""
+    q = RouteQuery(model=MODEL)
+    honest = [offer(f"w{i}", tokens_per_s=80.0 + i) for i in range(3)]
+    fake = offer("a-fake", tokens_per_s=1e9, first_token_ms=0.001)
+    ranked = peers(rank([fake, *honest], q, Reputation(), NOW))  # a requester with no history yet
+    assert ranked[0] == "w2" and ranked.index("a-fake") > 0
+    rep = Reputation()  # and with history, measured on its own jobs
+    for o in honest:
+        rep.success(o.peer_id)
+        rep.observe(o.peer_id, tokens_per_s=o.tokens_per_s, first_token_ms=150.0)
+    assert peers(rank([fake, *honest], q, rep, NOW))[-1] == "a-fake"
