@@ -14,15 +14,37 @@ hashed with SHA-256. Two profiles matter, both reproduced here byte for byte:
 ``FileHasher`` consumes a file as a stream (no second pass, constant memory),
 so a download or a copy can be hashed while it is written. Nothing here does
 I/O beyond what the caller feeds it.
+
+**What is ours and what is not.** The encodings come from the multiformats
+libraries that py-libp2p already installs: ``py-cid`` (module ``cid``) for the
+CID layout, ``py-multibase`` and ``base58`` for the text forms,
+``py-multihash`` and ``py-multicodec`` for the prefixes, ``varint`` for
+varints. Kubo's balanced layout and the streaming hasher are ours: no library
+reproduces them.
+
+**Hostile input.** CIDs arrive from peers and HTTP clients. Every base58
+decoder (ours before, ``base58``'s and py-cid's now) converts through one big
+integer, which costs time growing with the square of the input: a 1 MB string
+froze a worker for minutes. So every input is bounded *before* any decoding:
+a CID string is at most ``MAX_CID_CHARS`` characters (a SHA-256 CID, the only
+kind llmarket uses, is 46 to 59), a binary CID at most ``MAX_CID_BYTES``, and
+a varint at most 10 bytes. Within those bounds, parsing takes microseconds, so
+callers may parse on the event loop.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
+
+import base58
+import cid as pycid
+import multibase
+import multihash
+import varint as varint_codec
 
 from node.errors import ModelError
 
@@ -33,57 +55,41 @@ CODEC_DAG_PB = 0x70
 CODEC_RAW = 0x55
 MH_SHA2_256 = 0x12
 
-_B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_B58_INDEX = {c: i for i, c in enumerate(_B58_ALPHABET)}
+#: The longest CID string accepted. A SHA-256 CID is 46 characters as CIDv0,
+#: 59 as base32 CIDv1 and 49 as base58btc CIDv1; the rest is slack.
+MAX_CID_CHARS = 100
+#: The longest binary CID accepted (a SHA-256 CID is 34 or 36 bytes).
+MAX_CID_BYTES = 64
+#: The longest varint accepted: 10 bytes hold any 64-bit value.
+MAX_VARINT_BYTES = 10
+
+_CODEC_NAMES = {CODEC_DAG_PB: "dag-pb", CODEC_RAW: "raw"}  # multicodec's names
+_CODECS = {name: code for code, name in _CODEC_NAMES.items()}
+_CID_HINT = "expected a CIDv0 (Qm…, 46 characters) or a CIDv1 (bafy…/bafk…)"
 
 
 # ------------------------------------------------------------------ encodings
 
 
-def varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
     """Unsigned LEB128, as protobuf and multiformats use it."""
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+    return varint_codec.encode(n)
 
 
 def read_varint(buf: bytes, pos: int = 0) -> tuple[int, int]:
-    """Decode a varint at ``buf[pos:]``; returns (value, position after it)."""
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("truncated or oversized varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
+    """Decode the varint at ``buf[pos:]``; returns (value, position after it).
 
-
-def b58encode(data: bytes) -> str:
-    n = int.from_bytes(data, "big")
-    out = ""
-    while n:
-        n, rem = divmod(n, 58)
-        out = _B58_ALPHABET[rem] + out
-    return "1" * (len(data) - len(data.lstrip(b"\0"))) + out
-
-
-def b58decode(text: str) -> bytes:
-    n = 0
-    for char in text:
-        if char not in _B58_INDEX:
-            raise ValueError(f"{char!r} is not a base58 character")
-        n = n * 58 + _B58_INDEX[char]
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return b"\0" * (len(text) - len(text.lstrip("1"))) + body
+    Raises:
+        ValueError: the varint is truncated or longer than ``MAX_VARINT_BYTES``.
+    """
+    # The library has no length limit (a long run of continuation bytes makes an
+    # ever larger integer), so it only ever sees MAX_VARINT_BYTES bytes.
+    window = io.BytesIO(buf[pos : pos + MAX_VARINT_BYTES])
+    try:
+        value = varint_codec.decode_stream(window)
+    except (EOFError, TypeError):  # varint 1.0.2 fails with TypeError when its input runs out
+        raise ValueError("truncated or oversized varint") from None
+    return value, pos + window.tell()
 
 
 # ------------------------------------------------------------------------ CID
@@ -91,7 +97,11 @@ def b58decode(text: str) -> bytes:
 
 @dataclass(frozen=True)
 class CID:
-    """A parsed CID. Only SHA-256 multihashes, and the dag-pb and raw codecs, are used by IPFS files."""
+    """A parsed CID. Only SHA-256 multihashes, and the dag-pb and raw codecs, are used by IPFS files.
+
+    A small value type of our own (hashable, compared by value, cheap to make
+    by the thousand while hashing a file); ``py-cid`` does its encodings.
+    """
 
     version: int
     codec: int
@@ -107,94 +117,87 @@ class CID:
 
     @property
     def multihash(self) -> bytes:
-        return bytes([MH_SHA2_256, 32]) + self.digest
+        return multihash.encode(self.digest, MH_SHA2_256)
+
+    def _library(self) -> pycid.CIDv0 | pycid.CIDv1:
+        if self.version == 0:
+            return pycid.CIDv0(self.multihash)
+        return pycid.CIDv1(_CODEC_NAMES[self.codec], self.multihash)
 
     def to_bytes(self) -> bytes:
         """The binary CID, as dag-pb links and CAR files carry it."""
-        if self.version == 0:
-            return self.multihash
-        return varint(1) + varint(self.codec) + self.multihash
+        return self._library().buffer
 
     def __str__(self) -> str:
         if self.version == 0:
-            return b58encode(self.multihash)
-        return "b" + base64.b32encode(self.to_bytes()).decode().lower().rstrip("=")
+            return str(self._library())  # base58btc, no multibase prefix
+        return self._library().encode("base32").decode()
 
     def verify_block(self, block: bytes) -> bool:
         return hashlib.sha256(block).digest() == self.digest
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> CID:
-        """Parse a binary CID (exactly, no trailing bytes)."""
-        cid, end = cls.read(raw, 0)
-        if end != len(raw):
-            raise ModelError(f"binary CID has {len(raw) - end} trailing bytes")
-        return cid
+        """Parse a binary CID (exactly, no trailing bytes).
 
-    @classmethod
-    def read(cls, buf: bytes, pos: int) -> tuple[CID, int]:
-        """Parse a binary CID at ``buf[pos:]``; returns (cid, position after it)."""
+        Raises:
+            ModelError: not a CID llmarket can use, with what is wrong.
+        """
+        if len(raw) > MAX_CID_BYTES:
+            raise ModelError(f"malformed binary CID: {len(raw):,} bytes, over the {MAX_CID_BYTES}-byte limit")
         try:
-            if buf[pos : pos + 2] == bytes([MH_SHA2_256, 32]):
-                digest = buf[pos + 2 : pos + 34]
-                if len(digest) != 32:
-                    raise ValueError("truncated multihash")
-                return cls.v0(digest), pos + 34
-            version, pos = read_varint(buf, pos)
-            if version != 1:
-                raise ValueError(f"CID version {version}")
-            codec, pos = read_varint(buf, pos)
-            hash_code, pos = read_varint(buf, pos)
-            length, pos = read_varint(buf, pos)
-        except (ValueError, IndexError) as err:
+            # A CIDv1 starts with its version; a CIDv0 is a bare multihash.
+            parsed = pycid.from_bytes_strict(raw) if raw[:1] == b"\x01" else pycid.CIDv0(raw)
+            hashed = multihash.decode(parsed.multihash)
+        except (ValueError, TypeError, KeyError) as err:  # the libraries raise these for malformed input
             raise ModelError(f"malformed binary CID: {err}") from None
-        if hash_code != MH_SHA2_256 or length != 32:
-            raise ModelError(f"unsupported multihash 0x{hash_code:x}/{length} bytes; llmarket uses SHA-256 CIDs")
-        if codec not in (CODEC_DAG_PB, CODEC_RAW):
-            raise ModelError(f"unsupported CID codec 0x{codec:x}; model files are dag-pb or raw")
-        digest = buf[pos : pos + 32]
-        if len(digest) != 32:
-            raise ModelError("malformed binary CID: truncated digest")
-        return cls.v1(codec, digest), pos + 32
+        if hashed.code != MH_SHA2_256 or hashed.length != 32:
+            raise ModelError(f"unsupported multihash {hashed.name}/{hashed.length} bytes; llmarket uses SHA-256 CIDs")
+        if parsed.codec not in _CODECS:
+            raise ModelError(f"unsupported CID codec {parsed.codec}; model files are dag-pb or raw")
+        return cls(parsed.version, _CODECS[parsed.codec], hashed.digest)
 
 
 def parse_cid(text: str) -> CID:
     """Parse a CID string: CIDv0 (``Qm…``), or CIDv1 in base32 (``b…``) or base58btc (``z…``).
 
+    The length is checked before anything else (see the module docstring), and
+    an over-long input is never echoed whole in the error.
+
     Raises:
         ModelError: not a CID llmarket can use, with what is wrong.
     """
+    if len(text) > MAX_CID_CHARS:
+        raise ModelError(f"invalid CID {text[:16]!r}… ({len(text):,} characters): a CID is at most {MAX_CID_CHARS}")
     text = text.strip()
-    hint = "expected a CIDv0 (Qm…, 46 characters) or a CIDv1 (bafy…/bafk…)"
+    if len(text) == 46 and text.startswith("Qm"):
+        decode, base = base58.b58decode, "base58"
+    elif text[:1] in ("b", "B", "z") and len(text) > 8:
+        decode, base = multibase.decode, "base58btc" if text[0] == "z" else "base32"
+    else:
+        raise ModelError(f"invalid CID {text!r}: {_CID_HINT}")
     try:
-        if len(text) == 46 and text.startswith("Qm"):
-            raw = b58decode(text)
-            if len(raw) != 34 or raw[:2] != bytes([MH_SHA2_256, 32]):
-                raise ModelError("not a SHA-256 multihash")
-            return CID.v0(raw[2:])
-        if text[:1] in ("b", "B", "z") and len(text) > 8:
-            if text[0] == "z":
-                raw = b58decode(text[1:])
-            else:
-                body = text[1:].upper()
-                raw = base64.b32decode(body + "=" * (-len(body) % 8))
-            if raw[:1] != b"\x01":
-                raise ModelError(hint)
-            return CID.from_bytes(raw)
-    except (ModelError, ValueError) as err:  # binascii.Error is a ValueError
+        raw = decode(text)
+    except ValueError as err:  # base58's and multibase's decoding errors are ValueErrors
+        raise ModelError(f"invalid CID {text!r}: not valid {base} ({err})") from None
+    wants_v1 = not text.startswith("Qm")  # Qm… is a bare v0 multihash; b…/z… a v1 CID, version first
+    if (raw[:1] == b"\x01") != wants_v1:
+        raise ModelError(f"invalid CID {text!r}: {_CID_HINT}")
+    try:
+        return CID.from_bytes(raw)
+    except ModelError as err:
         raise ModelError(f"invalid CID {text!r}: {err}") from None
-    raise ModelError(f"invalid CID {text!r}: {hint}")
 
 
 # ----------------------------------------------------------------- protobufs
 
 
 def _pb_bytes(field_number: int, value: bytes) -> bytes:
-    return varint(field_number << 3 | 2) + varint(len(value)) + value
+    return encode_varint(field_number << 3 | 2) + encode_varint(len(value)) + value
 
 
 def _pb_varint(field_number: int, value: int) -> bytes:
-    return varint(field_number << 3) + varint(value)
+    return encode_varint(field_number << 3) + encode_varint(value)
 
 
 def unixfs_file(data: bytes | None, filesize: int, blocksizes: list[int] = ()) -> bytes:
@@ -242,10 +245,10 @@ def leaf_link_of_pieces(pieces: Sequence[bytes | memoryview], size: int, version
             digest.update(piece)
         return Link(CID.v1(CODEC_RAW, digest.digest()), size, size)
     # dag-pb { Data (1): UnixFS { Type (1) = File, Data (2) = chunk, filesize (3) } }, as in dag_pb_node/unixfs_file
-    unixfs_head = _pb_varint(1, 2) + (varint(2 << 3 | 2) + varint(size) if size else b"")
+    unixfs_head = _pb_varint(1, 2) + (encode_varint(2 << 3 | 2) + encode_varint(size) if size else b"")
     unixfs_tail = _pb_varint(3, size)
     unixfs_len = len(unixfs_head) + size + len(unixfs_tail)
-    head = varint(1 << 3 | 2) + varint(unixfs_len) + unixfs_head
+    head = encode_varint(1 << 3 | 2) + encode_varint(unixfs_len) + unixfs_head
     digest.update(head)
     for piece in pieces:
         digest.update(piece)
