@@ -1,6 +1,6 @@
 """Inference speed on the default model: llama-cpp-python directly, and through llmarket's Engine.
 
-    .venv/bin/python bench/engine.py [--runs 5] [--tokens 256]
+    .venv/bin/python bench/engine.py [--runs 5] [--tokens 256] [--top-logprobs 20]
 
 Both sides: SmolLM2-135M-Instruct Q4_1, greedy (temperature 0), repeat penalty 1.0,
 one chat prompt through the model's own template, n_ctx 2048, all cores, CPU
@@ -13,6 +13,11 @@ The direct side is `Llama.create_chat_completion(stream=True)`, the usual
 llama-cpp-python path: the baseline every later overhead (engine, market,
 gateway) is measured against. The prompt cache is reset before every run, so
 TTFT includes prompt processing each time. Medians over all runs are printed.
+
+A third side is the Engine with logprobs on (``SamplingParams.logprobs`` =
+--top-logprobs): each token's logprob and its top alternatives are computed
+from the logits in the generation thread, so this row shows what they cost;
+the plain Engine row is logprobs off.
 
 Each side runs in a fresh process, alternating (direct, engine, direct, engine
 for --rounds 2): in one process, a llama.cpp model loaded after another was
@@ -64,8 +69,10 @@ def direct(path: Path, runs: int, tokens: int, threads: int) -> list[tuple[float
     return results
 
 
-async def engine(path: Path, runs: int, tokens: int, threads: int) -> list[tuple[float, float, int]]:
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, repeat_penalty=1.0)
+async def engine(
+    path: Path, runs: int, tokens: int, threads: int, logprobs: int | None = None
+) -> list[tuple[float, float, int]]:
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, repeat_penalty=1.0, logprobs=logprobs)
     results = []
     async with open_engine(path, n_ctx=2048, threads=threads) as eng:
         for _ in range(runs):
@@ -85,7 +92,11 @@ async def engine(path: Path, runs: int, tokens: int, threads: int) -> list[tuple
     return results
 
 
-SIDES = {"direct": "llama-cpp-python, direct", "engine": "llmarket Engine"}
+SIDES = {
+    "direct": "llama-cpp-python, direct",
+    "engine": "llmarket Engine",
+    "logprobs": "llmarket Engine, logprobs on (top {k})",
+}
 
 
 def main() -> None:
@@ -93,24 +104,27 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="runs per process")
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per side, alternating")
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--top-logprobs", type=int, default=20, help="k for the logprobs side")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side, JSON out
     args = parser.parse_args()
     path = default_model_file()
     hw = probe_hardware()
     threads = hw.cpu_cores
     if args.side:
-        run = (
-            direct(path, args.runs, args.tokens, threads)
-            if args.side == "direct"
-            else trio.run(engine, path, args.runs, args.tokens, threads)
-        )
+        if args.side == "direct":
+            run = direct(path, args.runs, args.tokens, threads)
+        else:
+            logprobs = args.top_logprobs if args.side == "logprobs" else None
+            run = trio.run(engine, path, args.runs, args.tokens, threads, logprobs)
         print(json.dumps(run))
         return
-    rows: dict[str, list] = {name: [] for name in SIDES.values()}
+    names = {side: name.format(k=args.top_logprobs) for side, name in SIDES.items()}
+    rows: dict[str, list] = {name: [] for name in names.values()}
     for _ in range(args.rounds):
-        for side, name in SIDES.items():
+        for side, name in names.items():
             out = subprocess.run(
-                [sys.executable, __file__, "--side", side, "--runs", str(args.runs), "--tokens", str(args.tokens)],
+                [sys.executable, __file__, "--side", side, "--runs", str(args.runs), "--tokens", str(args.tokens),
+                 "--top-logprobs", str(args.top_logprobs)],
                 check=True, capture_output=True, text=True,
             ).stdout  # fmt: skip
             rows[name] += json.loads(out)

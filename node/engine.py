@@ -16,12 +16,20 @@ or cancelling it, stops generation within one token and frees the slot.
 Token accounting is exact: ``prompt_tokens`` is the length of the tokenized
 prompt (after the chat template) and ``completion_tokens`` the number of
 tokens sampled, the end-of-generation token excluded.
+
+Logprobs (``SamplingParams.logprobs``) are read from the logits the token was
+sampled from, in the generation thread, only when asked for; grammars
+(``json_schema``/``grammar``) are converted and checked by llama.cpp's parser in
+a thread before a slot is taken, then constrain llama.cpp's own sampler chain.
 """
 
 from __future__ import annotations
 
 import codecs
+import ctypes
+import json
 import math
+import re
 import secrets
 import threading
 import time
@@ -34,8 +42,8 @@ from typing import Any
 import trio
 
 from node.concurrency import open_service_nursery
-from node.errors import InvalidRequest, ModelError
-from node.hardware import llama_gpu_offload, nvml_gpus, probe_hardware
+from node.errors import ContextTooLong, InvalidRequest, ModelError
+from node.hardware import HardwareProfile, probe_hardware
 from node.models.store import check_gguf
 from node.sampling import (  # noqa: F401  (re-exported: node.engine was their home)
     FINISH_CANCELLED,
@@ -46,21 +54,17 @@ from node.sampling import (  # noqa: F401  (re-exported: node.engine was their h
     SamplingParams,
     TokenLogprob,
     Usage,
+    validate_messages,
+    validate_prompt,
 )
 
-_ROLES = ("system", "user", "assistant", "tool")
-
-def validate_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise InvalidRequest("messages must be a non-empty list of {role, content}")
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise InvalidRequest(f"messages[{i}] needs a string 'content'")
-        if message.get("role") not in _ROLES:
-            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(_ROLES)}")
-        clean.append({"role": message["role"], "content": message["content"]})
-    return clean
+# JSON Schema repetition bounds (minLength, maxItems, {m,n} in a pattern) above this
+# are refused: llama-cpp-python's converter spells a bound n out n times, so one
+# number could make it build gigabytes, and llama.cpp refuses over 2,000 anyway.
+MAX_SCHEMA_REPEAT = 1000
+MAX_COMPILED_GRAMMAR_CHARS = 1 << 20
+_REPEAT_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_PATTERN_BOUNDS = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 
 
 def _holdback(text: str, stops: Sequence[str]) -> int:
@@ -79,6 +83,217 @@ def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
     return min(hits) if hits else None
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def _schema_problem(schema: Any) -> str | None:
+    """Why llmarket will not convert ``schema``, in a few words; None when it may.
+
+    Two things are refused before llama-cpp-python's converter sees them: a
+    repetition bound over ``MAX_SCHEMA_REPEAT`` (the converter writes a bound n
+    out n times) and a ``$ref`` to anything but this document (the converter
+    would fetch an ``https://`` one when Python runs with ``-O``).
+    """
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo.extend(node)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key in _REPEAT_KEYS and isinstance(value, (int, float)) and value > MAX_SCHEMA_REPEAT:
+                    return f"{key} {value} is over {MAX_SCHEMA_REPEAT}, the most repetitions supported"
+                if key == "pattern" and isinstance(value, str):
+                    for match in _PATTERN_BOUNDS.finditer(value):
+                        if any(n and (len(n) > 9 or int(n) > MAX_SCHEMA_REPEAT) for n in match.groups()):
+                            return (
+                                f"the pattern's {match.group(0)[:20]} is over {MAX_SCHEMA_REPEAT}, "
+                                "the most repetitions supported"
+                            )
+                if key == "$ref" and not (isinstance(value, str) and value.startswith("#/")):
+                    return "only local $refs (#/...) are supported"
+                todo.append(value)
+    return None
+
+
+def _checked_grammar(vocab: Any, params: SamplingParams) -> str | None:
+    """The GBNF text that constrains ``params``' output, accepted by llama.cpp's parser; None if unconstrained.
+
+    Blocking (a schema conversion and a grammar parse): call it from a thread.
+    ``vocab`` is any slot's ``llama_vocab`` (read only, so safe while that slot decodes).
+
+    Raises:
+        InvalidRequest: a schema or grammar llama.cpp cannot use, in one line.
+    """
+    import llama_cpp
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    if params.json_schema is not None:
+        what = "json_schema"
+        try:
+            schema = json.loads(params.json_schema)
+        except (ValueError, RecursionError) as err:
+            raise InvalidRequest(f"json_schema is not valid JSON: {_one_line(err)}") from None
+        if not isinstance(schema, dict):
+            raise InvalidRequest("json_schema must be a JSON object (a JSON Schema)")
+        if (problem := _schema_problem(schema)) is not None:
+            raise InvalidRequest(f"json_schema: {problem}")
+        try:
+            gbnf = json_schema_to_gbnf(params.json_schema)
+        except Exception as err:  # the converter raises whatever it trips on: KeyError, ValueError, TypeError, ...
+            raise InvalidRequest(f"json_schema cannot be turned into a grammar: {_one_line(err)}") from None
+        if len(gbnf) > MAX_COMPILED_GRAMMAR_CHARS:
+            raise InvalidRequest("json_schema makes a grammar too large to use; simplify the schema")
+    elif params.grammar is not None:
+        what, gbnf = "grammar", params.grammar
+    else:
+        return None
+    if "\x00" in gbnf:
+        raise InvalidRequest(f"{what} must not contain NUL characters")
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(errors="replace"), b"root")
+    if not sampler:
+        raise InvalidRequest(
+            f"{what}: llama.cpp cannot use this grammar (a GBNF syntax error, an undefined rule, no 'root' rule, "
+            "left recursion, or too many repetitions)"
+        )
+    llama_cpp.llama_sampler_free(sampler)
+    return gbnf
+
+
+def _logprob_reader(llama: Any, k: int) -> Callable[[int], TokenLogprob]:
+    """A function that describes the token just sampled by ``llama`` (before the next decode).
+
+    It reads the raw logits the token was sampled from (the context's last
+    output row) and returns the token's log-softmax and the ``k`` best
+    alternatives'. Token texts are cached for the job.
+    """
+    import llama_cpp
+    import numpy as np
+
+    n_vocab = llama.n_vocab()
+    ctx = llama.ctx
+    texts: dict[int, str] = {}
+
+    def text(token: int) -> str:
+        piece = texts.get(token)
+        if piece is None:
+            piece = texts[token] = llama.detokenize([token], special=True).decode(errors="replace")
+        return piece
+
+    def read(token: int) -> TokenLogprob:
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+        logits = row.astype(np.float64)
+        peak = logits.max()
+        log_total = peak + math.log(float(np.exp(logits - peak).sum()))  # ≥ peak, so every logprob ≤ 0
+        top: tuple[tuple[str, float], ...] = ()
+        if k:
+            best = np.argpartition(logits, n_vocab - k)[n_vocab - k :]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            top = tuple((text(int(t)), float(logits[t] - log_total)) for t in best)
+        return TokenLogprob(text(token), float(logits[token] - log_total), top)
+
+    return read
+
+
+class _Sampler:
+    """One job's sampling on one slot, built as llama-cpp-python's ``Llama.generate`` builds it.
+
+    The chain is repeat penalty, then greedy (temperature 0) or top-k, typical
+    (off), top-p, min-p, temperature and a seeded draw. A grammar is kept out of
+    the chain: llama.cpp aborts the whole process when a grammar reaches a dead
+    end (no token can continue it, e.g. ``root ::= [\\x00]``), because accepting
+    the token it was forced to pick throws through the C API. So for a
+    constrained job the grammar masks the logits first, the chain picks among
+    what is left, and a pick the grammar forbade is an ``InvalidRequest``
+    instead of an abort. Unconstrained jobs take llama.cpp's one-call path.
+    """
+
+    def __init__(self, llama: Any, params: SamplingParams, grammar: str | None, seed: int) -> None:
+        import llama_cpp
+        import numpy as np
+
+        self._c, self._np = llama_cpp, np
+        self._ctx = llama.ctx
+        self._chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self._grammar = None
+        add = lambda sampler: llama_cpp.llama_sampler_chain_add(self._chain, sampler)  # noqa: E731
+        try:
+            n_vocab = llama.n_vocab()
+            add(llama_cpp.llama_sampler_init_penalties(n_vocab, llama.last_n_tokens_size, params.repeat_penalty, 0, 0))
+            if params.temperature == 0:
+                add(llama_cpp.llama_sampler_init_greedy())
+            else:
+                add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+                add(llama_cpp.llama_sampler_init_typical(1.0, 1))
+                add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+                add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+                add(llama_cpp.llama_sampler_init_temp(params.temperature))
+                add(llama_cpp.llama_sampler_init_dist(seed))
+            if grammar is not None:
+                self._grammar = llama_cpp.llama_sampler_init_grammar(llama._model.vocab, grammar.encode(), b"root")
+                if not self._grammar:  # checked before the job took its slot, so only if llama.cpp changed its mind
+                    raise InvalidRequest("grammar: llama.cpp cannot use this grammar")
+                entry = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+                self._candidates = np.zeros(n_vocab, dtype=entry)
+                self._ids = np.arange(n_vocab, dtype=np.intc)
+                self._array = llama_cpp.llama_token_data_array(
+                    data=self._candidates.ctypes.data_as(llama_cpp.llama_token_data_p), size=n_vocab
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def sample(self) -> int:
+        """The next token, from the logits of the last evaluated position; accepted into the sampler's state."""
+        c = self._c
+        if self._grammar is None:
+            return c.llama_sampler_sample(self._chain, self._ctx, -1)
+        candidates, array = self._candidates, self._array
+        candidates["id"] = self._ids
+        candidates["logit"] = self._np.ctypeslib.as_array(
+            c.llama_get_logits_ith(self._ctx, -1), shape=(len(self._ids),)
+        )
+        candidates["p"] = 0
+        array.size, array.selected, array.sorted = len(self._ids), -1, False
+        c.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        c.llama_sampler_apply(self._chain, ctypes.byref(array))
+        picked = array.data[array.selected] if 0 <= array.selected < array.size else None
+        if picked is None or math.isinf(picked.logit):
+            raise InvalidRequest(
+                "the grammar allows no token here: it needs text this model cannot produce (e.g. a NUL character)"
+            )
+        c.llama_sampler_accept(self._grammar, picked.id)
+        c.llama_sampler_accept(self._chain, picked.id)
+        return picked.id
+
+    def close(self) -> None:
+        for sampler in (self._chain, self._grammar):
+            if sampler:
+                self._c.llama_sampler_free(sampler)
+        self._chain = self._grammar = None
+
+
+def _cached_prefix(llama: Any, prompt: list[int]) -> list[int]:
+    """Keep the slot's KV cache for the longest prefix it shares with ``prompt``; the tokens left to evaluate.
+
+    At least the prompt's last token is always evaluated, so sampling starts
+    from fresh logits (as in ``Llama.generate``).
+    """
+    import numpy as np
+
+    keep = min(llama.n_tokens, len(prompt) - 1)
+    if keep > 0:
+        differ = np.flatnonzero(llama.input_ids[:keep] != np.asarray(prompt[:keep], dtype=np.intc))
+        keep = int(differ[0]) if differ.size else keep
+    if keep > 0 and llama._ctx.kv_cache_seq_rm(-1, keep, -1):
+        llama.n_tokens = keep
+    else:
+        llama.reset()
+        keep = 0
+    return prompt[keep:]
+
+
 @dataclass
 class _Slot:
     llama: Any  # llama_cpp.Llama
@@ -95,9 +310,11 @@ class Engine:
     threads: int
     slots: int
     chat_template: str | None
+    hardware: HardwareProfile  # probed once, when the engine was opened
     _free_send: trio.MemorySendChannel = field(repr=False)
     _free_recv: trio.MemoryReceiveChannel = field(repr=False)
-    _limiter: trio.CapacityLimiter = field(repr=False)
+    _limiter: trio.CapacityLimiter = field(repr=False)  # generation threads, one per slot
+    _grammar_limiter: trio.CapacityLimiter = field(repr=False)  # schema/grammar checks, before a slot is taken
     _llamas: list[Any] = field(repr=False)
 
     @property
@@ -142,8 +359,7 @@ class Engine:
 
     def stream_completion(self, prompt: str, params: SamplingParams):
         """``async with engine.stream_completion(prompt, params) as events:`` — see ``stream``."""
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequest("prompt must be a non-empty string")
+        validate_prompt(prompt)
         return self.stream(lambda llama: self._text_tokens(llama, prompt), params)
 
     @asynccontextmanager
@@ -154,24 +370,33 @@ class Engine:
 
         Yields a channel of events: ``Delta`` text deltas, then one ``Finished``.
         Leaving the block early cancels the job; the slot is free again when
-        the block exits.
+        the block exits. With ``params.logprobs`` set, each ``Delta`` carries
+        one ``TokenLogprob`` per token it counts; with ``json_schema`` or
+        ``grammar``, sampling is constrained by a llama.cpp grammar.
 
         Raises:
-            InvalidRequest: bad parameters, or prompt + max_tokens over the context size.
+            InvalidRequest: bad parameters, or a schema or grammar llama.cpp
+                cannot use (checked before a slot is taken); or, mid-stream, a
+                grammar that no token can continue.
+            ContextTooLong: prompt + max_tokens over the context size.
         """
         params.validate()
+        grammar = None
+        if params.json_schema is not None or params.grammar is not None:
+            vocab = self._llamas[0]._model.vocab
+            grammar = await trio.to_thread.run_sync(_checked_grammar, vocab, params, limiter=self._grammar_limiter)
         slot = await self._free_recv.receive()
         try:
             tokens = await trio.to_thread.run_sync(tokenize, slot.llama, limiter=self._limiter)
             if len(tokens) + params.max_tokens > self.n_ctx:
-                raise InvalidRequest(
+                raise ContextTooLong(
                     f"prompt ({len(tokens)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                     f"context size {self.n_ctx}; shorten the prompt or lower max_tokens"
                 )
             send, recv = trio.open_memory_channel(math.inf)
             cancelled = threading.Event()
             async with open_service_nursery() as nursery:
-                nursery.start_soon(self._run, slot, tokens, params, send, cancelled)
+                nursery.start_soon(self._run, slot, tokens, params, grammar, send, cancelled)
                 try:
                     async with recv:
                         yield recv
@@ -180,7 +405,9 @@ class Engine:
         finally:
             self._free_send.send_nowait(slot)
 
-    async def _run(self, slot: _Slot, tokens: list[int], params: SamplingParams, send, cancelled) -> None:
+    async def _run(
+        self, slot: _Slot, tokens: list[int], params: SamplingParams, grammar: str | None, send, cancelled
+    ) -> None:
         token = trio.lowlevel.current_trio_token()
 
         def deliver(event: object) -> None:  # runs in trio, in order
@@ -197,30 +424,38 @@ class Engine:
         # delivered by the time the channel closes.
         async with send:
             await trio.to_thread.run_sync(
-                self._generate_blocking, slot.llama, tokens, params, emit, cancelled, limiter=self._limiter
+                self._generate_blocking, slot.llama, tokens, params, grammar, emit, cancelled, limiter=self._limiter
             )
 
     @staticmethod
-    def _generate_blocking(llama: Any, prompt: list[int], params: SamplingParams, emit, cancelled) -> None:
+    def _generate_blocking(
+        llama: Any, prompt: list[int], params: SamplingParams, grammar: str | None, emit, cancelled
+    ) -> None:
         import llama_cpp
 
         started = time.perf_counter()
-        llama.set_seed(params.seed if params.seed is not None else secrets.randbits(31))
         vocab = llama._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         longest_stop = max((len(s) for s in params.stop), default=0)
+        describe = _logprob_reader(llama, params.logprobs) if params.logprobs is not None else None
+        logprobs: list[TokenLogprob] = []  # of the tokens produced but not yet reported
         text, sent, produced, reported, first_token_s = "", 0, 0, 0, None
         reason = FINISH_LENGTH
-        generator = llama.generate(
-            prompt,
-            temp=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            repeat_penalty=params.repeat_penalty,
-        )
+
+        def delta(chunk: str) -> Delta:
+            nonlocal reported
+            event = Delta(chunk, produced - reported, len(prompt), tuple(logprobs))
+            reported = produced
+            logprobs.clear()
+            return event
+
+        seed = params.seed if params.seed is not None else secrets.randbits(31)
+        sampler = _Sampler(llama, params, grammar, seed)
         try:
-            for token in generator:
+            pending = _cached_prefix(llama, prompt)
+            while True:
+                llama.eval(pending)
+                token = sampler.sample()  # the context still holds the logits it was sampled from
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - started
                 if cancelled.is_set():
@@ -230,6 +465,8 @@ class Engine:
                     reason = FINISH_STOP
                     break
                 produced += 1
+                if describe is not None:
+                    logprobs.append(describe(token))
                 text += decoder.decode(llama.detokenize([token]))
                 hit = _find_stop(text, params.stop, max(0, sent - longest_stop)) if params.stop else None
                 if hit is not None:
@@ -238,16 +475,17 @@ class Engine:
                     break
                 ready = len(text) - _holdback(text, params.stop)
                 if ready > sent:
-                    emit(Delta(text[sent:ready], produced - reported, len(prompt)))
-                    sent, reported = ready, produced
+                    emit(delta(text[sent:ready]))
+                    sent = ready
                 if produced >= params.max_tokens:
                     break
+                pending = [token]
         finally:
-            generator.close()
+            sampler.close()
         if reason == FINISH_LENGTH:
             text += decoder.decode(b"", final=True)
         if (len(text) > sent or produced > reported) and reason != FINISH_CANCELLED:
-            emit(Delta(text[sent:], produced - reported, len(prompt)))
+            emit(delta(text[sent:]))
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=produced)
         emit(Finished(text, usage, reason, first_token_s, time.perf_counter() - started))
 
@@ -262,9 +500,8 @@ class Engine:
         raise AssertionError("stream ended without a Finished event")
 
 
-def _check_fits(path: Path, gpu_layers: int, slots: int, n_ctx: int) -> None:
+def _check_fits(path: Path, gpu_layers: int, slots: int, n_ctx: int, profile: HardwareProfile) -> None:
     size = path.stat().st_size
-    profile = probe_hardware()
     # A rough context cost: KV cache + compute buffers, per slot. Enough to refuse the hopeless cases.
     context_cost = slots * n_ctx * 64 * 1024
     if gpu_layers != 0 and profile.gpus:
@@ -283,6 +520,19 @@ def _check_fits(path: Path, gpu_layers: int, slots: int, n_ctx: int) -> None:
         )
 
 
+def _plan(
+    model_path: Path, slots: int, n_ctx: int, threads: int | None, gpu_layers: int | None
+) -> tuple[HardwareProfile, int, int]:
+    """Check the file and the machine, once: (hardware profile, gpu_layers, threads). Blocking (NVML, files)."""
+    check_gguf(model_path)
+    profile = probe_hardware()
+    if gpu_layers is None:
+        gpu_layers = -1 if profile.gpu_offload and profile.gpus else 0
+    threads = threads or max(1, (profile.cpu_cores + slots - 1) // slots)
+    _check_fits(model_path, gpu_layers, slots, n_ctx, profile)
+    return profile, gpu_layers, threads
+
+
 @asynccontextmanager
 async def open_engine(
     model_path: Path,
@@ -294,6 +544,9 @@ async def open_engine(
 ) -> AsyncIterator[Engine]:
     """Load ``model_path`` into ``slots`` contexts; unload on exit.
 
+    The hardware is probed once, in a thread (NVML and the file checks block),
+    and kept as ``engine.hardware``.
+
     Args:
         gpu_layers: layers to offload; None means all of them when llama.cpp
             has a GPU backend and a GPU is present, else 0.
@@ -304,11 +557,7 @@ async def open_engine(
     model_path = Path(model_path)
     if slots < 1:
         raise InvalidRequest("--slots must be at least 1")
-    check_gguf(model_path)
-    if gpu_layers is None:
-        gpu_layers = -1 if llama_gpu_offload() and nvml_gpus() else 0
-    threads = threads or max(1, (probe_hardware().cpu_cores + slots - 1) // slots)
-    _check_fits(model_path, gpu_layers, slots, n_ctx)
+    profile, gpu_layers, threads = await trio.to_thread.run_sync(_plan, model_path, slots, n_ctx, threads, gpu_layers)
 
     def load() -> Any:
         from llama_cpp import Llama
@@ -334,9 +583,11 @@ async def open_engine(
             threads=threads,
             slots=slots,
             chat_template=llamas[0].metadata.get("tokenizer.chat_template"),
+            hardware=profile,
             _free_send=free_send,
             _free_recv=free_recv,
             _limiter=trio.CapacityLimiter(slots),
+            _grammar_limiter=trio.CapacityLimiter(1),
             _llamas=llamas,
         )
         yield engine

@@ -13,6 +13,8 @@ import os
 import platform
 from dataclasses import dataclass
 
+from node.sampling import SamplingParams
+
 
 @dataclass(frozen=True)
 class Gpu:
@@ -97,6 +99,7 @@ def llama_gpu_offload() -> bool:
 
 
 def probe_hardware() -> HardwareProfile:
+    """This machine's profile. Blocking (NVML can take a while): from trio, call it in a thread."""
     total, available = _meminfo()
     return HardwareProfile(
         cpu_model=_cpu_model(),
@@ -125,8 +128,6 @@ async def self_benchmark(engine, *, tokens: int = 32) -> SpeedProfile:
     Decode speed excludes the first token (prompt processing), so it is the
     steady-state rate a long answer streams at.
     """
-    from node.engine import SamplingParams
-
     result = await engine.complete_chat(list(BENCH_MESSAGES), SamplingParams(max_tokens=tokens, temperature=0.0))
     first = result.first_token_s or 0.0
     decoded = max(result.usage.completion_tokens - 1, 1)

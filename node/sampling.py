@@ -7,6 +7,7 @@ use these types without importing the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from node.errors import InvalidRequest
 
@@ -17,10 +18,48 @@ FINISH_CANCELLED = "cancelled"
 MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
 MAX_GRAMMAR_CHARS = 65_536
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def validate_messages(messages: Any) -> list[dict[str, str]]:
+    """A chat's messages as clean ``{role, content}`` dicts; ``InvalidRequest`` naming the first bad one."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of {role, content}")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise InvalidRequest(f"messages[{i}] needs a string 'content'")
+        if message.get("role") not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}")
+        clean.append({"role": message["role"], "content": message["content"]})
+    return clean
+
+
+def validate_prompt(prompt: Any) -> str:
+    """A plain completion prompt: a non-empty string, else ``InvalidRequest``."""
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidRequest("prompt must be a non-empty string")
+    return prompt
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. ``temperature=0`` is greedy (and then ``seed`` does not matter)."""
+    """How to sample. ``temperature=0`` is greedy (and then ``seed`` does not matter).
+
+    ``logprobs=k`` reports, for every sampled token, its log-probability and the
+    ``k`` most likely tokens with theirs (``Delta.logprobs``). They are the
+    log-softmax of the model's raw logits at that step: before the repeat
+    penalty, temperature, top-k/top-p/min-p and any grammar, so they describe
+    the model, not the sampler (as OpenAI's and llama-cpp-python's do). A token
+    the grammar forced can therefore have a low logprob, and with
+    ``repeat_penalty`` ≠ 1 greedy decoding need not pick the top entry.
+
+    ``json_schema`` (JSON Schema text) or ``grammar`` (llama.cpp GBNF, start
+    rule ``root``) constrain the output: every sampled token must keep the text
+    a prefix of the language. A schema is turned into GBNF by llama-cpp-python's
+    converter. Generation can still stop early at ``max_tokens`` or a stop
+    string, leaving an incomplete document (finish reason ``length``/``stop``).
+    """
 
     max_tokens: int = 256
     temperature: float = 0.8
@@ -49,12 +88,20 @@ class SamplingParams:
                 "stop: at most 8 non-empty strings",
             ),
             (
-                self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+                self.logprobs is None
+                or (
+                    isinstance(self.logprobs, int)
+                    and not isinstance(self.logprobs, bool)
+                    and 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+                ),
                 f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]",
             ),
             (self.json_schema is None or self.grammar is None, "send json_schema or grammar, not both"),
             (
-                all(g is None or (isinstance(g, str) and 0 < len(g) <= MAX_GRAMMAR_CHARS) for g in (self.json_schema, self.grammar)),
+                all(
+                    g is None or (isinstance(g, str) and 0 < len(g) <= MAX_GRAMMAR_CHARS)
+                    for g in (self.json_schema, self.grammar)
+                ),
                 f"json_schema and grammar must be non-empty strings of at most {MAX_GRAMMAR_CHARS} characters",
             ),
         ]
@@ -65,7 +112,14 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One sampled token's log-probability, and the ``top`` alternatives (token text, logprob), best first."""
+    """One sampled token's log-probability, and the ``top`` alternatives (token text, logprob), best first.
+
+    ``token`` is the token's own text (special tokens spelled out, e.g.
+    ``<|im_end|>``; a token that holds part of a UTF-8 character shows U+FFFD),
+    ``logprob`` ≤ 0 is the log-softmax of the raw logits it was sampled from,
+    and ``top`` has ``SamplingParams.logprobs`` entries, best first (it may or
+    may not include the sampled token).
+    """
 
     token: str
     logprob: float
@@ -105,5 +159,3 @@ class Finished:
     finish_reason: str  # FINISH_STOP, FINISH_LENGTH or FINISH_CANCELLED
     first_token_s: float | None  # seconds from start to the first sampled token
     elapsed_s: float
-
-

@@ -7,8 +7,10 @@ import socket
 import threading
 
 import pytest
+import trio
 
 import node.engine as engine_module
+import node.hardware as hardware_module
 from node.engine import open_engine
 from node.errors import ModelError
 from node.hardware import Gpu, HardwareProfile, nvml_gpus, probe_hardware
@@ -43,6 +45,35 @@ async def test_a_model_too_big_for_vram_is_refused(monkeypatch, default_model_fi
     with pytest.raises(ModelError, match=r"does not fit in the GPU's free memory .* --gpu-layers N"):
         async with open_engine(default_model_file, gpu_layers=-1, threads=1):
             pass
+
+
+@pytest.mark.slow
+async def test_open_engine_probes_the_hardware_once_off_the_event_loop(monkeypatch, default_model_file):
+    """NVML and llama.cpp's GPU check run once per engine, in a thread, never on trio's thread."""
+    calls = []
+
+    def on_trio_thread() -> bool:
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            return False
+        return True
+
+    def counted(name, real):
+        def probe():
+            calls.append((name, on_trio_thread()))
+            return real()
+
+        monkeypatch.setattr(hardware_module, name, probe)
+
+    counted("nvml_gpus", hardware_module.nvml_gpus)
+    counted("llama_gpu_offload", hardware_module.llama_gpu_offload)
+    counted("_meminfo", hardware_module._meminfo)
+    async with open_engine(default_model_file, n_ctx=512) as engine:
+        assert sorted(calls) == [("_meminfo", False), ("llama_gpu_offload", False), ("nvml_gpus", False)]
+        profile = engine.hardware
+        assert engine.gpu_layers == (-1 if profile.gpu_offload and profile.gpus else 0)
+        assert engine.threads == profile.cpu_cores  # one slot: every core
 
 
 def test_progress_bar_draws_on_a_terminal_only():
