@@ -75,8 +75,7 @@ def logprobs_to_wire(logprobs: tuple[TokenLogprob, ...]) -> list[Logprob]:
 
 def logprobs_from_wire(logprobs: list[Logprob]) -> tuple[TokenLogprob, ...]:
     return tuple(
-        TokenLogprob(lp.token, lp.logprob, tuple(zip(lp.top_tokens, lp.top_logprobs, strict=False)))
-        for lp in logprobs
+        TokenLogprob(lp.token, lp.logprob, tuple(zip(lp.top_tokens, lp.top_logprobs, strict=False))) for lp in logprobs
     )
 
 

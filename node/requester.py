@@ -43,7 +43,7 @@ from node.errors import (
     PeerUnreachable,
     WireError,
 )
-from node.host import Host, Stream
+from node.host import Host
 from node.jobs import JOB_PROTOCOL, check_result_receipt, logprobs_from_wire
 from node.messages import (
     ERROR_PAYMENT,
@@ -272,7 +272,9 @@ def _why_no_worker(offers: list[Offer], query: RouteQuery, reputation: Reputatio
     return f"no worker can take a job for {query.model} now ({detail}); see `llmarket peers`"
 
 
-MAX_BYTES_PER_TOKEN = 64  # no tokenizer's token covers more bytes than this, so bytes / 64 bounds a prompt's tokens below
+MAX_BYTES_PER_TOKEN = (
+    64  # no tokenizer's token covers more bytes than this, so bytes / 64 bounds a prompt's tokens below
+)
 
 
 def context_problem(offers: list[Offer], spec: JobSpec) -> str | None:

@@ -15,6 +15,7 @@ from node.routing import Reputation
 
 from .factories import QUERY, SPEC, WORDS, ScriptedEngine, requester, signed_offer, worker
 
+
 async def test_a_job_streams_and_the_receipt_checks_out(tmp_path):
     pieces = []
     with trio.fail_after(20):
@@ -118,7 +119,9 @@ async def test_no_worker_for_the_model(tmp_path):
 
 
 async def test_why_nobody_can_take_the_job_is_explained(tmp_path):
-    paid = signed_offer(Identity.load(tmp_path / "paid"), 1, time.time() + 60, price_per_1k=10, chain_id=1, escrow="0xE")
+    paid = signed_offer(
+        Identity.load(tmp_path / "paid"), 1, time.time() + 60, price_per_1k=10, chain_id=1, escrow="0xE"
+    )
     stale = signed_offer(Identity.load(tmp_path / "stale"), 1, time.time() - 1)
     async with requester(tmp_path) as host:
         with pytest.raises(NoWorker, match=r"\(1 offer expired, 1 paid offer \(pass --max-price to pay\)\)"):

@@ -203,7 +203,9 @@ async def test_the_requester_asks_the_worker_to_close_and_gets_the_rest_back(cha
     before = reader.token_balance(chain.requester.address)
     with trio.fail_after(30):
         async with paid_worker(chain, tmp_path, ScriptedEngine()) as (offer, payments), requester(tmp_path) as host:
-            await run_job(host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(), payer=WalletPayer(wallet))
+            await run_job(
+                host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(), payer=WalletPayer(wallet)
+            )
             (channel,) = wallet.ledger.channels()
             assert channel.peer_id == offer.peer_id
             await receipt_arrived(payments, channel)
@@ -232,7 +234,9 @@ def test_an_expired_channel_is_refunded(chain, tmp_path):
 async def test_a_paid_job_with_a_1500_token_prompt_is_paid_exactly(chain, tmp_path):
     """Before, a prompt over the credit window (64 tokens) deadlocked: nobody sent first."""
     wallet = wallet_for(chain, tmp_path)
-    spec = JobSpec(**{**SPEC.__dict__, "max_price_per_1k": PRICE, "messages": [{"role": "user", "content": "w " * 1600}]})
+    spec = JobSpec(
+        **{**SPEC.__dict__, "max_price_per_1k": PRICE, "messages": [{"role": "user", "content": "w " * 1600}]}
+    )
     with trio.fail_after(30):
         async with (
             paid_worker(chain, tmp_path, ScriptedEngine(prompt_tokens=1500)) as (offer, payments),
@@ -355,5 +359,8 @@ async def test_a_stream_flows_while_another_job_opens_a_channel_on_a_slow_chain(
         proxy.close()
     assert second.text == "".join(WORDS) and len(arrivals) > 20
     gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
-    assert max(gaps) < 0.1, max(gaps)
-    assert max(lateness) < 0.1, max(lateness)
+    # Waiting on the chain on the event loop would show as a gap of 2 s or more (one delayed call). On a quiet
+    # 2-core machine the largest gap is a few tens of ms (the engine ticks every 20 ms); the bound leaves room
+    # for a loaded CI machine without letting a single delayed chain call through.
+    assert max(gaps) < 0.5, sorted(gaps)[-5:]
+    assert max(lateness) < 0.5, sorted(lateness)[-5:]

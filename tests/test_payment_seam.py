@@ -174,7 +174,9 @@ class FakeWallet:
     def open_channel(self, worker, needed, *, peer_id=""):
         self.threads.add(threading.current_thread().name)
         channel_id = self.client.open_channel(worker, needed * 11, 0)
-        channel = WalletChannel(channel_id, DOMAIN.chain_id, DOMAIN.escrow, worker, needed * 11, 0, 10**10, "open", peer_id)
+        channel = WalletChannel(
+            channel_id, DOMAIN.chain_id, DOMAIN.escrow, worker, needed * 11, 0, 10**10, "open", peer_id
+        )
         self.ledger.add(channel)
         return channel
 

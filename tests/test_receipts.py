@@ -10,10 +10,10 @@ from eth_utils import keccak
 from node.errors import InvalidReceipt
 from node.payments.receipts import (
     ReceiptDomain,
+    check_receipt_signer,
     receipt_digest,
     recover_receipt_signer,
     sign_receipt,
-    check_receipt_signer,
 )
 
 from .conftest import TOKEN

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from node.cli.common import bootstrap_flag, wallet_flags
+from node.concurrency import open_service_nursery
+from node.errors import ConfigError
 from node.gateway import Gateway
 from node.node import open_requester, requester_wallet
 
@@ -42,7 +46,6 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _gateway(args: argparse.Namespace) -> int:
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-    logging.getLogger("hypercorn").setLevel(logging.WARNING)
     wallet = None
     if args.max_price > 0:
         wallet = requester_wallet(
@@ -51,16 +54,44 @@ def _gateway(args: argparse.Namespace) -> int:
     config = Config()
     config.bind = [args.listen]
     config.accesslog = None
+    config.loglevel = "WARNING"  # we print where we listen ourselves
+    try:  # bound before joining the market: a port in use is one line at once
+        sockets = config.create_sockets()
+        for sock in sockets.insecure_sockets:
+            sock.listen(config.backlog)
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ConfigError(f"cannot listen on {args.listen} ({reason}); choose another --listen HOST:PORT") from None
 
-    async def main() -> None:
-        async with open_requester(Path(args.data_dir), tuple(args.bootstrap)) as requester:
-            app = Gateway(requester, wallet=wallet, max_price_per_1k=args.max_price, api_key=args.api_key,
-                          deadline_s=args.timeout)  # fmt: skip
-            async with trio.open_nursery() as nursery:
-                binds = await nursery.start(lambda task_status: hypercorn_serve(app, config, task_status=task_status))
-                for bind in binds:
-                    print(f"OpenAI-compatible API at {bind}/v1", flush=True)
-                print(f"market: {len(requester.offers())} offer(s) so far", file=sys.stderr)
+    async def main() -> bool:
+        """Serve until Ctrl-C (then True: every job is cancelled, the workers told) or a failure."""
+        interrupted = False
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            async with open_service_nursery() as nursery:
 
-    trio.run(main)
+                async def on_interrupt() -> None:
+                    nonlocal interrupted
+                    async for _ in signals:
+                        interrupted = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(on_interrupt)
+                async with open_requester(Path(args.data_dir), tuple(args.bootstrap)) as requester:
+                    app = Gateway(requester, wallet=wallet, max_price_per_1k=args.max_price, api_key=args.api_key,
+                                  deadline_s=args.timeout)  # fmt: skip
+                    binds = await nursery.start(
+                        lambda task_status: worker_serve(
+                            wrap_app(app, config.wsgi_max_body_size, "asgi"), config, sockets=sockets,
+                            task_status=task_status,
+                        )
+                    )  # fmt: skip
+                    for bind in binds:
+                        print(f"OpenAI-compatible API at {bind}/v1", flush=True)
+                    print(f"market: {len(requester.offers())} offer(s) so far", file=sys.stderr)
+                    await trio.sleep_forever()
+        return interrupted
+
+    if trio.run(main):
+        raise KeyboardInterrupt  # the CLI's one line, exit 130
     return 0

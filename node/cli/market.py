@@ -22,8 +22,8 @@ from node.cli.common import (
     wallet_flags,
 )
 from node.engine import SamplingParams
-from node.payments.payer import WalletPayer
 from node.node import WorkerConfig, model_cid_for_request, open_requester, requester_wallet, serve
+from node.payments.payer import WalletPayer
 from node.progress import TerminalProgress
 from node.requester import JobSpec, run_job
 from node.routing import Reputation, RouteQuery

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from node.billing import ask_to_close
+from node.payments.close import ask_to_close
 from node.cli.common import bootstrap_flag, json_flag, wallet_flags
 from node.errors import PaymentError
 from node.node import open_requester, requester_wallet

@@ -14,7 +14,14 @@ The chain clients are blocking (web3 over HTTP). Async callers run them through
 
 from node.payments.deployment import Deployment, deploy_contracts, load_deployment
 from node.payments.escrow import ChannelState, ChannelStatus, EscrowClient
-from node.payments.receipts import ReceiptDomain, receipt_digest, check_pay_receipt, check_receipt_signer, recover_receipt_signer, sign_receipt
+from node.payments.receipts import (
+    ReceiptDomain,
+    check_pay_receipt,
+    check_receipt_signer,
+    receipt_digest,
+    recover_receipt_signer,
+    sign_receipt,
+)
 
 __all__ = [
     "ChannelState",

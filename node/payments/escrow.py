@@ -46,8 +46,8 @@ from node.errors import (
     WrongChain,
 )
 from node.payments.artifacts import load_artifact
-from node.payments.deployment import Deployment, load_deployment
 from node.payments.chainio import ChainIO
+from node.payments.deployment import Deployment, load_deployment
 from node.payments.receipts import ReceiptDomain, check_pay_receipt, sign_receipt
 
 TX_TIMEOUT_S = 120

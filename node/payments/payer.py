@@ -28,6 +28,7 @@ for text not received; the final receipt is exactly usage × price.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -191,8 +192,8 @@ class WalletPayer:
         self._opening[worker] = self._opening.get(worker, 0) + 1
         try:
             while True:
-                exclude = frozenset(self._leased)
-                channel = await io(lambda: self.wallet.reusable_channel(worker, needed, exclude=exclude))
+                reuse = functools.partial(self.wallet.reusable_channel, worker, needed, exclude=frozenset(self._leased))
+                channel = await io(reuse)
                 if channel is None:
                     channel = await io(lambda: self.wallet.open_channel(worker, needed, peer_id=offer.peer_id))
                 if channel.channel_id not in self._leased:  # not taken by another job while we asked the chain

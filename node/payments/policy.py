@@ -30,7 +30,11 @@ def prompt_token_bound(request: JobRequest) -> int:
     text = request.prompt or "".join(
         str(m.get("role", "")) + str(m.get("content", "")) for m in request.messages or [] if isinstance(m, dict)
     )
-    return len((text + request.resume_text).encode()) + PROMPT_TOKEN_OVERHEAD + MESSAGE_TOKEN_OVERHEAD * len(request.messages or [])
+    return (
+        len((text + request.resume_text).encode())
+        + PROMPT_TOKEN_OVERHEAD
+        + MESSAGE_TOKEN_OVERHEAD * len(request.messages or [])
+    )
 
 
 def job_cost(prompt_tokens: int, completion_tokens: int, price_per_1k: int) -> int:

@@ -32,7 +32,13 @@ class Wallet:
         return self.client.account.address
 
     def channel_for(
-        self, worker: str, needed: int, *, peer_id: str = "", permit: bool = True, exclude: frozenset[bytes] = frozenset()
+        self,
+        worker: str,
+        needed: int,
+        *,
+        peer_id: str = "",
+        permit: bool = True,
+        exclude: frozenset[bytes] = frozenset(),
     ) -> WalletChannel:
         """An open channel to ``worker`` with at least ``needed`` unsigned: one of ours, else a new one.
 
