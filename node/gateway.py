@@ -3,11 +3,13 @@
 A raw ASGI application served by Hypercorn's trio worker, inside the node's
 trio world (no asyncio). It is a requester node: it keeps the offer book,
 routes, fails over and pays exactly as ``llmarket request`` does
-(``run_job``), one job per HTTP request, all sharing one wallet (channel
-selection is serialised and every signature is recorded before use, so
-concurrent requests never double-spend a channel; transactions share one
-nonce lock). A client that disconnects mid-stream cancels its job, and the
-worker frees the slot. Request and response shapes: ``node.openai_api``.
+(``run_job``), one job per prompt of each HTTP request, all sharing one
+``WalletPayer`` (a channel carries one job at a time, so concurrent requests
+never double-spend a channel). A client that disconnects, streaming or not, cancels its jobs,
+and the workers free their slots. A stream's response starts with its first
+text (or when its jobs end), so a request that fails before that gets a plain
+error with the real HTTP status. Request and response shapes:
+``node.openai_api``.
 """
 
 from __future__ import annotations
@@ -21,26 +23,47 @@ from dataclasses import dataclass, field
 
 import trio
 
+from node.errors import ApiError
 from node.node import Requester
 from node.openai_api import (
     ApiCall,
-    ApiError,
     Metrics,
     chunk_json,
     completion_json,
     error_for,
-    model_resolver,
+    model_json,
     models_json,
     parse_request,
     usage_chunk_json,
 )
+from node.payments.payer import FreePayer, WalletPayer
 from node.payments.wallet import Wallet
-from node.requester import run_job
+from node.requester import JobResult, JobSpec, run_job
 from node.routing import Reputation, RouteQuery
+from node.sampling import TokenLogprob
 
 log = logging.getLogger("node.gateway")
 
 MAX_BODY = 1 << 20
+CLIENT_GONE = 499  # the status recorded (never sent) when a client hangs up first, as nginx counts it
+
+
+def client_gone() -> ApiError:
+    return ApiError(CLIENT_GONE, "the client closed the request", type="client_closed_request")
+
+
+@dataclass(frozen=True)
+class _Text:
+    index: int  # which job (choice)
+    text: str
+    logprobs: tuple[TokenLogprob, ...]  # this text's tokens, when the call asked for logprobs
+
+
+@dataclass(frozen=True)
+class _End:
+    index: int
+    result: JobResult | None = None
+    error: BaseException | None = None
 
 
 @dataclass
@@ -52,6 +75,10 @@ class Gateway:
     deadline_s: float = 120.0
     metrics: Metrics = field(default_factory=Metrics)
     reputation: Reputation = field(default_factory=Reputation)
+
+    def __post_init__(self) -> None:
+        # One payer for every request: it decides which channel each job leases (one job per channel).
+        self.payer = WalletPayer(self.wallet) if self.wallet else FreePayer()
 
     # ------------------------------------------------------------------ ASGI
 
@@ -66,26 +93,47 @@ class Gateway:
                     return
         if scope["type"] != "http":
             return
+        started = False
+
+        async def send_tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
         try:
-            if self.api_key and path != "/health":
-                self._authorize(scope)
-            if method == "GET" and path == "/health":
-                live = self.requester.offers()
-                await self._json(
-                    send, 200, {"status": "ok", "workers": len(live), "peer_id": self.requester.host.peer_id}
-                )
-            elif method == "GET" and path == "/metrics":
-                await self._respond(send, 200, self.metrics.render().encode(), "text/plain; version=0.0.4")
-            elif method == "GET" and path == "/v1/models":
-                await self._json(send, 200, models_json(self.requester.offers(), int(time.time())))
-            elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
-                await self._complete(scope, receive, send, chat=path.endswith("chat/completions"))
-            else:
-                raise ApiError(404, f"no route {method} {path}", type="invalid_request_error", code="not_found")
+            await self._route(method, path, scope, receive, send_tracked)
         except ApiError as err:
+            if err.status == CLIENT_GONE:  # nobody to answer
+                if not started:
+                    self.metrics.request(CLIENT_GONE)
+                return
             self.metrics.error(err)
-            await self._json(send, err.status, err.body())
+            await self._json(send_tracked, err.status, err.body())
+        except Exception as err:  # a bug: log it whole, answer 500 if the response has not started
+            log.exception("unexpected error answering %s %s", method, path)
+            if not started:
+                api = error_for(err)
+                self.metrics.error(api)
+                await self._json(send_tracked, api.status, api.body())
+
+    async def _route(self, method: str, path: str, scope, receive, send) -> None:
+        if self.api_key and path != "/health":
+            self._authorize(scope)
+        if method == "GET" and path == "/health":
+            live = self.requester.offers()
+            await self._json(send, 200, {"status": "ok", "workers": len(live), "peer_id": self.requester.host.peer_id})
+        elif method == "GET" and path == "/metrics":
+            await self._respond(send, 200, self.metrics.render().encode(), "text/plain; version=0.0.4")
+        elif method == "GET" and path == "/v1/models":
+            await self._json(send, 200, models_json(self.requester.offers(), int(time.time())))
+        elif method == "GET" and path.startswith("/v1/models/"):
+            name = path.removeprefix("/v1/models/")
+            await self._json(send, 200, model_json(self.requester.offers(), name, int(time.time())))
+        elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
+            await self._complete(receive, send, chat=path.endswith("chat/completions"))
+        else:
+            raise ApiError(404, f"no route {method} {path}", type="invalid_request_error", code="not_found")
 
     def _authorize(self, scope) -> None:
         headers = dict(scope.get("headers") or [])
@@ -107,103 +155,153 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise (
-                    trio.Cancelled._create()
-                    if False
-                    else ApiError(400, "client went away", type="invalid_request_error")
-                )
+                raise client_gone()
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > MAX_BODY:
-                raise ApiError(400, f"request body over {MAX_BODY} bytes", type="invalid_request_error")
+                raise ApiError(413, f"the request body is over {MAX_BODY} bytes; send a shorter one",
+                               type="invalid_request_error", code="request_too_large")  # fmt: skip
             if not message.get("more_body"):
                 break
         try:
             return json.loads(b"".join(chunks) or b"null")
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the body is not JSON: {err}", type="invalid_request_error") from None
 
     # ------------------------------------------------------------ completions
 
-    def _query(self, call: ApiCall) -> RouteQuery:
+    def _query(self, spec: JobSpec) -> RouteQuery:
         deployment = self.wallet.client.deployment if self.wallet else None
         return RouteQuery(
-            model=call.spec.model,
+            model=spec.model,
             max_price_per_1k=self.max_price_per_1k,
             chain_id=deployment.chain_id if deployment else 0,
             escrow=deployment.escrow if deployment else "",
             free_only=self.wallet is None,
         )
 
-    async def _complete(self, scope, receive, send, *, chat: bool) -> None:
+    def _failure(self, err: BaseException, completion_id: str) -> ApiError:
+        """The API error for a job's exception; a bug (500) is logged with its traceback."""
+        api = error_for(err)
+        if api.status == 500:
+            log.error("unexpected error in %s", completion_id, exc_info=err)
+        return api
+
+    async def _job(self, call: ApiCall, index: int, events: trio.MemorySendChannel) -> None:
+        """Run one prompt's job; its texts (with their logprobs) and then its end go to ``events``."""
+        pending: list[TokenLogprob] = []
+
+        def on_logprobs(logprobs: tuple[TokenLogprob, ...]) -> None:  # called just before on_text
+            pending.extend(logprobs)
+
+        def on_text(text: str) -> None:
+            events.send_nowait(_Text(index, text, tuple(pending)))
+            pending.clear()
+
+        spec = call.specs[index]
+        try:
+            result = await run_job(
+                self.requester.host, self.requester.offers, self._query(spec), spec, reputation=self.reputation,
+                deadline_s=self.deadline_s, payer=self.payer, on_text=on_text, on_logprobs=on_logprobs,
+            )  # fmt: skip
+        except Exception as err:
+            events.send_nowait(_End(index, error=err))
+        else:
+            events.send_nowait(_End(index, result=result))
+
+    async def _complete(self, receive, send, *, chat: bool) -> None:
         body = await self._body(receive)
-        call = parse_request(
-            body,
-            chat=chat,
-            resolve_model=model_resolver(self.requester.offers()),
-            max_price_per_1k=self.max_price_per_1k,
-        )
+        call = parse_request(body, chat=chat, offers=self.requester.offers(), max_price_per_1k=self.max_price_per_1k)
         completion_id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
-        if not call.stream:
-            try:
-                result = await run_job(
-                    self.requester.host, self.requester.offers, self._query(call), call.spec,
-                    reputation=self.reputation, deadline_s=self.deadline_s, wallet=self.wallet,
-                )  # fmt: skip
-            except Exception as err:  # every failure becomes an OpenAI error
-                raise error_for(err) from None
-            self.metrics.job(result)
-            await self._json(send, 200, completion_json(call, completion_id, created, result))
-            return
-        await self._stream(call, completion_id, created, receive, send)
-
-    async def _stream(self, call: ApiCall, completion_id: str, created: int, receive, send) -> None:
-        self.metrics.request(200)
-        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-
-        async def event(payload) -> None:
-            data = payload if isinstance(payload, str) else json.dumps(payload)
-            await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
-
-        texts_in, texts_out = trio.open_memory_channel(math.inf)
-        outcome: dict = {}
-
-        async def produce() -> None:
-            try:
-                outcome["result"] = await run_job(
-                    self.requester.host, self.requester.offers, self._query(call), call.spec,
-                    reputation=self.reputation, deadline_s=self.deadline_s, wallet=self.wallet,
-                    on_text=texts_in.send_nowait,
-                )  # fmt: skip
-            except Exception as err:  # after the headers, errors are reported in-band, as OpenAI does
-                outcome["error"] = error_for(err)
-            finally:
-                texts_in.close()
+        events_in, events_out = trio.open_memory_channel(math.inf)
+        gone = False
+        failure: ApiError | None = None
 
         async def watch_disconnect(cancel_scope: trio.CancelScope) -> None:
+            nonlocal gone
             while (await receive())["type"] != "http.disconnect":
                 pass
+            gone = True
             log.info("client went away; cancelling %s", completion_id)
-            cancel_scope.cancel()  # cancels the job: the worker stops and frees the slot
+            cancel_scope.cancel()  # cancels the jobs: the workers stop and free their slots
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, nursery.cancel_scope)
-            nursery.start_soon(produce)
-            first = True
-            async for text in texts_out:  # in order, until the job ends
-                await event(chunk_json(call, completion_id, created, text, first=first))
-                first = False
-            if "error" in outcome:
-                self.metrics.error(outcome["error"])
-                await event(outcome["error"].body())
+            for index in range(len(call.specs)):
+                nursery.start_soon(self._job, call, index, events_in)
+            if call.stream:
+                failure = await self._stream(call, completion_id, created, events_out, send)
             else:
-                result = outcome["result"]
+                failure = await self._collect(call, completion_id, created, events_out, send)
+            nursery.cancel_scope.cancel()  # stop watching for a disconnect (and any job left after a failure)
+        if gone:
+            raise client_gone()
+        if failure is not None:
+            raise failure
+
+    async def _collect(self, call: ApiCall, completion_id: str, created: int, events, send) -> ApiError | None:
+        """The non-streaming answer, once every job ended; or the first job's failure, to answer instead."""
+        results: dict[int, JobResult] = {}
+        logprobs: list[list[TokenLogprob]] = [[] for _ in call.specs]
+        async for event in events:
+            if isinstance(event, _Text):
+                logprobs[event.index].extend(event.logprobs)
+            elif event.error is not None:
+                return self._failure(event.error, completion_id)
+            else:
+                results[event.index] = event.result
+                self.metrics.job(event.result)
+                if len(results) == len(call.specs):
+                    break
+        ordered = [results[i] for i in range(len(call.specs))]
+        await self._json(send, 200, completion_json(call, completion_id, created, ordered, logprobs))
+        return None
+
+    async def _stream(self, call: ApiCall, completion_id: str, created: int, events, send) -> ApiError | None:
+        """Stream SSE chunks; a failure before the response started is returned, to answer with its status."""
+        started = False
+        sent: list[bool] = [False] * len(call.specs)  # whether a choice's first chunk (with its role) went out
+        offsets = [len(spec.prompt or "") for spec in call.specs]  # legacy completions' text_offset
+        results: list[JobResult] = []
+
+        async def event(payload) -> None:
+            nonlocal started
+            if not started:
+                self.metrics.request(200)
+                headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                started = True
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
+
+        async for item in events:  # each job's texts in order, until every job ended or one failed
+            if isinstance(item, _Text):
+                chunk = chunk_json(
+                    call, completion_id, created, item.text, index=item.index, first=not sent[item.index],
+                    logprobs=item.logprobs if call.logprobs else None, offset=offsets[item.index],
+                )  # fmt: skip
+                sent[item.index] = True
+                offsets[item.index] += len(item.text)
+                await event(chunk)
+            elif item.error is not None:
+                failure = self._failure(item.error, completion_id)
+                if not started:
+                    return failure
+                self.metrics.error(failure)  # after the headers, errors are reported in-band, as OpenAI does
+                await event(failure.body())
+                break
+            else:
+                result = item.result
                 self.metrics.job(result)
-                await event(chunk_json(call, completion_id, created, None, result.finish_reason))
-                if call.include_usage:
-                    await event(usage_chunk_json(call, completion_id, created, result))
-            await event("[DONE]")
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            nursery.cancel_scope.cancel()  # stop watching for a disconnect
+                results.append(result)
+                await event(chunk_json(call, completion_id, created, None, result.finish_reason, index=item.index,
+                                       first=not sent[item.index]))  # fmt: skip
+                sent[item.index] = True
+                if len(results) == len(call.specs):
+                    if call.include_usage:
+                        await event(usage_chunk_json(call, completion_id, created, results))
+                    break
+        await event("[DONE]")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return None

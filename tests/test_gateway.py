@@ -108,6 +108,9 @@ def test_errors_come_back_as_openai_errors(market, tmp_path):
     with pytest.raises(openai.InternalServerError) as unavailable:  # a real CID nobody serves
         c.chat.completions.create(model=DEFAULT_MODEL_CID_V0, messages=messages)
     assert unavailable.value.status_code == 503
+    with pytest.raises(openai.InternalServerError) as unavailable:  # streaming: the status, not 200 then an event
+        list(c.chat.completions.create(model=DEFAULT_MODEL_CID_V0, messages=messages, stream=True))
+    assert unavailable.value.status_code == 503
     # a wallet with no tokens: 402
     load_or_create_account(tmp_path / "broke", insecure_dev_key=True, chain_id=net.chain_id)
     broke, broke_url = start_gateway(net, tmp_path / "broke")
@@ -192,3 +195,50 @@ def test_a_client_that_disconnects_frees_the_worker_slot(market):
     while not cancelled() and time.monotonic() < deadline:
         time.sleep(0.1)  # polling interval
     assert cancelled()
+
+
+def test_a_non_streaming_client_that_times_out_frees_the_worker_slot(market):
+    net, base_url = market
+    logs = [Path(net.dir) / "logs" / f"{w['name']}.err" for w in net.workers]
+    seen = {log: len(log.read_text()) for log in logs}
+
+    def cancelled() -> bool:  # a job logged as cancelled since this test began
+        return any(": cancelled" in log.read_text()[seen[log] :] for log in logs)
+
+    with pytest.raises(openai.APITimeoutError):
+        openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=1.5).chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "Write a very long story."}], max_tokens=1000
+        )
+    deadline = time.monotonic() + 30
+    while not cancelled() and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling interval
+    assert cancelled()
+
+
+def test_too_long_for_the_context_is_400_and_bans_nobody(market):
+    net, base_url = market
+    c = client(base_url)
+    messages = [{"role": "user", "content": "hi"}]
+    long_prompt = [{"role": "user", "content": "lorem ipsum dolor sit amet " * 2000}]  # over 2,048 tokens
+    for stream in (False, True):
+        for changes in ({"messages": messages, "max_tokens": 100_000}, {"messages": long_prompt, "max_tokens": 8}):
+            with pytest.raises(openai.BadRequestError):
+                reply = c.chat.completions.create(model="default", stream=stream, **changes)
+                list(reply) if stream else None
+    full = c.chat.completions.create(model="default", messages=messages, max_tokens=4, temperature=0)
+    assert full.choices[0].message.content and full.model == "SmolLM2-135M-Instruct.Q4_1"  # the model served
+
+
+def test_logprobs_come_from_the_worker(market):
+    net, base_url = market
+    c = client(base_url)
+    messages = [{"role": "user", "content": "Name a color."}]
+    full = c.chat.completions.create(model="default", messages=messages, max_tokens=8, temperature=0,
+                                     logprobs=True, top_logprobs=3)  # fmt: skip
+    content = full.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == full.choices[0].message.content
+    assert content and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    chunks = c.chat.completions.create(model="default", messages=messages, max_tokens=8, temperature=0,
+                                       logprobs=True, stream=True)  # fmt: skip
+    streamed = [t.token for chunk in chunks for ch in chunk.choices if ch.logprobs for t in ch.logprobs.content]
+    assert streamed == [t.token for t in content]
