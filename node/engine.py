@@ -201,12 +201,20 @@ class _Sampler:
 
     The chain is repeat penalty, then greedy (temperature 0) or top-k, typical
     (off), top-p, min-p, temperature and a seeded draw. A grammar is kept out of
-    the chain: llama.cpp aborts the whole process when a grammar reaches a dead
-    end (no token can continue it, e.g. ``root ::= [\\x00]``), because accepting
-    the token it was forced to pick throws through the C API. So for a
-    constrained job the grammar masks the logits first, the chain picks among
-    what is left, and a pick the grammar forbade is an ``InvalidRequest``
-    instead of an abort. Unconstrained jobs take llama.cpp's one-call path.
+    the chain, for two reasons:
+
+    - llama.cpp aborts the whole process when a grammar reaches a dead end (no
+      token can continue it, e.g. ``root ::= [\\x00]``): the token it is then
+      forced to pick throws when accepted, through the C API. Here a pick the
+      grammar forbids is an ``InvalidRequest`` instead.
+    - Masking the whole vocabulary costs milliseconds per token, so (as
+      llama.cpp's own server does) the chain first picks from the raw logits,
+      and only when the grammar rejects that token is the vocabulary masked and
+      the pick made again. Greedy picks the same token either way; a seeded
+      draw keeps the masked distribution (a rejected draw is redrawn among the
+      allowed tokens), up to where top-k/top-p cut it.
+
+    Unconstrained jobs take llama.cpp's one-call path (``llama_sampler_sample``).
     """
 
     def __init__(self, llama: Any, params: SamplingParams, grammar: str | None, seed: int) -> None:
@@ -240,6 +248,8 @@ class _Sampler:
                 self._array = llama_cpp.llama_token_data_array(
                     data=self._candidates.ctypes.data_as(llama_cpp.llama_token_data_p), size=n_vocab
                 )
+                self._one_entry = (llama_cpp.llama_token_data * 1)()
+                self._one = llama_cpp.llama_token_data_array(data=self._one_entry, size=1)
         except BaseException:
             self.close()
             raise
@@ -249,23 +259,40 @@ class _Sampler:
         c = self._c
         if self._grammar is None:
             return c.llama_sampler_sample(self._chain, self._ctx, -1)
+        logits = self._np.ctypeslib.as_array(c.llama_get_logits_ith(self._ctx, -1), shape=(len(self._ids),))
+        token = self._pick(logits, masked=False)
+        if token is None or not self._allows(token):
+            token = self._pick(logits, masked=True)
+            if token is None:
+                raise InvalidRequest(
+                    "the grammar allows no token here: it needs text this model cannot produce (e.g. a NUL character)"
+                )
+        c.llama_sampler_accept(self._grammar, token)
+        c.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _pick(self, logits: Any, *, masked: bool) -> int | None:
+        """The chain's pick over the whole vocabulary (first masked by the grammar); None if it is a forbidden one."""
         candidates, array = self._candidates, self._array
         candidates["id"] = self._ids
-        candidates["logit"] = self._np.ctypeslib.as_array(
-            c.llama_get_logits_ith(self._ctx, -1), shape=(len(self._ids),)
-        )
+        candidates["logit"] = logits
         candidates["p"] = 0
         array.size, array.selected, array.sorted = len(self._ids), -1, False
-        c.llama_sampler_apply(self._grammar, ctypes.byref(array))
-        c.llama_sampler_apply(self._chain, ctypes.byref(array))
-        picked = array.data[array.selected] if 0 <= array.selected < array.size else None
-        if picked is None or math.isinf(picked.logit):
-            raise InvalidRequest(
-                "the grammar allows no token here: it needs text this model cannot produce (e.g. a NUL character)"
-            )
-        c.llama_sampler_accept(self._grammar, picked.id)
-        c.llama_sampler_accept(self._chain, picked.id)
-        return picked.id
+        if masked:
+            self._c.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        self._c.llama_sampler_apply(self._chain, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            return None
+        picked = array.data[array.selected]
+        return None if math.isinf(picked.logit) else picked.id
+
+    def _allows(self, token: int) -> bool:
+        """Whether the grammar, in its current state, accepts ``token`` next (one candidate: microseconds)."""
+        one = self._one
+        one.data[0].id, one.data[0].logit, one.data[0].p = token, 0.0, 0.0
+        one.size, one.selected, one.sorted = 1, -1, False
+        self._c.llama_sampler_apply(self._grammar, ctypes.byref(one))
+        return not math.isinf(one.data[0].logit)
 
     def close(self) -> None:
         for sampler in (self._chain, self._grammar):

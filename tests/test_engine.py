@@ -330,6 +330,18 @@ async def test_bad_grammars_are_refused_before_taking_a_slot(engine):
     assert engine.free_slots == 2
 
 
+@slow
+async def test_a_grammar_that_reaches_a_dead_end_fails_the_job_not_the_process(engine):
+    """No token can produce a NUL character: llama.cpp itself would abort the process here."""
+    for temperature in (0.0, 0.8):
+        params = SamplingParams(max_tokens=8, temperature=temperature, grammar=r'root ::= "ok" [\x00]')
+        with trio.fail_after(30), pytest.raises(InvalidRequest, match="the grammar allows no token here"):
+            await engine.complete_chat(QUESTION, params)
+    assert engine.free_slots == 2
+    with trio.fail_after(30):
+        assert (await engine.complete_chat(QUESTION, GREEDY)).text  # the slots still work
+
+
 def test_schema_problems_are_found_anywhere():
     assert _schema_problem({"type": "array", "maxItems": MAX_SCHEMA_REPEAT}) is None
     assert _schema_problem({"properties": {"pattern": {"type": "string", "pattern": "a{3}"}}}) is None
