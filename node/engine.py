@@ -182,16 +182,16 @@ def _logprob_reader(llama: Any, k: int) -> Callable[[int], TokenLogprob]:
         return piece
 
     def read(token: int) -> TokenLogprob:
-        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
-        logits = row.astype(np.float64)
-        peak = logits.max()
-        log_total = peak + math.log(float(np.exp(logits - peak).sum()))  # ≥ peak, so every logprob ≤ 0
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+        peak = float(logits.max())
+        # log-sum-exp; the sum is ≥ 1 (the peak's term), so log_total ≥ peak and every logprob ≤ 0
+        log_total = peak + math.log(float(np.exp(logits - peak).sum(dtype=np.float64)))
         top: tuple[tuple[str, float], ...] = ()
         if k:
             best = np.argpartition(logits, n_vocab - k)[n_vocab - k :]
             best = best[np.argsort(-logits[best], kind="stable")]
-            top = tuple((text(int(t)), float(logits[t] - log_total)) for t in best)
-        return TokenLogprob(text(token), float(logits[token] - log_total), top)
+            top = tuple((text(int(t)), float(logits[t]) - log_total) for t in best)
+        return TokenLogprob(text(token), float(logits[token]) - log_total, top)
 
     return read
 

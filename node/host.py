@@ -5,10 +5,31 @@
 - **yamux, one connection per peer** (which also skips a 250 ms dial delay).
 - **Guarded handlers.** An exception escaping a stream handler can kill the
   process or wedge the connection in py-libp2p, so every handler runs inside a
-  guard that logs, resets the stream and carries on. A peer may hold at most
-  ``max_inbound_streams_per_peer`` open streams; more are reset at once.
+  guard that logs, resets the stream and carries on. A peer's fault (a bad
+  frame, a broken stream, silence past a deadline) is one debug line with its
+  peer id; anything else is a bug and logged with its traceback. A peer may
+  hold at most ``max_inbound_streams_per_peer`` open streams; more are reset at once.
 - **Deadlines** on connect and on opening streams: a listener that accepts TCP
   but never speaks would otherwise hold a dial for minutes.
+- **Inbound connection limits** (``InboundGuard``). py-libp2p admits 250
+  inbound connections in all, holds each one that does not speak for 10 s, and
+  keeps every inbound connection's slot until the host stops, even after the
+  connection closed. The guard gives each remote IP at most
+  ``max_connections_per_ip`` inbound connections, ``connection_rate_per_ip``
+  new ones a second (bursts of ``connection_burst_per_ip``) and
+  ``max_pending_per_ip`` still upgrading (Noise + yamux); ``max_pending``
+  upgrading in all; and ``upgrade_timeout_s`` to finish. When a limit on upgrading connections is
+  reached, the oldest upgrading connection of the IP with the most of them is
+  closed to make room, so a flood of idle connections cannot keep out a peer
+  that completes its handshake. A slot is freed when its connection closes.
+  (``libp2p.rcmgr`` does not serve here: it has no per-IP limit, only fixed
+  CIDR totals, and its pending-connection limit is not wired into the swarm.)
+- **Yamux flow control enforced** (``GuardedYamux``). py-libp2p's yamux logs
+  "peer exceeded receive window" and keeps appending. Here a peer that sends a
+  stream more than the receive window we granted loses its connection; and as
+  a second line of defence a stream may buffer at most twice its window plus
+  one frame, a connection ``max_buffered_per_connection``, all connections
+  ``max_buffered_total``.
 - **GossipSub** for offers, with signed messages and a 1 s heartbeat.
 
 ``Host.run`` follows the trio start protocol: ``await nursery.start(host.run)``
@@ -21,6 +42,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +50,7 @@ from dataclasses import dataclass, field
 import multiaddr
 import trio
 from libp2p import new_host
+from libp2p.abc import IMuxedConn
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
@@ -40,10 +63,11 @@ from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, MAX_MESSAGE_SIZE, Yamux
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
+from node.concurrency import TokenBucket
 from node.errors import NodeError, PeerUnreachable
 from node.identity import Identity
 
@@ -57,6 +81,16 @@ class HostConfig:
     connect_timeout_s: float = 10.0
     stream_timeout_s: float = 10.0
     max_inbound_streams_per_peer: int = 16
+    # inbound connections, per remote IP and in all (InboundGuard)
+    upgrade_timeout_s: float = 4.0  # from TCP accept to Noise + yamux done
+    max_pending_per_ip: int = 8  # connections still upgrading, per remote IP
+    max_pending: int = 64  # connections still upgrading, in all
+    max_connections_per_ip: int = 32  # inbound connections, upgrading or not, per remote IP
+    connection_rate_per_ip: float = 5.0  # new inbound connections a second per remote IP (on average)…
+    connection_burst_per_ip: float = 20.0  # …in bursts of up to this many
+    # what yamux may buffer unread (GuardedYamux); a stream's own cap follows its window
+    max_buffered_per_connection: int = 32 << 20
+    max_buffered_total: int = 256 << 20
 
 
 class Stream:
@@ -131,19 +165,36 @@ class Host:
 
     def __post_init__(self) -> None:
         key_pair = self.identity.key_pair
+        self.yamux = guarded_yamux(self.config)
         self.libp2p = new_host(
             key_pair=key_pair,
             sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)},
-            muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+            muxer_opt={YAMUX_PROTOCOL_ID: self.yamux},
             connection_config=ConnectionConfig(max_connections_per_peer=1),
             listen_addrs=[multiaddr.Multiaddr(a) for a in self.config.listen],
         )
+        self.inbound = InboundGuard(self.config, self.libp2p.get_network())
+        self.inbound.install()
+        self._guard_yamux()
         self.gossipsub = GossipSub(
             protocols=[GOSSIPSUB_V11, GOSSIPSUB_V10], degree=6, degree_low=4, degree_high=12, heartbeat_interval=1
         )
         self.pubsub = Pubsub(self.libp2p, self.gossipsub, strict_signing=True)
         self._inbound: Counter[str] = Counter()
         self.ready = trio.Event()
+
+    def _guard_yamux(self) -> None:
+        """Make every yamux connection a ``GuardedYamux`` (py-libp2p ignores ``muxer_opt`` for yamux)."""
+        muxers = self.libp2p.get_network().upgrader.muxer_multistream
+        new_conn = muxers.new_conn
+
+        async def guarded_new_conn(conn, peer_id):
+            muxed = await new_conn(conn, peer_id)
+            if type(muxed) is Yamux:
+                self.yamux.adopt(muxed)
+            return muxed
+
+        muxers.new_conn = guarded_new_conn
 
     @property
     def peer_id(self) -> str:
@@ -220,11 +271,11 @@ class Host:
             self._inbound[peer] += 1
             try:
                 await handler(stream)
-            except (EOFError, ConnectionError, NodeError) as err:
-                log.debug("%s from %s… ended: %s", protocol, peer[:12], err)
-                await stream.reset()
-            except Exception:
-                log.exception("%s handler failed for peer %s…", protocol, peer[:12])
+            except Exception as err:
+                if peer_fault(err):
+                    log.debug("%s from %s… ended: %s", protocol, peer[:12], describe_fault(err))
+                else:
+                    log.exception("%s handler failed for peer %s…", protocol, peer[:12])
                 await stream.reset()
             finally:
                 self._inbound[peer] -= 1
@@ -258,3 +309,276 @@ class Host:
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self.libp2p.get_connected_peers()]
+
+
+# ------------------------------------------------------------------ faults
+
+PEER_FAULTS = (EOFError, ConnectionError, NodeError, trio.TooSlowError)
+
+
+def peer_fault(err: BaseException) -> bool:
+    """Whether ``err`` is the peer's doing (bad input, a broken stream, silence past a deadline), not a bug.
+
+    An exception group counts if every exception in it does.
+    """
+    if isinstance(err, BaseExceptionGroup):
+        return all(peer_fault(e) for e in err.exceptions)
+    return isinstance(err, PEER_FAULTS)
+
+
+def describe_fault(err: BaseException) -> str:
+    if isinstance(err, BaseExceptionGroup):
+        return "; ".join(describe_fault(e) for e in err.exceptions)
+    if isinstance(err, trio.TooSlowError):
+        return "it said nothing before the deadline"
+    return str(err) or err.__class__.__name__
+
+
+# ------------------------------------------------------- inbound connections
+
+
+@dataclass(eq=False)
+class _Inbound:
+    ip: str
+    order: int
+    rwc: object  # the accepted TCP stream
+    deadline: float
+    muxed: object = None
+    established: trio.Event = field(default_factory=trio.Event)
+    dropped: str = ""
+
+
+def _close_now(rwc) -> None:
+    """Close an accepted TCP stream at once, from any task: whoever is reading it gets an error."""
+    try:
+        rwc.stream.socket.close()  # py-libp2p's TrioTCPStream around a trio SocketStream
+    except Exception:  # some other transport: its handler's own close will do
+        pass
+
+
+class InboundGuard:
+    """Limits on inbound TCP connections, around py-libp2p's swarm (see the module docstring).
+
+    It wraps two methods of the swarm instance: ``_handle_inbound_connection``
+    (admission, the upgrade deadline, eviction, and ending the handler when its
+    connection closes) and ``upgrade_inbound_raw_conn`` (to learn when the
+    upgrade is done). A connection is dropped by closing its socket, never by
+    cancelling py-libp2p's upgrade: a cancelled upgrade leaks its slot in
+    py-libp2p's resource manager (1,000 leaks, and every inbound connection is
+    refused). Connections that arrive already multiplexed (QUIC) are left to
+    py-libp2p; llmarket listens on TCP only.
+    """
+
+    def __init__(self, config: HostConfig, swarm) -> None:
+        self.config = config
+        self.swarm = swarm
+        self._handle = swarm._handle_inbound_connection
+        self._upgrade = swarm.upgrade_inbound_raw_conn
+        self.pending: dict[object, _Inbound] = {}  # by the task handling the connection
+        self.per_ip: Counter[str] = Counter()  # inbound connections, upgrading or not
+        self.refused: Counter[str] = Counter()  # why connections were refused or dropped before they were up
+        self._arrivals = 0
+        self._rates: dict[str, TokenBucket] = {}  # per remote IP
+
+    def install(self) -> None:
+        self.swarm._handle_inbound_connection = self.handle
+        self.swarm.upgrade_inbound_raw_conn = self.upgrade
+
+    async def handle(self, rwc, maddr) -> None:
+        if isinstance(rwc, IMuxedConn):
+            await self._handle(rwc, maddr)
+            return
+        try:
+            ip = str(rwc.get_remote_address()[0])
+        except Exception:  # no address: count it under one name
+            ip = "?"
+        reason = ""
+        if self.per_ip[ip] >= self.config.max_connections_per_ip:
+            reason = f"{self.config.max_connections_per_ip} connections from it already"
+        elif not self._rate(ip).take(trio.current_time()):
+            reason = "it connects too often"
+        if reason:
+            self.refused[reason] += 1
+            log.debug("refusing an inbound connection from %s: %s", ip, reason)
+            _close_now(rwc)
+            return
+        here = [r for r in self.pending.values() if r.ip == ip]
+        if len(here) >= self.config.max_pending_per_ip:
+            self._drop(min(here, key=lambda r: r.order), "evicted: too many upgrading connections per IP")
+        if len(self.pending) >= self.config.max_pending:
+            crowd = Counter(r.ip for r in self.pending.values())
+            busiest = max(crowd, key=crowd.__getitem__)
+            oldest = min((r for r in self.pending.values() if r.ip == busiest), key=lambda r: r.order)
+            self._drop(oldest, "evicted: too many upgrading connections")
+        self._arrivals += 1
+        record = _Inbound(ip, self._arrivals, rwc, trio.current_time() + self.config.upgrade_timeout_s)
+        task = trio.lowlevel.current_task()
+        self.pending[task] = record
+        self.per_ip[ip] += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch, record, nursery.cancel_scope)
+                await self._handle(rwc, maddr)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.pending.pop(task, None)
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
+            _close_now(rwc)
+
+    async def upgrade(self, raw_conn, maddr):
+        muxed = await self._upgrade(raw_conn, maddr)
+        record = self.pending.pop(trio.lowlevel.current_task(), None)
+        if record is not None:
+            record.muxed = muxed
+            record.established.set()
+        return muxed
+
+    def _rate(self, ip: str) -> TokenBucket:
+        bucket = self._rates.get(ip)
+        if bucket is None:
+            if len(self._rates) >= 4096:  # forget addresses whose bucket has filled up again
+                now = trio.current_time()
+                for old in [a for a, b in self._rates.items() if now - (b.stamp or now) > b.burst / b.rate]:
+                    del self._rates[old]
+            bucket = self._rates[ip] = TokenBucket(
+                self.config.connection_rate_per_ip, self.config.connection_burst_per_ip
+            )
+        return bucket
+
+    def _drop(self, record: _Inbound, reason: str) -> None:
+        """Close an upgrading connection; py-libp2p's upgrade then fails and cleans up after itself."""
+        for task, r in list(self.pending.items()):
+            if r is record:
+                del self.pending[task]
+        if record.established.is_set() or record.dropped:
+            return
+        record.dropped = reason
+        self.refused[reason] += 1
+        log.debug("closing an inbound connection from %s: %s", record.ip, reason)
+        _close_now(record.rwc)
+
+    async def _watch(self, record: _Inbound, scope: trio.CancelScope) -> None:
+        """Drop the connection at its upgrade deadline; once it is up, end py-libp2p's handler when it closes.
+
+        (py-libp2p's handler waits until the host stops, keeping the connection's slot.)
+        """
+        with trio.move_on_at(record.deadline):
+            await record.established.wait()
+        if not record.established.is_set():
+            self._drop(record, "upgrade timeout")
+            return
+        closed = getattr(record.muxed, "event_closed", None)
+        shutting_down = getattr(record.muxed, "event_shutting_down", None)
+        if closed is None:
+            return
+        while not closed.is_set():
+            with trio.move_on_after(10):
+                await closed.wait()
+            if shutting_down is not None and shutting_down.is_set():
+                break
+        scope.cancel()
+
+
+# -------------------------------------------------------------------- yamux
+
+
+class _StreamBuffer(bytearray):
+    """A yamux stream's receive buffer that asks its connection before it grows."""
+
+    def __init__(self, conn: GuardedYamux, stream_id: int, initial: bytes = b"") -> None:
+        super().__init__(initial)
+        self._conn = conn
+        self._stream_id = stream_id
+
+    def extend(self, data) -> None:
+        if self._conn._may_buffer(self._stream_id, len(self), len(data)):
+            super().extend(data)
+
+
+class _StreamBuffers(dict):
+    """Yamux's ``stream_buffers``: every buffer put in it becomes a ``_StreamBuffer``."""
+
+    def __init__(self, conn: GuardedYamux) -> None:
+        super().__init__()
+        self._conn = weakref.proxy(conn)
+
+    def __setitem__(self, stream_id: int, buffer) -> None:
+        super().__setitem__(stream_id, _StreamBuffer(self._conn, stream_id, bytes(buffer)))
+
+
+class GuardedYamux(Yamux):
+    """py-libp2p's yamux, with caps on what it buffers (see the module docstring).
+
+    The caps are checked where a DATA frame's bytes would be appended to a
+    stream's buffer; past a cap the bytes are dropped and the connection is
+    closed (once), with one info line naming the peer. ``guarded_yamux`` makes
+    the class for one host, carrying its limits and its set of connections.
+
+    py-libp2p 0.8.1 ignores the muxer class it is given for ``/yamux/1.0.0``
+    (``MuxerMultistream.new_conn`` constructs ``Yamux`` itself), so ``adopt``
+    turns each new, not yet started ``Yamux`` into this class; it adds methods
+    and two attributes, and changes nothing else.
+    """
+
+    config: HostConfig = HostConfig()
+    connections: weakref.WeakSet | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard()
+
+    @classmethod
+    def adopt(cls, conn: Yamux) -> GuardedYamux:
+        conn.__class__ = cls
+        conn._guard()
+        return conn
+
+    def _guard(self) -> None:
+        self.stream_buffers = _StreamBuffers(self)
+        self.violation: str = ""
+        if self.connections is not None:
+            self.connections.add(self)
+
+    def buffered(self) -> int:
+        return sum(len(b) for b in list(self.stream_buffers.values()))
+
+    def _may_buffer(self, stream_id: int, buffered: int, size: int) -> bool:
+        if self.violation:
+            return False
+        stream = self.streams.get(stream_id)
+        credit = getattr(stream, "recv_window", DEFAULT_WINDOW_SIZE)  # what we granted and it has not used
+        window = getattr(stream, "target_recv_window", DEFAULT_WINDOW_SIZE)
+        problem = ""
+        if size > credit:
+            problem = f"sent past the receive window of stream {stream_id} ({size - max(credit, 0)} bytes over)"
+        elif buffered + size > 2 * window + MAX_MESSAGE_SIZE:
+            problem = f"has {buffered + size} bytes unread on stream {stream_id}"
+        else:
+            mine = self.buffered() + size
+            if mine > self.config.max_buffered_per_connection:
+                problem = f"has {mine} bytes unread on one connection"
+            elif mine > 1 << 20 and self.connections is not None:
+                total = sum(c.buffered() for c in list(self.connections) if c is not self) + mine
+                if total > self.config.max_buffered_total:
+                    problem = f"has {mine} bytes unread while all connections hold {total}"
+        if not problem:
+            return True
+        self.violation = problem
+        log.info("closing the connection of peer %s…: it %s", self.peer_id.to_base58()[:12], problem)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_for_violation)
+        return False
+
+    async def _close_for_violation(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self.secured_conn.close()  # the read loop then fails and tears the connection down
+            except Exception:
+                pass
+
+
+def guarded_yamux(config: HostConfig) -> type[GuardedYamux]:
+    """A ``GuardedYamux`` class for one host: its limits, and a set of its live connections."""
+    return type("GuardedYamux", (GuardedYamux,), {"config": config, "connections": weakref.WeakSet()})

@@ -13,14 +13,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from node import __version__
 from node.concurrency import open_service_nursery
-from node.engine import Engine, open_engine
 from node.errors import ConfigError, ModelError
-from node.hardware import SpeedProfile, probe_hardware, self_benchmark
 from node.host import Host, HostConfig
 from node.identity import Identity, load_or_create_account
 from node.jobs import WorkerService
@@ -39,6 +38,10 @@ from node.payments.policy import job_cost
 from node.payments.settlement import SettlementPolicy, Settler
 from node.payments.wallet import Wallet
 from node.progress import NO_PROGRESS, Progress
+
+if TYPE_CHECKING:  # the engine (llama.cpp) is imported by serve() only: requesters never load it
+    from node.engine import Engine
+    from node.hardware import SpeedProfile
 
 log = logging.getLogger("node.node")
 
@@ -94,6 +97,9 @@ async def serve(
 
     ``task_status.started`` receives the ``WorkerNode`` once it is serving.
     """
+    from node.engine import open_engine
+    from node.hardware import probe_hardware, self_benchmark
+
     payments = await trio.to_thread.run_sync(_escrow_metering, config) if config.price_per_1k > 0 else None
     metering: Metering = payments or FreeMetering()
     identity = Identity.load(config.data_dir, account=payments.client.account if payments else None)

@@ -99,7 +99,7 @@ class Timeouts:
 
     accept_s: float = 10.0  # from the request to JobAccepted / JobRejected
     first_token_s: float = 20.0  # from acceptance to the first chunk, for a short prompt…
-    first_token_per_prompt_byte_s: float = 0.005  # …plus this per byte of prompt (a long prefill)
+    first_token_per_prompt_byte_s: float = 0.01  # …plus this per prompt byte (a prefill of at least ~25 tokens/s)
     progress_s: float = 10.0  # between chunks once text flows
 
     def first_token_for(self, request: JobRequest) -> float:
@@ -171,7 +171,7 @@ def _rejection(first: JobRejected) -> _WorkerFailed:
         return _WorkerFailed(detail, penalise=False, busy=True)
     if first.reason in REQUEST_FAULTS:
         return _WorkerFailed(detail, penalise=False, request_fault=True)
-    if first.reason == REJECT_PAYMENT:  # our channel or terms: not the worker's fault
+    if first.reason == REJECT_PAYMENT:  # our payment terms: not the worker's fault
         return _WorkerFailed(detail, penalise=False)
     return _WorkerFailed(detail)
 

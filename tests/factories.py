@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from node.engine import validate_messages
 from node.errors import ContextTooLong, InvalidRequest
 from node.host import Host, HostConfig
 from node.identity import Identity
@@ -18,7 +17,7 @@ from node.messages import ModelInfo, Offer
 from node.offers import sign_offer
 from node.requester import JobSpec
 from node.routing import RouteQuery
-from node.sampling import Delta, Finished, SamplingParams, TokenLogprob, Usage
+from node.sampling import Delta, Finished, SamplingParams, TokenLogprob, Usage, validate_messages
 
 MODEL = "bafymodel"
 

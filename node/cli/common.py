@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from node.engine import SamplingParams
 from node.models import ModelStore
 from node.models.ipfs import IpfsSource
+from node.sampling import SamplingParams
 
 _DEFAULTS = SamplingParams()
 

@@ -9,8 +9,6 @@ from dataclasses import asdict
 import trio
 
 from node.cli.common import engine_flags, ipfs_flag, json_flag, model_flag, model_store
-from node.engine import open_engine
-from node.hardware import probe_hardware, self_benchmark
 from node.models import resolve_model
 from node.progress import TerminalProgress
 
@@ -31,6 +29,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _hardware(args: argparse.Namespace) -> None:
+    from node.engine import open_engine  # llama.cpp only for the commands that run a model
+    from node.hardware import probe_hardware, self_benchmark
+
     profile = probe_hardware()
     info = {"hardware": asdict(profile)}
     if args.bench:

@@ -21,12 +21,12 @@ from node.cli.common import (
     sampling_params,
     wallet_flags,
 )
-from node.engine import SamplingParams
 from node.node import WorkerConfig, model_cid_for_request, open_requester, requester_wallet, serve
 from node.payments.payer import WalletPayer
 from node.progress import TerminalProgress
 from node.requester import JobSpec, run_job
 from node.routing import Reputation, RouteQuery
+from node.sampling import SamplingParams
 
 
 def register(commands: argparse._SubParsersAction) -> None:

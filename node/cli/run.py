@@ -8,7 +8,6 @@ import sys
 import trio
 
 from node.cli.common import engine_flags, ipfs_flag, model_flag, model_store, sampling_flags, sampling_params
-from node.engine import Finished, open_engine
 from node.models import resolve_model
 from node.progress import TerminalProgress
 
@@ -32,6 +31,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from node.engine import Finished, open_engine  # llama.cpp only for the commands that run a model
+
     params = sampling_params(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     entry = resolve_model(model_store(args), args.model, progress=TerminalProgress())

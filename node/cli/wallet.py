@@ -10,11 +10,13 @@ from pathlib import Path
 
 import trio
 
-from node.payments.close import ask_to_close
 from node.cli.common import bootstrap_flag, json_flag, wallet_flags
 from node.errors import PaymentError
 from node.node import open_requester, requester_wallet
+from node.payments.close import ask_to_close
+from node.payments.escrow import EscrowClient
 from node.payments.ledger import WorkerLedger
+from node.payments.units import format_amount, format_units
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -53,9 +55,15 @@ def _wallet(args):
     )
 
 
+def _denomination(client: EscrowClient) -> tuple[int, str]:
+    """The token's ``decimals()`` and ``symbol()``, to show amounts in tokens."""
+    return client.token.functions.decimals().call(), client.token.functions.symbol().call()
+
+
 def _show(args: argparse.Namespace) -> None:
     wallet = _wallet(args)
     client = wallet.client
+    decimals, symbol = _denomination(client)
     channels = []
     for channel in wallet.ledger.channels():
         if channel.status == "open":
@@ -68,33 +76,41 @@ def _show(args: argparse.Namespace) -> None:
         })  # fmt: skip
     receipts = [
         {"channel_id": "0x" + c.channel_id.hex(), "receipted": c.receipted, "claimed": c.claimed,
-         "unclaimed": c.unclaimed, "last_error": c.last_error}
-        for c in WorkerLedger.in_data_dir(Path(args.data_dir)).all() if c.unclaimed > 0 and not c.closed
+         "unclaimed": c.claimable, "last_error": c.last_error}
+        for c in WorkerLedger.in_data_dir(Path(args.data_dir)).all() if c.claimable > 0 and not c.closed
     ]  # fmt: skip
+    tokens = client.token_balance(wallet.address)
+    eth = client.eth_balance(wallet.address)
     info = {
         "address": wallet.address,
         "chain_id": client.deployment.chain_id,
-        "eth": client.eth_balance(wallet.address),
-        "tokens": client.token_balance(wallet.address),
+        "eth": eth,  # wei
+        "tokens": tokens,  # token base units; every amount below is too
+        "token": {"address": client.deployment.token, "symbol": symbol, "decimals": decimals},
+        "display": {"tokens": format_units(tokens, decimals, symbol), "eth": format_units(eth, 18, "ETH")},
         "channels": channels,
         "unclaimed_receipts": receipts,
     }
     if args.json:
         print(json.dumps(info, indent=2))
         return
+
+    def amount(base_units: int) -> str:
+        return format_amount(base_units, decimals, symbol)
+
     print(f"address   {info['address']} (chain {info['chain_id']})")
-    print(f"balance   {info['tokens'] / 1e18:.6f} tokens, {info['eth'] / 1e18:.4f} ETH")
+    print(f"balance   {amount(tokens)}, {info['display']['eth']}")
     if channels:
         print("channels (as requester):")
         for c in channels:
             expiry = datetime.fromtimestamp(c["expiry"]).strftime("%Y-%m-%d %H:%M")
-            print(f"  {c['channel_id'][:18]}… to {c['worker']}  {c['status']:<8} deposit {c['deposit']}, "
-                  f"signed {c['signed']}, paid {c['paid']}, expires {expiry}")  # fmt: skip
+            print(f"  {c['channel_id'][:18]}… to {c['worker']}  {c['status']:<8} expires {expiry}")
+            print(f"      deposit {amount(c['deposit'])}, signed {amount(c['signed'])}, paid {amount(c['paid'])}")
     if receipts:
         print("unclaimed receipts (as worker):")
         for r in receipts:
             print(
-                f"  {r['channel_id'][:18]}…  {r['unclaimed']} base units"
+                f"  {r['channel_id'][:18]}…  {amount(r['unclaimed'])}"
                 + (f" ({r['last_error']})" if r["last_error"] else "")
             )
 
@@ -116,6 +132,8 @@ def _close(args: argparse.Namespace) -> int:
         print("no open channels to close")
         return 0
 
+    decimals, symbol = _denomination(wallet.client)
+
     async def main() -> int:
         failures = 0
         async with open_requester(Path(args.data_dir), tuple(args.bootstrap)) as requester:
@@ -132,7 +150,10 @@ def _close(args: argparse.Namespace) -> int:
                     failures += 1
                     continue
                 await trio.to_thread.run_sync(lambda c=channel: wallet.ledger.update(c.channel_id, status="closed"))
-                print(f"0x{channel.channel_id.hex()[:16]}…: closed; worker paid {paid}, {returned} returned to you")
+                print(
+                    f"0x{channel.channel_id.hex()[:16]}…: closed; worker paid {format_amount(paid, decimals, symbol)}, "
+                    f"{format_amount(returned, decimals, symbol)} returned to you"
+                )
         return 1 if failures else 0
 
     return trio.run(main)

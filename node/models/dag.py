@@ -18,16 +18,28 @@ block, and ``cat(cid)``, the file's bytes in order. Fetching then goes:
 
 The leaves are most of the bytes and come over the fastest path the source
 has (``cat``); only the inner nodes, about 0.02% of a file, come block by block.
+
+**Slow sources.** A source could stay just under its own per-message timeout
+forever (64 bytes every 20 s held a new worker for good). So every source must
+keep up a minimum rate (``Pace``): each ``window_s`` seconds spent *waiting on
+it* must bring ``min_bytes_per_s × window_s`` bytes, or the fetch fails with a
+"too slow" error and the store moves on to the next source. Only time blocked
+on the source counts, not our own hashing and writing, and a block answered in
+the plan counts as a whole chunk (its cost is a round trip, not its few bytes).
+The check runs whenever something arrives, so a source that sends nothing at
+all is left to its own per-message timeout: a slow source is dropped at most
+one window plus one such timeout after it slowed down.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from node.errors import ModelError
 from node.models.cid import (
@@ -46,6 +58,52 @@ from node.progress import NO_PROGRESS, Progress
 _UNIXFS_RAW = 0
 _IN_FLIGHT = 8  # chunks read but not yet verified and written: at most 2 MiB
 _UNIXFS_FILE = 2
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Pace:
+    """The slowest a source may deliver before the fetch gives up on it (see the module docstring).
+
+    The default, 64 KiB/s over 30 s, only rules out sources that are useless
+    (a 1 GB model would take 4.5 hours at that rate); honest peers and daemons
+    are hundreds of times faster.
+    """
+
+    min_bytes_per_s: float = 64 * 1024
+    window_s: float = 30.0
+
+
+class _Meter:
+    """Counts what a source delivers against the time spent waiting on it, one window at a time."""
+
+    def __init__(self, pace: Pace, source_name: str) -> None:
+        self.pace, self.source_name = pace, source_name
+        self.waited = 0.0  # seconds spent waiting on the source in the current window
+        self.credit = 0  # bytes it delivered in them
+
+    def timed(self, call: Callable[[], T], credit: Callable[[T], int]) -> T:
+        """``call()``, timed; what it returns is credited with ``credit(result)`` bytes."""
+        started = time.monotonic()
+        result = call()
+        self.add(time.monotonic() - started, credit(result))
+        return result
+
+    def add(self, waited: float, nbytes: int) -> None:
+        self.waited += waited
+        self.credit += nbytes
+        if self.waited < self.pace.window_s:
+            return
+        if self.credit < self.pace.min_bytes_per_s * self.waited:
+            raise ModelError(
+                f"{self.source_name} is too slow: {self.credit:,} bytes in {self.waited:.1f}s, "
+                f"under the minimum of {self.pace.min_bytes_per_s:,.0f} bytes/s; nothing was kept"
+            )
+        self.waited, self.credit = 0.0, 0
+
+
+DEFAULT_PACE = Pace()
 
 
 class BlockSource(Protocol):
@@ -151,15 +209,16 @@ def _depth(leaves: int) -> int:
 
 
 class _Fetcher:
-    def __init__(self, root: CID, source: BlockSource) -> None:
+    def __init__(self, root: CID, source: BlockSource, pace: Pace) -> None:
         self.root, self.source = root, source
         self.version = root.version
+        self.meter = _Meter(pace, source.name)
 
     def fail(self, cid: CID, what: str) -> ModelError:
         return ModelError(f"{self.source.name} sent a bad block {cid} of {self.root}: {what}; nothing was kept")
 
     def block(self, cid: CID) -> bytes:
-        block = self.source.get_block(cid)
+        block = self.meter.timed(lambda: self.source.get_block(cid), lambda b: max(len(b), CHUNK_SIZE))
         if not cid.verify_block(block):
             raise self.fail(cid, "its bytes do not hash to its CID")
         return block
@@ -227,7 +286,7 @@ class _Fetcher:
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmarket-verify") as pool:
                 pending: deque[Future] = deque()
-                for index, chunk in enumerate(_rechunk(stream, plan, self)):
+                for index, chunk in enumerate(_rechunk(self._metered(stream), plan, self)):
                     if len(pending) == _IN_FLIGHT:
                         pending.popleft().result()  # raises the first bad chunk's error
                     pending.append(pool.submit(self._check_and_write, fd, plan.leaves[index], chunk, progress))
@@ -237,6 +296,13 @@ class _Fetcher:
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
+
+    def _metered(self, stream: Iterator[bytes]) -> Iterator[bytes]:
+        while True:
+            piece = self.meter.timed(lambda: next(stream, None), lambda p: len(p or b""))
+            if piece is None:
+                return
+            yield piece
 
     def _check_and_write(self, fd: int, leaf: Link, pieces: list[memoryview], progress: Progress) -> None:
         if leaf_link_of_pieces(pieces, leaf.filesize, self.version).cid != leaf.cid:
@@ -285,17 +351,20 @@ def _write_all(fd: int, pieces: Sequence[bytes | memoryview]) -> None:
             views[0] = views[0][written:]
 
 
-def fetch_verified(source: BlockSource, root: CID, fd: int, progress: Progress = NO_PROGRESS) -> int:
+def fetch_verified(
+    source: BlockSource, root: CID, fd: int, progress: Progress = NO_PROGRESS, *, pace: Pace = DEFAULT_PACE
+) -> int:
     """Write the file ``root`` names into ``fd`` (at its current position), verifying every block.
 
     Returns:
         The file's size.
 
     Raises:
-        ModelError: the source failed, sent a block that does not hash to its
-            CID, or serves a DAG not laid out with kubo's defaults.
+        ModelError: the source failed, was slower than ``pace``, sent a block
+            that does not hash to its CID, or serves a DAG not laid out with
+            kubo's defaults.
     """
-    fetcher = _Fetcher(root, source)
+    fetcher = _Fetcher(root, source, pace)
     plan = fetcher.plan()
     fetcher.write(plan, fd, progress)
     return plan.size

@@ -17,7 +17,9 @@ that is caught and reported (remove and fetch again), never loaded.
 Where bytes come from is pluggable: a source (``node.models.dag.BlockSource``)
 only has to hand out blocks and bytes; the store verifies every block against
 its CID as it arrives (``fetch_verified``), so no source is trusted. The store
-tries the cache, then each source in order (``IpfsSource`` today; peers later).
+tries the cache, then each source in order (an IPFS daemon, peers): a source
+that fails, sends a bad block or is slower than ``pace`` allows is logged (one
+warning line naming it and why) and the next one is tried.
 
 Only CIDs made with kubo's default import settings (``ipfs add``, with or
 without ``--cid-version=1``) are accepted: those are the CIDs the store can
@@ -27,6 +29,7 @@ recompute, which is how ``verify`` checks a file at rest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,9 +40,11 @@ from pathlib import Path
 
 from node.errors import ModelError, ModelNotFound
 from node.models.cid import CID, FileHasher, file_cid, parse_cid
-from node.models.dag import BlockSource, fetch_verified
+from node.models.dag import DEFAULT_PACE, BlockSource, Pace, fetch_verified
 from node.progress import NO_PROGRESS, Progress
 from node.services import pid_alive
+
+log = logging.getLogger("node.models.store")
 
 GGUF_MAGIC = b"GGUF"
 _COPY_BLOCK = 1 << 20
@@ -72,11 +77,16 @@ def check_gguf(path: Path) -> None:
 
 
 class ModelStore:
-    """Models by CID under ``root``, with ``sources`` to fetch missing ones from."""
+    """Models by CID under ``root``, with ``sources`` to fetch missing ones from.
 
-    def __init__(self, root: Path, sources: Sequence[BlockSource] = ()) -> None:
+    Args:
+        pace: the minimum rate every source must keep up while fetching (``node.models.dag.Pace``).
+    """
+
+    def __init__(self, root: Path, sources: Sequence[BlockSource] = (), *, pace: Pace = DEFAULT_PACE) -> None:
         self.root = Path(root)
         self.sources = list(sources)
+        self.pace = pace
         self._staging = self.root / ".staging"
         self._staging.mkdir(parents=True, exist_ok=True)
         self._sweep_staging()
@@ -184,12 +194,13 @@ class ModelStore:
                 with self._staged() as staging:
                     fd = os.open(staging / "model", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                     try:
-                        fetch_verified(source, parsed, fd, progress)
+                        fetch_verified(source, parsed, fd, progress, pace=self.pace)
                     finally:
                         os.close(fd)
                     progress.finish()
                     return self._commit(staging, parsed, name=name or str(parsed), source=source.name)
             except ModelError as err:
+                log.warning("fetching %s… from %s failed: %s", str(parsed)[:16], source.name, err)
                 failures.append(str(err))
         raise ModelError(f"could not fetch {parsed}: " + "; ".join(failures))
 

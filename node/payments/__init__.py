@@ -4,36 +4,12 @@
 - ``deployment`` where a chain's contracts live (``deployments/<chainId>.json``) and deploying them
 - ``receipts``   EIP-712 receipts: signing and verification, byte-for-byte as the contract does it
 - ``escrow``     a web3.py client for open / topUp / claim / close / refund and channel reads
-
 - ``metering``   the worker's side of a paid job (a meter per job); ``payer`` the requester's side
 - ``close``      closing a channel on the requester's request
 
 The chain clients are blocking (web3 over HTTP). Async callers run them through
 ``EscrowClient.io``, one ``CapacityLimiter`` per client (``chainio``).
+
+Nothing is imported here: a free worker or requester uses ``metering`` and
+``payer`` without loading web3.
 """
-
-from node.payments.deployment import Deployment, deploy_contracts, load_deployment
-from node.payments.escrow import ChannelState, ChannelStatus, EscrowClient
-from node.payments.receipts import (
-    ReceiptDomain,
-    check_pay_receipt,
-    check_receipt_signer,
-    receipt_digest,
-    recover_receipt_signer,
-    sign_receipt,
-)
-
-__all__ = [
-    "ChannelState",
-    "ChannelStatus",
-    "Deployment",
-    "EscrowClient",
-    "ReceiptDomain",
-    "check_pay_receipt",
-    "check_receipt_signer",
-    "deploy_contracts",
-    "load_deployment",
-    "receipt_digest",
-    "recover_receipt_signer",
-    "sign_receipt",
-]

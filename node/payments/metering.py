@@ -33,18 +33,20 @@ prompt that fits the context can be paid for.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from node.errors import InvalidReceipt, PaymentError, PaymentRefused
 from node.messages import JobRequest, PayReceipt
-from node.payments.escrow import ChannelState, EscrowClient
-from node.payments.ledger import WorkerLedger
 from node.payments.policy import channel_problem, job_cost, prompt_token_bound, worst_case_cost
 from node.payments.receipts import check_pay_receipt
-from node.payments.settlement import Settler
 from node.wire import Message
+
+if TYPE_CHECKING:  # a free worker never imports web3
+    from node.payments.escrow import ChannelState, EscrowClient
+    from node.payments.ledger import WorkerLedger
+    from node.payments.settlement import Settler
 
 
 class JobMeter(Protocol):

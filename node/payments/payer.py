@@ -32,7 +32,7 @@ import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 from eth_utils import to_checksum_address
@@ -40,8 +40,10 @@ from eth_utils import to_checksum_address
 from node.errors import Overcharge
 from node.messages import JobChunk, JobDone, JobRequest, Offer, PaymentTerms, PayReceipt
 from node.payments.policy import job_cost, prompt_token_bound, worst_case_cost
-from node.payments.wallet import Wallet
 from node.wire import Message
+
+if TYPE_CHECKING:  # a requester that pays nobody never imports web3
+    from node.payments.wallet import Wallet
 
 Send = Callable[[Message], Awaitable[None]]
 

@@ -13,8 +13,12 @@ time to claim before it expires, and has the job's worst case left unsigned.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from node.messages import JobRequest
-from node.payments.escrow import ChannelState, ChannelStatus
+
+if TYPE_CHECKING:  # pure arithmetic: no web3 for callers that only price jobs (the requester)
+    from node.payments.escrow import ChannelState
 
 PROMPT_TOKEN_OVERHEAD = 64  # chat-template tokens, on top of one token per prompt byte at most…
 MESSAGE_TOKEN_OVERHEAD = 8  # …and the template's markers around each message
@@ -67,7 +71,7 @@ def channel_problem(
         signed_total: the highest cumulative receipt the worker already holds for this channel.
         needed: the job's worst-case cost.
     """
-    if channel.status != ChannelStatus.OPEN:
+    if channel.status.name != "OPEN":
         return f"channel is {channel.status.name.lower()}, not open"
     if channel.worker.lower() != payee.lower():
         return f"channel pays {channel.worker}, not this worker ({payee})"
