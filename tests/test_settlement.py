@@ -88,3 +88,30 @@ def test_a_claim_already_mined_is_caught_up_and_an_expired_one_given_up(chain, t
     assert Settler(ledger, worker).settle_once() == (1, 0)
     assert ledger.get(expiring).closed and "ChannelExpired" in ledger.get(expiring).last_error
     assert ledger.pending_claims() == []
+
+
+def test_a_job_counted_during_a_claim_is_not_lost(chain, tmp_path):
+    """The settler counts jobs on the trio thread while a claim runs in a worker thread: a job that finishes
+    during the claim (its receipt came after the claim read the ledger) must still make its channel due."""
+    ledger = WorkerLedger.in_data_dir(tmp_path)
+    worker = chain.client(chain.worker)
+    settler = Settler(ledger, worker)
+    settler.settle_once()
+    channel = _paid_channel(chain, ledger, [TOKEN])
+    settler.job_done(channel)
+    claim = worker.claim
+
+    def claim_while_another_job_finishes(*args):
+        receipt = claim(*args)
+        settler.job_done(channel)  # as if the trio thread counted the next job now
+        return receipt
+
+    worker.claim = claim_while_another_job_finishes
+    assert settler.settle_once() == (1, 0)
+    worker.claim = claim
+    signature = chain.client(chain.requester).sign_receipt(channel, 2 * TOKEN)
+    ledger.record_receipt(
+        channel, 2 * TOKEN, signature, chain_id=chain.deployment.chain_id,
+        escrow=chain.deployment.escrow, requester=chain.requester.address, expiry=ledger.get(channel).expiry,
+    )  # fmt: skip
+    assert [c.channel_id for c in settler.due(settler.clock())] == [channel]  # the second job is still owed
