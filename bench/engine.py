@@ -1,6 +1,6 @@
 """Inference speed on the default model: llama-cpp-python directly, and through llmarket's Engine.
 
-    .venv/bin/python bench/engine.py [--runs 5] [--tokens 256] [--top-logprobs 20]
+    .venv/bin/python bench/engine.py [--runs 5] [--tokens 256] [--top-logprobs 20] [--threads N]
 
 Both sides: SmolLM2-135M-Instruct Q4_1, greedy (temperature 0), repeat penalty 1.0,
 one chat prompt through the model's own template, n_ctx 2048, all cores, CPU
@@ -105,11 +105,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per side, alternating")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--top-logprobs", type=int, default=20, help="k for the logprobs side")
+    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: every core)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side, JSON out
     args = parser.parse_args()
     path = default_model_file()
     hw = probe_hardware()
-    threads = hw.cpu_cores
+    threads = args.threads or hw.cpu_cores
     if args.side:
         if args.side == "direct":
             run = direct(path, args.runs, args.tokens, threads)
@@ -124,13 +125,14 @@ def main() -> None:
         for side, name in names.items():
             out = subprocess.run(
                 [sys.executable, __file__, "--side", side, "--runs", str(args.runs), "--tokens", str(args.tokens),
-                 "--top-logprobs", str(args.top_logprobs)],
+                 "--top-logprobs", str(args.top_logprobs), "--threads", str(threads)],
                 check=True, capture_output=True, text=True,
             ).stdout  # fmt: skip
             rows[name] += json.loads(out)
     runs = args.runs * args.rounds
     print(
-        f"{hw.summary()}; llama.cpp GPU offload: {hw.gpu_offload}; {runs} runs per side of up to {args.tokens} tokens"
+        f"{hw.summary()}; llama.cpp GPU offload: {hw.gpu_offload}; {threads} threads; "
+        f"{runs} runs per side of up to {args.tokens} tokens"
     )
     print("| path | TTFT (ms) | decode tokens/s | tokens |")
     print("|---|---:|---:|---:|")

@@ -1,7 +1,9 @@
 """What a job asks of an engine and what comes back: sampling parameters and stream events.
 
-A leaf module (no llama.cpp, no chain): the requester, the gateway and the CLI
-use these types without importing the engine.
+A leaf module (no llama.cpp, no chain, no hardware probe): the requester, the
+gateway and the CLI use these types, and the worker's own request checks
+(``SamplingParams.validate``, ``validate_messages``, ``validate_prompt``),
+without importing the engine. ``node.engine`` re-exports all of them.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class SamplingParams:
     a prefix of the language. A schema is turned into GBNF by llama-cpp-python's
     converter. Generation can still stop early at ``max_tokens`` or a stop
     string, leaving an incomplete document (finish reason ``length``/``stop``).
+    The engine refuses a schema or grammar llama.cpp cannot use before the job
+    takes a slot, and fails the job (``InvalidRequest``) if the grammar ever
+    allows no token at all (it needs a character the model cannot produce).
     """
 
     max_tokens: int = 256
