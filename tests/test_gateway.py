@@ -18,21 +18,11 @@ from node.identity import load_or_create_account
 from node.models.default import DEFAULT_MODEL_CID, DEFAULT_MODEL_CID_V0
 from node.payments.escrow import EscrowClient
 
+from .factories import start_gateway
+
 pytestmark = pytest.mark.slow
 
 KEY = "sk-test-key"
-
-
-def start_gateway(net, data_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    cmd = [
-        sys.executable, "-m", "node", "--data-dir", str(data_dir), "gateway", "--listen", "127.0.0.1:0",
-        "--bootstrap", net.workers[0]["multiaddr"], "--max-price", str(max(w["price"] for w in net.workers)),
-        "--rpc-url", net.rpc_url, "--deployments", net.deployments, "--insecure-dev-key", *extra,
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline().strip()
-    assert line.startswith("OpenAI-compatible API at "), line
-    return proc, line.split(" at ", 1)[1]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,12 +27,15 @@ from node.errors import DeadlineExceeded, InvalidRequest, NoWorker
 from node.gateway import MAX_BODY, Gateway
 from node.host import Host
 from node.identity import Identity
+from node.jobs import WorkerService
 from node.messages import ModelInfo, Offer
 from node.models.default import DEFAULT_MODEL_CID
+from node.offers import Advertiser, OfferBook, OfferGossip
 from node.requester import JobResult
 from node.sampling import TokenLogprob
 
-from .factories import offer
+from .factories import MODEL, ScriptedEngine, offer, requester, signed_offer, worker
+from .factories import WORDS as WORKER_WORDS
 
 NAME = "SmolLM2-135M-Instruct.Q4_1"
 MARKET = [offer("w1", models=[ModelInfo(DEFAULT_MODEL_CID, NAME, 2048)])]
@@ -89,10 +92,11 @@ class ScriptedJobs:
 
 
 @asynccontextmanager
-async def serving(monkeypatch, jobs: ScriptedJobs, **gateway_args):
-    """The gateway over HTTP on a free port; yields its base URL (…/v1)."""
-    monkeypatch.setattr(gateway_module, "run_job", jobs)
-    app = Gateway(FakeRequester(), **gateway_args)
+async def serving(monkeypatch, jobs: ScriptedJobs | None, market: FakeRequester | None = None, **gateway_args):
+    """The gateway over HTTP on a free port (``jobs`` stands in for run_job, if given); yields its base URL (…/v1)."""
+    if jobs is not None:
+        monkeypatch.setattr(gateway_module, "run_job", jobs)
+    app = Gateway(market or FakeRequester(), **gateway_args)
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
@@ -289,6 +293,54 @@ async def test_a_body_over_the_limit_is_413(monkeypatch):
     assert MAX_BODY < 20 << 20
 
 
+# ------------------------------------------- the real requester and a scripted worker over libp2p
+
+
+@asynccontextmanager
+async def market_of_one(monkeypatch, tmp_path, engine: ScriptedEngine):
+    """The gateway over the real run_job, with one in-process worker; yields (base URL, the engine)."""
+    async with worker(tmp_path, "w", engine) as (_, worker_offer, _), requester(tmp_path) as host:
+        async with serving(monkeypatch, None, FakeRequester([worker_offer], host)) as url:
+            yield url
+
+
+async def test_logprobs_come_from_the_worker(monkeypatch, tmp_path):
+    async with market_of_one(monkeypatch, tmp_path, ScriptedEngine()) as url:
+        c = client(url)
+        full = await in_thread(c.chat.completions.create, model="test model", messages=CHAT, logprobs=True,
+                               top_logprobs=2)  # fmt: skip
+        content = full.choices[0].logprobs.content
+        assert [t.token for t in content] == WORKER_WORDS and content[0].logprob == -0.5
+        assert [(a.token, a.logprob) for a in content[0].top_logprobs] == [("alt0", -1.0), ("alt1", -2.0)]
+
+        def streamed():
+            chunks = c.completions.create(model="test model", prompt="Once", logprobs=1, stream=True)
+            return [t for ch in chunks for c_ in ch.choices if c_.logprobs for t in c_.logprobs.tokens]
+
+        assert await in_thread(streamed) == WORKER_WORDS
+
+
+async def test_a_non_streaming_client_that_goes_away_frees_the_worker_slot(monkeypatch, tmp_path):
+    engine = ScriptedEngine(tick_s=0.2)  # 9 words: about 2 s
+    async with market_of_one(monkeypatch, tmp_path, engine) as url:
+        with pytest.raises(openai.APITimeoutError):
+            await in_thread(client(url, timeout=0.6).chat.completions.create, model="test model", messages=CHAT)
+        with trio.fail_after(1):  # well before the job would have ended
+            while engine.busy:
+                await trio.sleep(0.02)
+
+
+async def test_too_long_for_the_context_is_400_streaming_or_not(monkeypatch, tmp_path):
+    engine = ScriptedEngine(prompt_tokens=100)  # 100 + 2000 tokens do not fit its 2,048
+    async with market_of_one(monkeypatch, tmp_path, engine) as url:
+        c = client(url)
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError):
+                await in_thread(c.chat.completions.create, model="test model", messages=CHAT, max_tokens=2000,
+                                stream=stream)  # fmt: skip
+        assert (await in_thread(c.chat.completions.create, model="test model", messages=CHAT)).choices
+
+
 # ------------------------------------------------------------------- the command
 
 
@@ -312,24 +364,52 @@ async def test_a_port_in_use_is_one_line_and_exit_1(tmp_path):
     assert err.startswith(f"llmarket: error: cannot listen on 127.0.0.1:{port}")
 
 
-async def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
-    boot = Host(Identity.load(tmp_path / "boot"))
-    with trio.fail_after(60):
+async def test_ctrl_c_with_streams_in_flight_is_one_line_and_exit_130(tmp_path):
+    identity = Identity.load(tmp_path / "w")
+    host = Host(identity)
+    engine = ScriptedEngine(tick_s=0.05, words=["word "] * 400, slots=4)  # 20 s answers
+    with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
-            await nursery.start(boot.run)
+            await nursery.start(host.run)
+            WorkerService(host, identity, {MODEL: engine}).install()
+            gossip = OfferGossip(host, OfferBook())
+            await nursery.start(gossip.run)
+
+            def make_offer(seq, expires_at):
+                return signed_offer(identity, seq, expires_at, addrs=host.addrs(), slots_total=4, slots_free=4)
+
+            await nursery.start(Advertiser(gossip, make_offer, interval_s=1, ttl_s=30).run)
             proc = subprocess.Popen(
-                _gateway_command(tmp_path, "--listen", "127.0.0.1:0", "--bootstrap", boot.addrs()[0]),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "LLMARKET_DEBUG": ""},
+                _gateway_command(tmp_path, "--listen", "127.0.0.1:0", "--bootstrap", host.addrs()[0]),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env={k: v for k, v in os.environ.items() if k != "LLMARKET_DEBUG"},
             )  # fmt: skip
             try:
                 line = await trio.to_thread.run_sync(proc.stdout.readline)
                 assert line.startswith("OpenAI-compatible API at "), line + proc.stderr.read()
+                url = line.split(" at ", 1)[1].strip()
+
+                def stream() -> None:
+                    body = {"model": "test model", "messages": CHAT, "max_tokens": 400, "stream": True}
+                    with suppress(httpx.HTTPError):
+                        with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=60) as reply:
+                            for _ in reply.iter_lines():
+                                pass
+
+                for _ in range(3):
+                    nursery.start_soon(trio.to_thread.run_sync, stream)
+                while engine.busy < 3:  # every stream is running on the worker
+                    await trio.sleep(0.05)
+                await trio.sleep(1)  # text is flowing
                 proc.send_signal(signal.SIGINT)
                 _, err = await trio.to_thread.run_sync(partial(proc.communicate, timeout=30))
+                with trio.fail_after(5):
+                    while engine.busy:  # the jobs were cancelled, the slots freed
+                        await trio.sleep(0.05)
             finally:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
             nursery.cancel_scope.cancel()
     assert proc.returncode == 130, err
-    assert [line for line in err.splitlines() if line] == ["market: 0 offer(s) so far", "llmarket: interrupted"]
+    assert [line for line in err.splitlines() if line] == ["market: 1 offer(s) so far", "llmarket: interrupted"]
