@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
+import time
 
 import pytest
 
 from node.errors import ModelError, ModelNotFound
 from node.models import resolve_model
 from node.models.cid import CHUNK_SIZE, CID, FileHasher, dag_pb_node, file_cid, leaf_link, unixfs_file
+from node.models.dag import Pace
 from node.models.default import DEFAULT_MODEL_CID, DEFAULT_MODEL_NAME
 from node.models.store import ModelStore
 
@@ -123,6 +126,60 @@ def test_tampered_blocks_and_short_streams_are_refused(tmp_path):
     long.data += b"extra"
     with pytest.raises(ModelError, match="sent more than"):
         ModelStore(tmp_path / "c", [long]).fetch(long.root)
+
+
+class SlowSource(FileSource):
+    """Serves the file's first MiB at once, then ``piece`` bytes every ``every_s`` seconds; or slow blocks."""
+
+    name = "slow source"
+
+    def __init__(self, data: bytes, *, piece: int = 64, every_s: float = 0.02, block_delay_s: float = 0.0):
+        super().__init__(data)
+        self.piece, self.every_s, self.block_delay_s = piece, every_s, block_delay_s
+
+    def get_block(self, cid):
+        time.sleep(self.block_delay_s)
+        return super().get_block(cid)
+
+    def cat(self, cid):
+        yield bytes(self.data[: 1 << 20])
+        for i in range(1 << 20, len(self.data), self.piece):
+            time.sleep(self.every_s)
+            yield bytes(self.data[i : i + self.piece])
+
+
+@pytest.mark.parametrize(
+    "slow",
+    [{"piece": 64, "every_s": 0.02}, {"block_delay_s": 0.5, "piece": 1 << 20, "every_s": 0}],
+    ids=["trickling bytes", "slow blocks"],
+)
+def test_a_source_below_the_minimum_rate_is_dropped_for_the_next(tmp_path, caplog, slow):
+    caplog.set_level(logging.WARNING, logger="node.models.store")
+    data = b"GGUF" + random.Random(4).randbytes(6 * CHUNK_SIZE)
+    source = SlowSource(data, **slow)
+    store = ModelStore(tmp_path / "m", [source, FileSource(data)], pace=Pace(min_bytes_per_s=1 << 20, window_s=0.2))
+    started = time.monotonic()
+    entry = store.fetch(source.root)
+    assert time.monotonic() - started < 5  # the trickle alone would take 70 s
+    assert entry.path.read_bytes() == data and entry.source == "test source"
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "node.models.store"]
+    assert "slow source is too slow" in warning and "under the minimum of 1,048,576 bytes/s" in warning
+
+
+def test_time_spent_on_our_side_does_not_count_against_a_source(tmp_path, monkeypatch):
+    from node.models import dag
+
+    write = dag._write_all
+
+    def slow_disk(fd, pieces):
+        time.sleep(0.1)
+        write(fd, pieces)
+
+    monkeypatch.setattr(dag, "_write_all", slow_disk)  # 1.2 s of writing; the source answers at once
+    data = b"GGUF" + random.Random(5).randbytes(12 * CHUNK_SIZE - 4)
+    source = FileSource(data)
+    store = ModelStore(tmp_path / "m", [source], pace=Pace(min_bytes_per_s=64 << 20, window_s=0.2))
+    assert store.fetch(source.root).path.read_bytes() == data
 
 
 def test_small_files_come_in_one_block(tmp_path):
