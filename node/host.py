@@ -40,6 +40,7 @@ answer) and its pubsub runs.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 import weakref
@@ -173,6 +174,9 @@ class Host:
             connection_config=ConnectionConfig(max_connections_per_peer=1),
             listen_addrs=[multiaddr.Multiaddr(a) for a in self.config.listen],
         )
+        # py-libp2p's default resource manager: no per-IP limits, and a cancelled inbound upgrade leaks
+        # its admission slot (see InboundGuard); the guard and the limits below take its place
+        self.libp2p.get_network().set_resource_manager(None)
         self.inbound = InboundGuard(self.config, self.libp2p.get_network())
         self.inbound.install()
         self._guard_yamux()
@@ -342,17 +346,17 @@ class _Inbound:
     ip: str
     order: int
     rwc: object  # the accepted TCP stream
-    deadline: float
+    scope: trio.CancelScope  # around py-libp2p's handler; its deadline is the upgrade deadline
     muxed: object = None
     established: trio.Event = field(default_factory=trio.Event)
     dropped: str = ""
 
 
 def _close_now(rwc) -> None:
-    """Close an accepted TCP stream at once, from any task: whoever is reading it gets an error."""
+    """Close an accepted TCP stream at once, whatever task is using it."""
     try:
         rwc.stream.socket.close()  # py-libp2p's TrioTCPStream around a trio SocketStream
-    except Exception:  # some other transport: its handler's own close will do
+    except Exception:  # another transport: its handler's own close will do
         pass
 
 
@@ -362,11 +366,11 @@ class InboundGuard:
     It wraps two methods of the swarm instance: ``_handle_inbound_connection``
     (admission, the upgrade deadline, eviction, and ending the handler when its
     connection closes) and ``upgrade_inbound_raw_conn`` (to learn when the
-    upgrade is done). A connection is dropped by closing its socket, never by
-    cancelling py-libp2p's upgrade: a cancelled upgrade leaks its slot in
-    py-libp2p's resource manager (1,000 leaks, and every inbound connection is
-    refused). Connections that arrive already multiplexed (QUIC) are left to
-    py-libp2p; llmarket listens on TCP only.
+    upgrade is done). A dropped connection's handler is cancelled and its socket
+    closed. (Cancelling an upgrade leaks its admission slot in py-libp2p's
+    default resource manager, and after 1,000 such leaks every inbound
+    connection is refused; ``Host`` runs without it.) Connections that arrive
+    already multiplexed (QUIC) are left to py-libp2p; llmarket listens on TCP only.
     """
 
     def __init__(self, config: HostConfig, swarm) -> None:
@@ -411,29 +415,63 @@ class InboundGuard:
             oldest = min((r for r in self.pending.values() if r.ip == busiest), key=lambda r: r.order)
             self._drop(oldest, "evicted: too many upgrading connections")
         self._arrivals += 1
-        record = _Inbound(ip, self._arrivals, rwc, trio.current_time() + self.config.upgrade_timeout_s)
+        deadline = trio.current_time() + self.config.upgrade_timeout_s
+        record = _Inbound(ip, self._arrivals, rwc, trio.CancelScope(deadline=deadline))
         task = trio.lowlevel.current_task()
         self.pending[task] = record
         self.per_ip[ip] += 1
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch, record, nursery.cancel_scope)
-                await self._handle(rwc, maddr)
-                nursery.cancel_scope.cancel()
+            with record.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._end_with_connection, record, nursery.cancel_scope)
+                    await self._handle(rwc, maddr)
+                    nursery.cancel_scope.cancel()
         finally:
             self.pending.pop(task, None)
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
+            if record.scope.cancelled_caught and not record.established.is_set() and not record.dropped:
+                self.refused["upgrade timeout"] += 1
+                log.debug(
+                    "closing an inbound connection from %s: no handshake within %gs", ip, self.config.upgrade_timeout_s
+                )
             _close_now(rwc)
 
     async def upgrade(self, raw_conn, maddr):
         muxed = await self._upgrade(raw_conn, maddr)
         record = self.pending.pop(trio.lowlevel.current_task(), None)
         if record is not None:
+            record.scope.deadline = math.inf
             record.muxed = muxed
             record.established.set()
         return muxed
+
+    def _drop(self, record: _Inbound, reason: str) -> None:
+        """Close an upgrading connection now."""
+        for task, r in list(self.pending.items()):
+            if r is record:
+                del self.pending[task]
+        record.dropped = reason
+        self.refused[reason] += 1
+        log.debug("closing an inbound connection from %s: %s", record.ip, reason)
+        record.scope.cancel()
+        _close_now(record.rwc)
+
+    @staticmethod
+    async def _end_with_connection(record: _Inbound, scope: trio.CancelScope) -> None:
+        """Once the connection is up, end py-libp2p's handler when it closes (it would wait until the host stops)."""
+        await record.established.wait()
+        closed = getattr(record.muxed, "event_closed", None)
+        shutting_down = getattr(record.muxed, "event_shutting_down", None)
+        if closed is None:
+            return
+        while not closed.is_set():
+            with trio.move_on_after(10):
+                await closed.wait()
+            if shutting_down is not None and shutting_down.is_set():
+                break
+        scope.cancel()
 
     def _rate(self, ip: str) -> TokenBucket:
         bucket = self._rates.get(ip)
@@ -446,39 +484,6 @@ class InboundGuard:
                 self.config.connection_rate_per_ip, self.config.connection_burst_per_ip
             )
         return bucket
-
-    def _drop(self, record: _Inbound, reason: str) -> None:
-        """Close an upgrading connection; py-libp2p's upgrade then fails and cleans up after itself."""
-        for task, r in list(self.pending.items()):
-            if r is record:
-                del self.pending[task]
-        if record.established.is_set() or record.dropped:
-            return
-        record.dropped = reason
-        self.refused[reason] += 1
-        log.debug("closing an inbound connection from %s: %s", record.ip, reason)
-        _close_now(record.rwc)
-
-    async def _watch(self, record: _Inbound, scope: trio.CancelScope) -> None:
-        """Drop the connection at its upgrade deadline; once it is up, end py-libp2p's handler when it closes.
-
-        (py-libp2p's handler waits until the host stops, keeping the connection's slot.)
-        """
-        with trio.move_on_at(record.deadline):
-            await record.established.wait()
-        if not record.established.is_set():
-            self._drop(record, "upgrade timeout")
-            return
-        closed = getattr(record.muxed, "event_closed", None)
-        shutting_down = getattr(record.muxed, "event_shutting_down", None)
-        if closed is None:
-            return
-        while not closed.is_set():
-            with trio.move_on_after(10):
-                await closed.wait()
-            if shutting_down is not None and shutting_down.is_set():
-                break
-        scope.cancel()
 
 
 # -------------------------------------------------------------------- yamux
