@@ -67,7 +67,8 @@ contract InferenceEscrow is EIP712, ReentrancyGuardTransient {
     error ExpiryInPast(uint64 expiry, uint256 nowTimestamp);
     /// A top-up tried to move the expiry earlier.
     error ExpiryShortened(uint64 current, uint64 requested);
-    /// A deposit that does not fit the channel's 128-bit accounting.
+    /// An amount that does not fit the channel's 128-bit accounting: `open`'s amount
+    /// is over 2**128 - 1, or a top-up's would take the deposit over it.
     error AmountTooLarge(uint256 amount);
     /// No channel with this id, or it is closed or refunded already.
     error ChannelNotOpen(bytes32 channelId);
@@ -227,8 +228,14 @@ contract InferenceEscrow is EIP712, ReentrancyGuardTransient {
         if (newExpiry < expiry) revert ExpiryShortened(expiry, newExpiry);
         if (amount == 0 && newExpiry == expiry) revert ZeroAmount();
         if (newExpiry <= block.timestamp) revert ExpiryInPast(newExpiry, block.timestamp);
-        uint256 deposit = uint256(ch.deposit) + amount;
-        if (deposit > type(uint128).max) revert AmountTooLarge(deposit);
+        uint256 deposit = ch.deposit;
+        // Compare with the room left, not the sum: `deposit + amount` overflows
+        // uint256 for amounts near 2**256 and would revert with Panic(0x11)
+        // instead of AmountTooLarge. Neither line can wrap, as deposit <= 2**128 - 1.
+        unchecked {
+            if (amount > type(uint128).max - deposit) revert AmountTooLarge(amount);
+            deposit += amount;
+        }
         ch.deposit = uint128(deposit);
         ch.expiry = newExpiry;
         emit ChannelToppedUp(channelId, amount, deposit, newExpiry);

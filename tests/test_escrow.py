@@ -6,7 +6,7 @@ import pytest
 from eth_account import Account
 from web3.logs import DISCARD
 
-from node.errors import ChannelExpired, ChannelNotOpen, InvalidReceipt, PaymentError
+from node.errors import ChannelExpired, ChannelNotOpen, ContractReverted, InvalidReceipt, PaymentError
 from node.payments.escrow import ChannelStatus
 from node.payments.receipts import ReceiptDomain, sign_receipt
 
@@ -109,7 +109,7 @@ def test_one_channel_pays_a_hundred_jobs(chain):
     for job in range(1, 101):
         owed += job * 10**15  # job n costs n * 0.001 token
         signature = requester.sign_receipt(channel_id, owed)
-        worker.verify_receipt(worker.get_channel(channel_id), owed, signature)
+        worker.check_receipt(worker.get_channel(channel_id), owed, signature)
         if job % 25 == 0 and job < 100:
             worker.claim(channel_id, owed, signature)
     worker.close(channel_id, owed, signature)
@@ -242,6 +242,43 @@ def test_zero_amounts_and_past_expiries_are_rejected(chain):
     _reverts("ZeroAmount", requester.top_up, channel_id, 0, expiry)
     chain.advance(2 * DAY)
     _reverts("ExpiryInPast", requester.top_up, channel_id, TOKEN, expiry + 1)
+
+
+def test_amounts_beyond_128_bits_are_amount_too_large(chain):
+    """Even a top-up near 2**256, where ``deposit + amount`` overflows uint256, reverts with a named error.
+
+    Before the fix, amounts from 2**256 - deposit up reverted with Panic(0x11), which
+    the client could not name (``error`` was None).
+    """
+    requester, channel_id, expiry = _open(chain, amount=100 * TOKEN)
+    deposit, esc, no_permit = 100 * TOKEN, requester.escrow.functions, (0, 27, b"\x00" * 32, b"\x00" * 32)
+    for amount in (2**128 - deposit, 2**256 - deposit - 1, 2**256 - deposit, 2**256 - deposit + 1, 2**256 - 1):
+        for call in (
+            esc.topUp(channel_id, amount, expiry + DAY),
+            esc.topUpWithPermit(channel_id, amount, expiry + DAY, *no_permit),
+        ):
+            err = _reverts("AmountTooLarge", requester.send, call, "topUp")
+            assert isinstance(err, ContractReverted) and err.error_args == (amount,)
+    for amount in (2**128, 2**256 - 1):
+        _reverts("AmountTooLarge", requester.send, esc.open(chain.worker.address, amount, expiry), "open")
+        call = esc.openWithPermit(chain.worker.address, amount, expiry, *no_permit)
+        _reverts("AmountTooLarge", requester.send, call, "open")
+    assert requester.get_channel(channel_id).deposit == deposit
+
+
+def test_a_deposit_can_reach_2_128_minus_1_and_no_further(chain):
+    requester, channel_id, expiry = _open(chain, amount=100 * TOKEN)
+    owner = chain.client(chain.deployer)
+    owner.send(owner.token.functions.mint(chain.requester.address, 2**128), "mint")
+    room = 2**128 - 1 - 100 * TOKEN
+    requester.top_up(channel_id, room, expiry)  # exactly fills the 128 bits
+    assert requester.get_channel(channel_id).deposit == 2**128 - 1
+    for amount in (1, 2**256 - 2**128 + 1, 2**256 - 1):  # 2**256 - 2**128 + 1 is the first to overflow uint256
+        call = requester.escrow.functions.topUp(channel_id, amount, expiry)
+        err = _reverts("AmountTooLarge", requester.send, call, "topUp")
+        assert err.error_args == (amount,)
+    _reverts("AmountTooLarge", requester.top_up, channel_id, 1, expiry + DAY)  # the client's own path, too
+    assert requester.get_channel(channel_id).deposit == 2**128 - 1
 
 
 def test_reentrant_token_cannot_reenter(chain, brownie_build):

@@ -143,6 +143,29 @@ def test_random_channel_histories_conserve_tokens(deployed):
                 ch.expiry = new_expiry
                 self.spent[actor] += amount
 
+        @precondition(lambda self: self.channels)
+        @rule(data=st.data(), steps=st.integers(-1, 4))
+        def top_up_beyond_128_bits(self, data, steps):
+            """A deposit never passes 2**128 - 1, and amounts that overflow ``deposit + amount`` get the same error."""
+            channel_id, ch = self.pick_channel(data)
+            actor = self.pick_actor(data, ch.requester)
+            new_expiry = self.expiry(steps)
+            room = 2**128 - 1 - ch.deposit
+            amount = data.draw(
+                st.sampled_from([room + 1, 2**128, 2**256 - ch.deposit - 1, 2**256 - ch.deposit, 2**256 - 1])
+            )
+            error = "AmountTooLarge"
+            if ch.status != ChannelStatus.OPEN:
+                error = "ChannelNotOpen"
+            elif actor != ch.requester:
+                error = "NotRequester"
+            elif new_expiry < ch.expiry:
+                error = "ExpiryShortened"
+            elif new_expiry <= self.clock:
+                error = "ExpiryInPast"
+            client = clients[actor]  # the raw call: the client's own top_up refuses for want of tokens first
+            self.expect(error, client.send, client.escrow.functions.topUp(channel_id, amount, new_expiry), "topUp")
+
         def _redeem_error(self, ch, actor, amount, signer, *, closing):
             if ch.status != ChannelStatus.OPEN:
                 return "ChannelNotOpen"
@@ -252,3 +275,4 @@ def test_random_channel_histories_conserve_tokens(deployed):
     # The run must have reached the interesting states, not just refusals.
     for action in ("open_channel", "top_up", "claim", "close"):
         assert outcomes.get((action, None)), f"no successful {action} in the whole run: {outcomes}"
+    assert outcomes.get(("send", "AmountTooLarge")), f"no top-up beyond 128 bits reached the check: {outcomes}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -40,7 +42,49 @@ def test_the_demo_pays_exactly_usage_times_price():
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "ok: the workers earned exactly usage × price" in result.stdout
+    # amounts are shown as wallets do: base units, then the exact tokens
+    assert re.search(r"requester  \d+ \(\d+(\.\d+)? LLM\)", result.stdout), result.stdout
+    assert re.search(r"charges \d+ \(0\.\d+ LLM\) per 1,000 tokens", result.stdout), result.stdout
     assert "stopped anvil, ipfs, worker-1, worker-2" in result.stdout
+
+
+def test_wallet_shows_exact_tokens_and_keeps_base_units_in_json(chain, tmp_path, capsys):
+    """``llmarket wallet``: base units and the exact token amount (it was a float rounded to 6 places)."""
+    from node.cli import main
+    from node.node import requester_wallet
+    from node.payments.deployment import write_deployment
+    from node.payments.units import format_amount, format_units
+
+    write_deployment(chain.deployment, tmp_path / "deployments")
+    chain_flags = ["--rpc-url", chain.chain.rpc_url, "--deployments", str(tmp_path / "deployments")]
+    wallet_cmd = ["--data-dir", str(tmp_path / "requester"), "wallet", *chain_flags, "--insecure-dev-key"]
+    assert main([*wallet_cmd, "--json"]) == 0  # creates the account
+    address = json.loads(capsys.readouterr().out)["address"]
+    funds = 12_345_678_901_234_567_890_123  # 12345.678901234567890123 tokens: more digits than a float holds
+    owner = chain.client(chain.deployer)
+    owner.send(owner.token.functions.transfer(address, funds), "fund")
+    chain.chain.rpc("anvil_setBalance", address, hex(10**18 + 5 * 10**13))
+
+    assert main(wallet_cmd) == 0
+    shown = capsys.readouterr().out
+    assert "balance   12345678901234567890123 (12345.678901234567890123 LLM), 1.00005 ETH\n" in shown
+
+    wallet = requester_wallet(
+        tmp_path / "requester", chain.chain.rpc_url, tmp_path / "deployments", insecure_dev_key=True
+    )
+    channel = wallet.open_channel(chain.worker.address, 102_000_000_000_000)
+    wallet.sign(channel.channel_id, 102_000_000_000_000)
+    assert main(wallet_cmd) == 0
+    shown = capsys.readouterr().out
+    assert f"deposit {format_amount(channel.deposit)}, signed 102000000000000 (0.000102 LLM), paid 0 (0 LLM)" in shown
+
+    assert main([*wallet_cmd, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)  # machine-readable: every amount an int of base units
+    assert info["tokens"] == funds - channel.deposit and info["eth"] < 10**18 + 5 * 10**13
+    assert info["token"] == {"address": chain.deployment.token, "symbol": "LLM", "decimals": 18}
+    assert info["display"]["tokens"] == format_units(funds - channel.deposit, 18, "LLM")
+    (c,) = info["channels"]
+    assert (c["deposit"], c["signed"], c["paid"]) == (channel.deposit, 102_000_000_000_000, 0)
 
 
 def test_a_paid_worker_killed_mid_stream_is_paid_only_what_it_was_signed(tmp_path):
