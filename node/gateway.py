@@ -207,6 +207,8 @@ class Gateway:
         except Exception as err:
             events.send_nowait(_End(index, error=err))
         else:
+            if pending:  # tokens with no text of their own (the end-of-generation token, say)
+                events.send_nowait(_Text(index, "", tuple(pending)))
             events.send_nowait(_End(index, result=result))
 
     async def _complete(self, receive, send, *, chat: bool) -> None:

@@ -37,6 +37,7 @@ from node.errors import (
     JobFailed,
     ModelError,
     NoWorker,
+    PaymentError,
 )
 from node.messages import Offer
 from node.models.cid import parse_cid
@@ -67,6 +68,8 @@ def error_for(err: BaseException) -> ApiError:
         return ApiError(504, str(err), type="timeout", code="deadline_exceeded")
     if isinstance(err, JobFailed):
         return ApiError(503, str(err), type="service_unavailable", code="all_workers_failed")
+    if isinstance(err, PaymentError):  # the chain or the escrow failed us: say so, it is not a bug
+        return ApiError(503, str(err), type="service_unavailable", code="payment_unavailable")
     return ApiError(500, f"internal error: {err.__class__.__name__}; the gateway's log has the details",
                     type="server_error")  # fmt: skip
 

@@ -63,6 +63,7 @@ class ScriptedJobs:
 
     words: tuple[str, ...] = WORDS
     tick_s: float = 0.0
+    silent_last_token: bool = False  # a last token with a logprob but no text (as an end-of-generation token)
     error: BaseException | None = None
     started: list = field(default_factory=list)
     cancelled: list = field(default_factory=list)
@@ -83,6 +84,8 @@ class ScriptedJobs:
                     top = tuple((f"{word}~{j}", -0.5 * i - j) for j in range(k))
                     on_logprobs((TokenLogprob(word, -0.5 * i, top),))
                 on_text(word)
+            if self.silent_last_token and spec.params.logprobs is not None:
+                on_logprobs((TokenLogprob("", -0.25),))
         except trio.Cancelled:
             self.cancelled.append((spec, time.monotonic()))
             raise
@@ -127,11 +130,11 @@ async def test_models_retrieve(monkeypatch):
 
 
 async def test_chat_logprobs_streaming_and_not(monkeypatch):
-    async with serving(monkeypatch, ScriptedJobs()) as url:
+    async with serving(monkeypatch, ScriptedJobs(silent_last_token=True)) as url:
         c = client(url)
         full = await in_thread(c.chat.completions.create, model="default", messages=CHAT, logprobs=True, top_logprobs=2)
         content = full.choices[0].logprobs.content
-        assert [t.token for t in content] == list(WORDS) and content[1].logprob == -0.5
+        assert [t.token for t in content] == [*WORDS, ""] and content[1].logprob == -0.5
         assert [a.token for a in content[1].top_logprobs] == [",~0", ",~1"]
         assert content[0].bytes == list(b"Hello")
 
@@ -140,7 +143,7 @@ async def test_chat_logprobs_streaming_and_not(monkeypatch):
             return [t for chunk in chunks for ch in chunk.choices if ch.logprobs for t in ch.logprobs.content]
 
         tokens = await in_thread(streamed)
-        assert [t.token for t in tokens] == list(WORDS) and all(t.top_logprobs == [] for t in tokens)
+        assert [t.token for t in tokens] == [*WORDS, ""] and all(t.top_logprobs == [] for t in tokens)
         plain = await in_thread(c.chat.completions.create, model="default", messages=CHAT)
         assert plain.choices[0].logprobs is None
 

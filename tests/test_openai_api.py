@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from node.errors import ContextTooLong, DeadlineExceeded, InsufficientBalance, InvalidRequest
+from node.errors import ChainUnreachable, ContextTooLong, DeadlineExceeded, InsufficientBalance, InvalidRequest
 from node.messages import ModelInfo
 from node.models.default import DEFAULT_MODEL_CID
 from node.openai_api import (
@@ -93,6 +93,7 @@ def test_errors_map_to_openai_statuses():
         ContextTooLong("the prompt and max_tokens do not fit the context of 2048 tokens"): 400,
         DeadlineExceeded("the job did not finish within its 5s deadline"): 504,
         JobFailed("every worker failed; one missed its deadline"): 503,  # the type decides, not the words
+        ChainUnreachable("no chain at http://127.0.0.1:8545"): 503,
         RuntimeError("boom"): 500,
     }
     for err, status in cases.items():
