@@ -18,12 +18,14 @@
   ``max_connections_per_ip`` inbound connections, ``connection_rate_per_ip``
   new ones a second (bursts of ``connection_burst_per_ip``) and
   ``max_pending_per_ip`` still upgrading (Noise + yamux); ``max_pending``
-  upgrading in all; and ``upgrade_timeout_s`` to finish. When a limit on upgrading connections is
-  reached, the oldest upgrading connection of the IP with the most of them is
+  upgrading in all; and ``upgrade_timeout_s`` to finish. When a limit on
+  upgrading connections is reached, the oldest upgrading connection of the IP with the most of them is
   closed to make room, so a flood of idle connections cannot keep out a peer
   that completes its handshake. A slot is freed when its connection closes.
   (``libp2p.rcmgr`` does not serve here: it has no per-IP limit, only fixed
-  CIDR totals, and its pending-connection limit is not wired into the swarm.)
+  CIDR totals; its pending-connection limit is not wired into the swarm; and a
+  cancelled inbound upgrade leaks its admission slot, so that after 1,000 of
+  them every inbound connection is refused. The host runs without it.)
 - **Yamux flow control enforced** (``GuardedYamux``). py-libp2p's yamux logs
   "peer exceeded receive window" and keeps appending. Here a peer that sends a
   stream more than the receive window we granted loses its connection; and as
@@ -174,8 +176,8 @@ class Host:
             connection_config=ConnectionConfig(max_connections_per_peer=1),
             listen_addrs=[multiaddr.Multiaddr(a) for a in self.config.listen],
         )
-        # py-libp2p's default resource manager: no per-IP limits, and a cancelled inbound upgrade leaks
-        # its admission slot (see InboundGuard); the guard and the limits below take its place
+        # off with py-libp2p's default resource manager (see the module docstring): InboundGuard, the
+        # stream limit per peer and GuardedYamux take its place
         self.libp2p.get_network().set_resource_manager(None)
         self.inbound = InboundGuard(self.config, self.libp2p.get_network())
         self.inbound.install()

@@ -272,3 +272,19 @@ async def test_a_sync_answer_of_many_pieces_arrives_whole(tmp_path):
                 async with node(nursery, tmp_path, "late", a.addrs()) as (_, late):
                     assert {o.peer_id for o in late.book.live(time.time())} == {o.peer_id for o in offers}
                 nursery.cancel_scope.cancel()
+
+
+def test_the_sync_budget_counts_streams_and_bytes_per_peer():
+    from node.offers import SYNC_BYTES_PER_PEER, SYNC_STREAMS_PER_PEER, SYNC_STREAMS_TOTAL, SyncBudget
+
+    budget = SyncBudget()
+    for _ in range(SYNC_STREAMS_PER_PEER):
+        assert budget.open("p", 0.0) is None
+    assert "sync streams already" in budget.open("p", 0.0)
+    budget.close("p")
+    budget.charge("p", 0.0, SYNC_BYTES_PER_PEER)
+    assert "in the last minute" in budget.open("p", 30.0)
+    assert budget.open("p", 61.0) is None  # the minute has passed
+    for i in range(SYNC_STREAMS_TOTAL - SYNC_STREAMS_PER_PEER):
+        assert budget.open(f"q{i}", 61.0) is None
+    assert "sync streams are being served" in budget.open("r", 61.0)
