@@ -50,6 +50,8 @@ class FakeChain:
     deployment: FakeDeployment = field(default_factory=FakeDeployment)
     domain: ReceiptDomain = DOMAIN
     io: ChainIO = field(default_factory=ChainIO)
+    opening: int = 0
+    most_at_once: int = 0
 
     def get_channel(self, channel_id: bytes) -> ChannelState:
         return ChannelState(channel_id, REQUESTER.address, WORKER.address, self.deposit, 0, int(time.time()) + 86_400,
@@ -59,9 +61,12 @@ class FakeChain:
         return int(time.time())
 
     def open_channel(self, worker: str, amount: int, expiry: int, *, permit: bool = False) -> bytes:
+        self.opening += 1
+        self.most_at_once = max(self.most_at_once, self.opening)
         time.sleep(self.open_delay_s)  # a transaction being mined on a slow chain
         channel_id = len(self.opened).to_bytes(32, "big")
         self.opened.append((worker, amount))
+        self.opening -= 1
         return channel_id
 
     def sign_receipt(self, channel_id: bytes, amount: int) -> bytes:
@@ -272,3 +277,20 @@ async def test_opening_a_channel_on_a_slow_chain_never_stalls_the_event_loop(tmp
                 assert payment is not None
             nursery.cancel_scope.cancel()
     assert len(lateness) > 50 and max(lateness) < 0.1
+
+
+async def test_channels_are_opened_one_at_a_time(tmp_path):
+    """Each opening uses the account's next permit nonce: two at once clashed (402 ERC20InsufficientAllowance)."""
+    wallet = FakeWallet(tmp_path, open_delay_s=0.2)
+    payer = WalletPayer(wallet)
+    request = JobRequest("job", MODEL, {"max_tokens": 10}, prompt="x")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+
+                async def job(peer=f"12D3KooW{i}", payee="0x" + f"{i + 1:040x}"):
+                    async with payer.pay(paid_offer(peer, payee=payee), request) as payment:
+                        assert payment is not None
+
+                nursery.start_soon(job)
+    assert len(wallet.client.opened) == 4 and wallet.client.most_at_once == 1

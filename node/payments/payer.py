@@ -161,6 +161,9 @@ class WalletPayer:
     credit_tokens: int = CREDIT_TOKENS
     _leased: dict[bytes, str] = field(default_factory=dict)  # channel id → worker address, in use by a job
     _opening: dict[str, int] = field(default_factory=dict)  # worker address → channels being leased now
+    # One channel opening at a time: each takes the account's next permit nonce (and its allowance), so two at
+    # once would clash. Waiting on this lock is a trio wait: other jobs' streams flow meanwhile.
+    _open_lock: trio.Lock = field(default_factory=trio.Lock)
 
     @asynccontextmanager
     async def pay(self, offer: Offer, request: JobRequest) -> AsyncIterator[JobPayment | None]:
@@ -197,7 +200,8 @@ class WalletPayer:
                 reuse = functools.partial(self.wallet.reusable_channel, worker, needed, exclude=frozenset(self._leased))
                 channel = await io(reuse)
                 if channel is None:
-                    channel = await io(lambda: self.wallet.open_channel(worker, needed, peer_id=offer.peer_id))
+                    async with self._open_lock:
+                        channel = await io(lambda: self.wallet.open_channel(worker, needed, peer_id=offer.peer_id))
                 if channel.channel_id not in self._leased:  # not taken by another job while we asked the chain
                     self._leased[channel.channel_id] = worker
                     return channel
