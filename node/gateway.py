@@ -77,6 +77,8 @@ class Gateway:
     reputation: Reputation = field(default_factory=Reputation)
 
     def __post_init__(self) -> None:
+        # Remember workers across requests with the node's reputation (its offer book keeps the ones that served us).
+        self.reputation = getattr(self.requester, "reputation", None) or self.reputation
         # One payer for every request: it decides which channel each job leases (one job per channel).
         self.payer = WalletPayer(self.wallet) if self.wallet else FreePayer()
 

@@ -29,7 +29,7 @@ from node.models.cid import parse_cid
 from node.models.default import DEFAULT_MODEL_CID
 from node.models.ipfs import IpfsSource
 from node.models.peers import ModelServer, PeerSource
-from node.offers import Advertiser, OfferBook, OfferGossip, sign_offer
+from node.offers import FIELD_CHARS, MAX_ADDRS, Advertiser, OfferBook, OfferGossip, sign_offer
 from node.payments.close import CloseService
 from node.payments.escrow import EscrowClient
 from node.payments.ledger import WalletLedger, WorkerLedger
@@ -38,6 +38,7 @@ from node.payments.policy import job_cost
 from node.payments.settlement import SettlementPolicy, Settler
 from node.payments.wallet import Wallet
 from node.progress import NO_PROGRESS, Progress
+from node.routing import Reputation
 
 if TYPE_CHECKING:  # the engine (llama.cpp) is imported by serve() only: requesters never load it
     from node.engine import Engine
@@ -126,7 +127,7 @@ async def serve(
                     identity,
                     Offer(
                         peer_id=identity.peer_id,
-                        addrs=[a.split("/p2p/")[0] for a in host.addrs()],
+                        addrs=[a.split("/p2p/")[0] for a in host.addrs()][:MAX_ADDRS],
                         payee=identity.payee,
                         binding=identity.binding,
                         models=[model],
@@ -137,7 +138,7 @@ async def serve(
                         slots_free=service.free_slots,
                         tokens_per_s=round(speed.tokens_per_s, 1),
                         first_token_ms=round(1000 * speed.first_token_s, 1),
-                        hardware=hardware,
+                        hardware=hardware[: FIELD_CHARS["hardware"]],
                         version=__version__,
                         seq=seq,
                         expires_at=expires_at,
@@ -204,6 +205,7 @@ async def _resolve(config: WorkerConfig, store: ModelStore, gossip: OfferGossip,
 class Requester:
     host: Host
     gossip: OfferGossip
+    reputation: Reputation = field(default_factory=Reputation)  # shared by every job this node runs
 
     def offers(self) -> list[Offer]:
         return self.gossip.book.live(time.time())
@@ -227,9 +229,10 @@ async def open_requester(
         await nursery.start(host.run)
         if not host.connected_peers():
             raise ConfigError(f"none of the bootstrap peers answered ({', '.join(bootstrap)}); is a worker running?")
-        gossip = OfferGossip(host, OfferBook())
+        reputation = Reputation()
+        gossip = OfferGossip(host, OfferBook(valued=reputation.valued))  # a full book keeps peers that served us
         await nursery.start(gossip.run)
-        yield Requester(host, gossip)
+        yield Requester(host, gossip, reputation)
         nursery.cancel_scope.cancel()
 
 

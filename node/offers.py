@@ -517,7 +517,9 @@ class Advertiser:
         self.gossip = gossip
         self.make_offer = make_offer  # (seq, expires_at) -> signed Offer
         self.interval_s, self.ttl_s, self.min_gap_s = interval_s, ttl_s, min_gap_s
-        self.seq = 0
+        # Offers of a restarted worker must beat the ones it published before (books keep the highest seq):
+        # start from the clock in milliseconds, which runs far ahead of one offer every second or more.
+        self.seq = int(gossip.clock() * 1000)
         self._changed = trio.Event()
 
     def changed(self) -> None:

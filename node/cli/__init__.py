@@ -16,14 +16,14 @@ import warnings
 from collections.abc import Sequence
 
 from node import __version__
-from node.cli import chain, gateway, hardware, market, models, run, testnet, wallet
 from node.config import data_dir
 from node.errors import NodeError
 
-_COMMANDS = (market, gateway, models, run, hardware, wallet, testnet, chain)
-
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, inside main's error handling: a Ctrl-C while they load (a second or two) is one line too.
+    from node.cli import chain, gateway, hardware, market, models, run, testnet, wallet
+
     parser = argparse.ArgumentParser(
         prog="llmarket",
         description="llmarket: a decentralized marketplace for LLM inference. "
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where keys, models and state live (default: $LLMARKET_HOME or ~/.local/share/llmarket)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _COMMANDS:
+    for module in (market, gateway, models, run, hardware, wallet, testnet, chain):
         module.register(commands)
     return parser
 
@@ -45,10 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # ipfshttpclient passes urllib3 an argument urllib3 2.x warns about on every request.
     warnings.filterwarnings("ignore", message="The 'strict' parameter is no longer needed", category=FutureWarning)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.data_dir = data_dir(args.data_dir)
     try:
+        args = build_parser().parse_args(argv)
+        args.data_dir = data_dir(args.data_dir)
         return args.handler(args) or 0
     except BaseException as err:
         cause = _the_cause(err)

@@ -23,9 +23,10 @@ from node.cli.common import (
 )
 from node.node import WorkerConfig, model_cid_for_request, open_requester, requester_wallet, serve
 from node.payments.payer import WalletPayer
+from node.payments.units import format_amount
 from node.progress import TerminalProgress
 from node.requester import JobSpec, run_job
-from node.routing import Reputation, RouteQuery
+from node.routing import RouteQuery
 from node.sampling import SamplingParams
 
 
@@ -193,7 +194,7 @@ def _request(args: argparse.Namespace) -> int:
         async with open_requester(Path(args.data_dir), tuple(args.bootstrap)) as requester:
             await requester.wait_for_model(model, args.discovery_timeout)
             return await run_job(
-                requester.host, requester.offers, query, spec, reputation=Reputation(),
+                requester.host, requester.offers, query, spec, reputation=requester.reputation,
                 deadline_s=args.timeout, on_text=show, on_failover=failover,
                 payer=WalletPayer(wallet) if wallet else None,
             )  # fmt: skip
@@ -211,7 +212,7 @@ def _request(args: argparse.Namespace) -> int:
         print(
             f"[{result.prompt_tokens} prompt + {result.completion_tokens} completion tokens from "
             f"{', '.join(w[:16] + '…' for w in result.workers)}, "
-            + (f"paid {result.cost} base units, " if result.cost else "")
+            + (f"paid {format_amount(result.cost)}, " if result.cost else "")
             + f"finish: {result.finish_reason}]",
             file=sys.stderr,
         )

@@ -405,6 +405,7 @@ _ERROR_CLASSES: dict[str, type[PaymentError]] = {
 }
 
 _HINTS = {
+    "AmountTooLarge": "a channel holds at most 2**128 - 1 base units in all",
     "ERC20InsufficientBalance": "the account needs more tokens",
     "ERC20InsufficientAllowance": "approve the escrow for the amount first, or open with a permit",
     "ChannelExpired": "its receipts can no longer be redeemed; the requester can refund it",
