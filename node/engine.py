@@ -217,7 +217,8 @@ class _Sampler:
     Unconstrained jobs take llama.cpp's one-call path (``llama_sampler_sample``).
     """
 
-    def __init__(self, llama: Any, params: SamplingParams, grammar: str | None, seed: int) -> None:
+    def __init__(self, llama: Any, params: SamplingParams, grammar: str | None, seed: int, said: list[int]) -> None:
+        """``said``: tokens of answer text already produced (resuming), taken as if sampled here."""
         import llama_cpp
         import numpy as np
 
@@ -250,6 +251,12 @@ class _Sampler:
                 )
                 self._one_entry = (llama_cpp.llama_token_data * 1)()
                 self._one = llama_cpp.llama_token_data_array(data=self._one_entry, size=1)
+            for token in said:
+                if self._grammar is not None:
+                    if not self._allows(token):
+                        raise InvalidRequest("the text already said does not match the grammar")
+                    llama_cpp.llama_sampler_accept(self._grammar, token)
+                llama_cpp.llama_sampler_accept(self._chain, token)
         except BaseException:
             self.close()
             raise
@@ -372,28 +379,40 @@ class Engine:
         """``async with engine.stream_chat(messages, params) as events:`` — see ``stream``.
 
         ``assistant_prefix`` is text the assistant already said in this turn (from
-        a worker that died mid-answer): generation continues right after it.
+        a worker that died mid-answer): generation continues right after it, with
+        the repeat penalty and any grammar already past it.
         """
         clean = validate_messages(messages)
 
-        def tokenize(llama: Any) -> list[int]:
-            tokens = self._chat_tokens(llama, clean)
-            if assistant_prefix:
-                tokens += llama.tokenize(assistant_prefix.encode(), add_bos=False, special=False)
-            return tokens
+        def tokenize(llama: Any) -> tuple[list[int], list[int]]:
+            said = llama.tokenize(assistant_prefix.encode(), add_bos=False, special=False) if assistant_prefix else []
+            return self._chat_tokens(llama, clean) + said, said
 
         return self.stream(tokenize, params)
 
-    def stream_completion(self, prompt: str, params: SamplingParams):
-        """``async with engine.stream_completion(prompt, params) as events:`` — see ``stream``."""
+    def stream_completion(self, prompt: str, params: SamplingParams, *, resume_text: str = ""):
+        """``async with engine.stream_completion(prompt, params) as events:`` — see ``stream``.
+
+        ``resume_text`` is completion text already produced (by a worker that died
+        mid-answer): generation continues right after ``prompt + resume_text``,
+        with the repeat penalty and any grammar already past it.
+        """
         validate_prompt(prompt)
-        return self.stream(lambda llama: self._text_tokens(llama, prompt), params)
+
+        def tokenize(llama: Any) -> tuple[list[int], list[int]]:
+            said = llama.tokenize(resume_text.encode(), add_bos=False, special=False) if resume_text else []
+            return self._text_tokens(llama, prompt + resume_text), said
+
+        return self.stream(tokenize, params)
 
     @asynccontextmanager
     async def stream(
-        self, tokenize: Callable[[Any], list[int]], params: SamplingParams
+        self, tokenize: Callable[[Any], tuple[list[int], list[int]]], params: SamplingParams
     ) -> AsyncIterator[trio.MemoryReceiveChannel]:
         """Run one job on a free slot (waiting for one if all are busy).
+
+        ``tokenize(llama)`` returns the prompt's tokens and the tokens of answer
+        text already said at its end (resuming), which the sampler takes as its own.
 
         Yields a channel of events: ``Delta`` text deltas, then one ``Finished``.
         Leaving the block early cancels the job; the slot is free again when
@@ -414,7 +433,9 @@ class Engine:
             grammar = await trio.to_thread.run_sync(_checked_grammar, vocab, params, limiter=self._grammar_limiter)
         slot = await self._free_recv.receive()
         try:
-            tokens = await trio.to_thread.run_sync(tokenize, slot.llama, limiter=self._limiter)
+            tokens, said = await trio.to_thread.run_sync(tokenize, slot.llama, limiter=self._limiter)
+            if not tokens:
+                raise InvalidRequest("the prompt is empty once tokenized")
             if len(tokens) + params.max_tokens > self.n_ctx:
                 raise ContextTooLong(
                     f"prompt ({len(tokens)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -423,7 +444,7 @@ class Engine:
             send, recv = trio.open_memory_channel(math.inf)
             cancelled = threading.Event()
             async with open_service_nursery() as nursery:
-                nursery.start_soon(self._run, slot, tokens, params, grammar, send, cancelled)
+                nursery.start_soon(self._run, slot, tokens, said, params, grammar, send, cancelled)
                 try:
                     async with recv:
                         yield recv
@@ -433,7 +454,14 @@ class Engine:
             self._free_send.send_nowait(slot)
 
     async def _run(
-        self, slot: _Slot, tokens: list[int], params: SamplingParams, grammar: str | None, send, cancelled
+        self,
+        slot: _Slot,
+        tokens: list[int],
+        said: list[int],
+        params: SamplingParams,
+        grammar: str | None,
+        send,
+        cancelled,
     ) -> None:
         token = trio.lowlevel.current_trio_token()
 
@@ -451,12 +479,20 @@ class Engine:
         # delivered by the time the channel closes.
         async with send:
             await trio.to_thread.run_sync(
-                self._generate_blocking, slot.llama, tokens, params, grammar, emit, cancelled, limiter=self._limiter
+                self._generate_blocking,
+                slot.llama,
+                tokens,
+                said,
+                params,
+                grammar,
+                emit,
+                cancelled,
+                limiter=self._limiter,
             )
 
     @staticmethod
     def _generate_blocking(
-        llama: Any, prompt: list[int], params: SamplingParams, grammar: str | None, emit, cancelled
+        llama: Any, prompt: list[int], said: list[int], params: SamplingParams, grammar: str | None, emit, cancelled
     ) -> None:
         import llama_cpp
 
@@ -477,7 +513,7 @@ class Engine:
             return event
 
         seed = params.seed if params.seed is not None else secrets.randbits(31)
-        sampler = _Sampler(llama, params, grammar, seed)
+        sampler = _Sampler(llama, params, grammar, seed, said)
         try:
             pending = _cached_prefix(llama, prompt)
             while True:

@@ -291,6 +291,23 @@ async def test_json_schema_output_parses_and_matches(engine):
 
 
 @slow
+async def test_a_resumed_constrained_answer_stays_valid(engine):
+    """After failover the grammar continues from the text already said, in chat and in plain completion."""
+    question = [{"role": "user", "content": "What is 6 times 7? Reply in JSON."}]
+    params = SamplingParams(max_tokens=64, temperature=0, json_schema=ANSWER_SCHEMA)
+    with trio.fail_after(90):
+        said = '{"answer'  # cut mid-key, as a dying worker might leave it
+        _, done = await stream_events(engine.stream_chat(question, params, assistant_prefix=said))
+        assert type(json.loads(said + done.text)["answer"]) is int
+        prompt = "Q: What is 6 times 7? Answer in JSON.\nA: "
+        _, done = await stream_events(engine.stream_completion(prompt, params, resume_text='{ "answer":'))
+        assert type(json.loads('{ "answer":' + done.text)["answer"]) is int
+        with pytest.raises(InvalidRequest, match="does not match the grammar"):
+            await stream_events(engine.stream_chat(question, params, assistant_prefix="Sure! "))
+    assert engine.free_slots == 2
+
+
+@slow
 async def test_a_gbnf_grammar_constrains_the_output(engine):
     params = SamplingParams(max_tokens=16, temperature=1.0, seed=11, grammar='root ::= ("yes" | "no") "."')
     with trio.fail_after(30):
