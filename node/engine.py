@@ -149,9 +149,13 @@ def _checked_grammar(vocab: Any, params: SamplingParams) -> str | None:
         what, gbnf = "grammar", params.grammar
     else:
         return None
-    if "\x00" in gbnf:
+    try:
+        encoded = gbnf.encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{what} is not valid Unicode text") from None
+    if b"\x00" in encoded:
         raise InvalidRequest(f"{what} must not contain NUL characters")
-    sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(errors="replace"), b"root")
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, encoded, b"root")
     if not sampler:
         raise InvalidRequest(
             f"{what}: llama.cpp cannot use this grammar (a GBNF syntax error, an undefined rule, no 'root' rule, "

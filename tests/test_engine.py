@@ -322,6 +322,8 @@ BAD_GRAMMARS = [
     (dict(grammar='start ::= "a"'), "grammar: llama.cpp cannot use"),  # no root
     (dict(grammar='root ::= root "a" | "a"'), "grammar: llama.cpp cannot use"),  # left recursion
     (dict(grammar='root ::= "a"{5000}'), "grammar: llama.cpp cannot use"),  # over llama.cpp's repetitions
+    (dict(grammar='root ::= "\ud800"'), "grammar is not valid Unicode"),
+    (dict(grammar='root ::= "a\x00"'), "grammar must not contain NUL"),
     (dict(json_schema="{not json"), "json_schema is not valid JSON"),
     (dict(json_schema="[1, 2]"), "json_schema must be a JSON object"),
     (dict(json_schema='{"type": "string", "maxLength": 1000000000}'), "maxLength 1000000000 is over"),
