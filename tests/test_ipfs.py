@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import random
 import shutil
 import subprocess
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,8 +18,9 @@ import requests
 
 from node.errors import ModelError
 from node.models.cid import CHUNK_SIZE, file_cid, parse_cid
+from node.models.dag import Pace
 from node.models.default import DEFAULT_MODEL_CID, DEFAULT_MODEL_CID_V0
-from node.models.ipfs import IpfsSource, api_multiaddr
+from node.models.ipfs import IpfsSource, api_multiaddr, api_url
 from node.models.store import ModelStore
 
 pytestmark = pytest.mark.slow
@@ -106,14 +109,18 @@ def test_fetching_the_default_model_from_the_daemon(ipfs_daemon, default_model_f
 
 
 @contextmanager
-def lying_daemon(daemon, *, flip_at: int | None = None, cut_at: int | None = None):
-    """A fake kubo RPC endpoint in front of the real daemon: blocks pass through, `cat` lies."""
+def lying_daemon(daemon, *, flip_at: int | None = None, cut_at: int | None = None, trickle_after: int | None = None):
+    """A fake kubo RPC endpoint in front of the real daemon: blocks pass through, `cat` lies.
+
+    With ``trickle_after``, `cat` sends that many bytes at once, then 64 bytes every 50 ms.
+    """
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 (http.server's naming)
             reply = requests.post(f"{daemon.api_url}{self.path}", timeout=30)
             body = bytearray(reply.content)
-            if self.path.startswith("/api/v0/cat"):
+            is_cat = self.path.startswith("/api/v0/cat")
+            if is_cat:
                 if flip_at is not None:
                     body[flip_at] ^= 0x01
                 if cut_at is not None:
@@ -122,7 +129,17 @@ def lying_daemon(daemon, *, flip_at: int | None = None, cut_at: int | None = Non
             self.send_header("Content-Type", reply.headers.get("Content-Type", "application/octet-stream"))
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not (is_cat and trickle_after is not None):
+                self.wfile.write(body)
+                return
+            try:
+                self.wfile.write(body[:trickle_after])
+                for i in range(trickle_after, len(body), 64):
+                    time.sleep(0.05)
+                    self.wfile.write(body[i : i + 64])
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):  # the fetch gave up on us, as it should
+                pass
 
         def log_message(self, *args):
             pass
@@ -164,6 +181,28 @@ def test_a_truncated_stream_is_rejected(ipfs_daemon, tmp_path):
     assert store.get(cid) is None
 
 
+def test_a_trickling_daemon_is_dropped_for_the_next_source(ipfs_daemon, tmp_path, caplog):
+    # Issue 9, item 6: a source sending 64 bytes every 20 s held a new worker for good; a
+    # per-read timeout never fires on it. The store's minimum rate (Pace) does.
+    caplog.set_level(logging.WARNING, logger="node.models.store")
+    data = random.Random(7).randbytes(8 * CHUNK_SIZE)
+    (tmp_path / "f.bin").write_bytes(data)
+    cid = _add(ipfs_daemon, tmp_path / "f.bin", 1)
+    with lying_daemon(ipfs_daemon, trickle_after=1 << 20) as url:
+        store = ModelStore(
+            tmp_path / "models",
+            [IpfsSource(url, timeout_s=5), IpfsSource(ipfs_daemon.api_url)],
+            pace=Pace(min_bytes_per_s=256 << 10, window_s=1),
+        )
+        started = time.monotonic()
+        entry = store.fetch(cid)
+        elapsed = time.monotonic() - started
+    assert entry.path.read_bytes() == data and entry.source == f"IPFS daemon at {ipfs_daemon.api_url}"
+    assert elapsed < 20  # about two windows; the trickle itself would take 8 minutes
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "node.models.store"]
+    assert f"IPFS daemon at {url} is too slow" in warning
+
+
 def test_a_dead_daemon_is_a_clear_error_not_a_hang(tmp_path):
     store = ModelStore(tmp_path / "models", [IpfsSource("/ip4/127.0.0.1/tcp/9/http", timeout_s=5)])
     with pytest.raises(ModelError, match="no IPFS daemon answers at /ip4/127.0.0.1/tcp/9/http"):
@@ -176,4 +215,9 @@ def test_api_addresses():
     assert api_multiaddr("localhost:5001") == "/dns/localhost/tcp/5001/http"
     with pytest.raises(ModelError, match="neither a multiaddr"):
         api_multiaddr("ftp://x")
+    assert api_url("/ip4/127.0.0.1/tcp/5001/http") == "http://127.0.0.1:5001"
+    assert api_url("/ip6/::1/tcp/5001/http") == "http://[::1]:5001"
+    assert api_url("localhost:5001") == "http://localhost:5001"
+    with pytest.raises(ModelError, match="is not /ip4"):
+        api_url("/unix/tmp/ipfs.sock")
     assert parse_cid(DEFAULT_MODEL_CID)  # sanity for the import above

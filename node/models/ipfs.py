@@ -9,6 +9,14 @@ bytes, but measured 25% faster on js-ipfs; see docs/benchmarks.md.)
 ``ipfshttpclient.connect()`` refuses daemons newer than 0.8.0, so the client is
 constructed directly (as its own docstring allows). Every request has a
 timeout: a dead daemon is an error, never a hang.
+
+``cat`` alone goes through ``requests`` itself, to hand on each piece of the
+file as soon as it arrives. ``ipfshttpclient`` streams with
+``iter_content(chunk_size=None)``, which for a response with a
+``Content-Length`` reads the *whole* body before yielding anything: a daemon
+(or a proxy in front of one) that trickles such a body would never trip the
+per-read timeout, and the store's minimum rate (``node.models.dag.Pace``),
+which looks at what arrives, would never get to look.
 """
 
 from __future__ import annotations
@@ -19,9 +27,11 @@ from urllib.parse import urlsplit
 
 import ipfshttpclient
 import ipfshttpclient.exceptions as ipfs_errors
+import requests
+import urllib3
 
 from node.errors import ModelError
-from node.models.cid import CID, parse_cid
+from node.models.cid import CHUNK_SIZE, CID, parse_cid
 
 
 def api_multiaddr(api: str) -> str:
@@ -33,6 +43,17 @@ def api_multiaddr(api: str) -> str:
         raise ModelError(f"IPFS API address {api!r} is neither a multiaddr nor an http://host:port URL")
     proto = "ip6" if ":" in parts.hostname else ("ip4" if parts.hostname.replace(".", "").isdigit() else "dns")
     return f"/{proto}/{parts.hostname}/tcp/{parts.port}/{parts.scheme}"
+
+
+def api_url(api: str) -> str:
+    """The API as an ``http(s)://host:port`` URL (the inverse of ``api_multiaddr``)."""
+    parts = api_multiaddr(api).strip("/").split("/")
+    if len(parts) != 5 or parts[0] not in ("ip4", "ip6", "dns", "dns4", "dns6") or parts[2] != "tcp":
+        raise ModelError(f"IPFS API address {api!r} is not /ip4|ip6|dns/HOST/tcp/PORT/http(s)")
+    host = f"[{parts[1]}]" if parts[0] == "ip6" else parts[1]
+    if parts[4] not in ("http", "https"):
+        raise ModelError(f"IPFS API address {api!r} does not end in /http or /https")
+    return f"{parts[4]}://{host}:{parts[3]}"
 
 
 class IpfsSource:
@@ -72,11 +93,24 @@ class IpfsSource:
             raise self._error(err, str(cid)) from None
 
     def cat(self, cid: CID) -> Iterator[bytes]:
+        """The file's bytes, each piece as it arrives (at most one socket read per piece; see the module docstring)."""
+        url = f"{api_url(self.api)}/api/v0/cat"
         try:
-            with self._client() as client:
-                yield from client.cat(str(cid), stream=True)
-        except ipfs_errors.Error as err:
-            raise self._error(err, str(cid)) from None
+            reply = requests.post(url, params={"arg": str(cid)}, stream=True, timeout=self.timeout_s)
+        except requests.Timeout:
+            raise self._error(ipfs_errors.TimeoutError(None), str(cid)) from None
+        except requests.ConnectionError:
+            raise self._error(ipfs_errors.ConnectionError(None), str(cid)) from None
+        with reply:
+            if reply.status_code != 200:
+                raise ModelError(f"{self.name} refused {cid}: {_error_message(reply)}")
+            try:
+                while piece := reply.raw.read1(CHUNK_SIZE):
+                    yield piece
+            except urllib3.exceptions.ReadTimeoutError:
+                raise ModelError(f"{self.name} sent nothing more of {cid} for {self.timeout_s:g}s") from None
+            except urllib3.exceptions.HTTPError as err:  # a broken connection or body
+                raise ModelError(f"{self.name} broke off {cid}: {err}") from None
 
     def add(self, path: Path, *, cid_version: int = 1) -> str:
         """Add and pin a file on the daemon (kubo's default chunking and layout); returns the CID it reports."""
@@ -89,3 +123,11 @@ class IpfsSource:
         except ipfs_errors.Error as err:
             raise self._error(err, str(path)) from None
         return str(parse_cid(result["Hash"]))
+
+
+def _error_message(reply: requests.Response) -> str:
+    """What a kubo RPC error response says (``{"Message": …}``), else its status."""
+    try:
+        return str(reply.json()["Message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {reply.status_code}"
