@@ -312,18 +312,27 @@ class _Sampler:
         self._chain = self._grammar = None
 
 
-def _cached_prefix(llama: Any, prompt: list[int]) -> list[int]:
-    """Keep the slot's KV cache for the longest prefix it shares with ``prompt``; the tokens left to evaluate.
+def _cached_prefix(llama: Any, prompt: list[int], reusable: int) -> list[int]:
+    """Keep what the slot's KV cache may reuse of ``prompt``; returns the tokens left to evaluate.
+
+    Reproducible outputs: llama.cpp's float results depend on how the prompt
+    was split into batches, so a reused prefix must hold exactly what a fresh
+    run would have computed. A fresh run evaluates the prompt in batches of
+    ``n_batch`` from position 0; only whole batches of an earlier *prompt*
+    (``reusable``: never the earlier answer, evaluated one token at a time, nor
+    a last partial batch) are kept, and evaluation resumes at a batch boundary.
+    Every token is then computed as in a fresh run, whatever ran before.
 
     At least the prompt's last token is always evaluated, so sampling starts
     from fresh logits (as in ``Llama.generate``).
     """
     import numpy as np
 
-    keep = min(llama.n_tokens, len(prompt) - 1)
+    keep = min(llama.n_tokens, len(prompt) - 1, reusable)
     if keep > 0:
         differ = np.flatnonzero(llama.input_ids[:keep] != np.asarray(prompt[:keep], dtype=np.intc))
         keep = int(differ[0]) if differ.size else keep
+    keep = keep // llama.n_batch * llama.n_batch
     if keep > 0 and llama._ctx.kv_cache_seq_rm(-1, keep, -1):
         llama.n_tokens = keep
     else:
@@ -336,6 +345,7 @@ def _cached_prefix(llama: Any, prompt: list[int]) -> list[int]:
 class _Slot:
     llama: Any  # llama_cpp.Llama
     index: int
+    reusable: int = 0  # leading cache tokens computed exactly as a fresh evaluation would (see _cached_prefix)
 
 
 @dataclass
@@ -484,7 +494,7 @@ class Engine:
         async with send:
             await trio.to_thread.run_sync(
                 self._generate_blocking,
-                slot.llama,
+                slot,
                 tokens,
                 said,
                 params,
@@ -496,10 +506,11 @@ class Engine:
 
     @staticmethod
     def _generate_blocking(
-        llama: Any, prompt: list[int], said: list[int], params: SamplingParams, grammar: str | None, emit, cancelled
+        slot: _Slot, prompt: list[int], said: list[int], params: SamplingParams, grammar: str | None, emit, cancelled
     ) -> None:
         import llama_cpp
 
+        llama = slot.llama
         started = time.perf_counter()
         vocab = llama._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -519,9 +530,13 @@ class Engine:
         seed = params.seed if params.seed is not None else secrets.randbits(31)
         sampler = _Sampler(llama, params, grammar, seed, said)
         try:
-            pending = _cached_prefix(llama, prompt)
+            pending = _cached_prefix(llama, prompt, slot.reusable)
+            slot.reusable = 0  # until the prompt is in the cache
+            llama.eval(pending)
+            slot.reusable = len(prompt) // llama.n_batch * llama.n_batch
             while True:
-                llama.eval(pending)
+                if produced:
+                    llama.eval(pending)
                 token = sampler.sample()  # the context still holds the logits it was sampled from
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - started

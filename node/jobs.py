@@ -66,7 +66,7 @@ class JobEngine(Protocol):
 
     def stream_chat(self, messages: Any, params: SamplingParams, *, assistant_prefix: str = ""): ...
 
-    def stream_completion(self, prompt: str, params: SamplingParams): ...
+    def stream_completion(self, prompt: str, params: SamplingParams, *, resume_text: str = ""): ...
 
 
 def logprobs_to_wire(logprobs: tuple[TokenLogprob, ...]) -> list[Logprob]:
@@ -152,7 +152,7 @@ class WorkerService:
                 if request.messages is not None:
                     generation = engine.stream_chat(request.messages, params, assistant_prefix=request.resume_text)
                 else:
-                    generation = engine.stream_completion(request.prompt + request.resume_text, params)
+                    generation = engine.stream_completion(request.prompt, params, resume_text=request.resume_text)
         except ContextTooLong as err:
             return JobRejected(request.job_id, REJECT_TOO_LONG, str(err))
         except (TypeError, ValueError, InvalidRequest) as err:

@@ -99,7 +99,7 @@ async def serve(
     ``task_status.started`` receives the ``WorkerNode`` once it is serving.
     """
     from node.engine import open_engine
-    from node.hardware import probe_hardware, self_benchmark
+    from node.hardware import self_benchmark
 
     payments = await trio.to_thread.run_sync(_escrow_metering, config) if config.price_per_1k > 0 else None
     metering: Metering = payments or FreeMetering()
@@ -119,7 +119,7 @@ async def serve(
         ) as engine:
             speed = await self_benchmark(engine)
             model = ModelInfo(entry.cid, entry.name, config.ctx_size, _quantization(entry.name))
-            hardware = probe_hardware().summary()
+            hardware = engine.hardware.summary()  # probed once, in a thread, when the engine opened
             service = WorkerService(host, identity, {entry.cid: engine}, metering=metering)
 
             def make_offer(seq: int, expires_at: float) -> Offer:

@@ -92,7 +92,8 @@ class ScriptedEngine:
         self.prefixes.append(assistant_prefix)
         return self._stream(params)
 
-    def stream_completion(self, prompt, params):
+    def stream_completion(self, prompt, params, *, resume_text=""):
+        self.prefixes.append(resume_text)
         if not isinstance(prompt, str) or not prompt:
             raise InvalidRequest("prompt must be a non-empty string")
         return self._stream(params)
