@@ -27,8 +27,9 @@ it* must bring ``min_bytes_per_s × window_s`` bytes, or the fetch fails with a
 on the source counts, not our own hashing and writing, and a block answered in
 the plan counts as a whole chunk (its cost is a round trip, not its few bytes).
 The check runs whenever something arrives, so a source that sends nothing at
-all is left to its own per-message timeout: a slow source is dropped at most
-one window plus one such timeout after it slowed down.
+all is left to its own per-message timeout. Windows are counted one after the
+other, and bytes sent fast early in a window can carry it, so a source that
+slows down is dropped at most two windows plus one such timeout later.
 """
 
 from __future__ import annotations
