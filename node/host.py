@@ -555,6 +555,8 @@ class GuardedYamux(Yamux):
         if self.violation:
             return False
         stream = self.streams.get(stream_id)
+        if stream is not None and getattr(stream, "closed", False):
+            return False  # py-libp2p keeps appending to a reset stream for up to 90 s; nobody will read it
         credit = getattr(stream, "recv_window", DEFAULT_WINDOW_SIZE)  # what we granted and it has not used
         window = getattr(stream, "target_recv_window", DEFAULT_WINDOW_SIZE)
         problem = ""
