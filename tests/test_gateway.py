@@ -40,6 +40,23 @@ def market(tmp_path_factory):
         testnet.down(root / "net")
 
 
+class JobCancelledSince:
+    """Whether a worker of ``net`` has logged a cancelled job since this object was made."""
+
+    def __init__(self, net) -> None:
+        self.logs = [Path(net.dir) / "logs" / f"{w['name']}.err" for w in net.workers]
+        self.seen = {log: len(log.read_text()) for log in self.logs}
+
+    def __call__(self) -> bool:
+        return any(": cancelled" in log.read_text()[self.seen[log] :] for log in self.logs)
+
+    def within(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self() and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling interval
+        return self()
+
+
 def client(base_url, key=KEY):
     return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
 
@@ -168,12 +185,7 @@ def test_eight_concurrent_streams_across_two_paid_workers_reconcile(market, tmp_
 
 def test_a_client_that_disconnects_frees_the_worker_slot(market):
     net, base_url = market
-    logs = [Path(net.dir) / "logs" / f"{w['name']}.err" for w in net.workers]
-    seen = {log: len(log.read_text()) for log in logs}
-
-    def cancelled() -> bool:  # a job logged as cancelled since this test began
-        return any(": cancelled" in log.read_text()[seen[log] :] for log in logs)
-
+    cancelled = JobCancelledSince(net)
     with httpx.stream(
         "POST", f"{base_url}/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
         json={"model": "default", "messages": [{"role": "user", "content": "Write a very long story."}],
@@ -181,28 +193,17 @@ def test_a_client_that_disconnects_frees_the_worker_slot(market):
     ) as response:  # fmt: skip
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")  # the answer has started; hang up
-    deadline = time.monotonic() + 30
-    while not cancelled() and time.monotonic() < deadline:
-        time.sleep(0.1)  # polling interval
-    assert cancelled()
+    assert cancelled.within(30)
 
 
 def test_a_non_streaming_client_that_times_out_frees_the_worker_slot(market):
     net, base_url = market
-    logs = [Path(net.dir) / "logs" / f"{w['name']}.err" for w in net.workers]
-    seen = {log: len(log.read_text()) for log in logs}
-
-    def cancelled() -> bool:  # a job logged as cancelled since this test began
-        return any(": cancelled" in log.read_text()[seen[log] :] for log in logs)
-
+    cancelled = JobCancelledSince(net)
     with pytest.raises(openai.APITimeoutError):
         openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=1.5).chat.completions.create(
             model="default", messages=[{"role": "user", "content": "Write a very long story."}], max_tokens=1000
         )
-    deadline = time.monotonic() + 30
-    while not cancelled() and time.monotonic() < deadline:
-        time.sleep(0.1)  # polling interval
-    assert cancelled()
+    assert cancelled.within(30)
 
 
 def test_too_long_for_the_context_is_400_and_bans_nobody(market):

@@ -23,9 +23,9 @@ from node.identity import Identity
 from node.jobs import JOB_PROTOCOL
 from node.requester import run_job
 from node.routing import Reputation
-from node.wire import frame
+from node.wire import decode, frame
 
-from .factories import QUERY, SPEC, WORDS, ScriptedEngine, requester, signed_offer, worker
+from .factories import MODEL, QUERY, SPEC, WORDS, ScriptedEngine, requester, signed_offer, worker
 
 
 async def _raw_stream(host: Host, offer) -> object:
@@ -33,24 +33,42 @@ async def _raw_stream(host: Host, offer) -> object:
     return stream
 
 
+def _request(**changes) -> bytes:
+    fields = dict(job_id="job", model=MODEL, params={"max_tokens": 5}, messages=[{"role": "user", "content": "hi"}])
+    return frame(m.JobRequest(**(fields | changes)))
+
+
 @pytest.mark.parametrize(
-    "garbage",
+    "garbage, rejection",
     [
-        os.urandom(200),  # random bytes
-        struct.pack(">I", 50 * 1024 * 1024) + b"x" * 100,  # a frame announcing 50 MiB
-        frame(m.JobChunk("job", "not a request")),  # a valid message of the wrong type
-        frame(m.JobRequest("job", "bafymodel", {"temperature": "hot"}, prompt="x")),  # bad sampling params
-        b"",  # nothing at all, then end of stream
+        (os.urandom(200), None),  # random bytes: dropped without an answer
+        (struct.pack(">I", 50 * 1024 * 1024) + b"x" * 100, None),  # a frame announcing 50 MiB
+        (frame(m.JobChunk("job", "not a request")), None),  # a valid message of the wrong type
+        (b"", None),  # nothing at all, then end of stream
+        (_request(params={"temperature": "hot"}), "malformed"),  # bad sampling params
+        (_request(messages=[]), "messages must be a non-empty list"),
+        (_request(messages=[{"role": "wizard", "content": "hi"}]), "role must be one of"),
+        (_request(messages=None, prompt=""), "prompt must be a non-empty string"),
+        (_request(messages=None), "send messages or a prompt"),
+        (_request(model="bafyother"), "does not serve bafyother"),
     ],
 )
-async def test_garbage_on_the_job_protocol_leaves_the_worker_serving(tmp_path, garbage):
+async def test_garbage_on_the_job_protocol_leaves_the_worker_serving(tmp_path, garbage, rejection):
     with trio.fail_after(20):
         async with worker(tmp_path, "w", ScriptedEngine()) as (_, offer, _), requester(tmp_path) as host:
             stream = await _raw_stream(host, offer)
             await stream.write(garbage)
             await stream.close_write()
-            reply = await stream.read(1 << 16)  # the worker answers with a rejection, or just drops the stream
-            assert b"job.accepted" not in reply
+            try:
+                reply = await stream.read(1 << 16)
+            except ConnectionError:  # reset
+                reply = b""
+            if rejection is None:
+                assert reply == b""
+            else:  # a request it can parse but not run: rejected, with the reason
+                answer = decode(reply[4:])
+                assert isinstance(answer, m.JobRejected), answer
+                assert rejection in f"{answer.reason} {answer.detail}"
             result = await run_job(host, lambda: [offer], QUERY, SPEC, reputation=Reputation())
     assert result.text == "".join(WORDS)
 

@@ -90,11 +90,11 @@ async def test_offers_propagate_to_every_node_and_expire(tmp_path):
                             (offer,) = [o for o in offers if o.peer_id == c.peer_id]
                             assert offer.models[0].cid == MODEL and offer.signature
                         # a forged offer (c's peer id, signed by b) is dropped; b's own, sent after it, arrives
-                        forged = make_offer(b.identity, 99, time.time() + 30, peer_id=c.peer_id)
+                        forged = make_offer(b.identity, 2**62, time.time() + 30, peer_id=c.peer_id)  # would win
                         await b.pubsub.publish(TOPIC, encode(forged))
                         await b.pubsub.publish(TOPIC, encode(make_offer(b.identity, 1, time.time() + 30)))
                         await gossip_a.wait_for(lambda live: any(o.peer_id == b.peer_id for o in live))
-                        assert gossip_a.book.offers[c.peer_id].seq < 99
+                        assert gossip_a.book.offers[c.peer_id].seq < 2**62
                         # when c stops advertising, its offer expires everywhere
                         nursery.cancel_scope.cancel()
     assert [o for o in gossip_a.book.live(time.time() + 3) if o.peer_id == c.peer_id] == []
@@ -288,3 +288,20 @@ def test_the_sync_budget_counts_streams_and_bytes_per_peer():
     for i in range(SYNC_STREAMS_TOTAL - SYNC_STREAMS_PER_PEER):
         assert budget.open(f"q{i}", 61.0) is None
     assert "sync streams are being served" in budget.open("r", 61.0)
+
+
+def test_a_restarted_worker_advertises_above_its_old_offers():
+    """Books keep the highest seq per peer: a worker restarted a second later must not start below its last offer
+    (it started at 1 again, and books refused its offers until the old one expired)."""
+
+    class Clock:
+        now = 1_800_000_000.0
+
+        def clock(self):
+            return self.now
+
+    gossip = Clock()
+    before = Advertiser(gossip, lambda seq, expires: None)
+    before.seq += 1_000  # a thousand offers published, at most one a second (min_gap_s)…
+    gossip.now += 1_000 * before.min_gap_s + 1.0  # …then a crash and a restart a second later
+    assert Advertiser(gossip, lambda seq, expires: None).seq > before.seq
