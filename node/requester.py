@@ -12,7 +12,7 @@
 - the whole job has one deadline, and never outlives it.
 
 - a worker that accepts and then says nothing (no first token within a bound
-  that grows with the prompt, or no progress for ``progress_timeout_s``) is
+  that grows with the prompt, or no progress for ``Timeouts.progress_s``) is
   dropped like one that died;
 - a request the workers reject as its own fault (malformed, or too long for
   the context) ends the job with ``InvalidRequest`` after at most
@@ -272,9 +272,9 @@ def _why_no_worker(offers: list[Offer], query: RouteQuery, reputation: Reputatio
     return f"no worker can take a job for {query.model} now ({detail}); see `llmarket peers`"
 
 
-MAX_BYTES_PER_TOKEN = (
-    64  # no tokenizer's token covers more bytes than this, so bytes / 64 bounds a prompt's tokens below
-)
+# Longer than any token of the BPE vocabularies in use, so bytes / 256 bounds a prompt's tokens from below. A
+# heuristic for refusing hopeless prompts early; the worker, which tokenizes, has the last word (``too_long``).
+MAX_BYTES_PER_TOKEN = 256
 
 
 def context_problem(offers: list[Offer], spec: JobSpec) -> str | None:

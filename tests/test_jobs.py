@@ -10,10 +10,11 @@ import trio
 
 from node.errors import InvalidRequest, JobFailed, NoWorker
 from node.identity import Identity
-from node.requester import Timeouts, run_job
+from node.messages import ModelInfo
+from node.requester import Timeouts, context_problem, run_job
 from node.routing import Reputation
 
-from .factories import QUERY, SPEC, WORDS, ScriptedEngine, requester, signed_offer, worker
+from .factories import MODEL, QUERY, SPEC, WORDS, ScriptedEngine, offer, requester, signed_offer, worker
 
 
 async def test_a_job_streams_and_the_receipt_checks_out(tmp_path):
@@ -225,3 +226,14 @@ async def test_logprobs_travel_with_the_text(tmp_path):
                                    on_logprobs=streamed.extend)  # fmt: skip
     assert [lp.token for lp in result.logprobs] == WORDS == [lp.token for lp in streamed]
     assert all(lp.logprob == -0.5 and [t for t, _ in lp.top] == ["alt0", "alt1"] for lp in result.logprobs)
+
+
+def test_a_prompt_no_context_can_hold_is_refused_before_routing():
+    huge = dataclasses.replace(SPEC, messages=[{"role": "user", "content": "x" * (256 * 2048)}])
+    assert "at least 2048 tokens" in context_problem([offer()], huge)
+    bigger = [offer(), offer(models=[ModelInfo(MODEL, "big", 4096)])]
+    assert context_problem(bigger, huge) is None  # one worker's context can hold it
+    huger = dataclasses.replace(SPEC, messages=[{"role": "user", "content": "x" * (256 * 4096)}])
+    assert "of 4096 tokens" in context_problem(bigger, huger)
+    assert context_problem([offer()], SPEC) is None
+    assert context_problem([], huge) is None  # nobody serves it: routing says so, not this
