@@ -186,6 +186,18 @@ async def test_response_format_and_tools(monkeypatch):
         assert len(jobs.started) == 3
 
 
+async def errors_both_ways(c, error_type) -> list:
+    """The errors one chat call raises, non-streaming and then streaming."""
+    errors = []
+    for stream in (False, True):
+        with pytest.raises(error_type) as info:
+            await in_thread(lambda s=stream: list(
+                c.chat.completions.create(model="default", messages=CHAT, stream=True)) if s else
+                c.chat.completions.create(model="default", messages=CHAT))  # fmt: skip
+        errors.append(info.value)
+    return errors
+
+
 @pytest.mark.parametrize(
     "error, status",
     [(NoWorker("nobody serves it"), 503), (DeadlineExceeded("too slow"), 504), (InvalidRequest("too long"), 400)],
@@ -193,12 +205,8 @@ async def test_response_format_and_tools(monkeypatch):
 async def test_a_stream_that_fails_before_its_first_token_gets_the_real_status(monkeypatch, error, status):
     async with serving(monkeypatch, ScriptedJobs(error=error)) as url:
         c = client(url)
-        for stream in (True, False):
-            with pytest.raises(openai.APIStatusError) as info:
-                await in_thread(lambda s=stream: list(
-                    c.chat.completions.create(model="default", messages=CHAT, stream=True)) if s else
-                    c.chat.completions.create(model="default", messages=CHAT))  # fmt: skip
-            assert info.value.status_code == status and str(error) in info.value.body["message"]
+        for raised in await errors_both_ways(c, openai.APIStatusError):
+            assert raised.status_code == status and str(error) in raised.body["message"]
         with pytest.raises(openai.NotFoundError):
             await in_thread(c.chat.completions.create, model="gpt-4", messages=CHAT, stream=True)
 
@@ -207,12 +215,8 @@ async def test_an_unexpected_error_is_a_500_and_logged_with_its_traceback(monkey
     caplog.set_level(logging.ERROR, logger="node.gateway")
     async with serving(monkeypatch, ScriptedJobs(error=RuntimeError("boom"))) as url:
         c = client(url)
-        for stream in (False, True):
-            with pytest.raises(openai.InternalServerError) as info:
-                await in_thread(lambda s=stream: list(
-                    c.chat.completions.create(model="default", messages=CHAT, stream=True)) if s else
-                    c.chat.completions.create(model="default", messages=CHAT))  # fmt: skip
-            assert info.value.status_code == 500 and info.value.body["type"] == "server_error"
+        for raised in await errors_both_ways(c, openai.InternalServerError):
+            assert raised.status_code == 500 and raised.body["type"] == "server_error"
     records = [r for r in caplog.records if r.name == "node.gateway" and r.exc_info]
     assert len(records) == 2 and all("boom" in str(r.exc_info[1]) for r in records)
 
