@@ -396,18 +396,20 @@ async def test_ctrl_c_with_streams_in_flight_is_one_line_and_exit_130(tmp_path):
                 assert line.startswith("OpenAI-compatible API at "), line + proc.stderr.read()
                 url = line.split(" at ", 1)[1].strip()
 
-                def stream() -> None:
+                streaming: set[int] = set()  # the streams that have received text
+
+                def stream(i: int) -> None:
                     body = {"model": "test model", "messages": CHAT, "max_tokens": 400, "stream": True}
                     with suppress(httpx.HTTPError):
                         with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=60) as reply:
-                            for _ in reply.iter_lines():
-                                pass
+                            for line in reply.iter_lines():
+                                if line.startswith("data: "):
+                                    streaming.add(i)
 
-                for _ in range(3):
-                    nursery.start_soon(trio.to_thread.run_sync, stream)
-                while engine.busy < 3:  # every stream is running on the worker
-                    await trio.sleep(0.05)
-                await trio.sleep(1)  # text is flowing
+                for i in range(3):
+                    nursery.start_soon(trio.to_thread.run_sync, stream, i)
+                while engine.busy < 3 or len(streaming) < 3:  # every stream is running, and its text flowing
+                    await trio.sleep(0.05)  # polling interval
                 proc.send_signal(signal.SIGINT)
                 _, err = await trio.to_thread.run_sync(partial(proc.communicate, timeout=30))
                 with trio.fail_after(5):
