@@ -63,7 +63,7 @@ from node.messages import (
 )
 from node.payments.payer import FreePayer, JobPayment, Payer
 from node.routing import Reputation, RouteQuery, exclusion, rank
-from node.sampling import SamplingParams, TokenLogprob
+from node.sampling import SamplingParams, TokenLogprob, prompt_bytes
 from node.wire import receive, send
 
 
@@ -103,10 +103,8 @@ class Timeouts:
     progress_s: float = 10.0  # between chunks once text flows
 
     def first_token_for(self, request: JobRequest) -> float:
-        size = len((request.prompt or "").encode()) + sum(
-            len(str(m.get("content", "")).encode()) for m in request.messages or [] if isinstance(m, dict)
-        )
-        return self.first_token_s + self.first_token_per_prompt_byte_s * (size + len(request.resume_text.encode()))
+        size = prompt_bytes(request.prompt, request.messages, request.resume_text)
+        return self.first_token_s + self.first_token_per_prompt_byte_s * size
 
 
 class _WorkerFailed(Exception):
@@ -290,15 +288,13 @@ def context_problem(offers: list[Offer], spec: JobSpec) -> str | None:
     if not contexts:
         return None
     limit = max(contexts)
-    prompt_bytes = len((spec.prompt or "").encode()) + sum(
-        len(str(m.get("content", "")).encode()) for m in spec.messages or [] if isinstance(m, dict)
-    )
-    at_least = -(-prompt_bytes // MAX_BYTES_PER_TOKEN)
+    size = prompt_bytes(spec.prompt, spec.messages)
+    at_least = -(-size // MAX_BYTES_PER_TOKEN)
     if spec.params.max_tokens >= limit:
         return f"max_tokens {spec.params.max_tokens} does not fit the model's context of {limit} tokens; lower it"
     if at_least + spec.params.max_tokens > limit:
         return (
-            f"the prompt ({prompt_bytes} bytes, at least {at_least} tokens) plus max_tokens "
+            f"the prompt ({size} bytes, at least {at_least} tokens) plus max_tokens "
             f"{spec.params.max_tokens} does not fit the model's context of {limit} tokens; shorten it"
         )
     return None

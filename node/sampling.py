@@ -44,6 +44,13 @@ def validate_prompt(prompt: Any) -> str:
     return prompt
 
 
+def prompt_bytes(prompt: str | None, messages: Any, resume_text: str = "") -> int:
+    """The UTF-8 size of the text a job gives the model: the prompt or the messages' contents, and any text
+    resumed after a failover. Known before tokenizing; bounds and timeouts on both sides are sized from it."""
+    text = prompt or "".join(str(m.get("content", "")) for m in messages or [] if isinstance(m, dict))
+    return len((text + resume_text).encode())
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample. ``temperature=0`` is greedy (and then ``seed`` does not matter).

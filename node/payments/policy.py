@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from node.messages import JobRequest
+from node.sampling import prompt_bytes
 
 if TYPE_CHECKING:  # pure arithmetic: no web3 for callers that only price jobs (the requester)
     from node.payments.escrow import ChannelState
@@ -31,14 +32,10 @@ def prompt_token_bound(request: JobRequest) -> int:
     prompt size a worker announces, the worker to check the channel can pay
     for the job's worst case.
     """
-    text = request.prompt or "".join(
-        str(m.get("role", "")) + str(m.get("content", "")) for m in request.messages or [] if isinstance(m, dict)
-    )
-    return (
-        len((text + request.resume_text).encode())
-        + PROMPT_TOKEN_OVERHEAD
-        + MESSAGE_TOKEN_OVERHEAD * len(request.messages or [])
-    )
+    messages = [m for m in request.messages or [] if isinstance(m, dict)]
+    roles = sum(len(str(m.get("role", "")).encode()) for m in messages)
+    size = prompt_bytes(request.prompt, messages, request.resume_text) + roles
+    return size + PROMPT_TOKEN_OVERHEAD + MESSAGE_TOKEN_OVERHEAD * len(request.messages or [])
 
 
 def job_cost(prompt_tokens: int, completion_tokens: int, price_per_1k: int) -> int:
