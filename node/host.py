@@ -70,6 +70,7 @@ from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, MAX_MESSAGE_SIZ
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.tools.anyio_service import background_trio_service
 
+from node import addresses
 from node.concurrency import TokenBucket
 from node.errors import NodeError, PeerUnreachable
 from node.identity import Identity
@@ -81,7 +82,11 @@ log = logging.getLogger("node.host")
 class HostConfig:
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     bootstrap: tuple[str, ...] = ()
-    connect_timeout_s: float = 10.0
+    announce: tuple[str, ...] = ()  # replaces the advertised direct addresses (node.addresses)
+    mdns: bool = False  # find and announce peers on the LAN (node.discovery); the CLI turns it on
+    relay_service: bool = True  # relay for peers behind NAT once AutoNAT finds us public (node.nat)
+    connect_timeout_s: float = 10.0  # per address dialled
+    dial_stagger_s: float = 0.5  # the next address of a peer is tried after this long (or once one fails)
     stream_timeout_s: float = 10.0
     max_inbound_streams_per_peer: int = 16
     # inbound connections, per remote IP and in all (InboundGuard)
@@ -175,6 +180,7 @@ class Host:
             muxer_opt={YAMUX_PROTOCOL_ID: self.yamux},
             connection_config=ConnectionConfig(max_connections_per_peer=1),
             listen_addrs=[multiaddr.Multiaddr(a) for a in self.config.listen],
+            addrs_factory=self._direct_multiaddrs,  # what identify tells peers, too
         )
         # off with py-libp2p's default resource manager (see the module docstring): InboundGuard, the
         # stream limit per peer and GuardedYamux take its place
@@ -206,9 +212,23 @@ class Host:
     def peer_id(self) -> str:
         return self.identity.peer_id
 
+    def listening(self) -> list[str]:
+        """The bound transport addresses (a wildcard listen address stays a wildcard here)."""
+        return [str(a) for a in self.libp2p.get_transport_addrs()]
+
+    def advertised(self) -> list[str]:
+        """The addresses to put in offers, best first, without ``/p2p/<peer id>`` (``node.addresses``)."""
+        return addresses.advertised(self.listening(), announce=self.config.announce)
+
+    def _direct_multiaddrs(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        """py-libp2p's address factory: identify tells peers these (relay addresses travel in offers only)."""
+        if not hasattr(self, "libp2p"):  # called once while new_host builds the host
+            return candidates
+        return [multiaddr.Multiaddr(a) for a in self.advertised() if not addresses.is_circuit(a)]
+
     def addrs(self) -> list[str]:
         """The full multiaddrs others dial (``…/p2p/<peer id>``)."""
-        return [str(a) for a in self.libp2p.get_addrs()]
+        return [f"{a}/p2p/{self.peer_id}" for a in self.advertised()]
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with self.libp2p.run(listen_addrs=[multiaddr.Multiaddr(a) for a in self.config.listen]):
@@ -229,30 +249,64 @@ class Host:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         except Exception as err:  # multiaddr raises several types for bad input
             raise PeerUnreachable(f"{addr!r} is not a multiaddr ending in /p2p/<peer id> ({err})") from None
-        try:
-            with trio.fail_after(self.config.connect_timeout_s):
-                await self.libp2p.connect(info)
-        except trio.TooSlowError:
-            raise PeerUnreachable(
-                f"{addr} did not complete a handshake within {self.config.connect_timeout_s:.0f}s"
-            ) from None
-        except Exception as err:  # py-libp2p's dial errors have no common base we can rely on
-            raise PeerUnreachable(f"could not connect to {addr}: {err.__class__.__name__}: {err}") from None
-        return info.peer_id.to_base58()
+        peer_id = info.peer_id.to_base58()
+        await self.dial(peer_id, [addr.removesuffix(f"/p2p/{peer_id}")])
+        return peer_id
+
+    async def dial(self, peer_id: str, addrs: list[str]) -> None:
+        """Connect to ``peer_id`` through any of ``addrs`` unless already connected.
+
+        Addresses are tried best first (``node.addresses.dial_rank``: public,
+        private, local, relayed), the next one ``dial_stagger_s`` after the
+        previous started or at once when it failed, so an address that never
+        answers costs little; the first connection wins. py-libp2p's own
+        ``connect`` is not used: it dials at most one address per transport
+        from its peerstore and then refuses to dial the peer for 60 s.
+        Raises ``PeerUnreachable`` naming every address tried and why it failed.
+        """
+        peer = ID.from_base58(peer_id)
+        if peer in self.libp2p.get_connected_peers():
+            return
+        candidates = sorted(dict.fromkeys(a for a in addrs if a), key=addresses.dial_rank)
+        if not candidates:
+            raise PeerUnreachable(f"peer {peer_id[:12]}… has no address to dial")
+        failures: dict[str, str] = {}
+        won = trio.Event()
+
+        async def attempt(addr: str, failed: trio.Event) -> None:
+            try:
+                with trio.fail_after(self.config.connect_timeout_s):
+                    await self._dial_one(peer, addr)
+            except trio.TooSlowError:
+                failures[addr] = f"no handshake within {self.config.connect_timeout_s:g}s"
+            except Exception as err:  # py-libp2p's dial errors have no common base we can rely on
+                failures[addr] = _dial_error(err)
+            else:
+                won.set()
+                nursery.cancel_scope.cancel()
+            failed.set()
+
+        async with trio.open_nursery() as nursery:
+            for addr in candidates:
+                failed = trio.Event()
+                nursery.start_soon(attempt, addr, failed)
+                with trio.move_on_after(self.config.dial_stagger_s):
+                    await failed.wait()
+        if won.is_set() or peer in self.libp2p.get_connected_peers():
+            return
+        tried = "; ".join(f"{a} ({why})" for a, why in failures.items())
+        raise PeerUnreachable(f"could not connect to peer {peer_id[:12]}…: tried {tried}")
+
+    async def _dial_one(self, peer: ID, addr: str) -> None:
+        maddr = multiaddr.Multiaddr(addr)
+        self.libp2p.get_peerstore().add_addrs(peer, [maddr], 600)
+        await self.libp2p.get_network().dial_addr(maddr, peer)
 
     async def open_stream(self, peer_id: str, protocol: str, addrs: list[str] = ()) -> Stream:
         """Open a stream to ``peer_id`` (dialling ``addrs`` first if not connected), within the deadline."""
         peer = ID.from_base58(peer_id)
         if addrs and peer not in self.libp2p.get_connected_peers():
-            for addr in addrs:
-                full = addr if "/p2p/" in addr else f"{addr}/p2p/{peer_id}"
-                try:
-                    await self.connect(full)
-                    break
-                except PeerUnreachable as err:
-                    last = err
-            else:
-                raise last
+            await self.dial(peer_id, list(addrs))
         try:
             with trio.fail_after(self.config.stream_timeout_s):
                 raw = await self.libp2p.new_stream(peer, [TProtocol(protocol)])
@@ -315,6 +369,26 @@ class Host:
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self.libp2p.get_connected_peers()]
+
+
+def _dial_error(err: BaseException) -> str:
+    """A short reason for a failed dial: py-libp2p and trio wrap the OS error several levels down."""
+    found = _os_error(err, depth=0)
+    if found is not None:
+        return found.strerror or str(found) or found.__class__.__name__
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{err.__class__.__name__}: {text}"[:160] if text else err.__class__.__name__
+
+
+def _os_error(err: BaseException | None, depth: int) -> OSError | None:
+    """The innermost ``OSError`` with an error string under ``err`` (causes, contexts, groups)."""
+    if err is None or depth > 12:
+        return None
+    inner = [err.__cause__, err.__context__] + list(getattr(err, "exceptions", ()))
+    for nested in inner:
+        if (found := _os_error(nested, depth + 1)) is not None:
+            return found
+    return err if isinstance(err, OSError) and err.strerror else None
 
 
 # ------------------------------------------------------------------ faults

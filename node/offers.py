@@ -46,6 +46,7 @@ from collections.abc import Callable
 import trio
 from libp2p.peer.id import ID
 
+from node.addresses import address_problem
 from node.concurrency import TokenBucket
 from node.errors import NodeError, WireError
 from node.host import Host
@@ -151,7 +152,7 @@ def field_problem(offer: Offer, now: float) -> str | None:
     if not 1 <= len(offer.models) <= MAX_MODELS:
         return f"{len(offer.models)} models, not 1 to {MAX_MODELS}"
     for addr in offer.addrs:
-        if problem := _too_long("an address", addr, "addr"):
+        if problem := _too_long("an address", addr, "addr") or address_problem(addr):
             return problem
     for model in offer.models:
         for name in ("cid", "name", "quantization"):

@@ -32,6 +32,9 @@ from node.wire import decode, encode
 from . import factories
 from .factories import MODEL, signed_offer
 
+# a valid address of 224 characters (an address may be up to 256)
+LONG_ADDR = "/dns4/" + ".".join(c * 60 for c in "xyz") + ".vvvvvvvvvvvvvv.example.org/tcp/4001"
+
 
 def make_offer(identity: Identity, seq: int, expires_at: float, **changes) -> Offer:
     return signed_offer(identity, seq, expires_at, **changes)
@@ -141,6 +144,10 @@ NAN, INF = float("nan"), float("inf")
         ({"seq": -1}, "seq -1 is out of range"),
         ({"addrs": ["/ip4/127.0.0.1/tcp/1"] * 3000}, "3000 addresses, more than 32"),
         ({"addrs": ["/ip4/" + "1" * 300]}, "an address is longer than 256"),
+        ({"addrs": ["/ip4/0.0.0.0/tcp/4001"]}, "address '/ip4/0.0.0.0/tcp/4001' is a wildcard"),
+        ({"addrs": ["/ip4/10.0.0.2/tcp/4001", "/ip6/::/tcp/4001"]}, "address '/ip6/::/tcp/4001' is a wildcard"),
+        ({"addrs": ["/ip4/10.0.0.2/tcp/4001/garbage"]}, "address '/ip4/10.0.0.2/tcp/4001/garbage' is not a"),
+        ({"addrs": ["/unix/tmp/x"]}, "address '/unix/tmp/x' does not start with /ip4"),
         ({"models": []}, "0 models, not 1 to 8"),
         ({"models": [ModelInfo(MODEL, "m", 2048)] * 9}, "9 models, not 1 to 8"),
         ({"models": [ModelInfo(MODEL, "m", 0)]}, "a model's context_size 0 is out of range"),
@@ -167,7 +174,7 @@ def test_every_field_is_bounded(tmp_path, changes, reason):
 def test_an_offer_over_the_size_cap_is_refused_before_it_is_decoded(tmp_path):
     me = Identity.load(tmp_path)
     now = time.time()
-    big = make_offer(me, 1, now + 60, addrs=["/ip4/127.0.0.1/tcp/4001/" + "x" * 200] * 32, hardware="h" * 1000)
+    big = make_offer(me, 1, now + 60, addrs=[LONG_ADDR] * 32, hardware="h" * 1000)
     assert len(encode(big)) > MAX_OFFER_BYTES  # every field within its own cap, the whole over the cap
     with pytest.raises(WireError, match=f"over {MAX_OFFER_BYTES}"):
         parse_offer(encode(big), me.peer_id, now)
@@ -236,7 +243,7 @@ def test_new_peers_from_gossip_are_rate_limited():
 def test_the_sync_answer_is_built_once_shared_and_in_pieces():
     now = [100.0]
     book = OfferBook(max_per_model=1000, clock=lambda: now[0], valued={"p0999"}.__contains__)
-    fat = ["/ip4/127.0.0.1/tcp/4001/" + "x" * 200] * 8  # about 2 KB an offer
+    fat = [LONG_ADDR] * 8  # about 2 KB an offer
     for i in range(1000):
         book.add(dataclasses.replace(book_offer(f"p{i:04d}"), addrs=fat))
     frames = book.sync_frames(now[0])
@@ -262,7 +269,7 @@ async def test_a_sync_answer_of_many_pieces_arrives_whole(tmp_path):
     for _ in range(250):
         key_pair = create_new_key_pair()
         identity = Identity(key_pair, peer_id_of(key_pair), None, b"")
-        offers.append(make_offer(identity, 1, now + 60, addrs=["/ip4/127.0.0.1/tcp/4001/" + "x" * 200] * 2))
+        offers.append(make_offer(identity, 1, now + 60, addrs=[LONG_ADDR] * 2))
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             async with node(nursery, tmp_path, "a") as (a, gossip_a):
