@@ -123,3 +123,25 @@ def default_model_file() -> Path:
     from node.models.default import default_model_file
 
     return default_model_file()
+
+
+# ------------------------------------------------------- network namespaces
+
+
+@pytest.fixture
+def netns_available() -> None:
+    """Skip, with the reason, where a netns lab (tests/netlab.py) cannot be built."""
+    from . import netlab
+
+    reason = netlab.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def lab(netns_available, tmp_path):
+    """Separate hosts in network namespaces (tests/netlab.py), torn down after the test."""
+    from . import netlab
+
+    with netlab.Lab(tmp_path / "netlab") as built:
+        yield built
