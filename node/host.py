@@ -72,8 +72,10 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from node import addresses
 from node.concurrency import TokenBucket
+from node.discovery import SERVICE_TYPE, Discovery
 from node.errors import NodeError, PeerUnreachable
 from node.identity import Identity
+from node.nat import Nat
 
 log = logging.getLogger("node.host")
 
@@ -84,7 +86,10 @@ class HostConfig:
     bootstrap: tuple[str, ...] = ()
     announce: tuple[str, ...] = ()  # replaces the advertised direct addresses (node.addresses)
     mdns: bool = False  # find and announce peers on the LAN (node.discovery); the CLI turns it on
-    relay_service: bool = True  # relay for peers behind NAT once AutoNAT finds us public (node.nat)
+    mdns_service: str = ""  # the mDNS service type; "" is llmarket's (tests use their own, to meet only themselves)
+    relay_service: bool = True  # relay for peers behind NAT unless AutoNAT finds us private (node.nat)
+    dht_server: bool = False  # answer DHT queries (workers, which are the bootstrap peers); else a client
+    find_peer_timeout_s: float = 5.0  # a DHT lookup when a peer's given addresses all fail
     connect_timeout_s: float = 10.0  # per address dialled
     dial_stagger_s: float = 0.5  # the next address of a peer is tried after this long (or once one fails)
     stream_timeout_s: float = 10.0
@@ -194,6 +199,15 @@ class Host:
         self.pubsub = Pubsub(self.libp2p, self.gossipsub, strict_signing=True)
         self._inbound: Counter[str] = Counter()
         self.ready = trio.Event()
+        # reachability and NAT traversal, then discovery (they register handlers, so they come last)
+        self.nat = Nat(self, relay_service=self.config.relay_service)
+        self.nat.install()
+        self.discovery = Discovery(
+            self,
+            mdns=self.config.mdns,
+            dht_mode="server" if self.config.dht_server else "client",
+            service_type=self.config.mdns_service or SERVICE_TYPE,
+        )
 
     def _guard_yamux(self) -> None:
         """Make every yamux connection a ``GuardedYamux`` (py-libp2p ignores ``muxer_opt`` for yamux)."""
@@ -217,8 +231,18 @@ class Host:
         return [str(a) for a in self.libp2p.get_transport_addrs()]
 
     def advertised(self) -> list[str]:
-        """The addresses to put in offers, best first, without ``/p2p/<peer id>`` (``node.addresses``)."""
-        return addresses.advertised(self.listening(), announce=self.config.announce)
+        """The addresses to put in offers, best first, without ``/p2p/<peer id>`` (``node.addresses``).
+
+        The direct ones (listen addresses on every interface, or ``announce``), then
+        the addresses AutoNAT confirmed, then relay addresses while we hold reservations.
+        """
+        nat = getattr(self, "nat", None)  # absent while the host is being built
+        return addresses.advertised(
+            self.listening(),
+            announce=self.config.announce,
+            observed=nat.observed_addrs() if nat else [],
+            circuits=nat.circuit_addrs() if nat else [],
+        )
 
     def _direct_multiaddrs(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         """py-libp2p's address factory: identify tells peers these (relay addresses travel in offers only)."""
@@ -232,13 +256,19 @@ class Host:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with self.libp2p.run(listen_addrs=[multiaddr.Multiaddr(a) for a in self.config.listen]):
-            async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
+            async with (
+                background_trio_service(self.pubsub),
+                background_trio_service(self.gossipsub),
+                trio.open_nursery() as nursery,
+            ):
                 await self.pubsub.wait_until_ready()
+                await nursery.start(self.nat.run)
                 for addr in self.config.bootstrap:
                     try:
                         await self.connect(addr)
                     except PeerUnreachable as err:
                         log.warning("bootstrap peer %s: %s", addr, err)
+                await nursery.start(self.discovery.run)
                 self.ready.set()
                 task_status.started(self)
                 await trio.sleep_forever()
@@ -298,6 +328,9 @@ class Host:
         raise PeerUnreachable(f"could not connect to peer {peer_id[:12]}…: tried {tried}")
 
     async def _dial_one(self, peer: ID, addr: str) -> None:
+        if addresses.is_circuit(addr):
+            await self.nat.dial(f"{addr}/p2p/{peer.to_base58()}")
+            return
         maddr = multiaddr.Multiaddr(addr)
         self.libp2p.get_peerstore().add_addrs(peer, [maddr], 600)
         await self.libp2p.get_network().dial_addr(maddr, peer)
@@ -306,7 +339,14 @@ class Host:
         """Open a stream to ``peer_id`` (dialling ``addrs`` first if not connected), within the deadline."""
         peer = ID.from_base58(peer_id)
         if addrs and peer not in self.libp2p.get_connected_peers():
-            await self.dial(peer_id, list(addrs))
+            try:
+                await self.dial(peer_id, list(addrs))
+            except PeerUnreachable:
+                found = [a for a in await self._find_elsewhere(peer_id) if a not in addrs]
+                if not found:
+                    raise
+                log.info("peer %s… moved: dialling the addresses the DHT gave", peer_id[:12])
+                await self.dial(peer_id, found)
         try:
             with trio.fail_after(self.config.stream_timeout_s):
                 raw = await self.libp2p.new_stream(peer, [TProtocol(protocol)])
@@ -317,6 +357,29 @@ class Host:
         except Exception as err:
             raise PeerUnreachable(f"peer {peer_id[:12]}… refused {protocol}: {err.__class__.__name__}") from None
         return Stream(raw)
+
+    async def _find_elsewhere(self, peer_id: str) -> list[str]:
+        """The peer's current addresses from the DHT, when the ones we were given fail (``[]`` if none)."""
+        if not self.discovery.running:
+            return []
+        try:
+            return await self.discovery.find_peer(peer_id, self.config.find_peer_timeout_s)
+        except NodeError as err:
+            log.debug("DHT lookup of %s… failed: %s", peer_id[:12], err)
+            return []
+
+    def status(self) -> dict:
+        """How others reach this node, JSON-able (``llmarket net status``)."""
+        nat = self.nat.status()
+        return {
+            "peer_id": self.peer_id,
+            "listen": self.listening(),
+            "announce": list(self.config.announce),
+            "advertised": self.advertised(),
+            "nat": nat,
+            "peers": [{"peer_id": p, "connection": kind} for p, kind in sorted(nat.get("peers", {}).items())],
+            "discovery": self.discovery.status(),
+        }
 
     def set_handler(self, protocol: str, handler: Handler) -> None:
         """Serve ``protocol`` with ``handler``; no exception from it can escape into libp2p."""

@@ -7,7 +7,9 @@ them. Nothing here is global, so tests run several nodes in one process.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,8 +53,7 @@ log = logging.getLogger("node.node")
 class WorkerConfig:
     data_dir: Path
     model: str = "default"
-    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
-    bootstrap: tuple[str, ...] = ()
+    network: HostConfig = HostConfig()  # listen, bootstrap, announce, mDNS, relaying
     price_per_1k: int = 0
     slots: int = 1
     ctx_size: int = 2048
@@ -104,7 +105,7 @@ async def serve(
     payments = await trio.to_thread.run_sync(_escrow_metering, config) if config.price_per_1k > 0 else None
     metering: Metering = payments or FreeMetering()
     identity = Identity.load(config.data_dir, account=payments.client.account if payments else None)
-    host = Host(identity, HostConfig(listen=config.listen, bootstrap=config.bootstrap))
+    host = Host(identity, config.network)
     async with open_service_nursery() as nursery:
         await nursery.start(host.run)
         if payments is not None:
@@ -127,7 +128,7 @@ async def serve(
                     identity,
                     Offer(
                         peer_id=identity.peer_id,
-                        addrs=[a.split("/p2p/")[0] for a in host.addrs()][:MAX_ADDRS],
+                        addrs=host.advertised()[:MAX_ADDRS],
                         payee=identity.payee,
                         binding=identity.binding,
                         models=[model],
@@ -154,8 +155,32 @@ async def serve(
                 CloseService(payments.client, payments.ledger).install(host)
                 payments.settler.busy = lambda: service.free_slots < engine.slots
             await nursery.start(advertiser.run)
+            nursery.start_soon(publish_net_status, host, config.data_dir)
             task_status.started(WorkerNode(host, engine, model, speed, gossip, advertiser, service))
             await trio.sleep_forever()
+
+
+#: Where a running node keeps its network status for ``llmarket net status`` (in its data dir).
+NET_STATUS_FILE = "net-status.json"
+
+
+async def publish_net_status(host: Host, data_dir: Path, *, every_s: float = 5.0) -> None:
+    """Write ``host.status()`` to ``<data dir>/net-status.json`` every ``every_s`` until cancelled."""
+    path = data_dir / NET_STATUS_FILE
+    while True:
+        status = {"source": f"the node running with this data dir (pid {os.getpid()})", **host.status()}
+        status.update(pid=os.getpid(), updated_at=time.time())
+        try:
+            await trio.to_thread.run_sync(_write_atomically, path, json.dumps(status, indent=2))
+        except OSError as err:
+            log.warning("cannot write %s: %s", path, err)
+        await trio.sleep(every_s)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def _escrow_metering(config: WorkerConfig) -> EscrowMetering:
@@ -219,21 +244,37 @@ class Requester:
 
 @asynccontextmanager
 async def open_requester(
-    data_dir: Path, bootstrap: tuple[str, ...], *, listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    data_dir: Path, bootstrap: tuple[str, ...] = (), *, network: HostConfig | None = None
 ) -> AsyncIterator[Requester]:
-    """A node that only asks: it joins the market, keeps the offer book and runs jobs."""
-    if not bootstrap:
+    """A node that only asks: it joins the market, keeps the offer book and runs jobs.
+
+    ``network`` (default: loopback, the ``bootstrap`` peers) says how it joins: through
+    bootstrap peers, or with none, through peers found on the LAN by mDNS.
+    """
+    network = network or HostConfig(bootstrap=bootstrap)
+    if not network.bootstrap and not network.mdns:
         raise ConfigError("give at least one --bootstrap MULTIADDR (a worker prints its own when it starts)")
-    host = Host(Identity.load(data_dir), HostConfig(listen=listen, bootstrap=bootstrap))
+    host = Host(Identity.load(data_dir), network)
     async with open_service_nursery() as nursery:
         await nursery.start(host.run)
-        if not host.connected_peers():
-            raise ConfigError(f"none of the bootstrap peers answered ({', '.join(bootstrap)}); is a worker running?")
+        if network.bootstrap and not host.connected_peers():
+            raise ConfigError(
+                f"none of the bootstrap peers answered ({', '.join(network.bootstrap)}); is a worker running?"
+            )
+        if not network.bootstrap and not await host.discovery.wait_for_peer(LAN_DISCOVERY_S):
+            raise ConfigError(
+                f"no peer found on the local network within {LAN_DISCOVERY_S:g}s (mDNS); "
+                "give --bootstrap MULTIADDR (a worker prints its own when it starts)"
+            )
         reputation = Reputation()
         gossip = OfferGossip(host, OfferBook(valued=reputation.valued))  # a full book keeps peers that served us
         await nursery.start(gossip.run)
         yield Requester(host, gossip, reputation)
         nursery.cancel_scope.cancel()
+
+
+#: How long a requester with no --bootstrap looks for peers on the LAN.
+LAN_DISCOVERY_S = 5.0
 
 
 def model_cid_for_request(ref: str) -> str:

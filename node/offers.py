@@ -430,6 +430,7 @@ class OfferGossip:
         self.host.pubsub.set_topic_validator(TOPIC, self._validate, is_async_validator=False)
         self.host.set_handler(SYNC_PROTOCOL, self._serve_sync)
         subscription = await self.host.pubsub.subscribe(TOPIC)
+        self.host.discovery.on_peer = self.sync_from  # peers found on the LAN later: ask them too
         for peer in self.host.connected_peers():
             await self.sync_from(peer)
         task_status.started(self)

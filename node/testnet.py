@@ -155,6 +155,7 @@ def up(directory: Path, *, workers: int = 2, say=print) -> Testnet:
                 sys.executable, "-m", "node", "--data-dir", str(data_dir), "serve",
                 "--price", str(price), "--rpc-url", chain.rpc_url,
                 "--deployments", str(directory / "deployments"), "--insecure-dev-key",
+                "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns",  # a market on this machine only
             ]  # fmt: skip
             if i == 0:
                 cmd += ["--model", "default"]  # holds the model locally (the embedded wheel)

@@ -38,7 +38,7 @@ from node.discovery import (
     parse_announcement,
 )
 from node.errors import ConfigError, ModelError, PeerUnreachable
-from node.host import Host
+from node.host import Host, HostConfig
 from node.identity import Identity
 
 #: The default model's CIDs: v0 (kubo's defaults) and v1 with raw leaves (another DAG).
@@ -46,12 +46,15 @@ CID = "QmR58njnbf5NUQQ6uF9vkbHL4N1h3kFnkFcXdASEa8hQvY"
 CID_V1_RAW_LEAVES = "bafybeifvmoiokowzsdfjoiosxsk3t5p42iq6lajhmfld5v22b3osnrzmj4"
 
 
-async def start(nursery, tmp_path, name: str, *, mode: str = "client", **options) -> tuple[Host, Discovery]:
-    host = Host(Identity.load(tmp_path / name))
+async def start(
+    nursery, tmp_path, name: str, *, mode: str = "client", mdns: bool = False, service_type: str = "", on_peer=None
+) -> tuple[Host, Discovery]:
+    """A host running, with its own ``Discovery`` (DHT ``mode``, and mDNS on ``service_type`` if ``mdns``)."""
+    config = HostConfig(mdns=mdns, mdns_service=service_type, dht_server=mode == "server")
+    host = Host(Identity.load(tmp_path / name), config)
+    host.discovery.on_peer = on_peer
     await nursery.start(host.run)
-    discovery = Discovery(host, mdns=options.pop("mdns", False), dht_mode=mode, **options)
-    await nursery.start(discovery.run)
-    return host, discovery
+    return host, host.discovery
 
 
 def bare(host: Host) -> str:

@@ -22,7 +22,7 @@ from node.errors import NodeError
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here, inside main's error handling: a Ctrl-C while they load (a second or two) is one line too.
-    from node.cli import chain, gateway, hardware, market, models, run, testnet, wallet
+    from node.cli import chain, gateway, hardware, market, models, net, run, testnet, wallet
 
     parser = argparse.ArgumentParser(
         prog="llmarket",
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where keys, models and state live (default: $LLMARKET_HOME or ~/.local/share/llmarket)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (market, gateway, models, run, hardware, wallet, testnet, chain):
+    for module in (market, gateway, net, models, run, hardware, wallet, testnet, chain):
         module.register(commands)
     return parser
 

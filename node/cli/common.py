@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from node.models import ModelStore
 from node.models.ipfs import IpfsSource
 from node.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from node.host import HostConfig
 
 _DEFAULTS = SamplingParams()
 
@@ -142,13 +146,72 @@ def wallet_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def bootstrap_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def bootstrap_flag(parser: argparse.ArgumentParser, *, worker: bool = False, listen_flag: str = "--listen") -> None:
+    """The network flags every command that joins the market takes (``--bootstrap``, ``--listen``, ``--no-mdns``).
+
+    A worker also gets ``--announce`` and ``--no-relay``. The gateway, whose
+    ``--listen`` is its HTTP address, names the libp2p one ``--p2p-listen``.
+    """
+    net = parser.add_argument_group("network")
+    net.add_argument(
         "--bootstrap",
         action="append",
         default=[],
         metavar="MULTIADDR",
-        help="a peer to join the market through, e.g. the line a worker prints (repeatable)",
+        help="a peer to join the market through, e.g. a line `llmarket serve` prints (repeatable; "
+        "not needed on a LAN, where peers find each other by mDNS)",
+    )
+    net.add_argument(
+        listen_flag,
+        dest="p2p_listen",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="address to listen on (repeatable; default /ip4/0.0.0.0/tcp/0: every interface, a free port). "
+        + (
+            "A worker others should reach at a known port uses e.g. /ip4/0.0.0.0/tcp/4001 and opens that port"
+            if worker
+            else "A requester listens so that a worker behind NAT can upgrade a relayed connection to a direct one"
+        ),
+    )
+    if worker:
+        net.add_argument(
+            "--announce",
+            action="append",
+            default=[],
+            metavar="MULTIADDR",
+            help="advertise this address instead of the ones found on the interfaces (repeatable): a forwarded "
+            "port or public IP, e.g. /ip4/203.0.113.7/tcp/4001, or a name, e.g. /dns4/gpu.example.org/tcp/4001",
+        )
+        net.add_argument(
+            "--no-relay",
+            dest="relay",
+            action="store_false",
+            help="do not relay connections for peers behind NAT (a publicly reachable worker relays by default)",
+        )
+    net.add_argument(
+        "--no-mdns",
+        dest="mdns",
+        action="store_false",
+        help="do not look for peers on the local network (mDNS), nor announce this node there",
+    )
+
+
+DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
+
+
+def network_config(args: argparse.Namespace, **changes) -> HostConfig:
+    """The ``HostConfig`` the network flags describe; ``--announce`` values are checked here."""
+    from node.addresses import parse_announce
+    from node.host import HostConfig  # libp2p loads only for commands that join the market
+
+    return HostConfig(
+        listen=tuple(args.p2p_listen) or DEFAULT_LISTEN,
+        bootstrap=tuple(args.bootstrap),
+        announce=tuple(parse_announce(a) for a in getattr(args, "announce", [])),
+        mdns=args.mdns,
+        relay_service=getattr(args, "relay", True),
+        **changes,
     )
 
 

@@ -14,7 +14,7 @@ from hypercorn.config import Config
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
-from node.cli.common import bootstrap_flag, wallet_flags
+from node.cli.common import bootstrap_flag, network_config, wallet_flags
 from node.concurrency import open_service_nursery
 from node.errors import ConfigError
 from node.gateway import Gateway
@@ -32,7 +32,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     gw.add_argument(
         "--listen", default="127.0.0.1:8000", metavar="HOST:PORT", help="where to serve HTTP (default: %(default)s)"
     )
-    bootstrap_flag(gw)
+    bootstrap_flag(gw, listen_flag="--p2p-listen")
     gw.add_argument("--api-key", default=os.environ.get("LLMARKET_API_KEY"), metavar="KEY",
                     help="require `Authorization: Bearer KEY` (default: $LLMARKET_API_KEY; none: open)")  # fmt: skip
     gw.add_argument(
@@ -77,7 +77,7 @@ def _gateway(args: argparse.Namespace) -> int:
                         return
 
                 nursery.start_soon(on_interrupt)
-                async with open_requester(Path(args.data_dir), tuple(args.bootstrap)) as requester:
+                async with open_requester(Path(args.data_dir), network=network_config(args)) as requester:
                     app = Gateway(requester, wallet=wallet, max_price_per_1k=args.max_price, api_key=args.api_key,
                                   deadline_s=args.timeout)  # fmt: skip
                     binds = await nursery.start(

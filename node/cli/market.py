@@ -17,6 +17,7 @@ from node.cli.common import (
     ipfs_flag,
     json_flag,
     model_flag,
+    network_config,
     sampling_flags,
     sampling_params,
     wallet_flags,
@@ -39,15 +40,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "other nodes pass to --bootstrap. Example: llmarket serve --slots 2",
     )
     model_flag(srv)
-    srv.add_argument(
-        "--listen",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="address to listen on (repeatable; default /ip4/127.0.0.1/tcp/0, a free port on this machine only; "
-        "use e.g. /ip4/0.0.0.0/tcp/4001 to be reachable from other machines)",
-    )
-    bootstrap_flag(srv)
+    bootstrap_flag(srv, worker=True)
     srv.add_argument("--price", type=int, default=0, metavar="UNITS",
                      help="price per 1,000 tokens (prompt + answer) in token base units; 0 = free (default). "
                           "A paid worker needs the chain: see the payment flags")  # fmt: skip
@@ -122,8 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = WorkerConfig(
         data_dir=Path(args.data_dir),
         model=args.model,
-        listen=tuple(args.listen) or WorkerConfig.listen,
-        bootstrap=tuple(args.bootstrap),
+        network=network_config(args, dht_server=True),  # workers are the market's bootstrap peers
         price_per_1k=args.price,
         slots=args.slots,
         ctx_size=args.ctx_size,
@@ -151,9 +143,32 @@ def _serve(args: argparse.Namespace) -> int:
             print("bootstrap others with:", file=sys.stderr)
             for addr in worker.host.addrs():
                 print(addr, flush=True)
+            nursery.start_soon(report_reachability, worker.host)
 
     trio.run(main)
     return 0
+
+
+async def report_reachability(host, *, every_s: float = 1.0) -> None:
+    """Print one line to stderr whenever how others reach ``host`` changes (AutoNAT verdict, relays)."""
+    said = None
+    started = time.monotonic()
+    while True:
+        nat = host.nat
+        now = (nat.reachability, tuple(nat.circuit_addrs()), tuple(nat.observed_addrs()))
+        if now != said and (now[0] != "unknown" or time.monotonic() - started > 10):
+            said = now
+            reachability, circuits, observed = now
+            if reachability == "public":
+                line = f"reachable: public ({nat.reason})"
+            elif reachability == "private" and circuits:
+                line = f"reachable: behind NAT, through relay {circuits[0]}/p2p/{host.peer_id}"
+            elif reachability == "private":
+                line = f"reachable: behind NAT ({nat.reason}); looking for a relay among the peers"
+            else:
+                line = f"reachability: unknown ({nat.reason}); `llmarket net status` shows it later"
+            print(line, file=sys.stderr, flush=True)
+        await trio.sleep(every_s)
 
 
 def _request(args: argparse.Namespace) -> int:
@@ -191,7 +206,7 @@ def _request(args: argparse.Namespace) -> int:
         print(f"\n[worker {peer[:16]}… failed ({reason}); {when}]", file=sys.stderr)
 
     async def main():
-        async with open_requester(Path(args.data_dir), tuple(args.bootstrap)) as requester:
+        async with open_requester(Path(args.data_dir), network=network_config(args)) as requester:
             await requester.wait_for_model(model, args.discovery_timeout)
             return await run_job(
                 requester.host, requester.offers, query, spec, reputation=requester.reputation,
@@ -223,7 +238,7 @@ def _peers(args: argparse.Namespace) -> int:
     _quiet_libp2p()
 
     async def main():
-        async with open_requester(Path(args.data_dir), tuple(args.bootstrap)) as requester:
+        async with open_requester(Path(args.data_dir), network=network_config(args)) as requester:
             await trio.sleep(args.wait)  # collecting gossip for the time the user asked for
             offers = requester.offers()
             latency = {}

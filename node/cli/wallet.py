@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from node.cli.common import bootstrap_flag, json_flag, wallet_flags
+from node.cli.common import bootstrap_flag, json_flag, network_config, wallet_flags
 from node.errors import PaymentError
 from node.node import open_requester, requester_wallet
 from node.payments.close import ask_to_close
@@ -136,7 +136,7 @@ def _close(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         failures = 0
-        async with open_requester(Path(args.data_dir), tuple(args.bootstrap)) as requester:
+        async with open_requester(Path(args.data_dir), network=network_config(args)) as requester:
             for channel in wanted:
                 with trio.move_on_after(10):
                     await requester.gossip.wait_for(lambda live, c=channel: any(o.peer_id == c.peer_id for o in live))
