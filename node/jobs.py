@@ -199,7 +199,12 @@ class WorkerService:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
-            log.info("job %s from %s…: accepted", request.job_id, stream.peer_id[:12])
+            log.info(
+                "job %s from %s…: accepted (%s connection)",
+                request.job_id,
+                stream.peer_id[:12],
+                self.host.nat.connection_kind(stream.peer_id) or "no",
+            )
             outcome = "cancelled"
             try:
                 async with generation as events:

@@ -208,18 +208,20 @@ def _request(args: argparse.Namespace) -> int:
     async def main():
         async with open_requester(Path(args.data_dir), network=network_config(args)) as requester:
             await requester.wait_for_model(model, args.discovery_timeout)
-            return await run_job(
+            result = await run_job(
                 requester.host, requester.offers, query, spec, reputation=requester.reputation,
                 deadline_s=args.timeout, on_text=show, on_failover=failover,
                 payer=WalletPayer(wallet) if wallet else None,
             )  # fmt: skip
+            return result, requester.host.nat.connection_kind(result.workers[-1]) if result.workers else None
 
-    result = trio.run(main)
+    result, connection = trio.run(main)
     if args.json:
         print(json.dumps({
             "text": result.text, "finish_reason": result.finish_reason, "model": model,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-            "workers": result.workers, "cost": result.cost, "elapsed_s": round(result.elapsed_s, 3),
+            "workers": result.workers, "connection": connection, "cost": result.cost,
+            "elapsed_s": round(result.elapsed_s, 3),
             "first_token_s": None if result.first_token_s is None else round(result.first_token_s, 3),
         }, indent=2))  # fmt: skip
     else:
