@@ -75,7 +75,7 @@ from node.concurrency import TokenBucket
 from node.discovery import SERVICE_TYPE, Discovery
 from node.errors import NodeError, PeerUnreachable
 from node.identity import Identity
-from node.nat import Nat
+from node.nat import Nat, NatConfig
 
 log = logging.getLogger("node.host")
 
@@ -90,6 +90,7 @@ class HostConfig:
     relay_service: bool = True  # relay for peers behind NAT unless AutoNAT finds us private (node.nat)
     dht_server: bool = False  # answer DHT queries (workers, which are the bootstrap peers); else a client
     find_peer_timeout_s: float = 5.0  # a DHT lookup when a peer's given addresses all fail
+    nat: NatConfig = NatConfig()  # AutoNAT, relay and hole-punching timings and caps (node.nat)
     connect_timeout_s: float = 10.0  # per address dialled
     dial_stagger_s: float = 0.5  # the next address of a peer is tried after this long (or once one fails)
     stream_timeout_s: float = 10.0
@@ -200,7 +201,7 @@ class Host:
         self._inbound: Counter[str] = Counter()
         self.ready = trio.Event()
         # reachability and NAT traversal, then discovery (they register handlers, so they come last)
-        self.nat = Nat(self, relay_service=self.config.relay_service)
+        self.nat = Nat(self, relay_service=self.config.relay_service, config=self.config.nat)
         self.nat.install()
         self.discovery = Discovery(
             self,

@@ -167,12 +167,38 @@ class PeerSource:
             minimum rate (``node.models.dag.Pace``).
     """
 
-    def __init__(self, host: Host, peer_id: str, addrs: list[str] = (), *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, host: Host, peer_id: str, addrs: list[str] = (), *, timeout_s: float = 30.0, direct_wait_s: float = 60.0
+    ) -> None:
         self.host, self.peer_id, self.addrs, self.timeout_s = host, peer_id, list(addrs), timeout_s
+        self.direct_wait_s = direct_wait_s
         self.name = f"peer {peer_id[:16]}…"
+        self._waited = False
+
+    async def _prefer_direct(self) -> None:
+        """Once: over a relayed connection, wait up to ``direct_wait_s`` for DCUtR's direct one.
+
+        A model is gigabytes and a relay moves them slowly, at its operator's
+        expense; the relay would not cut the transfer (``node.nat``), so without a
+        direct connection the fetch goes on through it.
+        """
+        if self._waited:
+            return
+        self._waited = True
+        if self.addrs:
+            await self.host.dial(self.peer_id, self.addrs)
+        if self.host.nat.connection_kind(self.peer_id) == "relayed":
+            log.info(
+                "%s is reached through a relay; waiting up to %gs for a direct connection",
+                self.name,
+                self.direct_wait_s,
+            )
+            if not await self.host.nat.wait_direct(self.peer_id, self.direct_wait_s):
+                log.info("no direct connection to %s; fetching through the relay", self.name)
 
     async def _open(self, request) -> Stream:
         try:
+            await self._prefer_direct()
             stream = await self.host.open_stream(self.peer_id, MODEL_PROTOCOL, self.addrs)
         except PeerUnreachable as err:
             raise ModelError(f"{self.name}: {err}") from None
