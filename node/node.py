@@ -21,7 +21,7 @@ import trio
 
 from node import __version__
 from node.concurrency import open_service_nursery
-from node.errors import ConfigError, ModelError
+from node.errors import ConfigError, ModelError, PeerUnreachable
 from node.host import Host, HostConfig
 from node.identity import Identity, load_or_create_account
 from node.jobs import WorkerService
@@ -156,8 +156,18 @@ async def serve(
                 payments.settler.busy = lambda: service.free_slots < engine.slots
             await nursery.start(advertiser.run)
             nursery.start_soon(publish_net_status, host, config.data_dir)
+            nursery.start_soon(provide_model, host, model.cid)
             task_status.started(WorkerNode(host, engine, model, speed, gossip, advertiser, service))
             await trio.sleep_forever()
+
+
+async def provide_model(host: Host, cid: str, *, retry_s: float = 30.0) -> None:
+    """Put a provider record for ``cid`` in the DHT ("who serves this model"), retried until a server takes it.
+
+    py-libp2p republishes it every 22 hours while the host runs.
+    """
+    while not await host.discovery.provide(cid):
+        await trio.sleep(retry_s)
 
 
 #: Where a running node keeps its network status for ``llmarket net status`` (in its data dir).
@@ -235,11 +245,36 @@ class Requester:
     def offers(self) -> list[Offer]:
         return self.gossip.book.live(time.time())
 
-    async def wait_for_model(self, model: str, timeout_s: float) -> list[Offer]:
-        """Offers for ``model``, waiting up to ``timeout_s`` for the first one to arrive."""
+    async def wait_for_model(self, model: str, timeout_s: float, *, providers_after_s: float = 1.0) -> list[Offer]:
+        """Offers for ``model``, waiting up to ``timeout_s`` for the first one to arrive.
+
+        Offers come by gossip; if none has come after ``providers_after_s``, the
+        DHT's provider records for the model are a second source: each provider
+        is dialled and asked for its offers.
+        """
+
+        def has_model(live: list[Offer]) -> bool:
+            return any(any(m.cid == model for m in o.models) for o in live)
+
         with trio.move_on_after(timeout_s):
-            await self.gossip.wait_for(lambda live: any(any(m.cid == model for m in o.models) for o in live))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ask_providers, model, providers_after_s)
+                await self.gossip.wait_for(has_model)
+                nursery.cancel_scope.cancel()
         return self.offers()
+
+    async def _ask_providers(self, model: str, after_s: float) -> None:
+        await trio.sleep(after_s)
+        known = {o.peer_id for o in self.offers()}
+        for peer_id, addrs in await self.host.discovery.find_providers(model):
+            if peer_id in known:
+                continue
+            try:
+                await self.host.dial(peer_id, addrs)
+            except PeerUnreachable as err:
+                log.debug("provider %s… of %s: %s", peer_id[:12], model, err)
+                continue
+            await self.gossip.sync_from(peer_id)
 
 
 @asynccontextmanager

@@ -40,6 +40,7 @@ from node.discovery import (
 from node.errors import ConfigError, ModelError, PeerUnreachable
 from node.host import Host, HostConfig
 from node.identity import Identity
+from node.messages import ModelInfo
 
 #: The default model's CIDs: v0 (kubo's defaults) and v1 with raw leaves (another DAG).
 CID = "QmR58njnbf5NUQQ6uF9vkbHL4N1h3kFnkFcXdASEa8hQvY"
@@ -441,3 +442,30 @@ async def test_a_flood_of_lan_peers_is_dialled_at_the_dial_rate(tmp_path):
             await trio.sleep(1.5)
             nursery.cancel_scope.cancel()
     assert 8 <= len(calls) <= 8 + 2 * 1.5 + 1
+
+
+async def test_provider_records_are_a_second_source_of_offers(tmp_path):
+    """A requester that hears no offer by gossip asks the DHT who provides the model, and those peers for offers."""
+    from node.node import open_requester
+    from node.offers import OfferBook, OfferGossip
+
+    from .factories import signed_offer
+
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            server, _ = await start(nursery, tmp_path, "server", mode="server")  # a DHT server that keeps no offers
+            identity = Identity.load(tmp_path / "worker")
+            worker = Host(identity, HostConfig(dht_server=True, bootstrap=(server.addrs()[0],)))
+            await nursery.start(worker.run)
+            gossip = OfferGossip(worker, OfferBook())
+            await nursery.start(gossip.run)
+            offer = signed_offer(identity, 1, time.time() + 60, addrs=worker.advertised(), models=[
+                ModelInfo(CID, "m", 2048)])  # fmt: skip
+            assert gossip.book.add(offer)  # kept, never published: no gossip carries it
+            while not await worker.discovery.provide(CID, timeout_s=5):
+                await trio.sleep(0.2)  # until the server has the worker in its routing table
+            async with open_requester(tmp_path / "requester", (server.addrs()[0],)) as requester:
+                assert requester.offers() == []
+                offers = await requester.wait_for_model(CID, 20, providers_after_s=0.2)
+                assert [o.peer_id for o in offers] == [worker.peer_id]
+            nursery.cancel_scope.cancel()
