@@ -59,15 +59,18 @@ import atexit
 import contextlib
 import ipaddress
 import itertools
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -546,3 +549,266 @@ def _check(argv: list[str], stdin: str | None = None) -> None:
 
 def _environ(extra: Mapping[str, str] | None) -> dict[str, str] | None:
     return None if extra is None else {**os.environ, **extra}
+
+
+# ================================================================ market processes in the lab
+#
+# Helpers for running llmarket itself in a lab (tests/test_across_hosts.py; a benchmark may reuse them):
+# `llmarket serve` (or tests/scripted_worker.py) in a host, its multiaddrs and reachability lines, one-shot
+# commands in a host, and an anvil chain with the contracts deployed that every host reaches.
+# Nothing above this line depends on them.
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+_MULTIADDR_LINE = r"^(/(?:ip4|ip6|dns4|dns6)/\S+/p2p/\S+)$"
+
+
+def llmarket_argv(data_dir: str | os.PathLike[str], *args: str) -> list[str]:
+    """``python -m node --data-dir DIR ARGS…`` (the ``llmarket`` command)."""
+    return [PYTHON, "-m", "node", "--data-dir", os.fspath(data_dir), *args]
+
+
+def scripted_worker_argv(data_dir: str | os.PathLike[str], *args: str) -> list[str]:
+    """``python -m tests.scripted_worker --data-dir DIR ARGS…`` (a worker with a scripted engine)."""
+    return [PYTHON, "-m", "tests.scripted_worker", "--data-dir", os.fspath(data_dir), *args]
+
+
+def outputs(lab: Lab, tail: int = 6000) -> str:
+    """The output of every process the lab spawned (the last ``tail`` characters of each), for failure messages."""
+    parts = []
+    for proc in lab.procs:
+        text = proc.output()
+        parts.append(text if len(text) <= tail else f"[… {len(text) - tail} characters cut]\n{text[-tail:]}")
+    return "\n".join(parts)
+
+
+@dataclass
+class MarketNode:
+    """A long-running llmarket node (``serve``, or the scripted worker) in a host, once it printed its multiaddrs."""
+
+    host: NetHost
+    proc: Proc
+    data_dir: Path
+    addrs: list[str]  # what it printed after "bootstrap others with:", ``…/p2p/<peer id>``
+
+    @property
+    def peer_id(self) -> str:
+        return self.addrs[0].rsplit("/p2p/", 1)[1]
+
+    @property
+    def multiaddr(self) -> str:
+        """The address others in the lab bootstrap from: the one on the host's own address, else the first."""
+        return next((a for a in self.addrs if f"/{self.host.address}/" in a), self.addrs[0])
+
+    def wait_reachability(self, pattern: str = r"^reachable: ", timeout: float = 60) -> str:
+        """The first reachability line matching ``pattern`` (``public`` / ``behind NAT, through relay …``)."""
+        return self.proc.wait_for_line(pattern, timeout, stream="stderr").group(0)
+
+    def wait_public(self, timeout: float = 60) -> str:
+        return self.wait_reachability(r"^reachable: public ", timeout)
+
+    def wait_relayed(self, timeout: float = 60) -> str:
+        """Waits for "reachable: behind NAT, through relay <relay addr>/p2p-circuit/p2p/<us>"; returns that address."""
+        line = self.wait_reachability(r"^reachable: behind NAT, through relay (\S+/p2p-circuit/p2p/\S+)$", timeout)
+        return line.rsplit(" ", 1)[1]
+
+    def job_lines(self) -> list[str]:
+        """Its log lines about jobs ("job <id> from <peer>…: accepted (… connection)", "job <id>: done, …")."""
+        return [line for line in self.proc.stderr().splitlines() if re.search(r"\bjob [0-9a-f]+\b", line)]
+
+    def net_status(self) -> dict | None:
+        """What it last wrote to ``net-status.json`` in its data dir (every 5 s), or None before the first."""
+        return _read_json(self.data_dir / "net-status.json")
+
+    def wait_net_status(self, predicate, timeout: float, what: str) -> dict:
+        """Poll ``net-status.json`` until ``predicate(status)``; raises ``WaitFailed`` with the output."""
+        return self._poll(lambda: (s := self.net_status()) is not None and predicate(s) and s, timeout, what)
+
+    def book(self) -> list[dict]:
+        """The live offers in a scripted worker's book (its ``offers.json``; [] before the first). Not ``serve``."""
+        return _read_json(self.data_dir / "offers.json") or []
+
+    def wait_for_offer(self, peer_id: str, predicate=lambda offer: True, timeout: float = 60) -> dict:
+        """Poll a scripted worker's book until it holds an offer of ``peer_id`` that satisfies ``predicate``."""
+
+        def found():
+            return next((o for o in self.book() if o["peer_id"] == peer_id and predicate(o)), None)
+
+        return self._poll(found, timeout, f"offer of {peer_id} as wanted in {self.proc.label}'s book")
+
+    def _poll(self, predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while not (value := predicate()):
+            if not self.proc.alive():
+                raise WaitFailed(f"{self.proc.label} exited while waiting for {what}\n{self.proc.output()}")
+            if time.monotonic() >= deadline:
+                raise WaitFailed(f"no {what} within {timeout}s\n{self.proc.output()}")
+            time.sleep(0.05)  # polling interval: the files are rewritten every 0.5 s (book) or 5 s (status)
+        return value
+
+    def connection_to(self, peer_id: str) -> str | None:
+        """ "direct", "relayed" or None: how it is connected to ``peer_id``, as its net-status.json last said."""
+        status = self.net_status() or {}
+        return next((p["connection"] for p in status.get("peers", []) if p["peer_id"] == peer_id), None)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):  # not written yet (files are replaced whole, never half-written)
+        return None
+
+
+def start_node(
+    host: NetHost, argv: Sequence[str], data_dir: str | os.PathLike[str], *, label: str, timeout: float = 120
+) -> MarketNode:
+    """Spawn a node in ``host`` and wait until it printed its multiaddrs (the one on the host's address last).
+
+    ``argv`` is ``llmarket_argv(data_dir, "serve", …)`` or ``scripted_worker_argv(data_dir, …)``. A node listening
+    on ``0.0.0.0`` prints an address on each interface, the host's own among them; the wait is for that line,
+    so every line before it has been printed too.
+    """
+    proc = host.spawn(argv, cwd=REPO_ROOT, label=label)
+    own = re.escape(host.address)
+    proc.wait_for_line(rf"^/ip4/{own}/\S+/p2p/\S+$", timeout, stream="stdout")
+    addrs = [line for line in proc.stdout().splitlines() if re.match(_MULTIADDR_LINE, line)]
+    return MarketNode(host, proc, Path(data_dir), addrs)
+
+
+def start_serve(host: NetHost, data_dir: str | os.PathLike[str], *args: str, timeout: float = 120) -> MarketNode:
+    """``llmarket serve ARGS…`` in ``host`` (the real model), once it serves."""
+    return start_node(host, llmarket_argv(data_dir, "serve", *args), data_dir, label="serve", timeout=timeout)
+
+
+def start_scripted_worker(
+    host: NetHost, data_dir: str | os.PathLike[str], *args: str, timeout: float = 60
+) -> MarketNode:
+    """``tests.scripted_worker ARGS…`` in ``host``, once it serves."""
+    return start_node(host, scripted_worker_argv(data_dir, *args), data_dir, label="scripted", timeout=timeout)
+
+
+def run_to_end(host: NetHost, argv: Sequence[str], *, timeout: float, label: str) -> Proc:
+    """Spawn a one-shot command in ``host`` and wait for it to exit (its output stays in the lab's logs).
+
+    Raises ``WaitFailed`` with its output if it is still running after ``timeout`` seconds (it is killed).
+    """
+    proc = host.spawn(argv, cwd=REPO_ROOT, label=label)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise WaitFailed(f"{label} did not finish within {timeout}s\n{proc.output()}") from None
+    return proc
+
+
+def json_output(proc: Proc) -> Any:
+    """The JSON a finished ``--json`` command printed; ``WaitFailed`` with its output if it failed or printed none."""
+    if proc.returncode != 0:
+        raise WaitFailed(f"{proc.label} failed\n{proc.output()}")
+    try:
+        return json.loads(proc.stdout())
+    except ValueError:
+        raise WaitFailed(f"{proc.label} printed no JSON\n{proc.output()}") from None
+
+
+# ---------------------------------------------------------------- a chain every host reaches
+
+_CHAIN_TOOL = r"""
+import json, sys, time
+from pathlib import Path
+from eth_account import Account
+from web3 import HTTPProvider, Web3
+from node.payments.deployment import deploy_contracts, write_deployment
+from node.payments.escrow import EscrowClient
+
+cmd = json.loads(sys.argv[1])
+w3 = Web3(HTTPProvider(cmd["rpc_url"]))
+out = {}
+if cmd["op"] == "deploy":
+    keys = json.loads(Path(cmd["accounts_file"]).read_text())["private_keys"]
+    deployer = Account.from_key(keys[0])
+    deployment = deploy_contracts(w3, deployer.address)  # anvil's dev accounts are unlocked
+    write_deployment(deployment, Path(cmd["deployments"]))
+    owner = EscrowClient(w3, deployment, deployer)
+    for address, tokens, wei in cmd["fund"]:
+        if wei:
+            w3.provider.make_request("anvil_setBalance", [address, hex(wei)])
+        if tokens:
+            owner.send(owner.token.functions.transfer(address, tokens), "fund " + address)
+    out = deployment.to_json()
+else:
+    client = EscrowClient.connect(cmd["rpc_url"], deployments_dir=Path(cmd["deployments"]))
+    deadline = time.monotonic() + cmd.get("timeout", 0)
+    while True:
+        out = {a: client.token_balance(a) for a in cmd["addresses"]}
+        low = {a: n for a, n in cmd.get("at_least", {}).items() if out[a] < n}
+        if not low or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)  # polling interval: a worker's claim is one transaction after its job
+print(json.dumps(out))
+"""
+
+
+@dataclass
+class LabChain:
+    """anvil in a public host, bound to the host's address, with LLMToken and InferenceEscrow deployed.
+
+    Every host reaches ``rpc_url`` (home hosts through their NAT); the deployment record is in
+    ``deployments`` (the filesystem is shared), as ``--deployments DIR`` wants it. Calls to the chain from
+    the test (``balances``) run as a short Python process in the chain's host: the test's own network
+    namespace cannot reach the lab.
+    """
+
+    host: NetHost
+    proc: Proc
+    rpc_url: str
+    deployments: Path
+    deployment: dict  # the deployment record: chainId, token, escrow, block, deployer
+    chain_id: int = 31337
+
+    def _tool(self, command: dict, timeout: float) -> Any:
+        command = {"rpc_url": self.rpc_url, "deployments": os.fspath(self.deployments), **command}
+        result = self.host.run([PYTHON, "-c", _CHAIN_TOOL, json.dumps(command)], cwd=REPO_ROOT, timeout=timeout)
+        if result.returncode != 0:
+            raise NetlabError(f"chain tool {command['op']} failed: {result.stderr.strip()[-3000:]}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def balances(
+        self, *addresses: str, at_least: Mapping[str, int] | None = None, timeout: float = 0
+    ) -> dict[str, int]:
+        """Token balances of ``addresses``; with ``at_least``, polled until each reaches it or ``timeout`` passes."""
+        command = {"op": "balances", "addresses": list(addresses), "at_least": dict(at_least or {}), "timeout": timeout}
+        return self._tool(command, timeout=timeout + 60)
+
+
+def start_chain(
+    host: NetHost,
+    workdir: str | os.PathLike[str],
+    *,
+    fund: Sequence[tuple[str, int, int]] = (),
+    port: int = 8545,
+    timeout: float = 60,
+) -> LabChain:
+    """anvil on ``host.address:port`` (chain 31337), the contracts deployed, and ``fund`` paid out.
+
+    ``fund`` is ``(address, token base units, wei)`` triples: tokens from the deployer, ETH set with
+    ``anvil_setBalance`` (workers need ETH to pay for their claims).
+    """
+    from node.payments.devchain import find_anvil  # the node's dependencies load only for market tests
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    accounts_file = workdir / "anvil-accounts.json"
+    argv = [find_anvil(), "--host", host.address, "--port", str(port), "--chain-id", "31337", "--accounts", "2",
+            "--config-out", os.fspath(accounts_file)]  # fmt: skip
+    proc = host.spawn(argv, label="anvil")
+    proc.wait_for_line(rf"Listening on {re.escape(host.address)}:{port}", timeout)
+    chain = LabChain(host, proc, f"http://{host.address}:{port}", workdir / "deployments", {})
+    deadline = time.monotonic() + timeout
+    while not accounts_file.exists():  # anvil writes it as it starts listening
+        if time.monotonic() >= deadline:
+            raise WaitFailed(f"anvil wrote no {accounts_file}\n{proc.output()}")
+        time.sleep(_POLL_S)
+    command = {"op": "deploy", "accounts_file": os.fspath(accounts_file), "fund": [list(f) for f in fund]}
+    chain.deployment = chain._tool(command, timeout=timeout + 60)
+    return chain
