@@ -107,3 +107,27 @@ async def test_a_dial_tries_every_address_and_names_each_failure(tmp_path):
             assert dead in message and "/ip4/127.0.0.1/tcp/1" in message and "refused" in message.lower()
             nursery.cancel_scope.cancel()
     closed.close()
+
+
+async def test_when_every_given_address_fails_the_dht_says_where_the_peer_is(tmp_path):
+    """A gossiped offer's addresses can be stale (the worker restarted on another port): the DHT has the new ones."""
+    server = Host(Identity.load(tmp_path / "s"), HostConfig(dht_server=True))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            moved = Host(Identity.load(tmp_path / "m"), HostConfig(bootstrap=(server.addrs()[0],)))
+            await nursery.start(moved.run)
+            moved.set_handler("/llmarket-test/echo/1", lambda stream: stream.close())
+            asker = Host(Identity.load(tmp_path / "a"), HostConfig(bootstrap=(server.addrs()[0],)))
+            await nursery.start(asker.run)
+            stale = "/ip4/127.0.0.1/tcp/1"
+            stream = None
+            while stream is None:  # until identify has put the server in the asker's routing table
+                try:
+                    stream = await asker.open_stream(moved.peer_id, "/llmarket-test/echo/1", [stale])
+                except PeerUnreachable as err:
+                    assert stale in str(err)
+                    await trio.sleep(0.2)
+            assert moved.peer_id in asker.connected_peers()
+            await stream.close()
+            nursery.cancel_scope.cancel()
