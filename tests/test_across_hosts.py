@@ -184,7 +184,7 @@ def test_public_hosts_route_through_the_bootstrap_and_fail_over_when_it_dies(lab
     wait_until(lab, lambda: len(accepted(b)) == 2, 60, "B accepting the long job")
     # …so this request goes to A (text mode: its answer streams to stdout as it comes)
     streaming = host_c.spawn(
-        llmarket_argv(tmp_path / "c2", "request", "--bootstrap", a.multiaddr, "--no-mdns", "--max-tokens", "400",
+        llmarket_argv(tmp_path / "c2", "request", "--bootstrap", a.multiaddr, "--no-mdns", "--max-tokens", "160",
                       *GREEDY, STORY),
         label="failover-request",
     )  # fmt: skip
