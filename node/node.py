@@ -156,9 +156,21 @@ async def serve(
                 payments.settler.busy = lambda: service.free_slots < engine.slots
             await nursery.start(advertiser.run)
             nursery.start_soon(publish_net_status, host, config.data_dir)
+            nursery.start_soon(readvertise_on_new_addresses, host, advertiser)
             nursery.start_soon(provide_model, host, model.cid)
             task_status.started(WorkerNode(host, engine, model, speed, gossip, advertiser, service))
             await trio.sleep_forever()
+
+
+async def readvertise_on_new_addresses(host: Host, advertiser: Advertiser, *, every_s: float = 1.0) -> None:
+    """Publish a new offer as soon as the advertised addresses change (a relay reservation, AutoNAT's verdict)."""
+    last = host.advertised()
+    while True:
+        await trio.sleep(every_s)
+        now = host.advertised()
+        if now != last:
+            last = now
+            advertiser.changed()
 
 
 async def provide_model(host: Host, cid: str, *, retry_s: float = 30.0) -> None:

@@ -235,7 +235,9 @@ async def _run_attempt(
                 raise _WorkerFailed(f"unexpected {msg.TYPE}", partial=text, tokens=tokens)
     except (EOFError, ConnectionError, WireError) as err:
         await stream.reset()
-        failure = _WorkerFailed(f"stream ended ({err or 'closed'})", partial=text, tokens=tokens)
+        failure = _WorkerFailed(
+            "stream ended" if str(err) in ("", "stream ended") else f"stream ended ({err})", partial=text, tokens=tokens
+        )
         failure.paid, failure.logprobs = payment.spent, logprobs
         raise failure from None
     except Overcharge as err:
@@ -359,10 +361,11 @@ async def run_job(
         while True:
             available = [o for o in offers() if o.peer_id not in tried]
             candidates = rank(available, query, reputation, clock(), limit=1)  # re-ranked after every failure
-            if not candidates and tried and tried == busy:
-                # every worker we could use is busy: wait for one, like a queue, within the deadline
+            if not candidates and busy:
+                # every worker we could still use is busy (the others failed): wait for one, like a
+                # queue, within the deadline, and ask the busy ones again
                 await trio.sleep(BUSY_RETRY_S)
-                tried.clear()
+                tried -= busy
                 busy.clear()
                 continue
             if not candidates:

@@ -76,6 +76,37 @@ async def test_a_worker_dying_mid_stream_is_replaced_and_the_text_continues(tmp_
     assert rep.banned(dying_offer.peer_id, time.time())
 
 
+async def test_after_a_failover_a_busy_worker_is_waited_for_not_given_up(tmp_path):
+    """The one worker left after a failover was busy, and the job failed at once instead of waiting for it."""
+    dying, backup = ScriptedEngine(tick_s=0.05), ScriptedEngine(slots=0)
+    received = []
+    with trio.fail_after(20):
+        async with (
+            worker(tmp_path, "dying", dying, tokens_per_s=1000) as (_, dying_offer, kill),  # the preferred one
+            worker(tmp_path, "backup", backup) as (_, backup_offer, _),
+            requester(tmp_path) as host,
+        ):
+
+            async def free_a_slot_later():
+                while len(received) < 3:  # until the first worker died
+                    await trio.sleep(0.01)
+                await trio.sleep(2.0)  # the backup turns the job away as busy meanwhile
+                backup.slots = 1
+
+            def on_text(piece):
+                received.append(piece)
+                if len(received) == 3:
+                    kill.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(free_a_slot_later)
+                result = await run_job(
+                    host, lambda: [dying_offer, backup_offer], QUERY, SPEC, reputation=Reputation(), on_text=on_text
+                )
+    assert result.workers == [dying_offer.peer_id, backup_offer.peer_id]
+    assert backup.prefixes[-1] == "".join(WORDS[:3]) and result.text.startswith("".join(WORDS[:3]))
+
+
 async def test_cancelling_a_job_frees_the_worker_slot(tmp_path):
     engine = ScriptedEngine(tick_s=0.05)
     with trio.fail_after(20):

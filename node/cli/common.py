@@ -210,7 +210,7 @@ def network_config(args: argparse.Namespace, **changes) -> HostConfig:
         bootstrap=tuple(args.bootstrap),
         announce=tuple(parse_announce(a) for a in getattr(args, "announce", [])),
         mdns=args.mdns,
-        relay_service=getattr(args, "relay", True),
+        relay_service=getattr(args, "relay", False),  # workers relay (--no-relay); requesters come and go
         **changes,
     )
 

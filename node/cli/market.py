@@ -22,6 +22,7 @@ from node.cli.common import (
     sampling_params,
     wallet_flags,
 )
+from node.errors import NodeError
 from node.node import WorkerConfig, model_cid_for_request, open_requester, requester_wallet, serve
 from node.payments.payer import WalletPayer
 from node.payments.units import format_amount
@@ -155,7 +156,7 @@ async def report_reachability(host, *, every_s: float = 1.0) -> None:
     started = time.monotonic()
     while True:
         nat = host.nat
-        now = (nat.reachability, tuple(nat.circuit_addrs()), tuple(nat.observed_addrs()))
+        now = (nat.reachability, tuple(nat.circuit_addrs()[:1]), tuple(nat.observed_addrs()))
         if now != said and (now[0] != "unknown" or time.monotonic() - started > 10):
             said = now
             reachability, circuits, observed = now
@@ -236,6 +237,9 @@ def _request(args: argparse.Namespace) -> int:
     return 0
 
 
+PING_DEADLINE_S = 5.0
+
+
 def _peers(args: argparse.Namespace) -> int:
     _quiet_libp2p()
 
@@ -243,12 +247,18 @@ def _peers(args: argparse.Namespace) -> int:
         async with open_requester(Path(args.data_dir), network=network_config(args)) as requester:
             await trio.sleep(args.wait)  # collecting gossip for the time the user asked for
             offers = requester.offers()
-            latency = {}
-            for offer in offers:
-                try:
-                    latency[offer.peer_id] = await requester.host.ping(offer.peer_id, offer.addrs)
-                except Exception:  # an unreachable peer is shown without a latency
-                    latency[offer.peer_id] = None
+            latency = dict.fromkeys((o.peer_id for o in offers), None)  # an unreachable peer has none
+
+            async def ping(offer) -> None:
+                with trio.move_on_after(PING_DEADLINE_S):
+                    try:
+                        latency[offer.peer_id] = await requester.host.ping(offer.peer_id, offer.addrs)
+                    except NodeError:
+                        pass
+
+            async with trio.open_nursery() as nursery:  # all at once: some addresses never answer
+                for offer in offers:
+                    nursery.start_soon(ping, offer)
             return offers, latency
 
     offers, latency = trio.run(main)
