@@ -96,8 +96,12 @@ relay, which will not cut them.
 
 **DCUtR** (``/libp2p/dcutr``): py-libp2p's ``DCUtRProtocol`` as it is (a direct
 dial first, then TCP simultaneous open from the listen port; it tries relayed
-peers every 2 s), except for what happens once a direct connection exists.
-The host keeps one connection per peer (``max_connections_per_peer=1``), and
+peers every 2 s), except for two things. Its loop could fire before identify
+had given it the peer's listen addresses, skip the direct dial and punch, and a
+punch dial against an ordinary listener fails (both sides answer Noise), so an
+upgrade sometimes took ~24 s; ``_go_direct`` therefore dials the peer's direct
+addresses itself once identify has run on a new relayed connection. And what
+happens once a direct connection exists: the host keeps one connection per peer (``max_connections_per_peer=1``), and
 py-libp2p trims the surplus when a connection is added: the oldest one, with
 the fewest streams, past a 20 s grace, so a relayed connection carrying a job
 was closed under it; and DCUtR itself closed relayed connections 60 s after an
