@@ -342,12 +342,15 @@ class Host:
         if addrs and peer not in self.libp2p.get_connected_peers():
             try:
                 await self.dial(peer_id, list(addrs))
-            except PeerUnreachable:
+            except PeerUnreachable as given:
                 found = [a for a in await self._find_elsewhere(peer_id) if a not in addrs]
                 if not found:
                     raise
                 log.info("peer %s… moved: dialling the addresses the DHT gave", peer_id[:12])
-                await self.dial(peer_id, found)
+                try:
+                    await self.dial(peer_id, found)
+                except PeerUnreachable as elsewhere:
+                    raise PeerUnreachable(f"{given}; and at the addresses the DHT gave: {elsewhere}") from None
         try:
             with trio.fail_after(self.config.stream_timeout_s):
                 raw = await self.libp2p.new_stream(peer, [TProtocol(protocol)])
