@@ -33,6 +33,13 @@
   one frame, a connection ``max_buffered_per_connection``, all connections
   ``max_buffered_total``.
 - **GossipSub** for offers, with signed messages and a 1 s heartbeat.
+- **Addresses others can dial** (``node.addresses``): wildcards expanded,
+  ``announce`` honoured, relay addresses added; ``dial`` tries every address
+  of a peer, best first and staggered, and names each failure; when all fail,
+  ``open_stream`` asks the DHT where the peer is now.
+- **Reachability and discovery**: every host runs ``node.nat.Nat`` (AutoNAT,
+  circuit relay v2, DCUtR) and ``node.discovery.Discovery`` (mDNS when
+  ``mdns``, the Kademlia DHT); ``status()`` reports them.
 
 ``Host.run`` follows the trio start protocol: ``await nursery.start(host.run)``
 returns once the host listens, is connected to its bootstrap peers (those that
