@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -70,6 +71,8 @@ def _alive(pid: int) -> bool:
 def _status(args: argparse.Namespace) -> int:
     from node.host import Host
     from node.identity import Identity
+
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)  # its own failures are in the status
 
     status = read_running(Path(args.data_dir))
     if status is None:
