@@ -43,6 +43,7 @@ import trio
 
 from node.concurrency import open_service_nursery
 from node.errors import ContextTooLong, InvalidRequest, ModelError
+from node.fingerprints import Observations, Recorder, unpack
 from node.hardware import HardwareProfile, probe_hardware
 from node.models.store import check_gguf
 from node.sampling import (  # noqa: F401  (re-exported: node.engine was their home)
@@ -243,16 +244,13 @@ class _Sampler:
                 add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
                 add(llama_cpp.llama_sampler_init_temp(params.temperature))
                 add(llama_cpp.llama_sampler_init_dist(seed))
+            self._n_vocab = n_vocab
+            self._greedy = params.temperature == 0
             if grammar is not None:
                 self._grammar = llama_cpp.llama_sampler_init_grammar(llama._model.vocab, grammar.encode(), b"root")
                 if not self._grammar:  # checked before the job took its slot, so only if llama.cpp changed its mind
                     raise InvalidRequest("grammar: llama.cpp cannot use this grammar")
-                entry = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
-                self._candidates = np.zeros(n_vocab, dtype=entry)
-                self._ids = np.arange(n_vocab, dtype=np.intc)
-                self._array = llama_cpp.llama_token_data_array(
-                    data=self._candidates.ctypes.data_as(llama_cpp.llama_token_data_p), size=n_vocab
-                )
+                self._make_candidates()
                 self._one_entry = (llama_cpp.llama_token_data * 1)()
                 self._one = llama_cpp.llama_token_data_array(data=self._one_entry, size=1)
             for token in said:
@@ -264,6 +262,70 @@ class _Sampler:
         except BaseException:
             self.close()
             raise
+
+    def _make_candidates(self) -> None:
+        c, np = self._c, self._np
+        entry = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+        self._candidates = np.zeros(self._n_vocab, dtype=entry)
+        self._ids = np.arange(self._n_vocab, dtype=np.intc)
+        self._array = c.llama_token_data_array(data=self._candidates.ctypes.data_as(c.llama_token_data_p), size=0)
+
+    def replay(self, logits: Any, token: int) -> tuple[int, bool, float, float, float, float, float, bool]:
+        """Verification: what this chain picks from ``logits`` (another run's raw logits for this position),
+        and how ``token`` (the pick being checked) stands in the chain's final candidates; then ``token`` is
+        accepted, as ``sample`` would have accepted its own pick.
+
+        The seeded draw advances exactly as it did in ``sample`` (one draw per chain pass, two when a
+        grammar masks), so with the same seed and the same logits the pick is the same token.
+
+        Returns (pick, allowed, gap, between, p, entropy, spread, accepted):
+
+        - ``allowed``: ``token`` is among the chain's final candidates (and the grammar allows it);
+        - ``gap``: the pick's logit minus ``token``'s, after the chain's transforms (penalty, temperature);
+        - ``between``: the probability strictly between them in the draw's order;
+        - ``p``: ``token``'s own probability there (0 if it is not a candidate);
+        - ``entropy``, ``spread``: the final distribution's entropy and a draw's surprisal variance
+          (0 for greedy);
+        - ``accepted``: False when the grammar forbids ``token``, which is then not accepted (llama.cpp
+          would abort): replay must stop.
+        """
+        if not hasattr(self, "_candidates"):
+            self._make_candidates()
+        pick = self._pick(logits, masked=False)
+        if self._grammar is not None and (pick is None or not self._allows(pick)):
+            pick = self._pick(logits, masked=True)
+        array, np = self._array, self._np
+        base = ctypes.cast(array.data, ctypes.c_void_p).value
+        if base == self._candidates.ctypes.data:
+            final = self._candidates[: array.size]
+        else:  # a sampler moved the candidates (llama.cpp may): read them where they are
+            raw = (self._c.llama_token_data * array.size).from_address(base)
+            final = np.frombuffer(raw, dtype=self._candidates.dtype)
+        ids = final["id"]
+        where = np.flatnonzero(ids == token)
+        grammar_ok = self._grammar is None or self._allows(token)
+        allowed = bool(where.size) and grammar_ok and not math.isinf(final["logit"][where[0]])
+        if pick is None or not allowed:
+            gap = between = math.inf
+            p = 0.0
+        else:
+            at, picked = int(where[0]), int(np.flatnonzero(ids == pick)[0])
+            gap = float(final["logit"][picked] - final["logit"][at])
+            lo, hi = sorted((at, picked))
+            between = float(final["p"][lo + 1 : hi].sum()) if hi - lo > 1 else 0.0
+            p = float(final["p"][at])
+        entropy = spread = 0.0
+        probs = final["p"].astype(np.float64)
+        if not self._greedy and probs.size:
+            probs = probs[probs > 0]
+            surprise = -np.log(probs)
+            entropy = float((probs * surprise).sum())
+            spread = float((probs * surprise**2).sum() - entropy**2)
+        if grammar_ok:
+            if self._grammar is not None:
+                self._c.llama_sampler_accept(self._grammar, token)
+            self._c.llama_sampler_accept(self._chain, token)
+        return (-1 if pick is None else pick), allowed, gap, between, p, entropy, spread, grammar_ok
 
     def sample(self) -> int:
         """The next token, from the logits of the last evaluated position; accepted into the sampler's state."""
@@ -509,6 +571,7 @@ class Engine:
         slot: _Slot, prompt: list[int], said: list[int], params: SamplingParams, grammar: str | None, emit, cancelled
     ) -> None:
         import llama_cpp
+        import numpy as np
 
         llama = slot.llama
         started = time.perf_counter()
@@ -528,6 +591,8 @@ class Engine:
             return event
 
         seed = params.seed if params.seed is not None else secrets.randbits(31)
+        recorder = Recorder()
+        n_vocab = llama.n_vocab()
         sampler = _Sampler(llama, params, grammar, seed, said)
         try:
             pending = _cached_prefix(llama, prompt, slot.reusable)
@@ -543,6 +608,8 @@ class Engine:
                 if cancelled.is_set():
                     reason = FINISH_CANCELLED
                     break
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama.ctx, -1), shape=(n_vocab,))
+                recorder.add(logits, token)
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     reason = FINISH_STOP
                     break
@@ -569,7 +636,143 @@ class Engine:
         if (len(text) > sent or produced > reported) and reason != FINISH_CANCELLED:
             emit(delta(text[sent:]))
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=produced)
-        emit(Finished(text, usage, reason, first_token_s, time.perf_counter() - started))
+        emit(Finished(text, usage, reason, first_token_s, time.perf_counter() - started, recorder.packed()))
+
+    # ------------------------------------------------------ verification
+
+    def observe_chat(
+        self, messages: Sequence[dict[str, str]], params: SamplingParams, fingerprints: bytes, *, assistant_prefix=""
+    ):
+        """``observe`` for a chat job, as ``stream_chat`` ran it (an awaitable)."""
+        clean = validate_messages(messages)
+
+        def tokenize(llama: Any) -> tuple[list[int], list[int]]:
+            said = llama.tokenize(assistant_prefix.encode(), add_bos=False, special=False) if assistant_prefix else []
+            return self._chat_tokens(llama, clean) + said, said
+
+        return self.observe(tokenize, params, fingerprints)
+
+    def observe_completion(self, prompt: str, params: SamplingParams, fingerprints: bytes, *, resume_text: str = ""):
+        """``observe`` for a plain completion, as ``stream_completion`` ran it (an awaitable)."""
+        validate_prompt(prompt)
+
+        def tokenize(llama: Any) -> tuple[list[int], list[int]]:
+            said = llama.tokenize(resume_text.encode(), add_bos=False, special=False) if resume_text else []
+            return self._text_tokens(llama, prompt + resume_text), said
+
+        return self.observe(tokenize, params, fingerprints)
+
+    async def observe(
+        self, tokenize: Callable[[Any], tuple[list[int], list[int]]], params: SamplingParams, fingerprints: bytes
+    ) -> Observations:
+        """Re-run an answer for verification: one batched prefill over prompt + answer on a free slot.
+
+        ``tokenize`` is as in ``stream``; ``fingerprints`` are the worker's
+        records (node/fingerprints.py), whose tokens are the answer. The prompt
+        is evaluated exactly as a generating slot evaluates it, so the first
+        position's logits are the worker's own; the answer's tokens then go in
+        batches of ``n_batch`` with logits at every position. At each position
+        the job's sampler chain (same parameters, same seed) is replayed on
+        these logits (``_Sampler.replay``). node/verify.py judges the result.
+
+        Raises:
+            InvalidRequest: bad parameters or records; ContextTooLong: it does not fit.
+        """
+        params.validate()
+        try:
+            records = unpack(fingerprints)
+        except ValueError as err:
+            raise InvalidRequest(str(err)) from None
+        if not len(records):
+            raise InvalidRequest("there are no fingerprints to check")
+        grammar = None
+        if params.json_schema is not None or params.grammar is not None:
+            vocab = self._llamas[0]._model.vocab
+            grammar = await trio.to_thread.run_sync(_checked_grammar, vocab, params, limiter=self._grammar_limiter)
+        slot = await self._free_recv.receive()
+        try:
+            return await trio.to_thread.run_sync(
+                self._observe_blocking, slot, tokenize, params, grammar, records, self.n_ctx, limiter=self._limiter
+            )
+        finally:
+            self._free_send.send_nowait(slot)
+
+    @staticmethod
+    def _observe_blocking(
+        slot: _Slot, tokenize, params: SamplingParams, grammar: str | None, records: Any, n_ctx: int
+    ) -> Observations:
+        import llama_cpp
+        import numpy as np
+
+        llama = slot.llama
+        prompt, said = tokenize(llama)
+        n = len(records)
+        if not prompt:
+            raise InvalidRequest("the prompt is empty once tokenized")
+        if len(prompt) + n > n_ctx:
+            raise ContextTooLong(f"prompt ({len(prompt)}) + answer ({n} tokens) exceeds the context size {n_ctx}")
+        n_vocab = llama.n_vocab()
+        columns = {name: np.zeros(n, dtype=np.float32) for name in ("top", "at_top1", "at_top2", "at_token")}
+        columns.update(gap=np.full(n, np.inf), between=np.full(n, np.inf), p=np.zeros(n))
+        columns.update(entropy=np.zeros(n), spread=np.zeros(n))
+        pick, allowed = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
+        seeded = params.seed is not None or params.temperature == 0
+        sampler = _Sampler(llama, params, grammar, params.seed if seeded else secrets.randbits(31), said)
+        replayed, broken = 0, ""
+
+        def visit(i: int, row: Any) -> bool:
+            nonlocal replayed, broken
+            ids = (int(records.tokens[i]), int(records.top1[i]), int(records.top2[i]))
+            if max(ids) >= n_vocab:
+                broken = f"token {i} names id {max(ids)}, outside the vocabulary of {n_vocab}"
+                return False
+            columns["top"][i] = row.max()
+            for name, token in zip(("at_token", "at_top1", "at_top2"), ids, strict=True):
+                columns[name][i] = row[token]
+            (pick[i], allowed[i], *measures, accepted) = sampler.replay(row, ids[0])
+            for name, value in zip(("gap", "between", "p", "entropy", "spread"), measures, strict=True):
+                columns[name][i] = value
+            replayed = i + 1
+            if not accepted:
+                broken = f"token {i} is not allowed by the grammar"
+            return accepted
+
+        try:
+            pending = _cached_prefix(llama, prompt, slot.reusable)
+            slot.reusable = 0
+            llama.eval(pending)
+            slot.reusable = len(prompt) // llama.n_batch * llama.n_batch
+            row = lambda j: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama.ctx, j), shape=(n_vocab,))  # noqa: E731
+            going = visit(0, row(-1))  # the prompt's last position: exactly the worker's first logits
+            answer = [int(t) for t in records.tokens[: n - 1]]
+            for start in range(0, len(answer), llama.n_batch):
+                if not going:
+                    break
+                batch = answer[start : start + llama.n_batch]
+                llama._ctx.kv_cache_seq_rm(-1, llama.n_tokens, -1)
+                llama._batch.set_batch(batch=batch, n_past=llama.n_tokens, logits_all=True)
+                llama._ctx.decode(llama._batch)
+                llama.input_ids[llama.n_tokens : llama.n_tokens + len(batch)] = batch
+                llama.n_tokens += len(batch)
+                for j in range(len(batch)):
+                    if not visit(start + j + 1, row(j)):
+                        going = False
+                        break
+        finally:
+            sampler.close()
+        eog = bool(llama_cpp.llama_vocab_is_eog(llama._model.vocab, int(records.tokens[-1])))
+        answer = [int(t) for t in records.tokens[: n - 1 if eog else n] if 0 <= t < n_vocab]
+        text = b"".join(llama.detokenize([t]) for t in answer).decode(errors="replace")  # as the worker builds it
+        return Observations(
+            replayed=replayed,
+            broken=broken,
+            pick=pick,
+            allowed=allowed,
+            seeded=seeded,
+            text=text,
+            ends_on_eog=eog,
+            **columns,
+        )
 
     # ---------------------------------------------------------- helpers
 
@@ -645,8 +848,17 @@ async def open_engine(
         from llama_cpp import Llama
 
         try:
+            # Flash attention computes each position's attention on its own, so a position's logits do not
+            # depend on what else was in its batch (on CPUs, for most quantizations: docs/verification.md):
+            # a verifier's batched pass then sees exactly the logits the worker sampled from, token by token.
             return Llama(
-                str(model_path), n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, verbose=False, seed=0
+                str(model_path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_gpu_layers=gpu_layers,
+                flash_attn=True,
+                verbose=False,
+                seed=0,
             )
         except (ValueError, RuntimeError) as err:
             raise ModelError(f"llama.cpp could not load {model_path}: {err}") from None

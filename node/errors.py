@@ -126,6 +126,10 @@ class DeadlineExceeded(JobFailed):
 # ---------------------------------------------------------------------- gateway
 
 
+class VerificationFailed(NodeError):
+    """A worker's answer failed a check against the model (node/verify.py)."""
+
+
 class ApiError(NodeError):
     """An error as the OpenAI API reports it: an HTTP status and OpenAI's error fields."""
 

@@ -3,7 +3,8 @@
 One job is one stream. The requester sends a ``JobRequest`` and keeps its side
 open; the worker answers ``JobRejected`` (busy, unknown model, price,
 malformed) or ``JobAccepted``, then ``JobChunk``s as tokens come, then
-``JobDone`` with a signed ``ResultReceipt`` (or ``JobError``). Either side
+``JobDone`` with the answer's fingerprints (node/fingerprints.py) and a signed
+``ResultReceipt`` that commits to them (or ``JobError``). Either side
 cancels: the requester by sending ``JobCancel`` or just going away (the worker
 stops generating at the next token and frees the slot); the worker by ending
 the stream.
@@ -29,6 +30,7 @@ import trio
 
 from node.concurrency import open_service_nursery
 from node.errors import ContextTooLong, InvalidReceipt, InvalidRequest, PaymentRefused, WireError
+from node.fingerprints import digest as fingerprint_digest
 from node.host import Host, Stream
 from node.identity import Identity, verify_peer_signature
 from node.messages import (
@@ -87,7 +89,9 @@ def receipt_signing_bytes(receipt: ResultReceipt) -> bytes:
     return pack(dataclasses.replace(receipt, signature=b""))
 
 
-def check_result_receipt(receipt: ResultReceipt, request: JobRequest, output: str) -> str | None:
+def check_result_receipt(
+    receipt: ResultReceipt, request: JobRequest, output: str, fingerprints: bytes = b""
+) -> str | None:
     """Why the worker's signed statement of its result does not check out, or None if it does."""
     if receipt.job_id != request.job_id or receipt.model != request.model:
         return "receipt is for another job or model"
@@ -95,6 +99,8 @@ def check_result_receipt(receipt: ResultReceipt, request: JobRequest, output: st
         return "receipt is for another request"
     if receipt.output_hash != hashlib.sha256(output.encode()).digest():
         return "receipt does not match the text received"
+    if receipt.fingerprints_hash != fingerprint_digest(fingerprints):
+        return "receipt does not match the fingerprints received"
     if not verify_peer_signature(receipt.worker, receipt_signing_bytes(receipt), receipt.signature):
         return "receipt signature is not the worker's"
     return None
@@ -268,7 +274,8 @@ class WorkerService:
                     await send(stream, JobChunk(request.job_id, text, tokens, prompt_tokens, logprobs))
                     text, tokens, logprobs, sent_first, flush_at = "", 0, [], True, math.inf
                 if isinstance(event, Finished):
-                    await send(stream, JobDone(request.job_id, event.finish_reason, self._receipt(request, event)))
+                    receipt = self._receipt(request, event)
+                    await send(stream, JobDone(request.job_id, event.finish_reason, receipt, event.fingerprints))
                     decode_s = event.elapsed_s - (event.first_token_s or 0.0)
                     rate = (event.usage.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0
                     outcome = f"done, {event.usage.completion_tokens} tokens ({rate:.0f}/s), {event.finish_reason}"
@@ -283,5 +290,6 @@ class WorkerService:
             prompt_tokens=done.usage.prompt_tokens,
             completion_tokens=done.usage.completion_tokens,
             worker=self.identity.peer_id,
+            fingerprints_hash=fingerprint_digest(done.fingerprints),
         )
         return dataclasses.replace(receipt, signature=self.identity.sign(receipt_signing_bytes(receipt)))

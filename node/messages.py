@@ -151,6 +151,7 @@ class ResultReceipt:
     completion_tokens: int
     worker: str  # peer id
     signature: bytes = b""
+    fingerprints_hash: bytes = b""  # sha256 of JobDone.fingerprints (node/fingerprints.py), b"" if none
 
 
 @message("job.done/1")
@@ -159,6 +160,7 @@ class JobDone(Message):
     job_id: str
     finish_reason: str
     receipt: ResultReceipt
+    fingerprints: bytes = b""  # 15 bytes per sampled token (node/fingerprints.py): what a verifier checks
 
 
 ERROR_PAYMENT = "payment"  # the requester's receipts fell behind the credit window

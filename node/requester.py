@@ -78,6 +78,20 @@ class JobSpec:
     max_price_per_1k: int = 0
 
 
+@dataclass(frozen=True)
+class Proof:
+    """What one worker answered to one request, as it signed it: enough for a verifier to re-check
+    (node/verify.py). A job's proof covers the worker that finished it, from the text it was given."""
+
+    request: JobRequest  # as sent to the worker (``resume_text`` holds what others said before it)
+    done: JobDone  # the worker's signed receipt and the answer's fingerprints
+    text: str  # what this worker streamed
+
+    @property
+    def worker(self) -> str:
+        return self.done.receipt.worker
+
+
 @dataclass
 class JobResult:
     text: str
@@ -91,6 +105,7 @@ class JobResult:
     cost: int = 0  # token base units signed to workers for this job (0 for free workers)
     model: str = ""  # the model's CID
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when params.logprobs is set
+    proof: Proof | None = None  # the finishing worker's part, for verification
 
 
 @dataclass(frozen=True)
@@ -217,7 +232,7 @@ async def _run_attempt(
                     first_text_at = first_text_at or time.perf_counter()
                     callbacks.on_text(msg.text)
             elif isinstance(msg, JobDone):
-                problem = check_result_receipt(msg.receipt, request, text)
+                problem = check_result_receipt(msg.receipt, request, text, msg.fingerprints)
                 if problem:
                     raise _WorkerFailed(problem, partial=text, tokens=tokens)
                 await payment.on_done(reply, msg)
@@ -339,6 +354,8 @@ async def run_job(
     if problem:
         raise InvalidRequest(problem)
     job_id = secrets.token_hex(8)
+    # A sampled job always carries a seed: any verifier can then replay the worker's draws (node/verify.py).
+    seed = spec.params.seed if spec.params.seed is not None or spec.params.temperature == 0 else secrets.randbits(31)
     started_at = time.perf_counter()
     first_token_s: float | None = None
     text, completion_used, logprobs = "", 0, []
@@ -378,6 +395,7 @@ async def run_job(
             tried.add(offer.peer_id)
             params = dataclasses.asdict(spec.params)
             params["stop"] = list(params["stop"])
+            params["seed"] = seed
             params["max_tokens"] = max(spec.params.max_tokens - completion_used, 1)
             request = JobRequest(
                 job_id=job_id,
@@ -428,6 +446,7 @@ async def run_job(
                 cost=cost,
                 model=spec.model,
                 logprobs=logprobs + finished.logprobs,
+                proof=Proof(request, done, finished.text),
             )
     assert deadline.cancelled_caught
     raise DeadlineExceeded(

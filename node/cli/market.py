@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import trio
@@ -22,7 +23,7 @@ from node.cli.common import (
     sampling_params,
     wallet_flags,
 )
-from node.errors import NodeError
+from node.errors import NodeError, VerificationFailed
 from node.node import WorkerConfig, model_cid_for_request, open_requester, requester_wallet, serve
 from node.payments.payer import WalletPayer
 from node.payments.units import format_amount
@@ -30,6 +31,7 @@ from node.progress import TerminalProgress
 from node.requester import JobSpec, run_job
 from node.routing import RouteQuery
 from node.sampling import SamplingParams
+from node.verify import describe, open_local_verifier
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -74,6 +76,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help="highest price per 1,000 tokens to pay (default: 0, free workers only); above 0 the "
                           "wallet pays through the escrow (see the payment flags)")  # fmt: skip
     req.add_argument("--peer", metavar="PEER_ID", help="use this worker and no other")
+    req.add_argument("--verify", action="store_true",
+                     help="check the answer against the model on this machine (one batched pass over prompt + "
+                          "answer; needs the model here, which the embedded default always is); a failed check "
+                          "exits 1")  # fmt: skip
     pay = req.add_argument_group("payment (with --max-price > 0)")
     wallet_flags(pay)
     pay.add_argument("--deposit-margin", type=float, default=10.0, metavar="M",
@@ -207,16 +213,27 @@ def _request(args: argparse.Namespace) -> int:
         print(f"\n[worker {peer[:16]}… failed ({reason}); {when}]", file=sys.stderr)
 
     async def main():
-        async with open_requester(Path(args.data_dir), network=network_config(args)) as requester:
+        async with AsyncExitStack() as stack:
+            verifier = (
+                await stack.enter_async_context(open_local_verifier(Path(args.data_dir), model))
+                if args.verify
+                else None
+            )
+            requester = await stack.enter_async_context(
+                open_requester(Path(args.data_dir), network=network_config(args))
+            )
             await requester.wait_for_model(model, args.discovery_timeout)
             result = await run_job(
                 requester.host, requester.offers, query, spec, reputation=requester.reputation,
                 deadline_s=args.timeout, on_text=show, on_failover=failover,
                 payer=WalletPayer(wallet) if wallet else None,
             )  # fmt: skip
-            return result, requester.host.nat.connection_kind(result.workers[-1]) if result.workers else None
+            verdict = await verifier.check_result(result) if verifier else None
+            if verdict is not None and not verdict.ok:
+                requester.reputation.failure(result.proof.worker, time.time())
+            return result, requester.host.nat.connection_kind(result.workers[-1]) if result.workers else None, verdict
 
-    result, connection = trio.run(main)
+    result, connection, verdict = trio.run(main)
     if args.json:
         print(json.dumps({
             "text": result.text, "finish_reason": result.finish_reason, "model": model,
@@ -224,6 +241,7 @@ def _request(args: argparse.Namespace) -> int:
             "workers": result.workers, "connection": connection, "cost": result.cost,
             "elapsed_s": round(result.elapsed_s, 3),
             "first_token_s": None if result.first_token_s is None else round(result.first_token_s, 3),
+            **({"verification": verdict.to_dict()} if verdict else {}),
         }, indent=2))  # fmt: skip
     else:
         print()
@@ -234,6 +252,12 @@ def _request(args: argparse.Namespace) -> int:
             + f"finish: {result.finish_reason}]",
             file=sys.stderr,
         )
+        if verdict is not None:
+            print(f"[{describe(verdict)}]", file=sys.stderr)
+    if args.verify and verdict is None:
+        print("[not verified: the worker sent no fingerprints]", file=sys.stderr)
+    if verdict is not None and not verdict.ok:
+        raise VerificationFailed(f"worker {result.proof.worker}: {verdict.reason}")
     return 0
 
 

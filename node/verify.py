@@ -1,0 +1,294 @@
+"""Checking a worker's answer against the model: a pure judgement over one engine call.
+
+A worker records a fingerprint of the model's output distribution for every
+token it samples (node/fingerprints.py). A verifier that has the same model
+re-runs the request and the answer in one batched pass (``Engine.observe``),
+which gives its own logits at every position and replays the job's sampler
+chain on them with the job's seed. ``judge`` then decides, from those
+observations alone, whether the answer is what the model, asked this, would
+have produced:
+
+- every fingerprint value matches the verifier's logit for that token, one by
+  one within ``Tolerance.logit`` and on average within ``Tolerance.mean``
+  (a different model, quantization or prompt moves them all);
+- greedy: each token is the (penalised) argmax, up to near-ties;
+- sampled: each token is among the chain's top-k/top-p/min-p candidates;
+  with the job's seed the replayed draw picks the same token, up to a few
+  flips near a boundary; and the tokens are not, taken together, less likely
+  than the asked temperature makes them (a surprisal z-score);
+- the text is what the tokens spell, and the finish reason is true (an
+  end-of-generation token, a stop string, or max_tokens).
+
+docs/verification.md gives the threat model, the measured honest error
+distribution behind each tolerance, and what each check catches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from node.errors import InvalidRequest, ModelError
+from node.fingerprints import Fingerprints, Observations, unpack
+from node.messages import JobRequest
+from node.sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams
+
+log = logging.getLogger("node.verify")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far honest work may differ from the verifier's pass (calibration: docs/verification.md)."""
+
+    logit: float = 2.0  # any one fingerprint value against the verifier's logit
+    mean: float = 0.5  # the mean difference over all of a job's fingerprint values
+    tie: float = 1.0  # greedy: how far (penalised logit) a token may sit below the verifier's pick
+    flips: float = 0.125  # the share of replayed picks that may differ, beyond 2
+    outside: float = 1 / 32  # sampled: the share of tokens outside the chain's candidates, beyond 1
+    surprise_z: float = 5.0  # sampled: how unlikely the tokens may be together, in standard deviations
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A judgement, with the evidence it rests on."""
+
+    ok: bool
+    reason: str  # "" when ok, else the first check that failed, in one line
+    tokens: int  # positions checked
+    max_error: float  # the largest fingerprint difference (logits)
+    mean_error: float
+    flips: int  # replayed picks that differ from the worker's tokens
+    outside: int  # tokens outside the chain's candidates
+    surprise_z: float  # 0 for greedy
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _f16(values: np.ndarray) -> np.ndarray:
+    """The verifier's values rounded as the worker's were, so that identical logits differ by exactly 0."""
+    with np.errstate(over="ignore"):
+        return values.astype(np.float16).astype(np.float32)
+
+
+def judge(
+    observations: Observations,
+    records: Fingerprints,
+    params: SamplingParams,
+    *,
+    text: str,
+    finish_reason: str,
+    completion_tokens: int,
+    tolerance: Tolerance = Tolerance(),
+) -> Verdict:
+    """Whether ``records`` (and the ``text``, ``finish_reason`` and token count the worker reported) pass."""
+    obs, n = observations, len(records)
+    m = obs.replayed
+    errors = np.zeros(0, dtype=np.float32)
+    if m:
+        claimed = np.stack([records.logit1[:m], records.logit2[:m], records.logit[:m]])
+        seen = _f16(np.stack([obs.at_top1[:m], obs.at_top2[:m], obs.at_token[:m]]))
+        errors = np.abs(claimed - seen)
+        errors = np.where(np.isnan(errors), np.inf, errors)
+    picks_differ = obs.pick[:m] != records.tokens[:m]
+    flips = int(picks_differ.sum())
+    outside = int((~obs.allowed[:m]).sum())
+    z = 0.0
+    if params.temperature > 0 and m:
+        inside = obs.allowed[:m] & (obs.p[:m] > 0)
+        surprise = float(-np.log(obs.p[:m][inside]).sum())
+        expected, variance = float(obs.entropy[:m][inside].sum()), float(obs.spread[:m][inside].sum())
+        z = (surprise - expected) / math.sqrt(variance) if variance > 1e-9 else 0.0
+
+    def verdict(reason: str = "") -> Verdict:
+        return Verdict(
+            ok=not reason,
+            reason=reason,
+            tokens=m,
+            max_error=float(errors.max()) if errors.size else 0.0,
+            mean_error=float(errors.mean()) if errors.size else 0.0,
+            flips=flips,
+            outside=outside,
+            surprise_z=round(z, 3),
+        )
+
+    if obs.broken:
+        return verdict(obs.broken)
+    counted = n - (1 if obs.ends_on_eog else 0)
+    if counted != completion_tokens:
+        return verdict(f"{n} fingerprints for {completion_tokens} tokens")
+    if finish_reason == FINISH_LENGTH:
+        if obs.ends_on_eog or completion_tokens != params.max_tokens:
+            return verdict(f"finish 'length' after {completion_tokens} of max_tokens {params.max_tokens}")
+        if text != obs.text:
+            return verdict("the text is not what the tokens spell")
+    elif finish_reason == FINISH_STOP:
+        hits = [i for stop in params.stop if (i := obs.text.find(stop)) != -1]
+        if hits:
+            if text != obs.text[: min(hits)]:
+                return verdict("the text is not what the tokens spell, cut at the stop string")
+        elif not obs.ends_on_eog:
+            return verdict("finish 'stop' without an end-of-generation token or a stop string")
+        elif text != obs.text:
+            return verdict("the text is not what the tokens spell")
+    else:
+        return verdict(f"finish reason {finish_reason!r} is not a finished answer")
+
+    if errors.size:
+        worst = np.unravel_index(int(np.argmax(errors)), errors.shape)
+        if errors[worst] > tolerance.logit:
+            off = float(errors[worst])
+            return verdict(f"token {worst[1]}: a logit is off by {off:.2f} (at most {tolerance.logit})")
+        if float(errors.mean()) > tolerance.mean:
+            return verdict(f"logits are off by {float(errors.mean()):.3f} on average (at most {tolerance.mean})")
+        above = obs.top[:m] - obs.at_top1[:m]
+        if float(above.max()) > tolerance.logit:
+            i = int(np.argmax(above))
+            return verdict(f"token {i}: the claimed top token is {float(above[i]):.2f} below the real top")
+    # A flip needs the draw to land near a boundary that the two runs' logits put in different places. Where
+    # every fingerprint value matched to f16 precision, the logits differ by under ~0.01 (usually not at all:
+    # docs/verification.md), so flips are all but impossible; elsewhere noise may flip a share of them.
+    exact = errors.size > 0 and float(errors.max()) == 0.0
+    allowed_flips = 1 + m / 64 if exact else 2 + tolerance.flips * m
+    if params.temperature == 0:
+        gaps = obs.gap[:m][picks_differ]
+        if gaps.size and float(gaps.max()) > tolerance.tie:
+            i = int(np.flatnonzero(picks_differ)[int(np.argmax(gaps))])
+            return verdict(f"token {i} is not the most likely one (by {float(obs.gap[i]):.2f}) in a greedy answer")
+        if flips > allowed_flips:
+            return verdict(f"{flips} of {m} tokens are not the most likely one")
+        return verdict()
+    if outside > 1 + tolerance.outside * m:
+        return verdict(f"{outside} of {m} tokens are outside the top-k/top-p/min-p candidates")
+    if obs.seeded and flips > allowed_flips:
+        return verdict(f"{flips} of {m} tokens differ from the seeded draw's")
+    if z > tolerance.surprise_z:
+        return verdict(f"the tokens are too unlikely for temperature {params.temperature} (z = {z:.1f})")
+    return verdict()
+
+
+def request_params(request: JobRequest) -> SamplingParams:
+    """The sampling parameters a job asked for; ``InvalidRequest`` if they are bad."""
+    try:
+        params = SamplingParams(**{**request.params, "stop": tuple(request.params.get("stop", ()))})
+    except TypeError as err:
+        raise InvalidRequest(f"bad sampling parameters: {err}") from None
+    params.validate()
+    return params
+
+
+async def check(
+    engine,
+    request: JobRequest,
+    fingerprints: bytes,
+    *,
+    text: str,
+    finish_reason: str,
+    completion_tokens: int,
+    tolerance: Tolerance = Tolerance(),
+) -> Verdict:
+    """Re-run ``request``'s answer on ``engine`` (which loads the request's model) and judge it.
+
+    Raises:
+        InvalidRequest: the request or the fingerprints cannot be checked at all.
+        ContextTooLong: prompt + answer do not fit the engine's context.
+    """
+    params = request_params(request)
+    try:
+        records = unpack(fingerprints)
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from None
+    if request.messages is not None:
+        observing = engine.observe_chat(request.messages, params, fingerprints, assistant_prefix=request.resume_text)
+    elif request.prompt is not None:
+        observing = engine.observe_completion(request.prompt, params, fingerprints, resume_text=request.resume_text)
+    else:
+        raise InvalidRequest("the request has neither messages nor a prompt")
+    observations = await observing
+    return judge(
+        observations,
+        records,
+        params,
+        text=text,
+        finish_reason=finish_reason,
+        completion_tokens=completion_tokens,
+        tolerance=tolerance,
+    )
+
+
+# ------------------------------------------------------------------ self-check
+
+
+@dataclass
+class LocalVerifier:
+    """Checks finished jobs with engines on this machine (``request --verify``, ``gateway --verify``).
+
+    ``engines`` maps a model CID to an engine that loads it. A job for another
+    model is not checked (``check_result`` returns None).
+    """
+
+    engines: dict[str, Any]
+    tolerance: Tolerance = Tolerance()
+
+    async def check_result(self, result) -> Verdict | None:
+        """The verdict on ``result`` (a ``node.requester.JobResult``); None when it cannot be checked here."""
+        proof = result.proof
+        engine = self.engines.get(result.model)
+        if proof is None or engine is None or not proof.done.fingerprints:
+            return None
+        verdict = await check(
+            engine,
+            proof.request,
+            proof.done.fingerprints,
+            text=proof.text,
+            finish_reason=proof.done.finish_reason,
+            completion_tokens=proof.done.receipt.completion_tokens,
+            tolerance=self.tolerance,
+        )
+        log.info("job %s from %s…: %s", proof.request.job_id, proof.worker[:12], describe(verdict))
+        return verdict
+
+
+def describe(verdict: Verdict) -> str:
+    """One line for a person."""
+    if verdict.ok:
+        return (
+            f"verified: {verdict.tokens} tokens match the model "
+            f"(largest logit difference {verdict.max_error:.3f}, {verdict.flips} near-tie flips)"
+        )
+    return f"verification FAILED: {verdict.reason}"
+
+
+def local_model_path(data_dir: Path, cid: str) -> Path:
+    """The file of model ``cid`` on this machine (the model cache, or the embedded default model).
+
+    Raises:
+        ModelError: the model is not here; it says how to get it.
+    """
+    from node.models.default import DEFAULT_MODEL_CID, default_model_file
+    from node.models.store import ModelStore
+
+    if cid == DEFAULT_MODEL_CID:
+        return default_model_file()
+    stored = ModelStore.in_data_dir(data_dir).get(cid)
+    if stored is None:
+        raise ModelError(f"--verify needs model {cid} on this machine; fetch it first: llmarket models add {cid}")
+    return stored.path
+
+
+@asynccontextmanager
+async def open_local_verifier(data_dir: Path, cid: str, *, n_ctx: int = 4096) -> AsyncIterator[LocalVerifier]:
+    """A ``LocalVerifier`` for model ``cid``, with a one-slot engine (loaded in a thread)."""
+    from node.engine import open_engine
+
+    path = await trio.to_thread.run_sync(local_model_path, Path(data_dir), cid)
+    async with open_engine(path, slots=1, n_ctx=n_ctx) as engine:
+        yield LocalVerifier({cid: engine})

@@ -1,0 +1,320 @@
+"""Verified inference: fingerprints, the judgement, honest work never flagged, every cheater caught.
+
+The counting tests print their tallies (detections, honest checks, error
+distribution) to the terminal even when they pass; the closing note and
+docs/verification.md quote them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from dataclasses import replace
+from functools import partial
+
+import numpy as np
+import pytest
+import trio
+
+from node import fingerprints, verify
+from node.engine import open_engine
+from node.errors import InvalidRequest
+from node.fingerprints import Observations
+from node.messages import JobRequest
+from node.sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams
+from tests import cheaters
+
+slow = pytest.mark.slow
+
+# ------------------------------------------------------------------ the record format
+
+
+def test_a_record_is_15_bytes_and_round_trips():
+    packed = fingerprints.pack([5, 49151, (1 << 24) - 1], [5, 7, 8], [6, 9, 0], [17.25, 3.5, -1.0], [16.0, 3.0, -2.0],
+                               [17.25, 1.0, -70000.0])  # fmt: skip
+    assert len(packed) == 3 * fingerprints.RECORD_BYTES == 45
+    back = fingerprints.unpack(packed)
+    assert back.tokens.tolist() == [5, 49151, (1 << 24) - 1]
+    assert back.top1.tolist() == [5, 7, 8] and back.top2.tolist() == [6, 9, 0]
+    assert back.logit1.tolist() == [17.25, 3.5, -1.0]
+    assert back.logit[2] == -np.inf  # beyond f16's range: it saturates, and never matches a real logit
+    assert fingerprints.digest(packed) != fingerprints.digest(packed[:-1] + b"\0") and fingerprints.digest(b"") == b""
+
+
+def test_records_that_cannot_be_packed_or_unpacked_are_refused():
+    with pytest.raises(ValueError, match="24 bits"):
+        fingerprints.pack([1 << 24], [0], [0], [0.0], [0.0], [0.0])
+    with pytest.raises(ValueError, match="differ in length"):
+        fingerprints.pack([1, 2], [0], [0], [0.0], [0.0], [0.0])
+    with pytest.raises(ValueError, match="not a multiple of 15"):
+        fingerprints.unpack(b"\0" * 16)
+
+
+def test_the_recorder_keeps_the_top_two_and_the_sampled_token():
+    recorder = fingerprints.Recorder()
+    logits = np.array([0.5, 9.0, -3.0, 9.5, 2.0], dtype=np.float32)
+    recorder.add(logits, 4)
+    recorder.add(logits[::-1].copy(), 0)
+    records = fingerprints.unpack(recorder.packed())
+    assert records.tokens.tolist() == [4, 0]
+    assert records.top1.tolist() == [3, 1] and records.top2.tolist() == [1, 3]
+    assert records.logit1.tolist() == [9.5, 9.5] and records.logit2.tolist() == [9.0, 9.0]
+    assert records.logit.tolist() == [2.0, 2.0]
+
+
+# ------------------------------------------------------------------ the judgement, on made-up observations
+
+SAMPLED = SamplingParams(max_tokens=4, temperature=0.7, seed=3)
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
+
+
+def made_up(n: int = 4, **changes) -> tuple[Observations, fingerprints.Fingerprints]:
+    """Records of n tokens and the observations of a verifier that saw exactly the same logits."""
+    tokens = list(range(10, 10 + n))
+    packed = fingerprints.pack(tokens, tokens, [1] * n, [15.0] * n, [14.0] * n, [15.0] * n)
+    records = fingerprints.unpack(packed)
+    base = dict(
+        replayed=n, broken="", top=np.full(n, 15.0, np.float32), at_top1=np.full(n, 15.0, np.float32),
+        at_top2=np.full(n, 14.0, np.float32), at_token=np.full(n, 15.0, np.float32), pick=np.array(tokens),
+        allowed=np.ones(n, bool), gap=np.zeros(n), between=np.zeros(n), p=np.full(n, 0.6),
+        entropy=np.full(n, 0.67), spread=np.full(n, 0.05), seeded=True, text="abcd"[:n], ends_on_eog=False,
+    )  # fmt: skip
+    base.update(changes)
+    return Observations(**base), records
+
+
+def judged(params=SAMPLED, *, said="abcd", finish=FINISH_LENGTH, tokens=4, **changes) -> verify.Verdict:
+    """The verdict on a worker that reported ``said``, ``finish`` and ``tokens``; ``changes`` alter what the
+    verifier observed."""
+    obs, records = made_up(**changes)
+    return verify.judge(obs, records, params, text=said, finish_reason=finish, completion_tokens=tokens)
+
+
+def test_identical_logits_pass():
+    verdict = judged()
+    assert verdict.ok and verdict.reason == "" and verdict.max_error == 0 and verdict.flips == 0
+    assert judged(GREEDY).ok
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        (dict(at_token=np.array([15.0, 15.0, 11.0, 15.0], np.float32)), "token 2: a logit is off by 4.00"),
+        (dict(at_top2=np.full(4, 15.6, np.float32), at_token=np.full(4, 15.6, np.float32)), "on average"),
+        (dict(top=np.array([15.0, 19.0, 15.0, 15.0], np.float32)), "token 1: the claimed top token is 4.00 below"),
+        (dict(allowed=np.array([False, False, True, True])), "2 of 4 tokens are outside"),
+        (dict(pick=np.array([1, 2, 3, 13])), "3 of 4 tokens differ from the seeded draw's"),
+        (dict(p=np.full(4, 0.01)), "too unlikely for temperature 0.7"),
+        (dict(broken="token 2 is not allowed by the grammar"), "token 2 is not allowed by the grammar"),
+        (dict(text="abce"), "the text is not what the tokens spell"),
+    ],
+)
+def test_a_sampled_answer_that_differs_fails(changes, reason):
+    verdict = judged(**changes)
+    assert not verdict.ok and reason in verdict.reason
+
+
+def test_a_greedy_answer_must_take_the_top_token_up_to_near_ties():
+    near = judged(GREEDY, pick=np.array([10, 99, 12, 13]), gap=np.array([0, 0.4, 0, 0]))
+    assert near.ok and near.flips == 1
+    far = judged(GREEDY, pick=np.array([10, 99, 12, 13]), gap=np.array([0, 2.5, 0, 0]))
+    assert not far.ok and far.reason == "token 1 is not the most likely one (by 2.50) in a greedy answer"
+
+
+def test_the_finish_reason_and_the_count_must_be_true():
+    assert "3 tokens" in judged(tokens=3).reason
+    assert "finish 'length' after 4 of max_tokens 8" in judged(dataclasses.replace(SAMPLED, max_tokens=8)).reason
+    assert "without an end-of-generation token" in judged(finish=FINISH_STOP).reason
+    cut = judged(dataclasses.replace(SAMPLED, stop=("c",)), finish=FINISH_STOP, said="ab")
+    assert cut.ok
+    assert "cut at the stop string" in judged(dataclasses.replace(SAMPLED, stop=("c",)), finish=FINISH_STOP).reason
+    assert judged(finish=FINISH_STOP, tokens=3, ends_on_eog=True, said="abc", text="abc").ok  # 3 tokens + EOG
+    assert "not a finished answer" in judged(finish="cancelled").reason
+
+
+# ------------------------------------------------------------------ the real model
+
+TOPICS = [
+    "how a bicycle works", "the water cycle", "a lighthouse keeper's day", "why leaves change colour",
+    "the rules of chess", "a trip to Mars", "how bread rises", "the history of the printing press",
+    "a robot who learns to paint", "how volcanoes form", "a market town in winter", "the life of a honeybee",
+]  # fmt: skip
+DOCUMENT = " ".join(
+    f"Entry {i}: the harbour of town {i % 7} counted {i * 3} boats and {i % 5} ships." for i in range(48)
+)
+
+
+def job(i: int, *, long_every: int = 0) -> tuple[list[dict], SamplingParams]:
+    """The i-th of a varied set of jobs: topics, temperatures, penalties, top-k/p, min-p, stops, seeds."""
+    rng = random.Random(i)
+    messages = [{"role": "user", "content": f"Write a detailed paragraph about {TOPICS[i % len(TOPICS)]}."}]
+    if long_every and i % long_every == 0:  # a prompt over one 512-token batch
+        messages = [{"role": "system", "content": DOCUMENT}, *messages]
+    temperature = [0.0, 0.4, 0.7, 1.0, 1.3][i % 5]
+    params = SamplingParams(
+        max_tokens=40,
+        temperature=temperature,
+        seed=rng.randrange(2**31) if temperature else None,
+        top_k=rng.choice([40, 0, 10]),
+        top_p=rng.choice([0.95, 1.0, 0.8]),
+        min_p=rng.choice([0.05, 0.0, 0.1]),
+        repeat_penalty=rng.choice([1.1, 1.0, 1.3]),
+        stop=("\n\n",) if i % 7 == 3 else (),
+    )
+    return messages, params
+
+
+def as_request(messages, params: SamplingParams) -> JobRequest:
+    fields = dataclasses.asdict(params)
+    fields["stop"] = list(fields["stop"])
+    return JobRequest(job_id="j", model="m", params=fields, messages=messages)
+
+
+async def answer(engine, messages, params):
+    async with engine.stream_chat(messages, params) as events:
+        async for event in events:
+            done = event
+    return done
+
+
+async def check(verifier, messages, params, done) -> verify.Verdict:
+    return await verify.check(
+        verifier, as_request(messages, params), done.fingerprints, text=done.text,
+        finish_reason=done.finish_reason, completion_tokens=done.usage.completion_tokens,
+    )  # fmt: skip
+
+
+def report(capsys, line: str) -> None:
+    """A tally for the terminal even when the test passes (pytest captures plain prints)."""
+    with capsys.disabled():
+        print(f"\n[verification] {line}", flush=True)
+
+
+@slow
+async def test_the_first_token_is_checked_exactly_and_the_receipt_budget_is_kept(default_model_file):
+    """The verifier's prompt pass is the worker's, so position 0 matches bit for bit (f16 rounding aside); on
+    this build (flash attention, a batch-invariant quantization) every position does."""
+    async with open_engine(default_model_file, slots=1) as worker, open_engine(default_model_file, slots=1) as verifier:
+        with trio.fail_after(120):
+            messages, params = job(2)
+            done = await answer(worker, messages, params)
+            records, tokens = divmod(len(done.fingerprints), fingerprints.RECORD_BYTES)
+            assert tokens == 0 and done.usage.completion_tokens <= records <= done.usage.completion_tokens + 1
+            verdict = await check(verifier, messages, params, done)
+            assert verdict.ok, verdict
+            assert verdict.max_error == 0.0
+            with pytest.raises(InvalidRequest, match="not a multiple of 15"):
+                await check(verifier, messages, params, replace(done, fingerprints=done.fingerprints[:-1]))
+
+
+async def gather(*calls):
+    """Run zero-argument async callables at once; their results, in order."""
+    results: list = [None] * len(calls)
+
+    async def run(k):
+        results[k] = await calls[k]()
+
+    async with trio.open_nursery() as nursery:
+        for k in range(len(calls)):
+            nursery.start_soon(run, k)
+    return results
+
+
+@slow
+async def test_honest_work_is_never_flagged(default_model_file, tmp_path, capsys):
+    """At least 1,000 honest checks: workers with 1 or 2 threads, on either slot, alone or beside another job,
+    with warm and cold caches; verifiers with 1 or 2 threads, warm and cold, two checks at once. A quarter of
+    the paired jobs are served and checked with a Q2_K copy, whose batched pass is *not* bit-identical to
+    token-by-token decoding on CPUs: the tolerances must absorb that."""
+    q2k = cheaters.requantize(default_model_file, tmp_path / "q2k.gguf", "Q2_K")
+    verdicts: list[verify.Verdict] = []
+    failures: list[str] = []
+
+    def keep(verdict: verify.Verdict, what: str) -> None:
+        verdicts.append(verdict)
+        if not verdict.ok:
+            failures.append(f"{what}: {verdict.reason}")
+
+    async with (
+        open_engine(default_model_file, slots=2, threads=1) as pair,
+        open_engine(default_model_file, slots=1, threads=2) as single,
+        open_engine(default_model_file, slots=2, threads=1) as verifiers,
+        open_engine(q2k, slots=2, threads=1) as q2k_engine,
+    ):
+        with trio.fail_after(1500):
+            for i in range(0, 200, 2):  # two jobs at once on the 2-slot worker, checked two at a time, twice
+                engine = q2k_engine if i % 8 == 0 else pair
+                name = "Q2_K" if engine is q2k_engine else "paired"
+                jobs = [job(i, long_every=10), job(i + 1, long_every=10)]
+                done = await gather(*(partial(answer, engine, *j) for j in jobs))
+                for _ in range(2):  # the second time, the verifier's slots hold these very prompts
+                    checker = q2k_engine if engine is q2k_engine else verifiers
+                    calls = (partial(check, checker, *jobs[k], done[k]) for k in range(2))
+                    for k, verdict in enumerate(await gather(*calls)):
+                        keep(verdict, f"job {i + k} ({name})")
+            for i in range(200, 300):  # one job at a time on the 2-thread worker, checked by 1 and 2 threads
+                messages, params = job(i, long_every=12)
+                alone = await answer(single, messages, params)
+                keep(await check(verifiers, messages, params, alone), f"job {i} (2 threads)")
+                keep(await check(single, messages, params, alone), f"job {i} (2 threads, its own engine)")
+                keep(await check(verifiers, messages, params, alone), f"job {i} (2 threads, warm)")
+    errors = np.array([v.max_error for v in verdicts])
+    means = np.array([v.mean_error for v in verdicts])
+    report(
+        capsys,
+        f"honest checks: {len(verdicts)}, flagged: {len(failures)}; per-job max logit error: "
+        f"median {np.median(errors):.4f}, p99 {np.quantile(errors, 0.99):.4f}, max {errors.max():.4f} "
+        f"(tolerance {verify.Tolerance().logit}); per-job mean error max {means.max():.4f} "
+        f"(tolerance {verify.Tolerance().mean}); flips max {max(v.flips for v in verdicts)}; "
+        f"surprise z max {max(v.surprise_z for v in verdicts):.2f} (tolerance {verify.Tolerance().surprise_z})",
+    )
+    assert len(verdicts) >= 1000
+    assert not failures, failures[:5]
+
+
+CHEATS = ["Q4_0", "Q2_K", "hidden-prompt", "hotter", "random-tokens", "truncate-pad"]
+WRAPPERS = {
+    "hidden-prompt": cheaters.HiddenPrompt,
+    "hotter": cheaters.HotSampler,
+    "random-tokens": cheaters.RandomTokens,
+    "truncate-pad": cheaters.TruncatePad,
+}
+
+
+async def checked_if_long(worker, verifier, messages, params) -> verify.Verdict | None:
+    """The verdict on ``worker``'s answer, if it has at least 32 tokens."""
+    done = await answer(worker, messages, params)
+    return await check(verifier, messages, params, done) if done.usage.completion_tokens >= 32 else None
+
+
+@slow
+@pytest.mark.parametrize("cheat", CHEATS)
+async def test_every_cheater_is_caught(cheat, default_model_file, tmp_path, capsys):
+    """100 checked jobs of at least 32 tokens each; every one must fail verification."""
+    path = default_model_file
+    if cheat in cheaters.QUANTIZATIONS:
+        path = cheaters.requantize(default_model_file, tmp_path / "q.gguf", cheat)
+    caught, checked, reasons = 0, 0, {}
+    async with (
+        open_engine(path, slots=2, threads=1) as engine,
+        open_engine(default_model_file, slots=2, threads=1) as verifier,
+    ):
+        worker = WRAPPERS[cheat](engine) if cheat in WRAPPERS else engine
+        with trio.fail_after(900):
+            i = 1000
+            while checked < 100:
+                jobs = [job(i + k, long_every=25) for k in range(2)]
+                i += 2
+                calls = (partial(checked_if_long, worker, verifier, m, replace(p, stop=())) for m, p in jobs)
+                for (_, params), verdict in zip(jobs, await gather(*calls), strict=True):
+                    if verdict is not None and checked < 100:
+                        checked += 1
+                        caught += not verdict.ok
+                        if verdict.ok:
+                            report(capsys, f"{cheat} passed: temperature {params.temperature}, {verdict}")
+                        key = re.sub(r"[\d.]+", "#", verdict.reason.split(":")[0]) if verdict.reason else "passed"
+                        reasons[key] = reasons.get(key, 0) + 1
+    report(capsys, f"{cheat}: caught {caught} of {checked} jobs of >= 32 tokens; failed checks: {json.dumps(reasons)}")
+    assert checked == 100 and caught == 100
