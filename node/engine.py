@@ -421,6 +421,7 @@ class Engine:
     slots: int
     chat_template: str | None
     hardware: HardwareProfile  # probed once, when the engine was opened
+    fingerprints: bool  # record per-token fingerprints (node/fingerprints.py); off only to measure their cost
     _free_send: trio.MemorySendChannel = field(repr=False)
     _free_recv: trio.MemoryReceiveChannel = field(repr=False)
     _limiter: trio.CapacityLimiter = field(repr=False)  # generation threads, one per slot
@@ -430,6 +431,13 @@ class Engine:
     @property
     def free_slots(self) -> int:
         return self._free_recv.statistics().current_buffer_used
+
+    @property
+    def reproducible(self) -> bool:
+        """Whether the same request gives byte-identical tokens whatever ran before: true on CPUs, where the
+        cache is reused only in whole batches and the kernels are deterministic (docs/verification.md); not
+        claimed with GPU offload, where it has not been measured."""
+        return self.gpu_layers == 0
 
     # ------------------------------------------------------------ prompts
 
@@ -520,7 +528,7 @@ class Engine:
             send, recv = trio.open_memory_channel(math.inf)
             cancelled = threading.Event()
             async with open_service_nursery() as nursery:
-                nursery.start_soon(self._run, slot, tokens, said, params, grammar, send, cancelled)
+                nursery.start_soon(self._run, slot, tokens, said, params, grammar, send, cancelled, self.fingerprints)
                 try:
                     async with recv:
                         yield recv
@@ -538,6 +546,7 @@ class Engine:
         grammar: str | None,
         send,
         cancelled,
+        record: bool,
     ) -> None:
         token = trio.lowlevel.current_trio_token()
 
@@ -563,12 +572,20 @@ class Engine:
                 grammar,
                 emit,
                 cancelled,
+                record,
                 limiter=self._limiter,
             )
 
     @staticmethod
     def _generate_blocking(
-        slot: _Slot, prompt: list[int], said: list[int], params: SamplingParams, grammar: str | None, emit, cancelled
+        slot: _Slot,
+        prompt: list[int],
+        said: list[int],
+        params: SamplingParams,
+        grammar: str | None,
+        emit,
+        cancelled,
+        record: bool = True,
     ) -> None:
         import llama_cpp
         import numpy as np
@@ -608,8 +625,9 @@ class Engine:
                 if cancelled.is_set():
                     reason = FINISH_CANCELLED
                     break
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama.ctx, -1), shape=(n_vocab,))
-                recorder.add(logits, token)
+                if record:
+                    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama.ctx, -1), shape=(n_vocab,))
+                    recorder.add(logits, token)
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     reason = FINISH_STOP
                     break
@@ -766,6 +784,7 @@ class Engine:
         return Observations(
             replayed=replayed,
             broken=broken,
+            prompt_tokens=len(prompt),
             pick=pick,
             allowed=allowed,
             seeded=seeded,
@@ -826,6 +845,7 @@ async def open_engine(
     n_ctx: int = 2048,
     threads: int | None = None,
     gpu_layers: int | None = None,
+    fingerprints: bool = True,
 ) -> AsyncIterator[Engine]:
     """Load ``model_path`` into ``slots`` contexts; unload on exit.
 
@@ -878,6 +898,7 @@ async def open_engine(
             slots=slots,
             chat_template=llamas[0].metadata.get("tokenizer.chat_template"),
             hardware=profile,
+            fingerprints=fingerprints,
             _free_send=free_send,
             _free_recv=free_recv,
             _limiter=trio.CapacityLimiter(slots),

@@ -138,6 +138,7 @@ class Observations:
 
     replayed: int
     broken: str  # "" or why replay stopped early
+    prompt_tokens: int  # evaluated before the answer (the prompt and any text resumed after a failover)
     top: np.ndarray  # the verifier's highest raw logit
     at_top1: np.ndarray  # the verifier's raw logit for the worker's claimed top-1 id
     at_top2: np.ndarray
@@ -152,3 +153,15 @@ class Observations:
     seeded: bool  # the draw was replayed with the job's own seed
     text: str  # the answer's tokens as text, end-of-generation excluded
     ends_on_eog: bool  # the last record is an end-of-generation token
+
+
+def evidence(observations: Observations) -> bytes:
+    """A verifier's per-token evidence: for each replayed position, its own logits at the worker's claimed
+    top-1, top-2 and sampled ids (f16 each) and its replayed pick (u24; 0xFFFFFF for none): 9 bytes a token."""
+    m = observations.replayed
+    rows = np.zeros(m, dtype=[("at_top1", "<f2"), ("at_top2", "<f2"), ("at_token", "<f2"), ("pick", "u1", 3)])
+    with np.errstate(over="ignore"):
+        for name in ("at_top1", "at_top2", "at_token"):
+            rows[name] = getattr(observations, name)[:m]
+    rows["pick"] = _u24(np.where(observations.pick[:m] < 0, MAX_TOKEN_ID, observations.pick[:m]))
+    return rows.tobytes()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import trio
 
 from node.errors import ApiError
+from node.fraud import audit
 from node.node import Requester
 from node.openai_api import (
     ApiCall,
@@ -41,10 +42,12 @@ from node.payments.wallet import Wallet
 from node.requester import JobResult, JobSpec, run_job
 from node.routing import Reputation, RouteQuery
 from node.sampling import TokenLogprob
+from node.verify import LocalVerifier
 
 log = logging.getLogger("node.gateway")
 
 MAX_BODY = 1 << 20
+MAX_PENDING_AUDITS = 64  # finished jobs waiting to be checked; beyond that, answers go unchecked
 CLIENT_GONE = 499  # the status recorded (never sent) when a client hangs up first, as nginx counts it
 
 
@@ -75,12 +78,32 @@ class Gateway:
     deadline_s: float = 120.0
     metrics: Metrics = field(default_factory=Metrics)
     reputation: Reputation = field(default_factory=Reputation)
+    verifier: LocalVerifier | None = None  # --verify: check every answer here, after it was sent
+    spot_check: float = 0.0  # --spot-check P: have another worker check an answer, with probability P
 
     def __post_init__(self) -> None:
         # Remember workers across requests with the node's reputation (its offer book keeps the ones that served us).
         self.reputation = getattr(self.requester, "reputation", None) or self.reputation
         # One payer for every request: it decides which channel each job leases (one job per channel).
         self.payer = WalletPayer(self.wallet) if self.wallet else FreePayer()
+        self._audits_send, self._audits = trio.open_memory_channel(MAX_PENDING_AUDITS)
+
+    @property
+    def auditing(self) -> bool:
+        return self.verifier is not None or self.spot_check > 0
+
+    async def run_audits(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Check finished jobs (``--verify``, ``--spot-check``) one at a time, after their answers were sent,
+        so a check never delays a client; a failed one bans the worker and is reported (node/fraud.py)."""
+        task_status.started()
+        async for result, spec in self._audits:
+            try:
+                checks = await audit(self.requester, result, verifier=self.verifier, payer=self.payer,
+                                     spot_check_probability=self.spot_check, query=self._query(spec))  # fmt: skip
+            except Exception as err:  # a check that could not run (a chain error paying the verifier, say)
+                log.warning("could not check job %s: %s", result.proof.request.job_id if result.proof else "?", err)
+                continue
+            self.metrics.audit(checks)
 
     # ------------------------------------------------------------------ ASGI
 
@@ -212,6 +235,11 @@ class Gateway:
             if pending:  # tokens with no text of their own (the end-of-generation token, say)
                 events.send_nowait(_Text(index, "", tuple(pending)))
             events.send_nowait(_End(index, result=result))
+            if self.auditing:
+                try:
+                    self._audits_send.send_nowait((result, spec))
+                except trio.WouldBlock:
+                    log.warning("too many answers waiting to be checked; one goes unchecked")
 
     async def _complete(self, receive, send, *, chat: bool) -> None:
         body = await self._body(receive)

@@ -58,6 +58,9 @@ from node.wire import encode, pack, receive, receive_as, send
 log = logging.getLogger("node.jobs")
 
 JOB_PROTOCOL = "/llmarket/job/1.0.0"
+#: Verification jobs: a ``JobRequest`` with ``check`` set, answered like a job whose output is a signed verdict
+#: (node/verify.py). Served by a second ``WorkerService`` whose engines are ``node.verify.CheckingEngine``s.
+VERIFY_PROTOCOL = "/llmarket/verify/1.0.0"
 
 
 class JobEngine(Protocol):
@@ -121,9 +124,10 @@ class WorkerService:
     flush_s: float = 0.02
     busy_wait_s: float = 1.0
     on_slots_changed: Callable[[], None] = lambda: None
+    protocol: str = JOB_PROTOCOL  # VERIFY_PROTOCOL: verification jobs only
 
     def install(self) -> None:
-        self.host.set_handler(JOB_PROTOCOL, self.handle)
+        self.host.set_handler(self.protocol, self.handle)
 
     @property
     def price_per_1k(self) -> int:
@@ -154,8 +158,16 @@ class WorkerService:
             params.validate()
             if (request.messages is None) == (request.prompt is None):
                 raise InvalidRequest("send messages or a prompt, not both or neither")
+            if (request.check is not None) != (self.protocol == VERIFY_PROTOCOL):
+                raise InvalidRequest(
+                    f"verification jobs go to {VERIFY_PROTOCOL}, and only they"
+                    if request.check is not None
+                    else f"{VERIFY_PROTOCOL} takes verification jobs only (a request with a check)"
+                )
             if engine is not None:
-                if request.messages is not None:
+                if request.check is not None:
+                    generation = engine.stream_check(request)
+                elif request.messages is not None:
                     generation = engine.stream_chat(request.messages, params, assistant_prefix=request.resume_text)
                 else:
                     generation = engine.stream_completion(request.prompt, params, resume_text=request.resume_text)

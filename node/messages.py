@@ -45,6 +45,10 @@ class Offer(Message):
     seq: int  # increases with every offer from this peer
     expires_at: float  # unix seconds
     signature: bytes = b""  # the peer's libp2p key over the offer with signature=b""
+    # The same request gives byte-identical tokens whatever ran before (cache, slot, other jobs): a CPU
+    # worker's engine guarantees it (node/engine.py); a GPU's kernels are not known to, so it says False.
+    reproducible: bool = False
+    verify_price_per_1k: int = 0  # what a verification job costs per 1,000 tokens (prompt + answer checked)
 
 
 @message("offers.get/1")
@@ -87,6 +91,10 @@ class JobRequest(Message):
     max_price_per_1k: int = 0
     resume_text: str = ""  # output already streamed by a worker that died: continue from it
     payment: PaymentTerms | None = None  # None: a free job
+    # A verification job (/llmarket/verify/1.0.0): check another worker's answer instead of generating. Its
+    # messages/prompt are the checked job's, and resume_text is the checked job's resume_text + answer, so
+    # the prompt-size bound a requester pays against covers everything the verifier evaluates.
+    check: CheckTask | None = None
 
 
 @message("job.accepted/1")
@@ -161,6 +169,39 @@ class JobDone(Message):
     finish_reason: str
     receipt: ResultReceipt
     fingerprints: bytes = b""  # 15 bytes per sampled token (node/fingerprints.py): what a verifier checks
+
+
+@dataclass(frozen=True)
+class CheckTask:
+    """What a verification job checks: a worker's answer to ``original``, with the receipt it signed."""
+
+    original: JobRequest
+    text: str  # what that worker streamed
+    done: JobDone  # its finish reason, signed receipt and fingerprints
+
+
+@dataclass(frozen=True)
+class SignedVerdict:
+    """A verifier's verdict, as it signed it: the verification job's request, the verdict (JSON, the job's
+    output text) and the verifier's result receipt over both (node/verify.py)."""
+
+    request: JobRequest
+    text: str
+    receipt: ResultReceipt
+
+
+@message("fraud.report/1")
+@dataclass(frozen=True)
+class FraudReport(Message):
+    """Gossiped on ``llmarket/fraud/1`` when a check fails: the accused worker's signed answer and the
+    verdicts against it. Every node re-checks it before acting (node/fraud.py)."""
+
+    original: JobRequest
+    text: str
+    done: JobDone
+    verdicts: list[SignedVerdict]
+    reporter: str  # peer id of the node that publishes it
+    signature: bytes = b""  # the reporter's libp2p key over the report with signature=b""
 
 
 ERROR_PAYMENT = "payment"  # the requester's receipts fell behind the credit window

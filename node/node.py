@@ -7,6 +7,7 @@ them. Nothing here is global, so tests run several nodes in one process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,9 +23,10 @@ import trio
 from node import __version__
 from node.concurrency import open_service_nursery
 from node.errors import ConfigError, ModelError, PeerUnreachable
+from node.fraud import FraudWatch
 from node.host import Host, HostConfig
 from node.identity import Identity, load_or_create_account
-from node.jobs import WorkerService
+from node.jobs import VERIFY_PROTOCOL, WorkerService
 from node.messages import ModelInfo, Offer
 from node.models import ModelStore, StoredModel, resolve_model
 from node.models.cid import parse_cid
@@ -41,6 +43,7 @@ from node.payments.settlement import SettlementPolicy, Settler
 from node.payments.wallet import Wallet
 from node.progress import NO_PROGRESS, Progress
 from node.routing import Reputation
+from node.verify import CheckingEngine
 
 if TYPE_CHECKING:  # the engine (llama.cpp) is imported by serve() only: requesters never load it
     from node.engine import Engine
@@ -55,6 +58,7 @@ class WorkerConfig:
     model: str = "default"
     network: HostConfig = HostConfig()  # listen, bootstrap, announce, mDNS, relaying
     price_per_1k: int = 0
+    verify_price_per_1k: int | None = None  # verification jobs; default: price_per_1k // 10
     slots: int = 1
     ctx_size: int = 2048
     threads: int | None = None
@@ -70,6 +74,17 @@ class WorkerConfig:
     settle_every: int = 1
     settle_interval_s: float | None = None
     max_credit_window: int | None = None  # default: the price of 256 tokens
+
+    @property
+    def verify_price(self) -> int:
+        return self.price_per_1k // 10 if self.verify_price_per_1k is None else self.verify_price_per_1k
+
+
+def _priced(metering: Metering, price_per_1k: int) -> Metering:
+    """The same payment channels at another price (verification jobs); free when that price is 0."""
+    if price_per_1k == 0 or isinstance(metering, FreeMetering):
+        return FreeMetering()
+    return dataclasses.replace(metering, price_per_1k=price_per_1k)
 
 
 @dataclass
@@ -122,6 +137,14 @@ async def serve(
             model = ModelInfo(entry.cid, entry.name, config.ctx_size, _quantization(entry.name))
             hardware = engine.hardware.summary()  # probed once, in a thread, when the engine opened
             service = WorkerService(host, identity, {entry.cid: engine}, metering=metering)
+            verify_price = config.verify_price
+            checking = WorkerService(
+                host,
+                identity,
+                {entry.cid: CheckingEngine(engine)},
+                metering=_priced(metering, verify_price),
+                protocol=VERIFY_PROTOCOL,
+            )
 
             def make_offer(seq: int, expires_at: float) -> Offer:
                 return sign_offer(
@@ -143,14 +166,17 @@ async def serve(
                         version=__version__,
                         seq=seq,
                         expires_at=expires_at,
+                        reproducible=engine.reproducible,
+                        verify_price_per_1k=verify_price,
                     ),
                 )
 
             advertiser = Advertiser(
                 gossip, make_offer, interval_s=config.advertise_interval_s, ttl_s=config.offer_ttl_s
             )
-            service.on_slots_changed = advertiser.changed
+            service.on_slots_changed = checking.on_slots_changed = advertiser.changed
             service.install()
+            checking.install()
             if payments is not None:
                 CloseService(payments.client, payments.ledger).install(host)
                 payments.settler.busy = lambda: service.free_slots < engine.slots
@@ -158,6 +184,7 @@ async def serve(
             nursery.start_soon(publish_net_status, host, config.data_dir)
             nursery.start_soon(readvertise_on_new_addresses, host, advertiser)
             nursery.start_soon(provide_model, host, model.cid)
+            await nursery.start(FraudWatch(host, Reputation(), act=False).run)  # relay reports; workers do not route
             task_status.started(WorkerNode(host, engine, model, speed, gossip, advertiser, service))
             await trio.sleep_forever()
 
@@ -253,6 +280,7 @@ class Requester:
     host: Host
     gossip: OfferGossip
     reputation: Reputation = field(default_factory=Reputation)  # shared by every job this node runs
+    fraud: FraudWatch | None = None  # fraud reports: acted on (re-checked with its engines), and published
 
     def offers(self) -> list[Offer]:
         return self.gossip.book.live(time.time())
@@ -316,7 +344,8 @@ async def open_requester(
         reputation = Reputation()
         gossip = OfferGossip(host, OfferBook(valued=reputation.valued))  # a full book keeps peers that served us
         await nursery.start(gossip.run)
-        yield Requester(host, gossip, reputation)
+        fraud = await nursery.start(FraudWatch(host, reputation).run)
+        yield Requester(host, gossip, reputation, fraud)
         nursery.cancel_scope.cancel()
 
 

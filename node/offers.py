@@ -133,6 +133,7 @@ def field_problem(offer: Offer, now: float) -> str | None:
     numbers = (
         ("expires_at", offer.expires_at, -math.inf, math.inf),
         ("price_per_1k", offer.price_per_1k, 0, MAX_PRICE_PER_1K),
+        ("verify_price_per_1k", offer.verify_price_per_1k, 0, MAX_PRICE_PER_1K),
         ("chain_id", offer.chain_id, 0, MAX_CHAIN_ID),
         ("slots_total", offer.slots_total, 1, MAX_SLOTS),
         ("slots_free", offer.slots_free, 0, offer.slots_total),

@@ -458,6 +458,16 @@ class Metrics:
     spend: int = 0  # token base units signed to workers
     ttft_sum_s: float = 0.0
     ttft_count: int = 0
+    checks: dict[str, int] = field(default_factory=dict)  # by who checked ("local", "spot") and result
+
+    def audit(self, checks: Any) -> None:
+        """Count a finished job's checks (a ``node.fraud.Audit``); a spot check's price is spend too."""
+        for who, verdict in (("local", checks.local), ("spot", checks.spot.verdict if checks.spot else None)):
+            if verdict is not None:
+                key = f"{who},{'pass' if verdict.ok else 'fail'}"
+                self.checks[key] = self.checks.get(key, 0) + 1
+        if checks.spot is not None:
+            self.spend += checks.spot.cost
 
     def request(self, status: int) -> None:
         key = str(status)
@@ -497,5 +507,11 @@ class Metrics:
             "# TYPE llmarket_gateway_time_to_first_token_seconds summary",
             f"llmarket_gateway_time_to_first_token_seconds_sum {self.ttft_sum_s:.6f}",
             f"llmarket_gateway_time_to_first_token_seconds_count {self.ttft_count}",
+            "# HELP llmarket_gateway_checks_total Answers checked against the model, by checker and result.",
+            "# TYPE llmarket_gateway_checks_total counter",
+            *(
+                f'llmarket_gateway_checks_total{{by="{k.split(",")[0]}",result="{k.split(",")[1]}"}} {v}'
+                for k, v in sorted(self.checks.items())
+            ),
         ]
         return "\n".join(lines) + "\n"

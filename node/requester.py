@@ -154,6 +154,7 @@ REQUEST_FAULT_TRIES = 2  # workers that must call the request bad before the job
 class _Finished:
     """One attempt that finished: the worker's JobDone and what it streamed, with timings measured here."""
 
+    request: JobRequest  # as sent, with any payment terms (what the worker's receipt signs)
     done: JobDone
     text: str
     logprobs: list[TokenLogprob]
@@ -169,13 +170,51 @@ class _Callbacks:
 
 
 async def _attempt(
-    host: Host, offer: Offer, request: JobRequest, payer: Payer, callbacks: _Callbacks, timeouts: Timeouts
+    host: Host,
+    offer: Offer,
+    request: JobRequest,
+    payer: Payer,
+    callbacks: _Callbacks,
+    timeouts: Timeouts,
+    protocol: str = JOB_PROTOCOL,
 ) -> _Finished:
-    """Run ``request`` on one worker, paid by ``payer``."""
+    """Run ``request`` on one worker, paid by ``payer`` at ``offer.price_per_1k``."""
     async with payer.pay(offer, request) as payment:
         if payment is None:  # as many of our jobs as it has slots run there already
             raise _WorkerFailed("busy with our other jobs", penalise=False, busy=True)
-        return await _run_attempt(host, offer, payment, callbacks, timeouts)
+        return await _run_attempt(host, offer, payment, callbacks, timeouts, protocol)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One request answered by one worker (``attempt``)."""
+
+    request: JobRequest  # as sent (with payment terms, if paid)
+    done: JobDone
+    text: str
+    cost: int  # signed to the worker
+
+
+async def attempt(
+    host: Host,
+    offer: Offer,
+    request: JobRequest,
+    payer: Payer,
+    *,
+    protocol: str = JOB_PROTOCOL,
+    timeouts: Timeouts = Timeouts(),
+) -> Attempt:
+    """Run ``request`` once on ``offer``'s worker over ``protocol``, paid at ``offer.price_per_1k``; no failover.
+
+    Raises:
+        JobFailed: the worker rejected it, failed, or sent a result that does not check out.
+    """
+    noop = _Callbacks(lambda text: None, lambda logprobs: None)
+    try:
+        finished = await _attempt(host, offer, request, payer, noop, timeouts, protocol)
+    except _WorkerFailed as failure:
+        raise JobFailed(f"{offer.peer_id[:12]}…: {failure}") from None
+    return Attempt(finished.request, finished.done, finished.text, finished.spent)
 
 
 def _rejection(first: JobRejected) -> _WorkerFailed:
@@ -190,12 +229,12 @@ def _rejection(first: JobRejected) -> _WorkerFailed:
 
 
 async def _run_attempt(
-    host: Host, offer: Offer, payment: JobPayment, callbacks: _Callbacks, timeouts: Timeouts
+    host: Host, offer: Offer, payment: JobPayment, callbacks: _Callbacks, timeouts: Timeouts, protocol: str
 ) -> _Finished:
     request = payment.request
     began, first_text_at = time.perf_counter(), None
     try:
-        stream = await host.open_stream(offer.peer_id, JOB_PROTOCOL, offer.addrs)
+        stream = await host.open_stream(offer.peer_id, protocol, offer.addrs)
     except PeerUnreachable as err:
         raise _WorkerFailed(str(err)) from None
     text, tokens, logprobs = "", 0, []
@@ -232,14 +271,14 @@ async def _run_attempt(
                     first_text_at = first_text_at or time.perf_counter()
                     callbacks.on_text(msg.text)
             elif isinstance(msg, JobDone):
-                problem = check_result_receipt(msg.receipt, request, text, msg.fingerprints)
+                problem = check_result_receipt(msg.receipt, payment.request, text, msg.fingerprints)
                 if problem:
                     raise _WorkerFailed(problem, partial=text, tokens=tokens)
                 await payment.on_done(reply, msg)
                 await stream.close()
                 now = time.perf_counter()
                 first = first_text_at - began if first_text_at else None
-                return _Finished(msg, text, logprobs, payment.spent, first, now - began)
+                return _Finished(request, msg, text, logprobs, payment.spent, first, now - began)
             elif isinstance(msg, JobError):
                 # A worker that stopped because our receipts fell behind is not at fault.
                 penalise = msg.reason != ERROR_PAYMENT
@@ -446,7 +485,7 @@ async def run_job(
                 cost=cost,
                 model=spec.model,
                 logprobs=logprobs + finished.logprobs,
-                proof=Proof(request, done, finished.text),
+                proof=Proof(finished.request, done, finished.text),
             )
     assert deadline.cancelled_caught
     raise DeadlineExceeded(

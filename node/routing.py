@@ -81,7 +81,8 @@ class PeerRecord:
     successes: int = 0
     failures: int = 0
     consecutive_failures: int = 0
-    banned_until: float = 0.0
+    banned_until: float = 0.0  # a failure's backoff: a success ends it
+    condemned_until: float = 0.0  # a ban for cheating (``Reputation.ban``): only time ends it
     latency_ms: float | None = None  # smoothed round-trip time
     tokens_per_s: float | None = None  # smoothed, measured on our own jobs
     first_token_ms: float | None = None  # smoothed, measured on our own jobs (request sent → first text)
@@ -123,6 +124,13 @@ class Reputation:
         rec.banned_until = now + min(self.max_ban_s, self.base_ban_s * 2 ** (rec.consecutive_failures - 1))
         return rec.banned_until
 
+    def ban(self, peer: str, now: float, seconds: float) -> None:
+        """Exclude ``peer`` for ``seconds`` (a worker caught cheating, or a node that framed one). Unlike a
+        failure's backoff, neither a later success nor a later failure shortens it."""
+        rec = self.record(peer)
+        rec.failures += 1
+        rec.condemned_until = max(rec.condemned_until, now + seconds)
+
     def latency(self, peer: str, rtt_ms: float) -> None:
         rec = self.record(peer)
         rec.latency_ms = rtt_ms if rec.latency_ms is None else 0.7 * rec.latency_ms + 0.3 * rtt_ms
@@ -153,7 +161,7 @@ class Reputation:
 
     def banned(self, peer: str, now: float) -> bool:
         rec = self.peers.get(peer)
-        return rec is not None and rec.banned_until > now
+        return rec is not None and max(rec.banned_until, rec.condemned_until) > now
 
     def reliability(self, peer: str) -> float:
         """Smoothed success rate, (s + 1) / (s + f + 2): 0.5 for a peer never tried."""

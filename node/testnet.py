@@ -76,7 +76,7 @@ class Testnet:
         return (
             f"llmarket --data-dir {self.requester['data_dir']} request --bootstrap {first} "
             f"--max-price {max(w['price'] for w in self.workers)} --rpc-url {self.rpc_url} "
-            f'--deployments {self.deployments} --insecure-dev-key "{prompt}"'
+            f'--deployments {self.deployments} --insecure-dev-key --verify "{prompt}"'
         )
 
 

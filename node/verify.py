@@ -25,9 +25,14 @@ distribution behind each tolerance, and what each check catches.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import json
 import logging
 import math
-from collections.abc import AsyncIterator
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,10 +41,15 @@ from typing import Any
 import numpy as np
 import trio
 
-from node.errors import InvalidRequest, ModelError
-from node.fingerprints import Fingerprints, Observations, unpack
-from node.messages import JobRequest
-from node.sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams
+from node.concurrency import open_service_nursery
+from node.errors import InvalidRequest, JobFailed, ModelError
+from node.fingerprints import RECORD_BYTES, Fingerprints, Observations, evidence, unpack
+from node.jobs import VERIFY_PROTOCOL, check_result_receipt
+from node.messages import CheckTask, JobRequest, Offer, SignedVerdict
+from node.payments.payer import FreePayer, Payer
+from node.requester import Timeouts, attempt
+from node.routing import Reputation, RouteQuery, rank
+from node.sampling import FINISH_LENGTH, FINISH_STOP, Delta, Finished, SamplingParams, Usage
 
 log = logging.getLogger("node.verify")
 
@@ -201,6 +211,29 @@ async def check(
         InvalidRequest: the request or the fingerprints cannot be checked at all.
         ContextTooLong: prompt + answer do not fit the engine's context.
     """
+    verdict, _ = await examine(
+        engine,
+        request,
+        fingerprints,
+        text=text,
+        finish_reason=finish_reason,
+        completion_tokens=completion_tokens,
+        tolerance=tolerance,
+    )
+    return verdict
+
+
+async def examine(
+    engine,
+    request: JobRequest,
+    fingerprints: bytes,
+    *,
+    text: str,
+    finish_reason: str,
+    completion_tokens: int,
+    tolerance: Tolerance = Tolerance(),
+) -> tuple[Verdict, Observations]:
+    """``check``, with the observations the verdict rests on."""
     params = request_params(request)
     try:
         records = unpack(fingerprints)
@@ -213,7 +246,7 @@ async def check(
     else:
         raise InvalidRequest("the request has neither messages nor a prompt")
     observations = await observing
-    return judge(
+    verdict = judge(
         observations,
         records,
         params,
@@ -222,6 +255,7 @@ async def check(
         completion_tokens=completion_tokens,
         tolerance=tolerance,
     )
+    return verdict, observations
 
 
 # ------------------------------------------------------------------ self-check
@@ -292,3 +326,175 @@ async def open_local_verifier(data_dir: Path, cid: str, *, n_ctx: int = 4096) ->
     path = await trio.to_thread.run_sync(local_model_path, Path(data_dir), cid)
     async with open_engine(path, slots=1, n_ctx=n_ctx) as engine:
         yield LocalVerifier({cid: engine})
+
+
+# ------------------------------------------------------------------ verification jobs (worker side)
+
+
+def verdict_text(task: CheckTask, verdict: Verdict, observations: Observations) -> str:
+    """A verification job's output: the verdict on the checked answer, with the per-token evidence, as
+    canonical JSON (the verifier's result receipt signs its hash)."""
+    return json.dumps(
+        {
+            "job_id": task.original.job_id,
+            "worker": task.done.receipt.worker,
+            "receipt_signature": task.done.receipt.signature.hex(),
+            "verdict": verdict.to_dict(),
+            "evidence": base64.b64encode(evidence(observations)).decode(),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def read_verdict(signed: SignedVerdict) -> Verdict:
+    """The verdict a ``SignedVerdict`` states about its check task's answer; ``ValueError`` if it states none."""
+    task = signed.request.check
+    try:
+        data = json.loads(signed.text)
+        fields = data["verdict"]
+        if not isinstance(fields, dict) or not isinstance(fields.get("ok"), bool):
+            raise TypeError("no ok")
+        verdict = Verdict(**fields)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"not a verdict: {err}") from None
+    if task is None or data.get("job_id") != task.original.job_id or data.get("worker") != task.done.receipt.worker:
+        raise ValueError("the verdict is about another job")
+    return verdict
+
+
+def checked_task(request: JobRequest) -> CheckTask:
+    """``request``'s check task, if it can be checked at all; ``InvalidRequest`` (one line) if not."""
+    task = request.check
+    if task is None:
+        raise InvalidRequest("not a verification job")
+    original = task.original
+    if original.check is not None:
+        raise InvalidRequest("a verification job cannot check another verification job")
+    if original.model != request.model:
+        raise InvalidRequest("the answer to check is for another model")
+    problem = check_result_receipt(task.done.receipt, original, task.text, task.done.fingerprints)
+    if problem:
+        raise InvalidRequest(f"the answer to check: {problem}")
+    if not task.done.fingerprints:
+        raise InvalidRequest("the answer to check has no fingerprints")
+    return task
+
+
+@dataclass
+class CheckingEngine:
+    """Serves verification jobs with ``engine``: a ``WorkerService`` with ``protocol=VERIFY_PROTOCOL`` calls
+    ``stream_check`` for each request. The job's usage is the tokens evaluated (prompt + answer, billed as
+    prompt tokens); its output text is ``verdict_text``, so the worker's signed receipt signs the verdict."""
+
+    engine: Any
+    tolerance: Tolerance = Tolerance()
+
+    @property
+    def free_slots(self) -> int:
+        return self.engine.free_slots
+
+    @asynccontextmanager
+    async def stream_check(self, request: JobRequest) -> AsyncIterator[trio.MemoryReceiveChannel]:
+        task = checked_task(request)
+        send, recv = trio.open_memory_channel(2)
+
+        async def run() -> None:
+            async with send:
+                started = time.perf_counter()
+                verdict, observations = await examine(
+                    self.engine,
+                    task.original,
+                    task.done.fingerprints,
+                    text=task.text,
+                    finish_reason=task.done.finish_reason,
+                    completion_tokens=task.done.receipt.completion_tokens,
+                    tolerance=self.tolerance,
+                )
+                log.info("checked job %s of %s…: %s", task.original.job_id, task.done.receipt.worker[:12],
+                         describe(verdict))  # fmt: skip
+                text = verdict_text(task, verdict, observations)
+                records = len(task.done.fingerprints) // RECORD_BYTES
+                usage = Usage(prompt_tokens=observations.prompt_tokens + records, completion_tokens=0)
+                took = time.perf_counter() - started
+                await send.send(Delta(text, 0, usage.prompt_tokens))
+                await send.send(Finished(text, usage, FINISH_STOP, took, took))
+
+        async with open_service_nursery() as nursery:
+            nursery.start_soon(run)
+            try:
+                async with recv:
+                    yield recv
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ spot checks (requester side)
+
+
+@dataclass(frozen=True)
+class SpotCheck:
+    """Another worker's signed verdict on a job's answer, and what it cost."""
+
+    verdict: Verdict
+    signed: SignedVerdict
+    cost: int
+
+    @property
+    def verifier(self) -> str:
+        return self.signed.receipt.worker
+
+
+def verification_request(proof, max_price_per_1k: int) -> JobRequest:
+    """The verification job for ``proof`` (a ``node.requester.Proof``): see ``JobRequest.check``."""
+    original = proof.request
+    return JobRequest(
+        job_id=secrets.token_hex(8),
+        model=original.model,
+        params={**original.params, "max_tokens": 1, "logprobs": None},
+        messages=original.messages,
+        prompt=original.prompt,
+        max_price_per_1k=max_price_per_1k,
+        resume_text=original.resume_text + proof.text,
+        check=CheckTask(original=original, text=proof.text, done=proof.done),
+    )
+
+
+async def spot_check(
+    host,
+    offers: Callable[[], list[Offer]],
+    result,
+    *,
+    reputation: Reputation,
+    payer: Payer | None = None,
+    query: RouteQuery | None = None,
+    timeouts: Timeouts | None = None,
+    clock: Callable[[], float] = time.time,
+    tries: int = 2,
+) -> SpotCheck | None:
+    """Hire another worker serving ``result``'s model to check its answer (``/llmarket/verify/1.0.0``).
+
+    ``query`` is the job's routing query (price limit, chain, free only); the verifier is chosen by it, at
+    its ``verify_price_per_1k``, never the worker that answered. Returns None when nobody could check it
+    (no other worker, or ``tries`` of them failed); a verifier that fails counts against its reputation.
+    """
+    proof = result.proof
+    if proof is None or not proof.done.fingerprints:
+        return None
+    query = dataclasses.replace(query or RouteQuery(result.model, free_only=True), model=result.model, pinned_peer=None)
+    others = [dataclasses.replace(o, price_per_1k=o.verify_price_per_1k) for o in offers() if o.peer_id != proof.worker]
+    request = verification_request(proof, query.max_price_per_1k or 0)
+    for offer in rank(others, query, reputation, clock(), limit=tries):
+        try:
+            done = await attempt(host, offer, request, payer or FreePayer(), protocol=VERIFY_PROTOCOL,
+                                 timeouts=timeouts or Timeouts())  # fmt: skip
+            signed = SignedVerdict(done.request, done.text, done.done.receipt)
+            verdict = read_verdict(signed)
+        except (JobFailed, ValueError) as err:
+            log.info("spot check of job %s by %s… failed: %s", proof.request.job_id, offer.peer_id[:12], err)
+            reputation.failure(offer.peer_id, clock())
+            continue
+        reputation.success(offer.peer_id)
+        log.info("spot check of job %s by %s…: %s", proof.request.job_id, offer.peer_id[:12], describe(verdict))
+        return SpotCheck(verdict, signed, done.cost)
+    return None

@@ -564,7 +564,12 @@ _MULTIADDR_LINE = r"^(/(?:ip4|ip6|dns4|dns6)/\S+/p2p/\S+)$"
 
 
 def llmarket_argv(data_dir: str | os.PathLike[str], *args: str) -> list[str]:
-    """``python -m node --data-dir DIR ARGS…`` (the ``llmarket`` command)."""
+    """``python -m node --data-dir DIR ARGS…`` (the ``llmarket`` command).
+
+    ``request`` and ``gateway`` get ``--spot-check 0`` first (a later flag overrides it): a random spot check
+    would add a verification job on some worker to a test about the network."""
+    if args and args[0] in ("request", "gateway"):
+        args = (args[0], "--spot-check", "0", *args[1:])
     return [PYTHON, "-m", "node", "--data-dir", os.fspath(data_dir), *args]
 
 

@@ -17,6 +17,7 @@ from node import testnet
 from node.identity import load_or_create_account
 from node.models.default import DEFAULT_MODEL_CID, DEFAULT_MODEL_CID_V0
 from node.payments.escrow import EscrowClient
+from node.payments.policy import job_cost
 
 from .factories import start_gateway
 
@@ -92,7 +93,7 @@ def test_a_seeded_greedy_call_equals_llmarket_request(market):
         model="default", messages=[{"role": "user", "content": "What is 2 + 2?"}], temperature=0, max_tokens=24, seed=7,
     )  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-m", "node", "--data-dir", net.requester["data_dir"], "request",
+        [sys.executable, "-m", "node", "--data-dir", net.requester["data_dir"], "request", "--spot-check", "0",
          "--bootstrap", net.workers[0]["multiaddr"], "--max-price", str(max(w["price"] for w in net.workers)),
          "--rpc-url", net.rpc_url, "--deployments", net.deployments, "--insecure-dev-key",
          "--temperature", "0", "--top-p", "1", "--max-tokens", "24", "--seed", "7", "--json", "What is 2 + 2?"],
@@ -100,6 +101,29 @@ def test_a_seeded_greedy_call_equals_llmarket_request(market):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["text"] == via_gateway.choices[0].message.content
+
+
+def test_request_verify_and_a_paid_spot_check_pass_an_honest_sampled_answer(market):
+    """`request --verify --spot-check 1` on the paid testnet: checked here, and by the other worker, paid at its
+    verify price through its own channel."""
+    net, _ = market
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "--data-dir", net.requester["data_dir"], "request", "--spot-check", "0",
+         "--bootstrap", net.workers[0]["multiaddr"], "--max-price", str(max(w["price"] for w in net.workers)),
+         "--rpc-url", net.rpc_url, "--deployments", net.deployments, "--insecure-dev-key",
+         "--temperature", "0.8", "--max-tokens", "48", "--verify", "--spot-check", "1", "--json",
+         "Describe a lighthouse at night."],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["cost"] > 0 and out["usage"]["completion_tokens"] > 0
+    local, spot = out["verification"]["local"], out["verification"]["spot_check"]
+    assert local["ok"] and local["tokens"] >= out["usage"]["completion_tokens"] and local["reason"] == ""
+    assert spot["ok"] and spot["tokens"] == local["tokens"] and spot["verifier"] != out["workers"][-1]
+    verifier = next(w for w in net.workers if w["peer_id"] == spot["verifier"])
+    assert spot["cost"] == job_cost(out["usage"]["prompt_tokens"] + spot["tokens"], 0, verifier["price"] // 10)
+    assert not out["verification"]["reported"]
 
 
 def test_errors_come_back_as_openai_errors(market, tmp_path):

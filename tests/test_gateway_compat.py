@@ -352,7 +352,7 @@ async def test_too_long_for_the_context_is_400_streaming_or_not(monkeypatch, tmp
 
 
 def _gateway_command(tmp_path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "node", "--data-dir", str(tmp_path / "gw"), "gateway", *args]
+    return [sys.executable, "-m", "node", "--data-dir", str(tmp_path / "gw"), "gateway", "--spot-check", "0", *args]
 
 
 async def test_a_port_in_use_is_one_line_and_exit_1(tmp_path):

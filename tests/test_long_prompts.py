@@ -70,7 +70,7 @@ def test_a_1500_token_paid_prompt_through_request_and_the_gateway_is_paid_exactl
     before = chain.token_balance(worker["address"])
 
     request = subprocess.run(
-        [sys.executable, "-m", "node", "--data-dir", net.requester["data_dir"], "request",
+        [sys.executable, "-m", "node", "--data-dir", net.requester["data_dir"], "request", "--spot-check", "0",
          "--bootstrap", worker["multiaddr"], "--max-price", str(worker["price"]), "--rpc-url", net.rpc_url,
          "--deployments", net.deployments, "--insecure-dev-key", "--json",
          "--system", SYSTEM, "--max-tokens", "24", "--temperature", "0", QUESTION],

@@ -88,7 +88,7 @@ def test_a_killed_worker_is_replaced_mid_stream(processes):
     first = processes.worker("w1")
     processes.worker("w2", first)
     request = processes.start(
-        "req", "request", "--bootstrap", first, "--temperature", "0", "--max-tokens", "300",
+        "req", "request", "--spot-check", "0", "--bootstrap", first, "--temperature", "0", "--max-tokens", "300",
         "Write a long story about a dragon.",
     )  # fmt: skip
     _wait_for(lambda: processes.out("req").strip(), "the answer to start streaming")
@@ -109,8 +109,8 @@ def test_a_killed_worker_is_replaced_mid_stream(processes):
 def test_a_greedy_request_equals_the_engines_direct_output(processes, default_model_file):
     first = processes.worker("w1")
     result = subprocess.run(
-        [sys.executable, "-m", "node", "--data-dir", str(processes.root / "req"), "request", "--bootstrap", first,
-         "--temperature", "0", "--max-tokens", "40", "--json", "What is the capital of France?"],
+        [sys.executable, "-m", "node", "--data-dir", str(processes.root / "req"), "request", "--spot-check", "0",
+         "--bootstrap", first, "--temperature", "0", "--max-tokens", "40", "--json", "What is the capital of France?"],
         capture_output=True, text=True, timeout=DEADLINE_S,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -137,8 +137,9 @@ def test_a_new_worker_fetches_its_model_from_a_peer(processes):
     assert (processes.root / "w2" / "models" / DEFAULT_MODEL_CID / "model").stat().st_size == 98_362_432
     peer = second.rsplit("/p2p/", 1)[1]
     result = subprocess.run(
-        [sys.executable, "-m", "node", "--data-dir", str(processes.root / "req"), "request", "--bootstrap", first,
-         "--peer", peer, "--model", DEFAULT_MODEL_CID, "--temperature", "0", "--max-tokens", "8", "--json", "Hi"],
+        [sys.executable, "-m", "node", "--data-dir", str(processes.root / "req"), "request", "--spot-check", "0",
+         "--bootstrap", first, "--peer", peer, "--model", DEFAULT_MODEL_CID, "--temperature", "0",
+         "--max-tokens", "8", "--json", "Hi"],
         capture_output=True, text=True, timeout=DEADLINE_S,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -100,7 +100,7 @@ def test_a_paid_worker_killed_mid_stream_is_paid_only_what_it_was_signed(tmp_pat
     try:
         out, err = open(tmp_path / "req.out", "w"), open(tmp_path / "req.err", "w")
         cmd = [
-            sys.executable, "-m", "node", "--data-dir", net.requester["data_dir"], "request",
+            sys.executable, "-m", "node", "--data-dir", net.requester["data_dir"], "request", "--spot-check", "0",
             "--bootstrap", net.workers[0]["multiaddr"], "--max-price", str(max(w["price"] for w in net.workers)),
             "--rpc-url", net.rpc_url, "--deployments", net.deployments, "--insecure-dev-key",
             "--temperature", "0", "--max-tokens", "300", "--json", "Write a long story about a dragon.",

@@ -76,7 +76,7 @@ def made_up(n: int = 4, **changes) -> tuple[Observations, fingerprints.Fingerpri
     packed = fingerprints.pack(tokens, tokens, [1] * n, [15.0] * n, [14.0] * n, [15.0] * n)
     records = fingerprints.unpack(packed)
     base = dict(
-        replayed=n, broken="", top=np.full(n, 15.0, np.float32), at_top1=np.full(n, 15.0, np.float32),
+        replayed=n, broken="", prompt_tokens=9, top=np.full(n, 15.0, np.float32), at_top1=np.full(n, 15.0, np.float32),
         at_top2=np.full(n, 14.0, np.float32), at_token=np.full(n, 15.0, np.float32), pick=np.array(tokens),
         allowed=np.ones(n, bool), gap=np.zeros(n), between=np.zeros(n), p=np.full(n, 0.6),
         entropy=np.full(n, 0.67), spread=np.full(n, 0.05), seeded=True, text="abcd"[:n], ends_on_eog=False,
@@ -318,3 +318,40 @@ async def test_every_cheater_is_caught(cheat, default_model_file, tmp_path, caps
                         reasons[key] = reasons.get(key, 0) + 1
     report(capsys, f"{cheat}: caught {caught} of {checked} jobs of >= 32 tokens; failed checks: {json.dumps(reasons)}")
     assert checked == 100 and caught == 100
+
+
+@slow
+async def test_through_the_market_the_receipt_commits_to_the_fingerprints_and_a_cheat_is_caught(
+    default_model_file, tmp_path
+):
+    """Real workers on libp2p: the requester gets the fingerprints in JobDone, the signed receipt commits to
+    them, and a requester's self-check passes the honest worker and catches one with a hidden prompt."""
+    from node.jobs import check_result_receipt
+    from node.requester import JobSpec, run_job
+    from node.routing import Reputation, RouteQuery
+    from node.verify import LocalVerifier
+    from tests.factories import MODEL, requester, worker
+
+    messages = [{"role": "user", "content": "Write a detailed paragraph about how bread rises."}]
+    spec = JobSpec(model=MODEL, params=SamplingParams(max_tokens=40, temperature=0.8), messages=messages)
+    async with (
+        open_engine(default_model_file, slots=1, threads=1) as engine,
+        open_engine(default_model_file, slots=1, threads=1) as own,
+    ):
+        verifier = LocalVerifier({MODEL: own})
+        with trio.fail_after(180):
+            for kind, served in (("honest", engine), ("cheat", cheaters.HiddenPrompt(engine))):
+                async with worker(tmp_path, kind, served) as (_, offer, _), requester(tmp_path) as host:
+                    result = await run_job(host, lambda offer=offer: [offer], RouteQuery(MODEL, free_only=True),
+                                           spec, reputation=Reputation())  # fmt: skip
+                proof = result.proof
+                assert proof.worker == offer.peer_id and proof.request.params["seed"] is not None  # always seeded
+                done = proof.done
+                assert len(done.fingerprints) >= 15 * result.completion_tokens
+                assert check_result_receipt(done.receipt, proof.request, proof.text, done.fingerprints) is None
+                forged = done.fingerprints[:-15] + bytes(15)
+                assert check_result_receipt(done.receipt, proof.request, proof.text, forged) == (
+                    "receipt does not match the fingerprints received"
+                )
+                verdict = await verifier.check_result(result)
+                assert verdict.ok == (kind == "honest"), verdict

@@ -222,3 +222,14 @@ def json_flag(parser: argparse.ArgumentParser) -> None:
 def model_store(args: argparse.Namespace) -> ModelStore:
     sources = [IpfsSource(args.ipfs_api)] if getattr(args, "ipfs_api", None) else []
     return ModelStore.in_data_dir(args.data_dir, sources)
+
+
+def probability(text: str) -> float:
+    """An argparse type: a number from 0 to 1 (``--spot-check``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a probability from 0 to 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability; give a number from 0 to 1 (1 = always)")
+    return value

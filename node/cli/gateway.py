@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import trio
@@ -14,11 +15,13 @@ from hypercorn.config import Config
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
-from node.cli.common import bootstrap_flag, network_config, wallet_flags
+from node.cli.common import bootstrap_flag, network_config, probability, wallet_flags
 from node.concurrency import open_service_nursery
 from node.errors import ConfigError
 from node.gateway import Gateway
+from node.models.default import DEFAULT_MODEL_CID
 from node.node import open_requester, requester_wallet
+from node.verify import open_local_verifier
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -40,6 +43,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     gw.add_argument("--max-price", type=int, default=0, metavar="UNITS",
                     help="highest price per 1,000 tokens to pay (default: 0, free workers only)")  # fmt: skip
+    gw.add_argument("--verify", action="store_true",
+                    help="check every answer of the embedded default model on this machine, after it was sent; a "
+                         "failed check bans the worker and is reported to the market")  # fmt: skip
+    gw.add_argument("--spot-check", type=probability, default=0.05, metavar="P",
+                    help="with probability P, pay another worker serving the model to check an answer "
+                         "(default: %(default)s)")  # fmt: skip
     wallet_flags(gw.add_argument_group("payment (with --max-price > 0)"))
     gw.set_defaults(handler=_gateway)
 
@@ -77,9 +86,20 @@ def _gateway(args: argparse.Namespace) -> int:
                         return
 
                 nursery.start_soon(on_interrupt)
-                async with open_requester(Path(args.data_dir), network=network_config(args)) as requester:
+                async with AsyncExitStack() as stack:
+                    verifier = None
+                    if args.verify:
+                        verifier = await stack.enter_async_context(
+                            open_local_verifier(Path(args.data_dir), DEFAULT_MODEL_CID)
+                        )
+                    requester = await stack.enter_async_context(
+                        open_requester(Path(args.data_dir), network=network_config(args))
+                    )
+                    if verifier is not None:
+                        requester.fraud.engines = verifier.engines  # re-check others' fraud reports too
                     app = Gateway(requester, wallet=wallet, max_price_per_1k=args.max_price, api_key=args.api_key,
-                                  deadline_s=args.timeout)  # fmt: skip
+                                  deadline_s=args.timeout, verifier=verifier, spot_check=args.spot_check)  # fmt: skip
+                    await nursery.start(app.run_audits)
                     binds = await nursery.start(
                         lambda task_status: worker_serve(
                             wrap_app(app, config.wsgi_max_body_size, "asgi"), config, sockets=sockets,

@@ -19,11 +19,13 @@ from node.cli.common import (
     json_flag,
     model_flag,
     network_config,
+    probability,
     sampling_flags,
     sampling_params,
     wallet_flags,
 )
 from node.errors import NodeError, VerificationFailed
+from node.fraud import audit
 from node.node import WorkerConfig, model_cid_for_request, open_requester, requester_wallet, serve
 from node.payments.payer import WalletPayer
 from node.payments.units import format_amount
@@ -47,6 +49,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     srv.add_argument("--price", type=int, default=0, metavar="UNITS",
                      help="price per 1,000 tokens (prompt + answer) in token base units; 0 = free (default). "
                           "A paid worker needs the chain: see the payment flags")  # fmt: skip
+    srv.add_argument("--verify-price", type=int, default=None, metavar="UNITS",
+                     help="price per 1,000 tokens checked (prompt + answer) for verification jobs: other "
+                          "requesters' spot checks of other workers (default: --price / 10)")  # fmt: skip
     srv.add_argument("--slots", type=int, default=1, metavar="N", help="jobs served at once (default: %(default)s)")
     pay = srv.add_argument_group("payment (with --price > 0)")
     wallet_flags(pay)
@@ -76,6 +81,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help="highest price per 1,000 tokens to pay (default: 0, free workers only); above 0 the "
                           "wallet pays through the escrow (see the payment flags)")  # fmt: skip
     req.add_argument("--peer", metavar="PEER_ID", help="use this worker and no other")
+    req.add_argument("--spot-check", type=probability, default=0.05, metavar="P",
+                     help="with probability P, pay another worker serving the model to check the answer "
+                          "(at its verify price); 1 = always, 0 = never (default: %(default)s)")  # fmt: skip
     req.add_argument("--verify", action="store_true",
                      help="check the answer against the model on this machine (one batched pass over prompt + "
                           "answer; needs the model here, which the embedded default always is); a failed check "
@@ -124,6 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model,
         network=network_config(args, dht_server=True),  # workers are the market's bootstrap peers
         price_per_1k=args.price,
+        verify_price_per_1k=args.verify_price,
         slots=args.slots,
         ctx_size=args.ctx_size,
         threads=args.threads,
@@ -222,18 +231,22 @@ def _request(args: argparse.Namespace) -> int:
             requester = await stack.enter_async_context(
                 open_requester(Path(args.data_dir), network=network_config(args))
             )
+            if verifier is not None:
+                requester.fraud.engines = verifier.engines  # re-check others' fraud reports too
             await requester.wait_for_model(model, args.discovery_timeout)
+            payer = WalletPayer(wallet) if wallet else None
             result = await run_job(
                 requester.host, requester.offers, query, spec, reputation=requester.reputation,
-                deadline_s=args.timeout, on_text=show, on_failover=failover,
-                payer=WalletPayer(wallet) if wallet else None,
+                deadline_s=args.timeout, on_text=show, on_failover=failover, payer=payer,
             )  # fmt: skip
-            verdict = await verifier.check_result(result) if verifier else None
-            if verdict is not None and not verdict.ok:
-                requester.reputation.failure(result.proof.worker, time.time())
-            return result, requester.host.nat.connection_kind(result.workers[-1]) if result.workers else None, verdict
+            checks = await audit(requester, result, verifier=verifier, spot_check_probability=args.spot_check,
+                                 payer=payer, query=query)  # fmt: skip
+            if checks.reported:
+                await trio.sleep(REPORT_FLUSH_S)  # let the fraud report leave before the node stops
+            return result, requester.host.nat.connection_kind(result.workers[-1]) if result.workers else None, checks
 
-    result, connection, verdict = trio.run(main)
+    result, connection, checks = trio.run(main)
+    verdict = checks.verdict
     if args.json:
         print(json.dumps({
             "text": result.text, "finish_reason": result.finish_reason, "model": model,
@@ -241,7 +254,7 @@ def _request(args: argparse.Namespace) -> int:
             "workers": result.workers, "connection": connection, "cost": result.cost,
             "elapsed_s": round(result.elapsed_s, 3),
             "first_token_s": None if result.first_token_s is None else round(result.first_token_s, 3),
-            **({"verification": verdict.to_dict()} if verdict else {}),
+            "verification": checks.to_dict(),
         }, indent=2))  # fmt: skip
     else:
         print()
@@ -252,13 +265,23 @@ def _request(args: argparse.Namespace) -> int:
             + f"finish: {result.finish_reason}]",
             file=sys.stderr,
         )
-        if verdict is not None:
-            print(f"[{describe(verdict)}]", file=sys.stderr)
-    if args.verify and verdict is None:
+        if checks.local is not None:
+            print(f"[{describe(checks.local)}]", file=sys.stderr)
+        if checks.spot is not None:
+            print(f"[spot check by {checks.spot.verifier[:16]}…: {describe(checks.spot.verdict)}]", file=sys.stderr)
+    if not args.json:
+        for note in checks.notes:
+            print(f"[{note}]", file=sys.stderr)
+    if args.verify and checks.local is None and not checks.notes:
         print("[not verified: the worker sent no fingerprints]", file=sys.stderr)
     if verdict is not None and not verdict.ok:
-        raise VerificationFailed(f"worker {result.proof.worker}: {verdict.reason}")
+        reported = "; reported to the market" if checks.reported else ""
+        raise VerificationFailed(f"worker {result.proof.worker}: {verdict.reason}{reported}")
     return 0
+
+
+#: How long ``request`` lets a fraud report propagate before its node stops.
+REPORT_FLUSH_S = 1.0
 
 
 PING_DEADLINE_S = 5.0
@@ -297,6 +320,8 @@ def _peers(args: argparse.Namespace) -> int:
             "latency_ms": None if latency[o.peer_id] is None else round(latency[o.peer_id], 1),
             "addrs": o.addrs,
             "hardware": o.hardware,
+            "reproducible": o.reproducible,
+            "verify_price_per_1k": o.verify_price_per_1k,
             "expires_in_s": round(o.expires_at - time.time(), 1),
         }
         for o in sorted(offers, key=lambda o: o.peer_id)
