@@ -1,14 +1,14 @@
 """Verified inference: what fingerprints cost a worker, a check a verifier, and spot checks a requester.
 
-    .venv/bin/python bench/verify.py [--rounds 5] [--tokens 256] [--runs 3] [--spot-check 0.05] [--jobs 1000] [--json]
+    .venv/bin/python bench/verify.py [--rounds 5] [--tokens 256] [--runs 3] [--spot-check 0.05] [--jobs 20000] [--json]
     .venv/bin/python bench/verify.py --quick    # seconds: 1 round and 1 run of 32 tokens
 
 One process, the default model (SmolLM2-135M-Instruct Q4_1), n_ctx 2048, one
 slot per engine using every core; the KV cache is emptied before every job, so
 each one evaluates its prompt afresh, as a worker's next (different) job would.
 
-1. Fingerprint overhead on decode: two engines, ``fingerprints=True`` and
-   ``False``, take turns (--rounds each) at one greedy job of --tokens; decode
+1. Fingerprint overhead on decode: one engine, its ``fingerprints`` switch on
+   and off in turn (--rounds each), runs one greedy job of --tokens; decode
    tokens/s = (completion_tokens - 1) / (elapsed_s - first_token_s) of the
    ``Finished`` event, medians compared. Also the wire size of the records per
    answer token (15 bytes a record; an answer that ended on end-of-generation
@@ -20,10 +20,14 @@ each one evaluates its prompt afresh, as a worker's next (different) job would.
    ``Finished.elapsed_s`` (prompt included); verification time is
    ``verify.check`` on a third engine, wall clock (its prompt included). The
    verdict must be ok. Medians over --runs.
+4. (below 3 in the table) TTFT after a long shared system prompt: cold, warm
+   (the engine reuses its cache in whole 512-token batches only, for
+   reproducible outputs) and with the whole shared prefix reused (what that
+   rule gives up).
 3. Spot-check spend: each of --jobs jobs, drawn from part 2's token counts and
    priced at --price per 1k tokens (``job_cost``), is checked with probability
    --spot-check at the verifier's default price, the job price / 10 (a seeded
-   RNG); verification spend over job spend, and its expectation P / 5.
+   RNG); verification spend over job spend, and its expectation P / 10.
 """
 
 from __future__ import annotations
@@ -92,19 +96,21 @@ def decode_rate(done: Finished) -> float:
     return (done.usage.completion_tokens - 1) / (done.elapsed_s - done.first_token_s)
 
 
-async def overhead(on, off, rounds: int, tokens: int) -> dict:
+async def overhead(engine, rounds: int, tokens: int) -> dict:
+    """One engine, its ``fingerprints`` switch flipped between turns (the same context, threads and pages)."""
     params = SamplingParams(max_tokens=tokens, temperature=0.0)
-    for engine in (on, off):  # warm-up: page the weights in, untimed
-        await engine.complete_chat(ESSAY, dataclasses.replace(params, max_tokens=8))
+    await engine.complete_chat(ESSAY, dataclasses.replace(params, max_tokens=8))  # warm-up: page the weights in
     rates: dict[bool, list[float]] = {True: [], False: []}
     wire = []
     for _ in range(rounds):
-        for engine in (on, off):
+        for record in (True, False):
+            engine.fingerprints = record
             fresh(engine)
             done = await engine.complete_chat(ESSAY, params)
-            rates[engine.fingerprints].append(decode_rate(done))
-            if engine.fingerprints:
+            rates[record].append(decode_rate(done))
+            if record:
                 wire.append((len(done.fingerprints), done.usage.completion_tokens))
+    engine.fingerprints = True
     with_fp, without = statistics.median(rates[True]), statistics.median(rates[False])
     fp_bytes, fp_tokens = wire[0]
     return {
@@ -163,18 +169,51 @@ def spot_checks(jobs: list[tuple[int, int]], p: float, n: int, price: int, seed:
     }  # fmt: skip
 
 
+def suffix_only(llama, tokens: list[int], cached: int) -> float:
+    """Seconds to evaluate ``tokens[cached:]`` on top of a cache that holds ``tokens[:cached]``."""
+    llama.reset()
+    llama.eval(tokens[:cached])
+    start = time.perf_counter()
+    llama.eval(tokens[cached:])
+    return time.perf_counter() - start
+
+
+async def shared_prefix(engine, runs: int) -> dict:
+    """TTFT for a question after a long shared system prompt: cold, warm as the engine reuses its cache (whole
+    512-token batches only, for reproducible outputs), and with the whole shared prefix reused (the bound a
+    reuse-everything cache would reach: the suffix alone, evaluated on top of the cached prefix)."""
+    system = {"role": "system", "content": NOTES + "\n" + NOTES}  # ~1,200 tokens
+    first = [system, {"role": "user", "content": QUESTIONS[0]}]
+    second = [system, {"role": "user", "content": QUESTIONS[1]}]
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    cold, warm, ideal = [], [], []
+    llama = engine._llamas[0]
+    a, b = engine._chat_tokens(llama, first), engine._chat_tokens(llama, second)
+    common = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    for _ in range(runs):
+        fresh(engine)
+        cold.append((await engine.complete_chat(second, params)).first_token_s)
+        fresh(engine)
+        await engine.complete_chat(first, params)
+        warm.append((await engine.complete_chat(second, params)).first_token_s)
+        ideal.append(await trio.to_thread.run_sync(suffix_only, llama, b, common))
+    fresh(engine)
+    return {
+        "prompt_tokens": len(b), "shared_tokens": common, "reused_tokens": common // llama.n_batch * llama.n_batch,
+        "cold_ms": 1000 * statistics.median(cold), "warm_ms": 1000 * statistics.median(warm),
+        "ideal_ms": 1000 * statistics.median(ideal),
+    }  # fmt: skip
+
+
 async def measure(args: argparse.Namespace) -> dict:
     path = default_model_file()
-    async with (
-        open_engine(path, slots=1, fingerprints=True) as on,
-        open_engine(path, slots=1, fingerprints=False) as off,
-        open_engine(path, slots=1) as verifier,
-    ):
-        results = {"threads": on.threads, "overhead": await overhead(on, off, args.rounds, args.tokens)}
+    async with open_engine(path, slots=1) as on, open_engine(path, slots=1) as verifier:
+        results = {"threads": on.threads, "overhead": await overhead(on, args.rounds, args.tokens)}
         short = [[{"role": "user", "content": q}] for q in QUESTIONS]
         long = [[{"role": "system", "content": NOTES}, *chat] for chat in short]
         for name, prompts in (("short", short), ("long", long)):
             results[name] = await verification(on, verifier, prompts, args.tokens, args.runs)
+        results["prefix"] = await shared_prefix(on, args.runs)
     jobs = [(results[k]["prompt_tokens"], results[k]["completion_tokens"]) for k in ("short", "long")]
     results["spot"] = spot_checks(jobs, args.spot_check, args.jobs, args.price, args.seed)
     return results
@@ -214,6 +253,13 @@ def table(r: dict, args: argparse.Namespace) -> list[str]:
         ("… expected, P × verify price / price", f"{s['expected']:.4f}",
          f"{s['p']} × {s['verify_price']} / {s['price']} per 1k tokens", "≤ 0.01"),
     ]  # fmt: skip
+    p = r["prefix"]
+    rows.append((
+        "TTFT after a shared system prompt: warm / cold", f"{p['warm_ms'] / p['cold_ms']:.3f}",
+        f"warm {p['warm_ms']:.0f} ms (reuses {p['reused_tokens']} of {p['shared_tokens']} shared tokens), cold "
+        f"{p['cold_ms']:.0f} ms, whole prefix reused {p['ideal_ms']:.0f} ms; {p['prompt_tokens']} prompt tokens",
+        "(cost of reproducibility)",
+    ))  # fmt: skip
     return ["| measure | result | raw | target |", "|---|---:|---|---|"] + [f"| {' | '.join(row)} |" for row in rows]
 
 
@@ -223,7 +269,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="max_tokens of every job")
     parser.add_argument("--runs", type=int, default=3, help="generations and checks per prompt in part 2")
     parser.add_argument("--spot-check", type=float, default=0.05, help="probability that a job is checked")
-    parser.add_argument("--jobs", type=int, default=1000, help="simulated jobs in part 3")
+    parser.add_argument("--jobs", type=int, default=20000, help="simulated jobs in part 3")
     parser.add_argument("--price", type=int, default=1000, help="job price per 1k tokens")
     parser.add_argument("--seed", type=int, default=0, help="the spot-check simulation's RNG seed")
     parser.add_argument("--quick", action="store_true", help="1 round, 1 run, 32 tokens: a smoke test")

@@ -61,8 +61,11 @@ class Tolerance:
     logit: float = 2.0  # any one fingerprint value against the verifier's logit
     mean: float = 0.5  # the mean difference over all of a job's fingerprint values
     tie: float = 1.0  # greedy: how far (penalised logit) a token may sit below the verifier's pick
-    flips: float = 0.125  # the share of replayed picks that may differ, beyond 2
-    outside: float = 1 / 32  # sampled: the share of tokens outside the chain's candidates, beyond 1
+    # Where every fingerprint value matched exactly (the same kernels on both sides), replay is exact too: at
+    # most 1 + n/64 picks may flip and 1 + n/32 sampled tokens fall outside the candidates. Elsewhere noise
+    # flips picks in proportion to it: 2 + n·min(1, flips_per_error · mean error) may, and 2 + n/10 outside.
+    flips_per_error: float = 4.0
+    outside_noisy: float = 0.1
     surprise_z: float = 5.0  # sampled: how unlikely the tokens may be together, in standard deviations
 
 
@@ -167,7 +170,12 @@ def judge(
     # every fingerprint value matched to f16 precision, the logits differ by under ~0.01 (usually not at all:
     # docs/verification.md), so flips are all but impossible; elsewhere noise may flip a share of them.
     exact = errors.size > 0 and float(errors.max()) == 0.0
-    allowed_flips = 1 + m / 64 if exact else 2 + tolerance.flips * m
+    if exact:
+        allowed_flips, allowed_outside = 1 + m / 64, 1 + m / 32
+    else:
+        noise = float(errors.mean()) if errors.size else 1.0
+        allowed_flips = 2 + m * min(1.0, tolerance.flips_per_error * noise)
+        allowed_outside = 2 + tolerance.outside_noisy * m
     if params.temperature == 0:
         gaps = obs.gap[:m][picks_differ]
         if gaps.size and float(gaps.max()) > tolerance.tie:
@@ -176,7 +184,7 @@ def judge(
         if flips > allowed_flips:
             return verdict(f"{flips} of {m} tokens are not the most likely one")
         return verdict()
-    if outside > 1 + tolerance.outside * m:
+    if outside > allowed_outside:
         return verdict(f"{outside} of {m} tokens are outside the top-k/top-p/min-p candidates")
     if obs.seeded and flips > allowed_flips:
         return verdict(f"{flips} of {m} tokens differ from the seeded draw's")

@@ -244,22 +244,22 @@ async def test_honest_work_is_never_flagged(default_model_file, tmp_path, capsys
         open_engine(q2k, slots=2, threads=1) as q2k_engine,
     ):
         with trio.fail_after(1500):
-            for i in range(0, 200, 2):  # two jobs at once on the 2-slot worker, checked two at a time, twice
+            for i in range(0, 200, 2):  # two jobs at once on the 2-slot worker, checked two at a time, 3 times
                 engine = q2k_engine if i % 8 == 0 else pair
                 name = "Q2_K" if engine is q2k_engine else "paired"
-                jobs = [job(i, long_every=10), job(i + 1, long_every=10)]
+                jobs = [job(i, long_every=25), job(i + 1, long_every=25)]
                 done = await gather(*(partial(answer, engine, *j) for j in jobs))
-                for _ in range(2):  # the second time, the verifier's slots hold these very prompts
+                for _ in range(3):  # then again: the verifier's slots hold these very prompts
                     checker = q2k_engine if engine is q2k_engine else verifiers
                     calls = (partial(check, checker, *jobs[k], done[k]) for k in range(2))
                     for k, verdict in enumerate(await gather(*calls)):
                         keep(verdict, f"job {i + k} ({name})")
             for i in range(200, 300):  # one job at a time on the 2-thread worker, checked by 1 and 2 threads
-                messages, params = job(i, long_every=12)
+                messages, params = job(i, long_every=25)
                 alone = await answer(single, messages, params)
-                keep(await check(verifiers, messages, params, alone), f"job {i} (2 threads)")
-                keep(await check(single, messages, params, alone), f"job {i} (2 threads, its own engine)")
-                keep(await check(verifiers, messages, params, alone), f"job {i} (2 threads, warm)")
+                for checker, what in ((verifiers, "1 thread"), (single, "2 threads"), (verifiers, "1 thread, warm"),
+                                      (single, "2 threads, warm")):  # fmt: skip
+                    keep(await check(checker, messages, params, alone), f"job {i} (2 threads; checked: {what})")
     errors = np.array([v.max_error for v in verdicts])
     means = np.array([v.mean_error for v in verdicts])
     report(
@@ -270,8 +270,8 @@ async def test_honest_work_is_never_flagged(default_model_file, tmp_path, capsys
         f"(tolerance {verify.Tolerance().mean}); flips max {max(v.flips for v in verdicts)}; "
         f"surprise z max {max(v.surprise_z for v in verdicts):.2f} (tolerance {verify.Tolerance().surprise_z})",
     )
-    assert len(verdicts) >= 1000
     assert not failures, failures[:5]
+    assert len(verdicts) >= 1000
 
 
 CHEATS = ["Q4_0", "Q2_K", "hidden-prompt", "hotter", "random-tokens", "truncate-pad"]
