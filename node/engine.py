@@ -489,6 +489,13 @@ class Engine:
 
         return self.stream(tokenize, params)
 
+    async def _grammar(self, params: SamplingParams) -> str | None:
+        """The checked GBNF that constrains ``params``' output, or None (in a thread, before a slot is taken)."""
+        if params.json_schema is None and params.grammar is None:
+            return None
+        vocab = self._llamas[0]._model.vocab
+        return await trio.to_thread.run_sync(_checked_grammar, vocab, params, limiter=self._grammar_limiter)
+
     @asynccontextmanager
     async def stream(
         self, tokenize: Callable[[Any], tuple[list[int], list[int]]], params: SamplingParams
@@ -511,10 +518,7 @@ class Engine:
             ContextTooLong: prompt + max_tokens over the context size.
         """
         params.validate()
-        grammar = None
-        if params.json_schema is not None or params.grammar is not None:
-            vocab = self._llamas[0]._model.vocab
-            grammar = await trio.to_thread.run_sync(_checked_grammar, vocab, params, limiter=self._grammar_limiter)
+        grammar = await self._grammar(params)
         slot = await self._free_recv.receive()
         try:
             tokens, said = await trio.to_thread.run_sync(tokenize, slot.llama, limiter=self._limiter)
@@ -703,10 +707,7 @@ class Engine:
             raise InvalidRequest(str(err)) from None
         if not len(records):
             raise InvalidRequest("there are no fingerprints to check")
-        grammar = None
-        if params.json_schema is not None or params.grammar is not None:
-            vocab = self._llamas[0]._model.vocab
-            grammar = await trio.to_thread.run_sync(_checked_grammar, vocab, params, limiter=self._grammar_limiter)
+        grammar = await self._grammar(params)
         slot = await self._free_recv.receive()
         try:
             return await trio.to_thread.run_sync(

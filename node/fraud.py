@@ -48,7 +48,7 @@ from node.jobs import check_result_receipt, request_hash
 from node.messages import FraudReport, SignedVerdict
 from node.payments.payer import Payer
 from node.routing import Reputation, RouteQuery
-from node.verify import LocalVerifier, SpotCheck, Verdict, check, read_verdict, spot_check
+from node.verify import LocalVerifier, SpotCheck, Verdict, examine_answer, read_verdict, spot_check
 from node.wire import decode, encode, pack
 
 log = logging.getLogger("node.fraud")
@@ -205,14 +205,7 @@ class FraudWatch:
                     self.reputation.failure(accused, now)
             return Outcome(accused, report.reporter, "hint", f"{len(known)} distinct verifier(s) so far")
         try:
-            verdict = await check(
-                engine,
-                report.original,
-                report.done.fingerprints,
-                text=report.text,
-                finish_reason=report.done.finish_reason,
-                completion_tokens=report.done.receipt.completion_tokens,
-            )
+            verdict, _ = await examine_answer(engine, report.original, report.text, report.done)
         except InvalidRequest as err:  # ContextTooLong included: this node cannot re-check it
             return Outcome(accused, report.reporter, "ignored", f"cannot re-check: {err}")
         if not verdict.ok:

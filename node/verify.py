@@ -19,6 +19,11 @@ have produced:
 - the text is what the tokens spell, and the finish reason is true (an
   end-of-generation token, a stop string, or max_tokens).
 
+Who checks: ``LocalVerifier`` on the requester's own machine (``--verify``);
+``CheckingEngine`` serves verification jobs for others on
+``/llmarket/verify/1.0.0``, and ``spot_check`` hires such a worker. What happens
+after a failed check is node/fraud.py's.
+
 docs/verification.md gives the threat model, the measured honest error
 distribution behind each tolerance, and what each check catches.
 """
@@ -45,7 +50,7 @@ from node.concurrency import open_service_nursery
 from node.errors import InvalidRequest, JobFailed, ModelError
 from node.fingerprints import RECORD_BYTES, Fingerprints, Observations, evidence, unpack
 from node.jobs import VERIFY_PROTOCOL, check_result_receipt
-from node.messages import CheckTask, JobRequest, Offer, SignedVerdict
+from node.messages import CheckTask, JobDone, JobRequest, Offer, SignedVerdict
 from node.payments.payer import FreePayer, Payer
 from node.requester import Timeouts, attempt
 from node.routing import Reputation, RouteQuery, rank
@@ -231,6 +236,21 @@ async def check(
     return verdict
 
 
+async def examine_answer(
+    engine, request: JobRequest, text: str, done: JobDone, tolerance: Tolerance = Tolerance()
+) -> tuple[Verdict, Observations]:
+    """``examine`` a worker's answer to ``request``: the ``text`` it streamed and its ``JobDone``."""
+    return await examine(
+        engine,
+        request,
+        done.fingerprints,
+        text=text,
+        finish_reason=done.finish_reason,
+        completion_tokens=done.receipt.completion_tokens,
+        tolerance=tolerance,
+    )
+
+
 async def examine(
     engine,
     request: JobRequest,
@@ -286,15 +306,7 @@ class LocalVerifier:
         engine = self.engines.get(result.model)
         if proof is None or engine is None or not proof.done.fingerprints:
             return None
-        verdict = await check(
-            engine,
-            proof.request,
-            proof.done.fingerprints,
-            text=proof.text,
-            finish_reason=proof.done.finish_reason,
-            completion_tokens=proof.done.receipt.completion_tokens,
-            tolerance=self.tolerance,
-        )
+        verdict, _ = await examine_answer(engine, proof.request, proof.text, proof.done, self.tolerance)
         log.info("job %s from %s…: %s", proof.request.job_id, proof.worker[:12], describe(verdict))
         return verdict
 
@@ -410,14 +422,8 @@ class CheckingEngine:
         async def run() -> None:
             async with send:
                 started = time.perf_counter()
-                verdict, observations = await examine(
-                    self.engine,
-                    task.original,
-                    task.done.fingerprints,
-                    text=task.text,
-                    finish_reason=task.done.finish_reason,
-                    completion_tokens=task.done.receipt.completion_tokens,
-                    tolerance=self.tolerance,
+                verdict, observations = await examine_answer(
+                    self.engine, task.original, task.text, task.done, self.tolerance
                 )
                 log.info("checked job %s of %s…: %s", task.original.job_id, task.done.receipt.worker[:12],
                          describe(verdict))  # fmt: skip
