@@ -422,6 +422,7 @@ class Engine:
     chat_template: str | None
     hardware: HardwareProfile  # probed once, when the engine was opened
     fingerprints: bool  # record per-token fingerprints (node/fingerprints.py); off only to measure their cost
+    numerics: str  # "" or the class of machines whose batched pass gives these very logits (``_numerics``)
     _free_send: trio.MemorySendChannel = field(repr=False)
     _free_recv: trio.MemoryReceiveChannel = field(repr=False)
     _limiter: trio.CapacityLimiter = field(repr=False)  # generation threads, one per slot
@@ -764,10 +765,10 @@ class Engine:
             row = lambda j: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama.ctx, j), shape=(n_vocab,))  # noqa: E731
             going = visit(0, row(-1))  # the prompt's last position: exactly the worker's first logits
             answer = [int(t) for t in records.tokens[: n - 1]]
-            for start in range(0, len(answer), llama.n_batch):
+            for start in range(0, len(answer), PROBE_TOKENS):  # the batch shapes _numerics probed
                 if not going:
                     break
-                batch = answer[start : start + llama.n_batch]
+                batch = answer[start : start + PROBE_TOKENS]
                 llama._ctx.kv_cache_seq_rm(-1, llama.n_tokens, -1)
                 llama._batch.set_batch(batch=batch, n_past=llama.n_tokens, logits_all=True)
                 llama._ctx.decode(llama._batch)
@@ -803,6 +804,55 @@ class Engine:
                 if isinstance(event, Finished):
                     return event
         raise AssertionError("stream ended without a Finished event")
+
+
+PROBE_TOKENS = 48  # over 32, where llama.cpp's CPU matrix kernels may switch to a batched path; also the
+# size of the batches in which ``observe`` evaluates an answer, so that the probe covers what it runs
+
+
+def _numerics(llama: Any, gpu_layers: int) -> str:
+    """The class of machines on which this model's logits are bit-identical batched or token by token, or "".
+
+    A CPU engine probes it: ``PROBE_TOKENS`` positions decoded one at a time, then in batches of that size
+    and of 7 (``observe`` checks an answer in batches of at most ``PROBE_TOKENS``). When every
+    logit matches, a verifier with the same string (the same llama.cpp build and CPU features, which the
+    string hashes) is expected to see exactly the worker's logits (node/verify.py: the exact regime). A model
+    whose kernels take another path for batches (K-quants, measured), or a GPU, gives "". Blocking: ~0.5 s.
+    """
+    import hashlib
+
+    import llama_cpp
+    import numpy as np
+
+    if gpu_layers != 0:
+        return ""
+    n_vocab = llama.n_vocab()
+    text = b"The harbour master counted boats at dawn, and wrote each one down in a ledger. " * 4
+    tokens = llama.tokenize(text, add_bos=True)[: PROBE_TOKENS + 1]
+
+    def row(j: int) -> Any:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama.ctx, j), shape=(n_vocab,)).copy()
+
+    try:
+        llama.reset()
+        singly = []
+        for token in tokens[:-1]:
+            llama.eval([token])
+            singly.append(row(-1))
+        same = True
+        for size in (len(singly), 7):  # a full verification batch, and a short last one
+            llama.reset()
+            llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+            llama._batch.set_batch(batch=tokens[:size], n_past=0, logits_all=True)
+            llama._ctx.decode(llama._batch)
+            same = same and all(np.array_equal(singly[j], row(j)) for j in range(size))
+    finally:
+        llama.reset()
+        llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+    if not same:
+        return ""
+    build = llama_cpp.llama_print_system_info() + llama_cpp.__version__.encode()
+    return hashlib.sha256(build).hexdigest()[:16]
 
 
 def _check_fits(path: Path, gpu_layers: int, slots: int, n_ctx: int, profile: HardwareProfile) -> None:
@@ -888,6 +938,7 @@ async def open_engine(
     try:
         for _ in range(slots):
             llamas.append(await trio.to_thread.run_sync(load))
+        numerics = await trio.to_thread.run_sync(_numerics, llamas[0], gpu_layers)
         free_send, free_recv = trio.open_memory_channel(slots)
         for index, llama in enumerate(llamas):
             free_send.send_nowait(_Slot(llama, index))
@@ -900,6 +951,7 @@ async def open_engine(
             chat_template=llamas[0].metadata.get("tokenizer.chat_template"),
             hardware=profile,
             fingerprints=fingerprints,
+            numerics=numerics,
             _free_send=free_send,
             _free_recv=free_recv,
             _limiter=trio.CapacityLimiter(slots),

@@ -303,5 +303,6 @@ class WorkerService:
             completion_tokens=done.usage.completion_tokens,
             worker=self.identity.peer_id,
             fingerprints_hash=fingerprint_digest(done.fingerprints),
+            numerics=getattr(self.engines.get(request.model), "numerics", ""),
         )
         return dataclasses.replace(receipt, signature=self.identity.sign(receipt_signing_bytes(receipt)))

@@ -160,6 +160,7 @@ class ResultReceipt:
     worker: str  # peer id
     signature: bytes = b""
     fingerprints_hash: bytes = b""  # sha256 of JobDone.fingerprints (node/fingerprints.py), b"" if none
+    numerics: str = ""  # the worker's class of exact numerics (node/engine.py ``_numerics``), "" if none
 
 
 @message("job.done/1")

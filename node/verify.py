@@ -106,8 +106,12 @@ def judge(
     finish_reason: str,
     completion_tokens: int,
     tolerance: Tolerance = Tolerance(),
+    exact: bool = False,
 ) -> Verdict:
-    """Whether ``records`` (and the ``text``, ``finish_reason`` and token count the worker reported) pass."""
+    """Whether ``records`` (and the ``text``, ``finish_reason`` and token count the worker reported) pass.
+
+    ``exact``: the worker's receipt names the verifier's own class of exact numerics, so every logit must
+    match (f16 rounding aside): any difference fails."""
     obs, n = observations, len(records)
     m = obs.replayed
     errors = np.zeros(0, dtype=np.float32)
@@ -160,6 +164,12 @@ def judge(
     else:
         return verdict(f"finish reason {finish_reason!r} is not a finished answer")
 
+    if exact and errors.size and float(errors.max()) > 0:
+        worst = np.unravel_index(int(np.argmax(errors)), errors.shape)
+        return verdict(
+            f"token {worst[1]}: a logit is off by {float(errors[worst]):.3f}, where this machine's numerics, "
+            "which the worker claims, reproduce every logit exactly"
+        )
     if errors.size:
         worst = np.unravel_index(int(np.argmax(errors)), errors.shape)
         if errors[worst] > tolerance.logit:
@@ -217,8 +227,11 @@ async def check(
     finish_reason: str,
     completion_tokens: int,
     tolerance: Tolerance = Tolerance(),
+    numerics: str = "",
 ) -> Verdict:
     """Re-run ``request``'s answer on ``engine`` (which loads the request's model) and judge it.
+
+    ``numerics`` is what the worker's receipt claims; when it is the engine's own, the check is exact.
 
     Raises:
         InvalidRequest: the request or the fingerprints cannot be checked at all.
@@ -232,6 +245,7 @@ async def check(
         finish_reason=finish_reason,
         completion_tokens=completion_tokens,
         tolerance=tolerance,
+        numerics=numerics,
     )
     return verdict
 
@@ -248,6 +262,7 @@ async def examine_answer(
         finish_reason=done.finish_reason,
         completion_tokens=done.receipt.completion_tokens,
         tolerance=tolerance,
+        numerics=done.receipt.numerics,
     )
 
 
@@ -260,6 +275,7 @@ async def examine(
     finish_reason: str,
     completion_tokens: int,
     tolerance: Tolerance = Tolerance(),
+    numerics: str = "",
 ) -> tuple[Verdict, Observations]:
     """``check``, with the observations the verdict rests on."""
     params = request_params(request)
@@ -282,6 +298,7 @@ async def examine(
         finish_reason=finish_reason,
         completion_tokens=completion_tokens,
         tolerance=tolerance,
+        exact=bool(numerics) and numerics == getattr(engine, "numerics", ""),
     )
     return verdict, observations
 

@@ -55,6 +55,10 @@ class _Wrapper:
     def free_slots(self) -> int:
         return self.engine.free_slots
 
+    @property
+    def numerics(self) -> str:  # a cheater runs the real engine on its own machine, and says so in its receipts
+        return self.engine.numerics
+
     def stream_chat(self, messages, params: SamplingParams, *, assistant_prefix: str = ""):
         def start(p):
             return self.engine.stream_chat(self.messages(messages), p, assistant_prefix=assistant_prefix)
