@@ -422,7 +422,8 @@ class Engine:
     chat_template: str | None
     hardware: HardwareProfile  # probed once, when the engine was opened
     fingerprints: bool  # record per-token fingerprints (node/fingerprints.py); off only to measure their cost
-    numerics: str  # "" or the class of machines whose batched pass gives these very logits (``_numerics``)
+    numerics: str  # what receipts claim: "" or the class of machines whose batched pass gives these very logits
+    batch_numerics: str  # the class this engine's verification pass reproduces (``_numerics``), whatever its threads
     _free_send: trio.MemorySendChannel = field(repr=False)
     _free_recv: trio.MemoryReceiveChannel = field(repr=False)
     _limiter: trio.CapacityLimiter = field(repr=False)  # generation threads, one per slot
@@ -757,6 +758,9 @@ class Engine:
                 broken = f"token {i} is not allowed by the grammar"
             return accepted
 
+        # A single-token decode (a prompt's or an answer's last batch may hold one token) runs on one thread,
+        # as a worker that claims exact numerics decodes: ggml splits one token's attention among threads.
+        llama._ctx.set_n_threads(1, llama.n_threads_batch)
         try:
             pending = _cached_prefix(llama, prompt, slot.reusable)
             slot.reusable = 0
@@ -780,6 +784,7 @@ class Engine:
                         break
         finally:
             sampler.close()
+            llama._ctx.set_n_threads(llama.n_threads, llama.n_threads_batch)
         eog = bool(llama_cpp.llama_vocab_is_eog(llama._model.vocab, int(records.tokens[-1])))
         answer = [int(t) for t in records.tokens[: n - 1 if eog else n] if 0 <= t < n_vocab]
         text = b"".join(llama.detokenize([t]) for t in answer).decode(errors="replace")  # as the worker builds it
@@ -938,7 +943,12 @@ async def open_engine(
     try:
         for _ in range(slots):
             llamas.append(await trio.to_thread.run_sync(load))
-        numerics = await trio.to_thread.run_sync(_numerics, llamas[0], gpu_layers)
+        batch_numerics = await trio.to_thread.run_sync(_numerics, llamas[0], gpu_layers)
+        # With more than one thread, ggml splits a single token's attention over the KV cells among the threads
+        # once the cache view reaches 512 cells (ggml-cpu ops.cpp, ``use_split_kv_path``): the partial sums
+        # are reduced in another order than a batched pass computes them, and logits move by up to ~0.5.
+        # Only a one-thread decoder's answers are therefore claimed exact (docs/verification.md).
+        numerics = batch_numerics if threads == 1 else ""
         free_send, free_recv = trio.open_memory_channel(slots)
         for index, llama in enumerate(llamas):
             free_send.send_nowait(_Slot(llama, index))
@@ -952,6 +962,7 @@ async def open_engine(
             hardware=profile,
             fingerprints=fingerprints,
             numerics=numerics,
+            batch_numerics=batch_numerics,
             _free_send=free_send,
             _free_recv=free_recv,
             _limiter=trio.CapacityLimiter(slots),

@@ -298,7 +298,7 @@ async def examine(
         finish_reason=finish_reason,
         completion_tokens=completion_tokens,
         tolerance=tolerance,
-        exact=bool(numerics) and numerics == getattr(engine, "numerics", ""),
+        exact=bool(numerics) and numerics == getattr(engine, "batch_numerics", ""),
     )
     return verdict, observations
 
