@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from node.activity import CANCELLED, DONE, FAILED, REQUESTED, Activity
+from node.dashboard import Dashboard, RequesterPayments
 from node.errors import ApiError
 from node.fraud import audit
 from node.node import Requester
@@ -80,6 +82,7 @@ class Gateway:
     reputation: Reputation = field(default_factory=Reputation)
     verifier: LocalVerifier | None = None  # --verify: check every answer here, after it was sent
     spot_check: float = 0.0  # --spot-check P: have another worker check an answer, with probability P
+    activity: Activity = field(default_factory=lambda: Activity(amount_label="spent"))  # for the web page
 
     def __post_init__(self) -> None:
         # Remember workers across requests with the node's reputation (its offer book keeps the ones that served us).
@@ -87,6 +90,10 @@ class Gateway:
         # One payer for every request: it decides which channel each job leases (one job per channel).
         self.payer = WalletPayer(self.wallet) if self.wallet else FreePayer()
         self._audits_send, self._audits = trio.open_memory_channel(MAX_PENDING_AUDITS)
+        self.dashboard = Dashboard(
+            "gateway", self.requester.host, self.activity, self.requester.offers, self.reputation,
+            payments=RequesterPayments(self.wallet) if self.wallet else None, api_key=self.api_key,
+        )  # fmt: skip
 
     @property
     def auditing(self) -> bool:
@@ -96,7 +103,7 @@ class Gateway:
         """Check finished jobs (``--verify``, ``--spot-check``) one at a time, after their answers were sent,
         so a check never delays a client; a failed one bans the worker and is reported (node/fraud.py)."""
         task_status.started()
-        async for result, spec in self._audits:
+        async for result, spec, row in self._audits:
             try:
                 checks = await audit(self.requester, result, verifier=self.verifier, payer=self.payer,
                                      spot_check_probability=self.spot_check, query=self._query(spec))  # fmt: skip
@@ -104,6 +111,10 @@ class Gateway:
                 log.warning("could not check job %s: %s", result.proof.request.job_id if result.proof else "?", err)
                 continue
             self.metrics.audit(checks)
+            verdict = checks.verdict
+            if verdict is not None:
+                how = "local" if checks.local is not None else "spot"
+                self.activity.checked(row, verdict.ok, how, verdict.reason, cost=checks.spot.cost if checks.spot else 0)
 
     # ------------------------------------------------------------------ ASGI
 
@@ -143,6 +154,9 @@ class Gateway:
                 await self._json(send_tracked, api.status, api.body())
 
     async def _route(self, method: str, path: str, scope, receive, send) -> None:
+        if self.dashboard.owns(path):  # the web page and its API (node.dashboard), which check the key themselves
+            await self.dashboard.handle(scope, receive, send)
+            return
         if self.api_key and path != "/health":
             self._authorize(scope)
         if method == "GET" and path == "/health":
@@ -212,7 +226,7 @@ class Gateway:
             log.error("unexpected error in %s", completion_id, exc_info=err)
         return api
 
-    async def _job(self, call: ApiCall, index: int, events: trio.MemorySendChannel) -> None:
+    async def _job(self, call: ApiCall, index: int, events: trio.MemorySendChannel, call_id: str) -> None:
         """Run one prompt's job; its texts (with their logprobs) and then its end go to ``events``."""
         pending: list[TokenLogprob] = []
 
@@ -224,22 +238,43 @@ class Gateway:
             pending.clear()
 
         spec = call.specs[index]
+        row = self.activity.started(REQUESTED, f"{call_id}-{index}" if len(call.specs) > 1 else call_id, spec.model)
+
+        def on_attempt(worker: str) -> None:
+            row.peer = worker  # shown at the next event
+
+        def on_tokens(prompt_tokens: int, tokens: int) -> None:
+            self.activity.progress(row.id, tokens, prompt_tokens=prompt_tokens)
+
+        def on_failover(worker: str, reason: str, started: bool) -> None:
+            self.activity.failover(row.id, worker, reason)
+
         try:
             result = await run_job(
                 self.requester.host, self.requester.offers, self._query(spec), spec, reputation=self.reputation,
                 deadline_s=self.deadline_s, payer=self.payer, on_text=on_text, on_logprobs=on_logprobs,
+                on_attempt=on_attempt, on_tokens=on_tokens, on_failover=on_failover,
             )  # fmt: skip
         except Exception as err:
+            self.activity.ended(row.id, FAILED, detail=str(err) or type(err).__name__)
             events.send_nowait(_End(index, error=err))
-        else:
-            if pending:  # tokens with no text of their own (the end-of-generation token, say)
-                events.send_nowait(_Text(index, "", tuple(pending)))
-            events.send_nowait(_End(index, result=result))
-            if self.auditing:
-                try:
-                    self._audits_send.send_nowait((result, spec))
-                except trio.WouldBlock:
-                    log.warning("too many answers waiting to be checked; one goes unchecked")
+            return
+        except BaseException:  # cancelled: the client went away (or the gateway stops)
+            self.activity.ended(row.id, CANCELLED, detail="cancelled")
+            raise
+        decode_s = result.elapsed_s - (result.first_token_s or 0.0)
+        rate = (result.completion_tokens - 1) / decode_s if result.completion_tokens > 1 and decode_s > 0 else None
+        self.activity.ended(row.id, DONE, detail=result.finish_reason, tokens=result.completion_tokens,
+                            prompt_tokens=result.prompt_tokens, tokens_per_s=rate and round(rate, 1),
+                            cost=result.cost)  # fmt: skip
+        if pending:  # tokens with no text of their own (the end-of-generation token, say)
+            events.send_nowait(_Text(index, "", tuple(pending)))
+        events.send_nowait(_End(index, result=result))
+        if self.auditing:
+            try:
+                self._audits_send.send_nowait((result, spec, row.id))
+            except trio.WouldBlock:
+                log.warning("too many answers waiting to be checked; one goes unchecked")
 
     async def _complete(self, receive, send, *, chat: bool) -> None:
         body = await self._body(receive)
@@ -261,7 +296,7 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, nursery.cancel_scope)
             for index in range(len(call.specs)):
-                nursery.start_soon(self._job, call, index, events_in)
+                nursery.start_soon(self._job, call, index, events_in, completion_id)
             if call.stream:
                 failure = await self._stream(call, completion_id, created, events_out, send)
             else:

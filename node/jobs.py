@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import trio
 
+from node.activity import CANCELLED, DONE, FAILED, REJECTED, RUNNING, SERVED, VERIFY, Activity
 from node.concurrency import open_service_nursery
 from node.errors import ContextTooLong, InvalidReceipt, InvalidRequest, PaymentRefused, WireError
 from node.fingerprints import digest as fingerprint_digest
@@ -52,6 +53,7 @@ from node.messages import (
     ResultReceipt,
 )
 from node.payments.metering import FreeMetering, JobMeter, Metering
+from node.payments.policy import job_cost
 from node.sampling import Delta, Finished, SamplingParams, TokenLogprob
 from node.wire import encode, pack, receive, receive_as, send
 
@@ -125,6 +127,7 @@ class WorkerService:
     busy_wait_s: float = 1.0
     on_slots_changed: Callable[[], None] = lambda: None
     protocol: str = JOB_PROTOCOL  # VERIFY_PROTOCOL: verification jobs only
+    activity: Activity = field(default_factory=Activity)  # jobs as they happen, for the web page
 
     def install(self) -> None:
         self.host.set_handler(self.protocol, self.handle)
@@ -142,6 +145,8 @@ class WorkerService:
             request = await receive_as(stream, JobRequest)
         admitted = await self._admit(request)
         if isinstance(admitted, JobRejected):
+            job = self.activity.started(self._kind, request.job_id, request.model, stream.peer_id)
+            self.activity.ended(job.id, REJECTED, detail=f"{admitted.reason}: {admitted.detail}")
             log.info("job %s from %s…: rejected (%s %s)", request.job_id, stream.peer_id[:12], admitted.reason,
                      admitted.detail)  # fmt: skip
             await send(stream, admitted)
@@ -149,6 +154,10 @@ class WorkerService:
             return
         generation, meter = admitted
         await self._run(stream, request, generation, meter)
+
+    @property
+    def _kind(self) -> str:
+        return VERIFY if self.protocol == VERIFY_PROTOCOL else SERVED
 
     async def _admit(self, request: JobRequest) -> tuple[Any, JobMeter] | JobRejected:
         """The engine's generation and the job's meter, or why the job is rejected."""
@@ -224,14 +233,18 @@ class WorkerService:
                 self.host.nat.connection_kind(stream.peer_id) or "no",
             )
             outcome = "cancelled"
+            job = self.activity.started(self._kind, request.job_id, request.model, stream.peer_id)
             try:
                 async with generation as events:
                     await send(stream, JobAccepted(request.job_id, self.price_per_1k, 0))
                     self.on_slots_changed()
-                    outcome, usage = await self._pump(stream, request, events, meter)
+                    outcome, usage = await self._pump(stream, request, events, meter, job.id)
                 if usage is not None:  # the slot is free again; now collect the pay
                     note = await meter.settle(*usage)
                     outcome += f", {note}" if note else ""
+                    cost = job_cost(*usage, self.price_per_1k) if note == "paid" else 0
+                    self.activity.ended(job.id, DONE, detail=outcome, prompt_tokens=usage[0], tokens=usage[1],
+                                        tokens_per_s=job.tokens_per_s, cost=cost)  # fmt: skip
             except ContextTooLong as err:
                 outcome = "rejected: too long"
                 await send(stream, JobRejected(request.job_id, REJECT_TOO_LONG, str(err)))
@@ -241,11 +254,14 @@ class WorkerService:
             finally:
                 self.on_slots_changed()
                 log.info("job %s: %s", request.job_id, outcome)
+                if job.state == RUNNING:
+                    state = CANCELLED if outcome == "cancelled" else FAILED
+                    self.activity.ended(job.id, REJECTED if outcome.startswith("rejected") else state, detail=outcome)
             await stream.close()
             nursery.cancel_scope.cancel()
 
     async def _pump(
-        self, stream: Stream, request: JobRequest, events, meter: JobMeter
+        self, stream: Stream, request: JobRequest, events, meter: JobMeter, row: str
     ) -> tuple[str, tuple[int, int] | None]:
         """Forward the engine's events as frames; returns how the job ended, and its usage if it finished.
 
@@ -271,6 +287,7 @@ class WorkerService:
                     text, tokens = text + event.text, tokens + event.tokens
                     logprobs += logprobs_to_wire(event.logprobs)
                     prompt_tokens, completion_tokens = event.prompt_tokens, completion_tokens + event.tokens
+                    self.activity.progress(row, event.tokens, prompt_tokens=prompt_tokens)
                     if sent_first:  # hold it until the flush time
                         flush_at = min(flush_at, trio.current_time() + self.flush_s)
                         continue
@@ -290,6 +307,7 @@ class WorkerService:
                     await send(stream, JobDone(request.job_id, event.finish_reason, receipt, event.fingerprints))
                     decode_s = event.elapsed_s - (event.first_token_s or 0.0)
                     rate = (event.usage.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0
+                    self.activity.get(row).tokens_per_s = round(rate, 1)
                     outcome = f"done, {event.usage.completion_tokens} tokens ({rate:.0f}/s), {event.finish_reason}"
                     return outcome, (event.usage.prompt_tokens, event.usage.completion_tokens)
 

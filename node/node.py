@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from node import __version__
+from node.activity import Activity
 from node.concurrency import open_service_nursery
 from node.errors import ConfigError, ModelError, PeerUnreachable
 from node.fraud import FraudWatch
@@ -98,6 +99,9 @@ class WorkerNode:
     gossip: OfferGossip
     advertiser: Advertiser
     service: WorkerService = field(repr=False)
+    activity: Activity = field(default_factory=Activity, repr=False)  # its jobs, for the web page
+    payments: EscrowMetering | None = field(default=None, repr=False)  # a paid worker's chain and ledger
+    verify_price_per_1k: int = 0
 
 
 def _quantization(name: str) -> str:
@@ -136,7 +140,8 @@ async def serve(
             speed = await self_benchmark(engine)
             model = ModelInfo(entry.cid, entry.name, config.ctx_size, _quantization(entry.name))
             hardware = engine.hardware.summary()  # probed once, in a thread, when the engine opened
-            service = WorkerService(host, identity, {entry.cid: engine}, metering=metering)
+            activity = Activity(amount_label="earned", model_names={entry.cid: entry.name})
+            service = WorkerService(host, identity, {entry.cid: engine}, metering=metering, activity=activity)
             verify_price = config.verify_price
             checking = WorkerService(
                 host,
@@ -144,6 +149,7 @@ async def serve(
                 {entry.cid: CheckingEngine(engine)},
                 metering=_priced(metering, verify_price),
                 protocol=VERIFY_PROTOCOL,
+                activity=activity,
             )
 
             def make_offer(seq: int, expires_at: float) -> Offer:
@@ -185,7 +191,9 @@ async def serve(
             nursery.start_soon(readvertise_on_new_addresses, host, advertiser)
             nursery.start_soon(provide_model, host, model.cid)
             await nursery.start(FraudWatch(host, Reputation(), act=False).run)  # relay reports; workers do not route
-            task_status.started(WorkerNode(host, engine, model, speed, gossip, advertiser, service))
+            task_status.started(
+                WorkerNode(host, engine, model, speed, gossip, advertiser, service, activity, payments, verify_price)
+            )
             await trio.sleep_forever()
 
 

@@ -167,6 +167,7 @@ class _Finished:
 class _Callbacks:
     on_text: Callable[[str], None]
     on_logprobs: Callable[[tuple[TokenLogprob, ...]], None]
+    on_tokens: Callable[[int, int], None] = lambda prompt_tokens, tokens: None  # each chunk's counts
 
 
 async def _attempt(
@@ -263,6 +264,7 @@ async def _run_attempt(
                     wait_s, waiting_for = timeouts.progress_s, "progress"
                 text += msg.text
                 tokens += msg.tokens
+                callbacks.on_tokens(msg.prompt_tokens, msg.tokens)
                 if msg.logprobs:
                     piece = logprobs_from_wire(msg.logprobs)
                     logprobs.extend(piece)
@@ -368,6 +370,8 @@ async def run_job(
     on_text: Callable[[str], None] = lambda text: None,
     on_logprobs: Callable[[tuple[TokenLogprob, ...]], None] = lambda logprobs: None,
     on_failover: Callable[[str, str, bool], None] = lambda peer, reason, started: None,
+    on_attempt: Callable[[str], None] = lambda peer: None,
+    on_tokens: Callable[[int, int], None] = lambda prompt_tokens, tokens: None,
     clock: Callable[[], float] = time.time,
     payer: Payer | None = None,
 ) -> JobResult:
@@ -379,6 +383,9 @@ async def run_job(
         on_logprobs: called with a piece's token logprobs just before ``on_text`` gets the piece
             (when ``spec.params.logprobs`` is set).
         on_failover: called with (peer id, reason, whether it had started) when a worker is dropped.
+        on_attempt: called with a worker's peer id as the job is sent to it.
+        on_tokens: called with (prompt tokens, tokens) for each chunk of a worker's answer (prompt tokens: 0
+            when the chunk does not say).
         payer: pays workers that charge (default: ``FreePayer``; the query must then be free only).
 
     Raises:
@@ -412,7 +419,7 @@ async def run_job(
             first_token_s = time.perf_counter() - started_at
         on_text(piece)
 
-    callbacks = _Callbacks(record_text, on_logprobs)
+    callbacks = _Callbacks(record_text, on_logprobs, on_tokens)
     with trio.move_on_after(deadline_s) as deadline:
         while True:
             available = [o for o in offers() if o.peer_id not in tried]
@@ -446,6 +453,7 @@ async def run_job(
                 resume_text=text,
             )
             began = time.perf_counter()
+            on_attempt(offer.peer_id)
             try:
                 finished = await _attempt(host, offer, request, payer, callbacks, timeouts)
                 cost += finished.spent

@@ -8,17 +8,15 @@ import os
 import signal
 import sys
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
 
 from node.cli.common import bootstrap_flag, network_config, probability, wallet_flags
 from node.concurrency import open_service_nursery
-from node.errors import ConfigError
 from node.gateway import Gateway
+from node.http import bind, serve_asgi
 from node.models.default import DEFAULT_MODEL_CID
 from node.node import open_requester, requester_wallet
 from node.verify import open_local_verifier
@@ -60,17 +58,7 @@ def _gateway(args: argparse.Namespace) -> int:
         wallet = requester_wallet(
             Path(args.data_dir), args.rpc_url, Path(args.deployments), insecure_dev_key=args.insecure_dev_key
         )
-    config = Config()
-    config.bind = [args.listen]
-    config.accesslog = None
-    config.loglevel = "WARNING"  # we print where we listen ourselves
-    try:  # bound before joining the market: a port in use is one line at once
-        sockets = config.create_sockets()
-        for sock in sockets.insecure_sockets:
-            sock.listen(config.backlog)
-    except (OSError, ValueError) as err:
-        reason = getattr(err, "strerror", None) or str(err)
-        raise ConfigError(f"cannot listen on {args.listen} ({reason}); choose another --listen HOST:PORT") from None
+    config, sockets = bind(args.listen)
 
     async def main() -> bool:
         """Serve until Ctrl-C (then True: every job is cancelled, the workers told) or a failure."""
@@ -100,14 +88,11 @@ def _gateway(args: argparse.Namespace) -> int:
                     app = Gateway(requester, wallet=wallet, max_price_per_1k=args.max_price, api_key=args.api_key,
                                   deadline_s=args.timeout, verifier=verifier, spot_check=args.spot_check)  # fmt: skip
                     await nursery.start(app.run_audits)
-                    binds = await nursery.start(
-                        lambda task_status: worker_serve(
-                            wrap_app(app, config.wsgi_max_body_size, "asgi"), config, sockets=sockets,
-                            task_status=task_status,
-                        )
-                    )  # fmt: skip
-                    for bind in binds:
-                        print(f"OpenAI-compatible API at {bind}/v1", flush=True)
+                    await nursery.start(app.dashboard.run)
+                    binds = await nursery.start(partial(serve_asgi, app, config, sockets))
+                    for url in binds:
+                        print(f"OpenAI-compatible API at {url}/v1", flush=True)
+                        print(f"web page at {url}/", flush=True)
                     print(f"market: {len(requester.offers())} offer(s) so far", file=sys.stderr)
                     await trio.sleep_forever()
         return interrupted

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -24,8 +26,10 @@ from node.cli.common import (
     sampling_params,
     wallet_flags,
 )
+from node.dashboard import DashboardApp, worker_dashboard
 from node.errors import NodeError, VerificationFailed
 from node.fraud import audit
+from node.http import bind, serve_asgi
 from node.node import WorkerConfig, model_cid_for_request, open_requester, requester_wallet, serve
 from node.payments.payer import WalletPayer
 from node.payments.units import format_amount
@@ -61,6 +65,14 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help="also claim a channel's receipts at least every S seconds")  # fmt: skip
     engine_flags(srv)
     ipfs_flag(srv)
+    web = srv.add_argument_group("web page (off by default)")
+    web.add_argument("--http", metavar="HOST:PORT", default=None,
+                     help="serve this worker's web page (market, jobs, slots, earnings, claims) and its JSON API "
+                          "at http://HOST:PORT/, e.g. --http 127.0.0.1:8080; keep it on 127.0.0.1 unless you "
+                          "set --api-key")  # fmt: skip
+    web.add_argument("--api-key", default=os.environ.get("LLMARKET_API_KEY"), metavar="KEY",
+                     help="require `Authorization: Bearer KEY` for the page's API (default: $LLMARKET_API_KEY; "
+                          "none: open)")  # fmt: skip
     srv.set_defaults(handler=_serve)
 
     req = commands.add_parser(
@@ -144,12 +156,18 @@ def _serve(args: argparse.Namespace) -> int:
         settle_every=args.settle_every,
         settle_interval_s=args.settle_interval,
     )
+    http = bind(args.http, "--http") if args.http else None  # a port in use is one line, before the model loads
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             worker = await nursery.start(
                 lambda task_status: serve(config, progress=TerminalProgress(), task_status=task_status)
             )
+            if http is not None:
+                dashboard = worker_dashboard(worker, api_key=args.api_key)
+                await nursery.start(dashboard.run)
+                for url in await nursery.start(partial(serve_asgi, DashboardApp(dashboard), *http)):
+                    print(f"web page at {url}/", file=sys.stderr, flush=True)
             print(f"serving {worker.model.name} ({worker.model.cid})", file=sys.stderr)
             print(
                 f"{worker.engine.slots} slot(s), {worker.speed.tokens_per_s:.0f} tokens/s, first token "
