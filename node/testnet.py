@@ -6,8 +6,9 @@
   ``deploy_contracts`` (the code ``scripts/deploy.py`` runs);
 - a js-ipfs daemon with the default model added;
 - N workers (``llmarket serve``), each with its own data dir, dev key, price and
-  ETH for gas, bootstrapped to the first. Only the first holds the model locally;
-  the others fetch it by CID from the IPFS daemon;
+  ETH for gas, bootstrapped to the first, and its web page (``--http``) on a free
+  port. Only the first holds the model locally; the others fetch it by CID from the
+  IPFS daemon;
 - one funded requester account (1,000 tokens and ETH).
 
 Everything it started is recorded in ``<dir>/testnet.json`` (pids included);
@@ -95,11 +96,14 @@ def _stop(pid: int) -> None:
             time.sleep(0.05)  # polling interval
 
 
-def _wait_for_line(path: Path, proc: subprocess.Popen, what: str, timeout_s: float = 180.0) -> str:
+def _wait_for_line(path: Path, proc: subprocess.Popen, what: str, timeout_s: float = 180.0, *, after: str = "") -> str:
+    """The first word ``path`` holds (after the text ``after``, when given), once it is written."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         text = path.read_text() if path.exists() else ""
-        if text.strip():
+        if after and after in text:
+            return text.split(after, 1)[1].split()[0]
+        if not after and text.strip():
             return text.split()[0]
         if proc.poll() is not None:
             err = path.with_suffix(".err")
@@ -156,6 +160,7 @@ def up(directory: Path, *, workers: int = 2, say=print) -> Testnet:
                 "--price", str(price), "--rpc-url", chain.rpc_url,
                 "--deployments", str(directory / "deployments"), "--insecure-dev-key",
                 "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns",  # a market on this machine only
+                "--http", "127.0.0.1:0",  # its web page, on a free port
             ]  # fmt: skip
             if i == 0:
                 cmd += ["--model", "default"]  # holds the model locally (the embedded wheel)
@@ -176,9 +181,10 @@ def up(directory: Path, *, workers: int = 2, say=print) -> Testnet:
                 )
             pids[name] = proc.pid
             multiaddr = _wait_for_line(out, proc, name)
+            web = _wait_for_line(err, proc, name, after="web page at ")
             started.append(
                 {"name": name, "data_dir": str(data_dir), "address": account.address, "price": price,
-                 "multiaddr": multiaddr, "peer_id": multiaddr.rsplit("/p2p/", 1)[1]}
+                 "multiaddr": multiaddr, "peer_id": multiaddr.rsplit("/p2p/", 1)[1], "web": web}
             )  # fmt: skip
         net = Testnet(
             dir=str(directory),

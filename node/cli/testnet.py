@@ -74,6 +74,7 @@ def _up(args: argparse.Namespace) -> None:
     for w in net.workers:
         print(f"  {w['name']:<9} {w['multiaddr']}")
         print(f"            paid at {w['address']}, price {w['price']} per 1k tokens")
+        print(f"            web page {w['web']}/")
     print("\nsend a paid request:")
     print(f"  {net.request_command()}")
     print(f"\nstop it all with: llmarket testnet down --dir {net.dir}")
