@@ -130,10 +130,10 @@ class ScriptedEngine:
 
 
 @asynccontextmanager
-async def worker(tmp_path, name, engine, *, metering=None, **offer_changes):
+async def worker(tmp_path, name, engine, *, metering=None, activity=None, **offer_changes):
     """A worker node running in its own task and cancel scope, so a test can kill it.
 
-    Yields (host, its signed offer, the cancel scope that kills it).
+    Yields (host, its signed offer, the cancel scope that kills it). ``activity`` records its jobs.
     """
     identity = Identity.load(tmp_path / name)
     host = Host(identity)
@@ -146,6 +146,8 @@ async def worker(tmp_path, name, engine, *, metering=None, **offer_changes):
                 service = WorkerService(host, identity, {MODEL: engine})
                 if metering is not None:
                     service.metering = metering
+                if activity is not None:
+                    service.activity = activity
                 service.install()
                 task_status.started()
 
