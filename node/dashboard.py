@@ -51,6 +51,9 @@ WATCH_S = 1.0  # how often the market and the node are compared with what the fe
 BALANCE_TTL_S = 5.0  # chain balances are read at most this often
 PING_S = 15.0  # a comment on an idle event stream, so proxies and browsers keep it open
 MAX_JOBS_LISTED = 500
+PING_EVERY_S = 30.0  # how often the page's market view pings workers, for "latency from here"
+PINGS_PER_ROUND = 32  # at most this many workers each round, least recently measured first
+PING_TIMEOUT_S = 5.0
 
 
 class Payments(Protocol):
@@ -206,6 +209,7 @@ class Dashboard:
     clock: Callable[[], float] = time.time
     started_at: float = field(default_factory=time.time)
     _first_seen: dict[tuple[str, int], float] = field(default_factory=dict)  # (peer, offer seq) → when
+    _pinged: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer → (round trip ms, when)
 
     @staticmethod
     def owns(path: str) -> bool:
@@ -222,6 +226,9 @@ class Dashboard:
         for offer in sorted(offers, key=lambda o: (o.price_per_1k, o.peer_id)):
             first = self._first_seen.setdefault((offer.peer_id, offer.seq), now)
             record = self.reputation.peers.get(offer.peer_id)
+            latency = record.latency_ms if record and record.latency_ms is not None else None
+            if latency is None and offer.peer_id in self._pinged:
+                latency = self._pinged[offer.peer_id][0]
             worker = {
                 "peer_id": offer.peer_id,
                 "self": offer.peer_id == self.host.peer_id,
@@ -231,7 +238,7 @@ class Dashboard:
                 "slots_total": offer.slots_total,
                 "tokens_per_s": offer.tokens_per_s,
                 "first_token_ms": offer.first_token_ms,
-                "latency_ms": round(record.latency_ms, 1) if record and record.latency_ms is not None else None,
+                "latency_ms": round(latency, 1) if latency is not None else None,
                 "reputation": round(self.reputation.reliability(offer.peer_id), 3) if record else None,
                 "banned": self.reputation.banned(offer.peer_id, now),
                 "reachability": self._reachability(offer),
@@ -283,8 +290,32 @@ class Dashboard:
     # ------------------------------------------------------------ live feed
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Tell the feed when the market or this node changed (checked every ``WATCH_S``)."""
-        task_status.started()
+        """Tell the feed when the market or this node changed (checked every ``WATCH_S``), and measure the
+        latency to workers this node has not used (libp2p ping, every ``PING_EVERY_S``)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._ping_workers)
+            task_status.started()
+            await self._watch()
+
+    async def _ping_workers(self) -> None:
+        while True:
+            offers = [o for o in self.offers() if o.peer_id != self.host.peer_id]
+            live = {o.peer_id for o in offers}
+            self._pinged = {peer: seen for peer, seen in self._pinged.items() if peer in live}
+            offers.sort(key=lambda o: self._pinged.get(o.peer_id, (0.0, 0.0))[1])
+            async with trio.open_nursery() as nursery:
+                for offer in offers[:PINGS_PER_ROUND]:
+                    nursery.start_soon(self._ping, offer)
+            await trio.sleep(PING_EVERY_S)
+
+    async def _ping(self, offer: Offer) -> None:
+        with trio.move_on_after(PING_TIMEOUT_S):
+            try:
+                self._pinged[offer.peer_id] = (await self.host.ping(offer.peer_id, offer.addrs), self.clock())
+            except Exception as err:  # an unreachable worker just has no latency to show
+                log.debug("ping %s failed: %s", offer.peer_id[:12], err)
+
+    async def _watch(self) -> None:
         last_market = last_node = None
         while True:
             await trio.sleep(WATCH_S)

@@ -354,3 +354,17 @@ async def test_a_worker_service_and_a_requester_report_a_real_job(tmp_path):
     [mine] = asked.jobs()
     assert mine["peer"] == offer.peer_id and mine["tokens"] == len(WORDS) and mine["prompt_tokens"] == 321
     assert served.totals["tokens"] == asked.totals["tokens"] == len(WORDS)
+
+
+async def test_the_market_view_pings_workers_it_has_not_used_for_latency_from_here(tmp_path):
+    with trio.fail_after(20):
+        async with worker(tmp_path, "w", ScriptedEngine()) as (_, offer, _), requester(tmp_path) as host:
+            dash = Dashboard("gateway", host, Activity(), lambda: [offer])
+            assert dash.market()["models"][0]["workers"][0]["latency_ms"] is None
+            async with trio.open_nursery() as nursery:
+                await nursery.start(dash.run)
+                while dash.market()["models"][0]["workers"][0]["latency_ms"] is None:
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+    latency = dash.market()["models"][0]["workers"][0]["latency_ms"]
+    assert 0 < latency < 5_000 and dash.market()["models"][0]["workers"][0]["reachability"] == "direct"
