@@ -52,6 +52,7 @@ class JobRecord:
     def json(self) -> dict:
         body = asdict(self)
         body.pop("_sent_at")
+        body["cost"] = str(self.cost)  # base units, as a decimal string (node/dashboard.py)
         return body
 
 

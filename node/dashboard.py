@@ -25,6 +25,7 @@ import json
 import logging
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,17 @@ class Payments(Protocol):
     async def channels(self) -> list[dict]: ...
 
 
+def _token_info(client: Any) -> tuple[str, int]:
+    """The token's symbol and decimals (``LLMToken``), read from the chain."""
+    token = client.token.functions
+    return token.symbol().call(), token.decimals().call()
+
+
+def _amount(value: int | None) -> str | None:
+    """Token amounts travel as decimal strings: base units exceed what a browser's JSON numbers hold exactly."""
+    return None if value is None else str(value)
+
+
 def _hex(raw: bytes) -> str:
     return "0x" + raw.hex()
 
@@ -101,15 +113,19 @@ class WorkerPayments:
 
     def __post_init__(self) -> None:
         self._balance = _Cached(lambda: self.client.token_balance(self.client.account.address))
+        self._token = _Cached(lambda: _token_info(self.client), ttl_s=3600.0)
 
     async def wallet(self) -> dict:
         channels = await trio.to_thread.run_sync(self.ledger.all)
+        symbol, decimals = await self._token.get() or ("", None)
         return {
             "address": self.client.account.address,
             "token": self.client.deployment.token,
-            "token_balance": await self._balance.get(),
-            "receipted": sum(c.receipted for c in channels),
-            "claimed": sum(c.claimed for c in channels),
+            "token_symbol": symbol,
+            "token_decimals": decimals,
+            "token_balance": _amount(await self._balance.get()),
+            "receipted": str(sum(c.receipted for c in channels)),
+            "claimed": str(sum(c.claimed for c in channels)),
         }
 
     async def channels(self) -> list[dict]:
@@ -120,8 +136,8 @@ class WorkerPayments:
                 "counterparty": c.requester,
                 "peer_id": "",
                 "deposit": None,
-                "signed": c.receipted,
-                "claimed": c.claimed,
+                "signed": str(c.receipted),
+                "claimed": str(c.claimed),
                 "expiry": c.expiry,
                 "status": "closed" if c.closed else "claimed" if c.receipted and c.claimed >= c.receipted else "open",
             }
@@ -138,15 +154,19 @@ class RequesterPayments:
 
     def __post_init__(self) -> None:
         self._balance = _Cached(lambda: self.wallet_.client.token_balance(self.wallet_.address))
+        self._token = _Cached(lambda: _token_info(self.wallet_.client), ttl_s=3600.0)
 
     async def wallet(self) -> dict:
         channels = await trio.to_thread.run_sync(self.wallet_.ledger.channels)
+        symbol, decimals = await self._token.get() or ("", None)
         return {
             "address": self.wallet_.address,
             "token": self.wallet_.client.deployment.token,
-            "token_balance": await self._balance.get(),
-            "deposited": sum(c.deposit for c in channels if c.status == "open"),
-            "signed": sum(c.signed for c in channels),
+            "token_symbol": symbol,
+            "token_decimals": decimals,
+            "token_balance": _amount(await self._balance.get()),
+            "deposited": str(sum(c.deposit for c in channels if c.status == "open")),
+            "signed": str(sum(c.signed for c in channels)),
         }
 
     async def channels(self) -> list[dict]:
@@ -156,8 +176,8 @@ class RequesterPayments:
                 "channel_id": _hex(c.channel_id),
                 "counterparty": c.worker,
                 "peer_id": c.peer_id,
-                "deposit": c.deposit,
-                "signed": c.signed,
+                "deposit": str(c.deposit),
+                "signed": str(c.signed),
                 "claimed": None,
                 "expiry": c.expiry,
                 "status": c.status,
@@ -177,14 +197,15 @@ class WorkerInfo:
     price_per_1k: int
     verify_price_per_1k: int
 
-    def json(self) -> dict:
+    def json(self, names: dict[str, str]) -> dict:
+        name = self.model.name if self.model.name != self.model.cid else names.get(self.model.cid, self.model.name)
         return {
-            "model": {"cid": self.model.cid, "name": self.model.name},
+            "model": {"cid": self.model.cid, "name": name},
             "slots_total": self.engine.slots,
             "slots_free": self.service.free_slots,
             "tokens_per_s": round(self.tokens_per_s, 1),
-            "price_per_1k": self.price_per_1k,
-            "verify_price_per_1k": self.verify_price_per_1k,
+            "price_per_1k": str(self.price_per_1k),
+            "verify_price_per_1k": str(self.verify_price_per_1k),
             "reproducible": bool(self.engine.reproducible),
             "numerics": self.engine.numerics,
         }
@@ -226,19 +247,17 @@ class Dashboard:
         for offer in sorted(offers, key=lambda o: (o.price_per_1k, o.peer_id)):
             first = self._first_seen.setdefault((offer.peer_id, offer.seq), now)
             record = self.reputation.peers.get(offer.peer_id)
-            latency = record.latency_ms if record and record.latency_ms is not None else None
-            if latency is None and offer.peer_id in self._pinged:
-                latency = self._pinged[offer.peer_id][0]
+            latency = self._pinged[offer.peer_id][0] if offer.peer_id in self._pinged else None
             worker = {
                 "peer_id": offer.peer_id,
                 "self": offer.peer_id == self.host.peer_id,
-                "price_per_1k": offer.price_per_1k,
-                "verify_price_per_1k": offer.verify_price_per_1k,
+                "price_per_1k": str(offer.price_per_1k),
+                "verify_price_per_1k": str(offer.verify_price_per_1k),
                 "slots_free": offer.slots_free,
                 "slots_total": offer.slots_total,
                 "tokens_per_s": offer.tokens_per_s,
                 "first_token_ms": offer.first_token_ms,
-                "latency_ms": round(latency, 1) if latency is not None else None,
+                "latency_ms": round(latency, 1) if latency is not None else None,  # a ping's round trip
                 "reputation": round(self.reputation.reliability(offer.peer_id), 3) if record else None,
                 "banned": self.reputation.banned(offer.peer_id, now),
                 "reachability": self._reachability(offer),
@@ -256,6 +275,23 @@ class Dashboard:
                 entry["workers"].append(worker)
         return {"now": now, "models": sorted(models.values(), key=lambda m: m["name"])}
 
+    def names(self) -> dict[str, str]:
+        """Model CID → the friendly name most offers give it (a model fetched by CID is named by its CID)."""
+        votes: dict[str, Counter] = {}
+        for offer in self.offers():
+            for model in offer.models:
+                if model.name and model.name != model.cid:
+                    votes.setdefault(model.cid, Counter())[model.name] += 1
+        return {cid: counts.most_common(1)[0][0] for cid, counts in votes.items()}
+
+    def jobs(self, limit: int) -> list[dict]:
+        names = self.names()
+        jobs = self.activity.jobs(limit)
+        for job in jobs:
+            if not job["model_name"] or job["model_name"] == job["model"]:
+                job["model_name"] = names.get(job["model"], job["model_name"])
+        return jobs
+
     def _reachability(self, offer: Offer) -> str:
         if offer.peer_id == self.host.peer_id:
             return "direct"
@@ -270,7 +306,7 @@ class Dashboard:
     async def node(self) -> dict:
         totals = dict(self.activity.totals)
         amount = totals.pop("amount")
-        totals["earned" if self.role == "worker" else "spent"] = amount
+        totals["earned" if self.role == "worker" else "spent"] = str(amount)
         return {
             "role": self.role,
             "peer_id": self.host.peer_id,
@@ -278,7 +314,7 @@ class Dashboard:
             "started_at": self.started_at,
             "now": self.clock(),
             "addrs": list(self.host.advertised()),
-            "worker": self.worker.json() if self.worker else None,
+            "worker": self.worker.json(self.names()) if self.worker else None,
             "wallet": await self.payments.wallet() if self.payments else None,
             "totals": totals,
         }
@@ -359,7 +395,7 @@ class Dashboard:
             except ValueError:
                 await _json(send, 400, _error("limit must be a whole number, e.g. ?limit=50", "invalid_limit"))
                 return
-            await _json(send, 200, {"jobs": self.activity.jobs(limit)})
+            await _json(send, 200, {"jobs": self.jobs(limit)})
         elif route == "/api/channels":
             await _json(send, 200, await self.channels())
         elif route == "/api/series":

@@ -181,7 +181,7 @@ def up(directory: Path, *, workers: int = 2, say=print) -> Testnet:
                 )
             pids[name] = proc.pid
             multiaddr = _wait_for_line(out, proc, name)
-            web = _wait_for_line(err, proc, name, after="web page at ")
+            web = _wait_for_line(err, proc, name, after="web page at ").rstrip("/")
             started.append(
                 {"name": name, "data_dir": str(data_dir), "address": account.address, "price": price,
                  "multiaddr": multiaddr, "peer_id": multiaddr.rsplit("/p2p/", 1)[1], "web": web}
