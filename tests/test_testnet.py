@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from node import testnet
@@ -24,6 +25,8 @@ def test_up_status_down_leaves_nothing_running_and_up_works_again(tmp_path):
         report = testnet.status(tmp_path / "net")
         assert all(report["processes"].values()) and report["chain_answers"] and report["ipfs_answers"]
         assert net.workers[0]["multiaddr"].endswith(net.workers[0]["peer_id"])
+        page = httpx.get(f"{net.workers[0]['web']}/api/node", timeout=10).json()  # its web page, on a free port
+        assert page["role"] == "worker" and page["peer_id"] == net.workers[0]["peer_id"]
         with pytest.raises(Exception, match="already running"):
             testnet.up(tmp_path / "net", workers=1, say=lambda line: None)
     finally:
@@ -46,6 +49,13 @@ def test_the_demo_pays_exactly_usage_times_price():
     assert re.search(r"requester  \d+ \(\d+(\.\d+)? LLM\)", result.stdout), result.stdout
     assert re.search(r"charges \d+ \(0\.\d+ LLM\) per 1,000 tokens", result.stdout), result.stdout
     assert "stopped anvil, ipfs, worker-1, worker-2" in result.stdout
+    assert len(re.findall(r"its web page: http://127\.0\.0\.1:\d+/", result.stdout)) == 2, result.stdout
+
+
+def test_the_demo_refuses_an_unknown_option_in_one_line():
+    result = subprocess.run([str(REPO_ROOT / "scripts" / "demo"), "--kep"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "scripts/demo: unknown option --kep (try --keep, or --help)"
 
 
 def test_wallet_shows_exact_tokens_and_keeps_base_units_in_json(chain, tmp_path, capsys):

@@ -141,6 +141,8 @@ def test_the_gateway_page_shows_the_market_and_paid_jobs_live(market, browser, s
         assert row.locator('td[data-field="cost"]').get_attribute("data-value") == job["cost"]
     for chart in ("tokens", "jobs", "amount"):  # each plot has points with the jobs in them
         page.wait_for_function(f"window.llmarket.charts.{chart}.data[1].some(v => v > 0)", timeout=30_000)
+    done_per_min = "window.llmarket.charts.jobs.data[1].reduce((a, b) => a + b, 0)"  # 10-s buckets, per minute
+    page.wait_for_function(f"Math.round({done_per_min} / 6) === {len(jobs)}", timeout=30_000)
     spent = api(base_url, "/api/node", KEY)["totals"]["spent"]
     assert int(spent) == sum(int(j["cost"]) for j in jobs)
     page.wait_for_function(f"document.querySelector('#spent').dataset.value === '{spent}'", timeout=15_000)
