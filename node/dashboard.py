@@ -35,6 +35,7 @@ import trio
 
 from node import __version__
 from node.activity import Activity
+from node.http import lifespan
 from node.messages import ModelInfo, Offer
 from node.routing import Reputation
 
@@ -467,17 +468,6 @@ async def _respond(send, status: int, body: bytes, content_type: str, extra: lis
 
 async def _json(send, status: int, payload: dict) -> None:
     await _respond(send, status, json.dumps(payload).encode(), "application/json", [(b"cache-control", b"no-store")])
-
-
-async def lifespan(receive, send) -> None:
-    """The ASGI lifespan handshake (Hypercorn sends it first)."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 @dataclass

@@ -27,6 +27,7 @@ from node.activity import CANCELLED, DONE, FAILED, REQUESTED, Activity
 from node.dashboard import Dashboard, RequesterPayments
 from node.errors import ApiError
 from node.fraud import audit
+from node.http import lifespan
 from node.node import Requester
 from node.openai_api import (
     ApiCall,
@@ -120,13 +121,8 @@ class Gateway:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         started = False

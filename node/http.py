@@ -29,6 +29,17 @@ def bind(listen: str, flag: str = "--listen") -> tuple[Config, Any]:
     return config, sockets
 
 
+async def lifespan(receive, send) -> None:
+    """The ASGI lifespan handshake (Hypercorn sends it first): nothing to start or stop."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def serve_asgi(app: Any, config: Config, sockets: Any, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` on ``sockets`` until cancelled; ``task_status.started`` gets the URLs it is bound to."""
     await worker_serve(wrap_app(app, config.wsgi_max_body_size, "asgi"), config, sockets=sockets,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
@@ -189,3 +189,23 @@ def start_gateway(net, data_dir, *extra: str):
     line = proc.stdout.readline().strip()
     assert line.startswith("OpenAI-compatible API at "), line
     return proc, line.split(" at ", 1)[1]
+
+
+@contextmanager
+def paid_market(root, *gateway_args: str, workers: int = 2):
+    """``llmarket testnet up`` in ``root`` (paid workers with their web pages) and a gateway paying from the
+    testnet's requester wallet; yields (the testnet, the gateway's API base URL) and stops both."""
+    from pathlib import Path
+
+    from node import testnet
+
+    net = testnet.up(Path(root) / "net", workers=workers, say=lambda line: None)
+    gateway = None
+    try:
+        gateway, base_url = start_gateway(net, Path(net.requester["data_dir"]), *gateway_args)
+        yield net, base_url
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait()
+        testnet.down(Path(root) / "net")

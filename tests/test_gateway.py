@@ -13,13 +13,12 @@ import httpx
 import openai
 import pytest
 
-from node import testnet
 from node.identity import load_or_create_account
 from node.models.default import DEFAULT_MODEL_CID, DEFAULT_MODEL_CID_V0
 from node.payments.escrow import EscrowClient
 from node.payments.policy import job_cost
 
-from .factories import start_gateway
+from .factories import paid_market, start_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +27,8 @@ KEY = "sk-test-key"
 
 @pytest.fixture(scope="module")
 def market(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gateway")
-    net = testnet.up(root / "net", workers=2, say=lambda line: None)
-    gateway = None
-    try:
-        gateway, base_url = start_gateway(net, Path(net.requester["data_dir"]), "--api-key", KEY)
+    with paid_market(tmp_path_factory.mktemp("gateway"), "--api-key", KEY) as (net, base_url):
         yield net, base_url
-    finally:
-        if gateway is not None:
-            gateway.terminate()
-            gateway.wait()
-        testnet.down(root / "net")
 
 
 class JobCancelledSince:

@@ -18,11 +18,10 @@ import httpx
 import openai
 import pytest
 
-from node import testnet
 from node.models.default import DEFAULT_MODEL_CID
 from node.payments.escrow import EscrowClient
 
-from .factories import start_gateway
+from .factories import paid_market
 
 pytestmark = pytest.mark.slow
 
@@ -58,19 +57,10 @@ def browser():
 @pytest.fixture(scope="module")
 def market(tmp_path_factory):
     """A paid testnet with its workers' pages, a gateway with an API key, and the workers' balances at the start."""
-    root = tmp_path_factory.mktemp("web")
-    net = testnet.up(root / "net", workers=2, say=lambda line: None)
-    gateway = None
-    try:
+    with paid_market(tmp_path_factory.mktemp("web"), "--api-key", KEY) as (net, base_url):
         chain = EscrowClient.connect(net.rpc_url, deployments_dir=net.deployments)
         before = {w["peer_id"]: chain.token_balance(w["address"]) for w in net.workers}
-        gateway, base_url = start_gateway(net, Path(net.requester["data_dir"]), "--api-key", KEY)
         yield net, base_url.removesuffix("/v1"), chain, before
-    finally:
-        if gateway is not None:
-            gateway.terminate()
-            gateway.wait()
-        testnet.down(root / "net")
 
 
 @pytest.fixture(scope="module")
