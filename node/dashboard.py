@@ -91,6 +91,12 @@ class _Cached:
     ttl_s: float = BALANCE_TTL_S
     _value: Any = None
     _at: float = -1e18
+    _key: Any = None
+
+    def refresh_on(self, key: Any) -> None:
+        """Read again at the next ``get`` when ``key`` (what the value depends on) changed."""
+        if key != self._key:
+            self._key, self._at = key, -1e18
 
     async def get(self) -> Any:
         now = trio.current_time()
@@ -118,6 +124,7 @@ class WorkerPayments:
 
     async def wallet(self) -> dict:
         channels = await trio.to_thread.run_sync(self.ledger.all)
+        self._balance.refresh_on(sum(c.claimed for c in channels))  # a claim moves the balance: read it again
         symbol, decimals = await self._token.get() or ("", None)
         return {
             "address": self.client.account.address,
@@ -159,6 +166,7 @@ class RequesterPayments:
 
     async def wallet(self) -> dict:
         channels = await trio.to_thread.run_sync(self.wallet_.ledger.channels)
+        self._balance.refresh_on(tuple((c.deposit, c.status) for c in channels))  # deposits and refunds move it
         symbol, decimals = await self._token.get() or ("", None)
         return {
             "address": self.wallet_.address,

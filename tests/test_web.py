@@ -163,6 +163,11 @@ def test_a_workers_page_shows_its_jobs_and_earned_equals_its_balance_change_on_c
             assert time.monotonic() < deadline, (earned, change, wallet)
             time.sleep(0.5)  # polling interval: the claim is a chain transaction
         assert (earned > 0) == bool(jobs), (earned, jobs)
+        balance = chain.token_balance(w["address"])  # the header and the channels follow the claim, live
+        page.wait_for_function(f"document.querySelector('#balance').dataset.value === '{balance}'", timeout=15_000)
+        cells = "[...document.querySelectorAll('#channels td[data-field=claimed]')]"
+        claimed = f"{cells}.map(td => BigInt(td.dataset.value || 0))"
+        page.wait_for_function(f"{claimed}.reduce((a, b) => a + b, 0n) === {earned}n", timeout=15_000)
         page.screenshot(path=str(shots / f"{w['name']}.png"), full_page=True)
         assert not errors, errors
         page.close()

@@ -353,7 +353,7 @@
     const chart = new uPlot({
       width: Math.max(200, el.clientWidth), height: CHART_HEIGHT,
       legend: { show: false },
-      padding: [8, 8, 0, 0],
+      padding: [8, 20, 0, 0],  // room on the right for the last time label
       cursor: { y: false, drag: { x: false, y: false }, points: { size: 7, fill: def.color } },
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.15 : 1] } },
       axes: [{ ...axis, space: 64, size: 30, values: (u, ticks) => ticks.map((t) => clock(t).slice(0, 5)) },
@@ -462,7 +462,14 @@
       if (j.state !== "running") refreshSeriesSoon();
     }));
     es.addEventListener("market", parse(renderMarket));
-    es.addEventListener("node", parse(renderNode));
+    es.addEventListener("node", parse((node) => {
+      // Receipts or claims moved: the channels table follows at once, not at the next poll.
+      const wallet = JSON.stringify(node.wallet && { ...node.wallet, token_balance: null });
+      if (state.node && wallet !== JSON.stringify(state.node.wallet && { ...state.node.wallet, token_balance: null })) {
+        load(["channels"]);
+      }
+      renderNode(node);
+    }));
   }
 
   // Once a second: offer ages and uptime move on without a new snapshot.
