@@ -123,7 +123,7 @@ class Activity:
         cost: int = 0,
     ) -> None:
         """The job is over. ``tokens``, when given, is its final completion count (counted tokens are corrected
-        to it); ``cost`` is what it earned or spent."""
+        to it); ``tokens_per_s``, when given, its decode speed; ``cost`` is what it earned or spent."""
         job = self._jobs.get(job_id)
         if job is None or job.state != RUNNING:
             return
@@ -133,7 +133,7 @@ class Activity:
             job.tokens = tokens
         job.prompt_tokens = prompt_tokens if prompt_tokens is not None else job.prompt_tokens
         job.state, job.detail, job.cost, job.ended_at = state, detail, cost, self.clock()
-        job.tokens_per_s = tokens_per_s
+        job.tokens_per_s = tokens_per_s if tokens_per_s is not None else job.tokens_per_s
         self._add(jobs=int(state == DONE), amount=cost)
         self.totals["jobs"] += int(state == DONE)
         self.totals["amount"] += cost
@@ -186,6 +186,11 @@ class Activity:
             amount.append(paid * 60 / BUCKET_S)
         return {"bucket_s": BUCKET_S, "start": start, "t": t, "tokens_per_s": tokens, "jobs_per_min": jobs,
                 "amount_per_min": amount, "amount_label": self.amount_label}  # fmt: skip
+
+    @property
+    def watched(self) -> bool:
+        """Whether anyone follows the feed now."""
+        return bool(self._feeds)
 
     @contextmanager
     def subscribe(self) -> Iterator[trio.MemoryReceiveChannel]:

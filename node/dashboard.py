@@ -370,6 +370,9 @@ class Dashboard:
             if shape != last_market:
                 last_market = shape
                 self.activity.notify("market", market)
+            if not self.activity.watched:  # no page open: no ledger or chain reads for nobody
+                last_node = None
+                continue
             node = await self.node()
             same = {k: v for k, v in node.items() if k != "now"}
             if same != last_node:

@@ -422,7 +422,6 @@ class Engine:
     chat_template: str | None
     hardware: HardwareProfile  # probed once, when the engine was opened
     fingerprints: bool  # record per-token fingerprints (node/fingerprints.py); off only to measure their cost
-    numerics: str  # what receipts claim: "" or the class of machines whose batched pass gives these very logits
     batch_numerics: str  # the class this engine's verification pass reproduces (``_numerics``), whatever its threads
     _free_send: trio.MemorySendChannel = field(repr=False)
     _free_recv: trio.MemoryReceiveChannel = field(repr=False)
@@ -433,6 +432,17 @@ class Engine:
     @property
     def free_slots(self) -> int:
         return self._free_recv.statistics().current_buffer_used
+
+    @property
+    def numerics(self) -> str:
+        """What receipts claim: "" or the class of machines whose batched pass gives these very logits.
+
+        With more than one thread, ggml splits a single token's attention over the KV cells among the threads
+        once the cache view reaches 512 cells (ggml-cpu ops.cpp, ``use_split_kv_path``): the partial sums are
+        reduced in another order than a batched pass computes them, and logits move by up to ~0.5. Only a
+        one-thread decoder's answers are therefore claimed exact (docs/verification.md).
+        """
+        return self.batch_numerics if self.threads == 1 else ""
 
     @property
     def reproducible(self) -> bool:
@@ -944,11 +954,6 @@ async def open_engine(
         for _ in range(slots):
             llamas.append(await trio.to_thread.run_sync(load))
         batch_numerics = await trio.to_thread.run_sync(_numerics, llamas[0], gpu_layers)
-        # With more than one thread, ggml splits a single token's attention over the KV cells among the threads
-        # once the cache view reaches 512 cells (ggml-cpu ops.cpp, ``use_split_kv_path``): the partial sums
-        # are reduced in another order than a batched pass computes them, and logits move by up to ~0.5.
-        # Only a one-thread decoder's answers are therefore claimed exact (docs/verification.md).
-        numerics = batch_numerics if threads == 1 else ""
         free_send, free_recv = trio.open_memory_channel(slots)
         for index, llama in enumerate(llamas):
             free_send.send_nowait(_Slot(llama, index))
@@ -961,7 +966,6 @@ async def open_engine(
             chat_template=llamas[0].metadata.get("tokenizer.chat_template"),
             hardware=profile,
             fingerprints=fingerprints,
-            numerics=numerics,
             batch_numerics=batch_numerics,
             _free_send=free_send,
             _free_recv=free_recv,

@@ -243,8 +243,9 @@ class WorkerService:
                     note = await meter.settle(*usage)
                     outcome += f", {note}" if note else ""
                     cost = job_cost(*usage, self.price_per_1k) if note == "paid" else 0
-                    self.activity.ended(job.id, DONE, detail=outcome, prompt_tokens=usage[0], tokens=usage[1],
-                                        tokens_per_s=job.tokens_per_s, cost=cost)  # fmt: skip
+                    self.activity.ended(
+                        job.id, DONE, detail=outcome, prompt_tokens=usage[0], tokens=usage[1], cost=cost
+                    )  # fmt: skip  (its speed was set when it finished generating)
             except ContextTooLong as err:
                 outcome = "rejected: too long"
                 await send(stream, JobRejected(request.job_id, REJECT_TOO_LONG, str(err)))
