@@ -222,13 +222,16 @@ class _Sampler:
     Unconstrained jobs take llama.cpp's one-call path (``llama_sampler_sample``).
     """
 
-    def __init__(self, llama: Any, params: SamplingParams, grammar: str | None, seed: int, said: list[int]) -> None:
-        """``said``: tokens of answer text already produced (resuming), taken as if sampled here."""
+    def __init__(
+        self, llama: Any, params: SamplingParams, grammar: str | None, seed: int, said: list[int], *, ctx: Any = None
+    ) -> None:
+        """``said``: tokens of answer text already produced (resuming), taken as if sampled here. ``ctx``: the
+        context whose logits it samples from (default: ``llama``'s own)."""
         import llama_cpp
         import numpy as np
 
         self._c, self._np = llama_cpp, np
-        self._ctx = llama.ctx
+        self._ctx = ctx or llama.ctx
         self._chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self._grammar = None
         add = lambda sampler: llama_cpp.llama_sampler_chain_add(self._chain, sampler)  # noqa: E731
@@ -327,12 +330,13 @@ class _Sampler:
             self._c.llama_sampler_accept(self._chain, token)
         return (-1 if pick is None else pick), allowed, gap, between, p, entropy, spread, grammar_ok
 
-    def sample(self) -> int:
-        """The next token, from the logits of the last evaluated position; accepted into the sampler's state."""
+    def sample(self, row: int = -1) -> int:
+        """The next token, from the logits of batch row ``row`` (default: the last evaluated position); accepted
+        into the sampler's state."""
         c = self._c
         if self._grammar is None:
-            return c.llama_sampler_sample(self._chain, self._ctx, -1)
-        logits = self._np.ctypeslib.as_array(c.llama_get_logits_ith(self._ctx, -1), shape=(len(self._ids),))
+            return c.llama_sampler_sample(self._chain, self._ctx, row)
+        logits = self._np.ctypeslib.as_array(c.llama_get_logits_ith(self._ctx, row), shape=(len(self._ids),))
         token = self._pick(logits, masked=False)
         if token is None or not self._allows(token):
             token = self._pick(logits, masked=True)
@@ -891,14 +895,15 @@ def _check_fits(path: Path, gpu_layers: int, slots: int, n_ctx: int, profile: Ha
 
 
 def _plan(
-    model_path: Path, slots: int, n_ctx: int, threads: int | None, gpu_layers: int | None
+    model_path: Path, slots: int, n_ctx: int, threads: int | None, gpu_layers: int | None, shared: bool = False
 ) -> tuple[HardwareProfile, int, int]:
-    """Check the file and the machine, once: (hardware profile, gpu_layers, threads). Blocking (NVML, files)."""
+    """Check the file and the machine, once: (hardware profile, gpu_layers, threads). Blocking (NVML, files).
+    ``shared``: the slots share one context (batched), which gets every core; else each slot gets its share."""
     check_gguf(model_path)
     profile = probe_hardware()
     if gpu_layers is None:
         gpu_layers = -1 if profile.gpu_offload and profile.gpus else 0
-    threads = threads or max(1, (profile.cpu_cores + slots - 1) // slots)
+    threads = threads or (profile.cpu_cores if shared else max(1, (profile.cpu_cores + slots - 1) // slots))
     _check_fits(model_path, gpu_layers, slots, n_ctx, profile)
     return profile, gpu_layers, threads
 
@@ -912,8 +917,10 @@ async def open_engine(
     threads: int | None = None,
     gpu_layers: int | None = None,
     fingerprints: bool = True,
+    kind: str = "contexts",
 ) -> AsyncIterator[Engine]:
-    """Load ``model_path`` into ``slots`` contexts; unload on exit.
+    """Load ``model_path`` into ``slots`` contexts (``kind="contexts"``), or into one context that decodes
+    ``slots`` sequences together (``kind="batched"``: node/batched.py); unload on exit.
 
     The hardware is probed once, in a thread (NVML and the file checks block),
     and kept as ``engine.hardware``.
@@ -928,7 +935,12 @@ async def open_engine(
     model_path = Path(model_path)
     if slots < 1:
         raise InvalidRequest("--slots must be at least 1")
-    profile, gpu_layers, threads = await trio.to_thread.run_sync(_plan, model_path, slots, n_ctx, threads, gpu_layers)
+    if kind not in ("contexts", "batched"):
+        raise InvalidRequest(f"unknown engine {kind!r}: use batched or contexts")
+    batched = kind == "batched"
+    profile, gpu_layers, threads = await trio.to_thread.run_sync(
+        _plan, model_path, slots, n_ctx, threads, gpu_layers, batched
+    )
 
     def load() -> Any:
         from llama_cpp import Llama
@@ -949,15 +961,27 @@ async def open_engine(
         except (ValueError, RuntimeError) as err:
             raise ModelError(f"llama.cpp could not load {model_path}: {err}") from None
 
-    llamas = []
+    llamas: list[Any] = []
+    scheduler = ctx = None
     try:
-        for _ in range(slots):
+        for _ in range(1 if batched else slots):
             llamas.append(await trio.to_thread.run_sync(load))
         batch_numerics = await trio.to_thread.run_sync(_numerics, llamas[0], gpu_layers)
         free_send, free_recv = trio.open_memory_channel(slots)
-        for index, llama in enumerate(llamas):
-            free_send.send_nowait(_Slot(llama, index))
-        engine = Engine(
+        for index in range(slots):  # batched: every slot is a sequence of the one context, tokenized with llamas[0]
+            free_send.send_nowait(_Slot(llamas[0 if batched else index], index))
+        extra: dict[str, Any] = {}
+        if batched:
+            from node.batched import BatchedEngine, _Scheduler, batched_context
+
+            ctx = await trio.to_thread.run_sync(
+                lambda: batched_context(llamas[0], slots=slots, n_ctx=n_ctx, threads=threads)
+            )
+            scheduler = _Scheduler(llamas[0], ctx, 512, slots)
+            scheduler.start()
+            extra["_scheduler"] = scheduler
+            numerics = ""  # not claimed for batched decoding until measured
+        engine = (BatchedEngine if batched else Engine)(
             model_path=model_path,
             n_ctx=n_ctx,
             gpu_layers=gpu_layers,
@@ -972,8 +996,15 @@ async def open_engine(
             _limiter=trio.CapacityLimiter(slots),
             _grammar_limiter=trio.CapacityLimiter(1),
             _llamas=llamas,
+            **extra,
         )
         yield engine
     finally:
+        if scheduler is not None:
+            await trio.to_thread.run_sync(scheduler.stop)
+        if ctx is not None:
+            import llama_cpp
+
+            llama_cpp.llama_free(ctx)
         for llama in llamas:
             llama.close()

@@ -1,0 +1,324 @@
+"""Continuous batching: one llama.cpp context decodes every running job's next token in one pass.
+
+``open_engine(..., kind="batched")`` builds a ``BatchedEngine``: the same
+``Engine`` to its callers (``stream_chat``, ``stream_completion``, ``observe``,
+slots, events), but its slots are *sequences* of one context instead of one
+context each. A scheduler thread runs the loop:
+
+1. admit new jobs (each on a free sequence, its KV cells cleared);
+2. build one ``llama_batch``: the next token of every sequence that is
+   generating, then prompt tokens of sequences still prefilling, in chunks of
+   at most ``PREFILL_CHUNK`` per step so a long prompt never stalls the others;
+3. decode once; each generating sequence samples from its own row of logits
+   with its own sampler chain (``_Sampler``), records its fingerprint, and
+   streams its text as ``Engine`` does (stops, logprobs, ``Finished``);
+4. drop sequences that finished or were cancelled (their cells are freed at
+   once: a cancel frees its sequence within one step).
+
+Weights are read once per step for all sequences, which is where the
+throughput comes from on CPUs as on GPUs. Verification (``observe``) runs on
+the engine's own separate context, one check at a time.
+"""
+
+from __future__ import annotations
+
+import codecs
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from node.engine import Engine, _find_stop, _holdback, _logprob_reader, _Sampler, _Slot
+from node.fingerprints import Recorder
+from node.sampling import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Delta,
+    Finished,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
+
+PREFILL_CHUNK = 256  # prompt tokens a sequence may add to one step (its share of n_batch)
+
+
+@dataclass
+class _Job:
+    """One sequence's job, as the scheduler thread runs it."""
+
+    seq: int
+    prompt: list[int]
+    said: list[int]
+    params: SamplingParams
+    grammar: str | None
+    emit: Any  # called from the scheduler thread with each event; never blocks
+    cancelled: threading.Event
+    record: bool
+    done: Any  # called (from the thread) once the job's last event was emitted
+    fed: int = 0  # prompt tokens in the cache
+    next_token: int | None = None  # the last sampled token, to feed at the next step
+    sampler: Any = None
+    started: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    text: str = ""
+    sent: int = 0
+    produced: int = 0
+    reported: int = 0
+    reason: str = FINISH_LENGTH
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    recorder: Recorder = field(default_factory=Recorder)
+    describe: Any = None
+
+    @property
+    def position(self) -> int:
+        return self.fed + self.produced
+
+    def delta(self, chunk: str) -> Delta:
+        event = Delta(chunk, self.produced - self.reported, len(self.prompt), tuple(self.logprobs))
+        self.reported = self.produced
+        self.logprobs.clear()
+        return event
+
+
+class _Scheduler:
+    """The loop that owns the batched context (see the module docstring). Runs in its own thread."""
+
+    def __init__(self, llama: Any, ctx: Any, n_batch: int, slots: int) -> None:
+        import llama_cpp
+
+        self._c = llama_cpp
+        self._llama = llama  # the model, vocabulary and detokenizer (its own context is for observe)
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._n_batch = n_batch
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._incoming: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._running: list[_Job] = []
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="llmarket-batched", daemon=True)
+        self._failure: BaseException | None = None
+        self.steps = 0  # decode calls, for tests and benchmarks
+        self._slots = slots
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._incoming.put(None)
+        self._wake.set()
+        self._thread.join()
+        self._c.llama_batch_free(self._batch)
+
+    def submit(self, job: _Job) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"the batched engine stopped: {self._failure}")
+        self._incoming.put(job)
+        self._wake.set()
+
+    # ------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                if not self._admit():
+                    return
+                if not self._running:
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self._step()
+        except BaseException as err:  # a llama.cpp failure: every running job ends, the engine refuses new ones
+            self._failure = err
+            for job in self._running:
+                self._finish(job, FINISH_CANCELLED)
+            self._running.clear()
+
+    def _admit(self) -> bool:
+        """Take the jobs that arrived; False when the engine is stopping."""
+        while True:
+            try:
+                job = self._incoming.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                for running in self._running:
+                    self._finish(running, FINISH_CANCELLED)
+                return False
+            self._c.llama_memory_seq_rm(self._memory, job.seq, -1, -1)
+            seed = job.params.seed if job.params.seed is not None else secrets.randbits(31)
+            try:
+                job.sampler = _Sampler(self._llama, job.params, job.grammar, seed, job.said, ctx=self._ctx)
+            except Exception as err:  # a grammar llama.cpp refuses: the job ends with the error
+                job.emit(err)
+                job.done()
+                continue
+            if job.params.logprobs is not None:
+                job.describe = _logprob_reader(self._llama, job.params.logprobs)
+            self._running.append(job)
+
+    def _step(self) -> None:
+        """One decode over every running sequence; then sampling for those whose logits are due."""
+        c, batch = self._c, self._batch
+        for job in [j for j in self._running if j.cancelled.is_set()]:
+            self._finish(job, FINISH_CANCELLED)
+        rows: list[tuple[_Job, int]] = []  # (job, batch row holding its logits)
+        n = 0
+
+        def add(token: int, pos: int, seq: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+            batch.seq_id[n][0], batch.logits[n] = seq, logits
+            n += 1
+
+        for job in self._running:  # decoding sequences first: one token each
+            if job.next_token is not None:
+                add(job.next_token, job.position - 1, job.seq, True)
+                rows.append((job, n - 1))
+        for job in self._running:  # then prompts, a chunk each, while the batch has room
+            left = len(job.prompt) - job.fed
+            if left <= 0 or job.next_token is not None:
+                continue
+            take = min(left, PREFILL_CHUNK, self._n_batch - n)
+            if take <= 0:
+                break
+            for k in range(take):
+                last = job.fed + k == len(job.prompt) - 1
+                add(job.prompt[job.fed + k], job.fed + k, job.seq, last)
+            job.fed += take
+            if job.fed == len(job.prompt):
+                rows.append((job, n - 1))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        status = c.llama_decode(self._ctx, batch)
+        self.steps += 1
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        for job, row in rows:
+            self._sample(job, row)
+
+    def _sample(self, job: _Job, row: int) -> None:
+        import numpy as np
+
+        c = self._c
+        token = job.sampler.sample(row)
+        if job.first_token_s is None:
+            job.first_token_s = time.perf_counter() - job.started
+        if job.cancelled.is_set():
+            self._finish(job, FINISH_CANCELLED)
+            return
+        if job.record:
+            n_vocab = self._llama.n_vocab()
+            logits = np.ctypeslib.as_array(c.llama_get_logits_ith(self._ctx, row), shape=(n_vocab,))
+            job.recorder.add(logits, token)
+        if c.llama_vocab_is_eog(self._llama._model.vocab, token):
+            self._finish(job, FINISH_STOP)
+            return
+        job.produced += 1
+        if job.describe is not None:
+            job.logprobs.append(job.describe(token))
+        job.text += job.decoder.decode(self._llama.detokenize([token]))
+        stops = job.params.stop
+        if stops:
+            longest = max(len(s) for s in stops)
+            hit = _find_stop(job.text, stops, max(0, job.sent - longest))
+            if hit is not None:
+                job.text = job.text[:hit]
+                self._finish(job, FINISH_STOP)
+                return
+        ready = len(job.text) - _holdback(job.text, stops)
+        if ready > job.sent:
+            job.emit(job.delta(job.text[job.sent : ready]))
+            job.sent = ready
+        if job.produced >= job.params.max_tokens:
+            self._finish(job, FINISH_LENGTH)
+            return
+        job.next_token = token
+
+    def _finish(self, job: _Job, reason: str) -> None:
+        if job in self._running:
+            self._running.remove(job)
+        self._c.llama_memory_seq_rm(self._memory, job.seq, -1, -1)  # its cells are free for the next job
+        if job.sampler is not None:
+            job.sampler.close()
+            job.sampler = None
+        if reason == FINISH_LENGTH:
+            job.text += job.decoder.decode(b"", final=True)
+        if reason != FINISH_CANCELLED and (len(job.text) > job.sent or job.produced > job.reported):
+            job.emit(job.delta(job.text[job.sent :]))
+        usage = Usage(prompt_tokens=len(job.prompt), completion_tokens=job.produced)
+        elapsed = time.perf_counter() - job.started
+        job.emit(Finished(job.text, usage, reason, job.first_token_s, elapsed, job.recorder.packed()))
+        job.done()
+
+
+@dataclass
+class BatchedEngine(Engine):
+    """``Engine`` with continuous batching: ``slots`` sequences of one context (built by ``open_engine``)."""
+
+    _scheduler: Any = field(default=None, repr=False)
+    _observing: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1), repr=False)
+
+    @property
+    def reproducible(self) -> bool:
+        return False  # not claimed until measured with other sequences in the batch (docs/benchmarks.md)
+
+    async def _run(self, slot: _Slot, tokens, said, params, grammar, send, cancelled, record: bool) -> None:
+        token = trio.lowlevel.current_trio_token()
+        finished = trio.Event()
+        failure: list[BaseException] = []
+
+        def deliver(event: object) -> None:  # runs in trio, in order
+            if isinstance(event, BaseException):
+                failure.append(event)
+                return
+            try:
+                send.send_nowait(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                cancelled.set()  # nobody is listening any more
+
+        job = _Job(
+            seq=slot.index, prompt=tokens, said=said, params=params, grammar=grammar,
+            emit=lambda event: token.run_sync_soon(deliver, event), cancelled=cancelled, record=record,
+            done=lambda: token.run_sync_soon(finished.set),
+        )  # fmt: skip
+        async with send:
+            self._scheduler.submit(job)
+            try:
+                await finished.wait()
+            except BaseException:
+                cancelled.set()  # the scheduler frees the sequence at its next step
+                with trio.CancelScope(shield=True):
+                    await finished.wait()
+                raise
+        if failure:
+            raise failure[0]
+
+    async def observe(self, tokenize, params, fingerprints):
+        async with self._observing:  # one check at a time on the engine's own context
+            return await super().observe(tokenize, params, fingerprints)
+
+
+def batched_context(llama: Any, *, slots: int, n_ctx: int, threads: int, n_batch: int = 512) -> Any:
+    """A context for ``slots`` sequences of ``n_ctx`` tokens each (non-unified KV: one stream per sequence),
+    with flash attention as the engine's own context has."""
+    import llama_cpp
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx * slots
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max = slots
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.kv_unified = False
+    ctx = llama_cpp.llama_init_from_model(llama._model.model, params)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create the batched context")
+    return ctx
