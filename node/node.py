@@ -64,6 +64,7 @@ class WorkerConfig:
     ctx_size: int = 2048
     threads: int | None = None
     gpu_layers: int | None = None
+    engine: str = "contexts"  # or "batched" (node/batched.py)
     ipfs_api: str | None = None
     advertise_interval_s: float = 10.0
     offer_ttl_s: float = 60.0
@@ -135,8 +136,9 @@ async def serve(
         ModelServer(host, store).install()
         entry = await _resolve(config, store, gossip, progress or NO_PROGRESS)
         async with open_engine(
-            entry.path, slots=config.slots, n_ctx=config.ctx_size, threads=config.threads, gpu_layers=config.gpu_layers
-        ) as engine:
+            entry.path, slots=config.slots, n_ctx=config.ctx_size, threads=config.threads,
+            gpu_layers=config.gpu_layers, kind=config.engine,
+        ) as engine:  # fmt: skip
             speed = await self_benchmark(engine)
             model = ModelInfo(entry.cid, entry.name, config.ctx_size, _quantization(entry.name))
             hardware = engine.hardware.summary()  # probed once, in a thread, when the engine opened

@@ -101,8 +101,13 @@ def engine_flags(parser: argparse.ArgumentParser) -> None:
         help="context size in tokens, prompt + answer (default: %(default)s)",
     )
     group.add_argument(
-        "--threads", type=int, default=None, metavar="N", help="CPU threads per job (default: cores / slots)"
-    )
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU threads (default: every core for --engine batched; cores / slots for --engine contexts)",
+    )  # fmt: skip
+    group.add_argument("--engine", choices=("batched", "contexts"), default="contexts",
+                       help="batched: one llama.cpp context decodes every running job together (continuous "
+                            "batching: more tokens/s with several jobs); contexts: one context per slot "
+                            "(default: %(default)s)")  # fmt: skip
     group.add_argument("--gpu-layers", type=int, default=None, metavar="N",
                        help="layers to offload to the GPU; -1 = all, 0 = CPU only "
                             "(default: all when llama.cpp has GPU support and a GPU is present)")  # fmt: skip

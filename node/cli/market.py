@@ -149,6 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
         ctx_size=args.ctx_size,
         threads=args.threads,
         gpu_layers=args.gpu_layers,
+        engine=args.engine,
         ipfs_api=args.ipfs_api,
         rpc_url=args.rpc_url,
         deployments_dir=Path(args.deployments),
