@@ -39,7 +39,7 @@ def _hardware(args: argparse.Namespace) -> None:
 
         async def bench():
             async with open_engine(
-                entry.path, n_ctx=args.ctx_size, threads=args.threads, gpu_layers=args.gpu_layers
+                entry.path, n_ctx=args.ctx_size, threads=args.threads, gpu_layers=args.gpu_layers, kind=args.engine
             ) as engine:
                 return engine.gpu_layers, await self_benchmark(engine)
 

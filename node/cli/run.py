@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
 
     async def chat() -> Finished:
         async with open_engine(
-            entry.path, n_ctx=args.ctx_size, threads=args.threads, gpu_layers=args.gpu_layers
+            entry.path, n_ctx=args.ctx_size, threads=args.threads, gpu_layers=args.gpu_layers, kind=args.engine
         ) as engine:
             stream = engine.stream_completion(prompt, params) if args.raw else engine.stream_chat(messages, params)
             async with stream as events:
