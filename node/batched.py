@@ -105,6 +105,7 @@ class _Scheduler:
         self._thread = threading.Thread(target=self._loop, name="llmarket-batched", daemon=True)
         self._failure: BaseException | None = None
         self.steps = 0  # decode calls, for tests and benchmarks
+        self.mixed_steps = 0  # of which some sequences decoded while others prefilled
         self._slots = slots
 
     def start(self) -> None:
@@ -181,6 +182,7 @@ class _Scheduler:
             if job.next_token is not None:
                 add(job.next_token, job.position - 1, job.seq, True)
                 rows.append((job, n - 1))
+        decoding = n
         for job in self._running:  # then prompts, a chunk each, while the batch has room
             left = len(job.prompt) - job.fed
             if left <= 0 or job.next_token is not None:
@@ -199,6 +201,7 @@ class _Scheduler:
         batch.n_tokens = n
         status = c.llama_decode(self._ctx, batch)
         self.steps += 1
+        self.mixed_steps += 0 < decoding < n
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         for job, row in rows:

@@ -1,0 +1,299 @@
+"""Throughput under load: llmarket's engines and a real worker against llama.cpp's own llama-server.
+
+    .venv/bin/python bench/throughput.py [--streams 1 2 4 8] [--tokens 128] [--skip-market]
+
+The anchor is `llama-server` (continuous batching, `--parallel 8`), built once from
+the llama.cpp that llama-cpp-python 0.3.36 vendors (the engine's own llama.cpp), into
+`.bench/` (not a dependency of the node; no web UI, no downloads). Then, for each
+number of concurrent streams of greedy chat answers of up to --tokens tokens (a
+different prompt per stream):
+
+- `llama-server`, over its OpenAI-compatible HTTP API;
+- the batched engine in-process (`open_engine(kind="batched", slots=8)`, every core);
+- today's per-slot engine in-process (`kind="contexts"`, one context per stream, cores split);
+- a real `llmarket serve --engine batched --slots 8` behind `llmarket gateway`, through the
+  market, over the same HTTP API (skip with --skip-market).
+
+Each configuration runs in a fresh process. Reported: aggregate tokens/s (all
+completion tokens over the wall time from the first request to the last answer),
+TTFT p50/p95, and the resident set size of the serving process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BENCH_DIR = ROOT / ".bench"
+LLAMA_CPP_PYTHON = "0.3.36"
+TOPICS = ["a lighthouse keeper", "a market town", "a river barge", "a clockmaker", "a mountain pass",
+          "a night train", "a beekeeper", "a harbour in winter"]  # fmt: skip
+SLOTS = 8
+CTX = 2048  # per sequence
+
+
+def messages(k: int) -> list[dict]:
+    return [{"role": "user", "content": f"Write a long, detailed story about {TOPICS[k % len(TOPICS)]}."}]
+
+
+# ----------------------------------------------------------- the anchor
+
+
+def llama_server() -> Path:
+    """Build llama-server from llama-cpp-python's sdist (vendor/llama.cpp) once; its path."""
+    binary = BENCH_DIR / "llama.cpp-build" / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    BENCH_DIR.mkdir(exist_ok=True)
+    sdist = BENCH_DIR / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not sdist.exists():
+        print("downloading llama-cpp-python's sdist from PyPI (once)…", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(BENCH_DIR)], check=True)  # fmt: skip
+    source = BENCH_DIR / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
+    if not source.exists():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(BENCH_DIR, filter="data")
+    build = BENCH_DIR / "llama.cpp-build"
+    print("building llama-server (once, ~10 min on 2 cores)…", file=sys.stderr)
+    subprocess.run(
+        ["cmake", "-S", str(source / "vendor" / "llama.cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+         "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited early")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)  # polling interval
+    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f}s")
+
+
+def drive_http(base_url: str, model: str, streams: int, tokens: int, headers: dict | None = None) -> dict:
+    """``streams`` concurrent streaming chat requests; aggregate tokens/s and TTFT percentiles."""
+    import httpx
+
+    ttft: list[float] = []
+    produced: list[int] = []
+
+    def one(k: int) -> None:
+        body = {"model": model, "messages": messages(k), "max_tokens": tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        start, first, usage, chunks = time.perf_counter(), None, None, 0
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=600) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if data.get("usage"):
+                    usage = data["usage"]["completion_tokens"]
+                for choice in data.get("choices", []):
+                    if choice.get("delta", {}).get("content"):
+                        chunks += 1
+                        first = first or time.perf_counter() - start
+        ttft.append(first or float("nan"))
+        produced.append(usage if usage is not None else chunks)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summary(sum(produced), time.perf_counter() - began, ttft)
+
+
+def summary(tokens: int, wall: float, ttft: list[float]) -> dict:
+    ordered = sorted(ttft)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return {"tokens": tokens, "tokens_per_s": tokens / wall, "ttft_p50_ms": 1000 * statistics.median(ordered),
+            "ttft_p95_ms": 1000 * p95}  # fmt: skip
+
+
+def sweep_llama_server(model: Path, streams: list[int], tokens: int, threads: int) -> tuple[list[dict], float]:
+    port = free_port()
+    cmd = [str(llama_server()), "-m", str(model), "--port", str(port), "--host", "127.0.0.1", "-c", str(CTX * SLOTS),
+           "--parallel", str(SLOTS), "-t", str(threads), "-tb", str(threads), "-fa", "on", "--no-webui"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        drive_http(f"http://127.0.0.1:{port}", "default", 1, 8)  # warm up
+        rows = [drive_http(f"http://127.0.0.1:{port}", "default", n, tokens) for n in streams]
+        return rows, rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+# ------------------------------------------------------ llmarket's engines
+
+
+def measure_engine(kind: str, streams: int, tokens: int) -> dict:
+    """In this process: ``streams`` jobs at once on a fresh engine of ``kind``."""
+    import trio
+
+    from node.engine import open_engine
+    from node.models.default import default_model_file
+    from node.sampling import Finished, SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, repeat_penalty=1.0)
+    slots = SLOTS if kind == "batched" else streams
+
+    async def run() -> dict:
+        async with open_engine(default_model_file(), slots=slots, n_ctx=CTX, kind=kind) as engine:
+            await engine.complete_chat(messages(0), SamplingParams(max_tokens=8, temperature=0))  # warm up
+            ttft: list[float] = []
+            produced = 0
+
+            async def job(k: int) -> None:
+                nonlocal produced
+                start, first = time.perf_counter(), None
+                async with engine.stream_chat(messages(k), params) as events:
+                    async for event in events:
+                        if isinstance(event, Finished):
+                            produced += event.usage.completion_tokens
+                        elif first is None:
+                            first = time.perf_counter() - start
+                ttft.append(first if first is not None else float("nan"))
+
+            began = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for k in range(streams):
+                    nursery.start_soon(job, k)
+            result = summary(produced, time.perf_counter() - began, ttft)
+            return {**result, "threads": engine.threads, "rss_mib": rss_mib(os.getpid())}
+
+    return trio.run(run)
+
+
+def sweep_engine(kind: str, streams: list[int], tokens: int) -> list[dict]:
+    rows = []
+    for n in streams:
+        out = subprocess.run([sys.executable, __file__, "--internal", kind, str(n), str(tokens)],
+                             check=True, capture_output=True, text=True)  # fmt: skip
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+# ------------------------------------------------------------ the market
+
+
+def sweep_market(streams: list[int], tokens: int) -> tuple[list[dict], float]:
+    """A real batched worker and a gateway on 127.0.0.1, driven over the gateway's HTTP API."""
+    import tempfile
+
+    llmarket = [sys.executable, "-m", "node"]
+    home = Path(tempfile.mkdtemp(prefix="llmarket-throughput-"))
+    worker = subprocess.Popen(
+        [*llmarket, "--data-dir", str(home / "w"), "serve", "--engine", "batched", "--slots", str(SLOTS),
+         "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    gateway = None
+    try:
+        line = ""
+        while "/p2p/" not in line:
+            line = worker.stdout.readline()
+            if not line and worker.poll() is not None:
+                raise RuntimeError("llmarket serve exited early")
+        port = free_port()
+        gateway = subprocess.Popen(
+            [*llmarket, "--data-dir", str(home / "g"), "gateway", "--listen", f"127.0.0.1:{port}", "--no-mdns",
+             "--bootstrap", line.strip(), "--spot-check", "0", "--timeout", "600"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_http(f"http://127.0.0.1:{port}/health", gateway)
+        import httpx
+
+        while httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["workers"] < 1:
+            time.sleep(0.2)  # until the worker's offer arrived
+        drive_http(f"http://127.0.0.1:{port}", "default", 1, 8)  # warm up
+        rows = [drive_http(f"http://127.0.0.1:{port}", "default", n, tokens) for n in streams]
+        return rows, rss_mib(worker.pid)
+    finally:
+        for proc in (gateway, worker):
+            if proc is not None:
+                proc.terminate()
+                proc.wait()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--skip-market", action="store_true")
+    parser.add_argument("--internal", nargs=3, help=argparse.SUPPRESS)  # kind streams tokens: one run, JSON out
+    args = parser.parse_args()
+    if args.internal:
+        kind, streams, tokens = args.internal
+        print(json.dumps(measure_engine(kind, int(streams), int(tokens))))
+        return
+    from node.hardware import probe_hardware
+    from node.models.default import default_model_file
+
+    profile = probe_hardware()
+    threads = profile.cpu_cores
+    print(f"{profile.summary()}; streams of up to {args.tokens} greedy tokens; {SLOTS} slots of {CTX} tokens")
+    server, server_rss = sweep_llama_server(default_model_file(), args.streams, args.tokens, threads)
+    results = {"llama-server": server, "batched engine": sweep_engine("batched", args.streams, args.tokens),
+               "per-slot engine": sweep_engine("contexts", args.streams, args.tokens)}  # fmt: skip
+    rss = {"llama-server": server_rss}
+    if not args.skip_market:
+        results["llmarket serve (batched) via gateway"], rss["llmarket serve"] = sweep_market(args.streams, args.tokens)
+    print("| system | streams | aggregate tokens/s | vs llama-server | TTFT p50 (ms) | TTFT p95 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, rows in results.items():
+        for n, row, anchor in zip(args.streams, rows, server, strict=True):
+            print(f"| {name} | {n} | {row['tokens_per_s']:.1f} | {row['tokens_per_s'] / anchor['tokens_per_s']:.0%} "
+                  f"| {row['ttft_p50_ms']:.0f} | {row['ttft_p95_ms']:.0f} |")  # fmt: skip
+    engine_rss = {name: max(r["rss_mib"] for r in results[name]) for name in ("batched engine", "per-slot engine")}
+    print("resident set size (MiB):", json.dumps({**rss, **engine_rss}))
+
+
+if __name__ == "__main__":
+    main()
