@@ -161,7 +161,7 @@ class _Scheduler:
                 job.done()
                 continue
             if job.params.logprobs is not None:
-                job.describe = _logprob_reader(self._llama, job.params.logprobs)
+                job.describe = _logprob_reader(self._llama, job.params.logprobs, self._ctx)
             self._running.append(job)
 
     def _step(self) -> None:
@@ -205,7 +205,10 @@ class _Scheduler:
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         for job, row in rows:
-            self._sample(job, row)
+            try:
+                self._sample(job, row)
+            except Exception as err:  # this job's own failure (a grammar with no way on): it alone ends
+                self._fail(job, err)
 
     def _sample(self, job: _Job, row: int) -> None:
         import numpy as np
@@ -226,7 +229,7 @@ class _Scheduler:
             return
         job.produced += 1
         if job.describe is not None:
-            job.logprobs.append(job.describe(token))
+            job.logprobs.append(job.describe(token, row))
         job.text += job.decoder.decode(self._llama.detokenize([token]))
         stops = job.params.stop
         if stops:
@@ -244,6 +247,16 @@ class _Scheduler:
             self._finish(job, FINISH_LENGTH)
             return
         job.next_token = token
+
+    def _fail(self, job: _Job, err: BaseException) -> None:
+        if job in self._running:
+            self._running.remove(job)
+        self._c.llama_memory_seq_rm(self._memory, job.seq, -1, -1)
+        if job.sampler is not None:
+            job.sampler.close()
+            job.sampler = None
+        job.emit(err)
+        job.done()
 
     def _finish(self, job: _Job, reason: str) -> None:
         if job in self._running:

@@ -166,18 +166,19 @@ def _checked_grammar(vocab: Any, params: SamplingParams) -> str | None:
     return gbnf
 
 
-def _logprob_reader(llama: Any, k: int) -> Callable[[int], TokenLogprob]:
+def _logprob_reader(llama: Any, k: int, ctx: Any = None) -> Callable[..., TokenLogprob]:
     """A function that describes the token just sampled by ``llama`` (before the next decode).
 
     It reads the raw logits the token was sampled from (the context's last
-    output row) and returns the token's log-softmax and the ``k`` best
-    alternatives'. Token texts are cached for the job.
+    output row, or the batch row it is given) and returns the token's
+    log-softmax and the ``k`` best alternatives'. Token texts are cached for
+    the job. ``ctx``: the context sampled from (default: ``llama``'s own).
     """
     import llama_cpp
     import numpy as np
 
     n_vocab = llama.n_vocab()
-    ctx = llama.ctx
+    ctx = ctx or llama.ctx
     texts: dict[int, str] = {}
 
     def text(token: int) -> str:
@@ -186,8 +187,8 @@ def _logprob_reader(llama: Any, k: int) -> Callable[[int], TokenLogprob]:
             piece = texts[token] = llama.detokenize([token], special=True).decode(errors="replace")
         return piece
 
-    def read(token: int) -> TokenLogprob:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+    def read(token: int, row: int = -1) -> TokenLogprob:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(n_vocab,))
         peak = float(logits.max())
         # log-sum-exp; the sum is ≥ 1 (the peak's term), so log_total ≥ peak and every logprob ≤ 0
         log_total = peak + math.log(float(np.exp(logits - peak).sum(dtype=np.float64)))
