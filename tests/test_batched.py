@@ -1,7 +1,9 @@
 """The batched engine (node/batched.py) with the real model: jobs of different lengths joining at different
-times, cancellation mid-batch, per-sequence sampling, a long prompt admitted while others decode, and honest
-batched answers passing verification. Each answer is compared with the same request run alone on today's
-per-slot engine."""
+times, cancellation mid-batch, per-sequence sampling, a long prompt admitted while others decode. Every answer
+must pass verification against the model (node/verify.py, a one-thread per-slot verifier): greedy answers are
+the argmax at each token up to near-ties, sampled ones the seeded draws of their own parameters. Bitwise
+equality with a solo run is not asserted: a prompt prefilled beside other sequences is computed in other
+ubatch shapes, and whether the floats then agree depends on the CPU (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -63,30 +65,46 @@ async def gather(*calls):
 
 @pytest.fixture
 async def engines(default_model_file):
-    """A batched engine with 8 sequences, and today's per-slot engine to run each request alone."""
+    """A batched engine with 8 sequences, and a one-thread per-slot engine that checks answers."""
     async with (
         open_engine(default_model_file, slots=8, kind="batched") as batched,
-        open_engine(default_model_file, slots=1) as alone,
+        open_engine(default_model_file, slots=1, threads=1) as verifier,
     ):
-        yield batched, alone
+        yield batched, verifier
+
+
+async def honest(verifier, messages, params: SamplingParams, done) -> None:
+    """``done`` is an honest answer to (messages, params), as node/verify.py judges it."""
+    fields = dataclasses.asdict(params)
+    fields["stop"] = list(fields["stop"])
+    verdict = await verify.check(
+        verifier, JobRequest(job_id="j", model="m", params=fields, messages=messages), done.fingerprints,
+        text=done.text, finish_reason=done.finish_reason, completion_tokens=done.usage.completion_tokens,
+    )  # fmt: skip
+    assert verdict.ok, verdict.reason
+    records = len(done.fingerprints) // 15
+    assert done.usage.completion_tokens <= records <= done.usage.completion_tokens + 1
 
 
 async def test_eight_jobs_of_different_lengths_joining_at_different_times(engines):
-    batched, alone = engines
+    batched, verifier = engines
     jobs = [request(k, long=k % 3 == 0, max_tokens=8 + 12 * k) for k in range(8)]
-    with trio.fail_after(600):
+    with trio.fail_after(900):
+        steps = batched._scheduler.steps
         results = await gather(*(lambda k=k: run(batched, *jobs[k], after_s=0.3 * k) for k in range(8)))
         for k, (messages, params) in enumerate(jobs):
-            solo = await run(alone, messages, params)
             done = results[k]
-            assert done.usage == solo.usage and done.finish_reason == solo.finish_reason, k
-            assert done.text == solo.text, k  # greedy: the same answer with 7 others in the batch as alone
+            assert done.usage.completion_tokens <= params.max_tokens
+            assert (done.finish_reason == "length") == (done.usage.completion_tokens == params.max_tokens), k
+            assert done.usage.prompt_tokens > (1000 if k % 3 == 0 else 20)
+            await honest(verifier, messages, params, done)
     assert batched.free_slots == 8
-    assert batched._scheduler.steps < sum(r.usage.completion_tokens for r in results)  # tokens shared steps
+    # sequences shared decode steps: far fewer steps than tokens generated
+    assert batched._scheduler.steps - steps < 0.6 * sum(r.usage.completion_tokens for r in results)
 
 
 async def test_a_cancelled_job_frees_its_sequence_and_the_others_go_on_unaffected(engines):
-    batched, alone = engines
+    batched, verifier = engines
     jobs = [request(k, max_tokens=48) for k in range(3)]
     with trio.fail_after(300):
         results = await gather(
@@ -98,22 +116,24 @@ async def test_a_cancelled_job_frees_its_sequence_and_the_others_go_on_unaffecte
         while batched.free_slots < 8:  # the cancelled sequence is back within a step
             await trio.sleep(0.01)
         for k in (0, 2):
-            assert results[k].text == (await run(alone, *jobs[k])).text
+            await honest(verifier, *jobs[k], results[k])
+        again = await run(batched, *jobs[1])  # the freed sequence serves the next job from a clean cache
+        await honest(verifier, *jobs[1], again)
 
 
 async def test_sampling_parameters_do_not_leak_between_sequences(engines):
-    batched, alone = engines
+    batched, verifier = engines
     greedy = request(0, max_tokens=40)
     hot = (greedy[0], dataclasses.replace(greedy[1], temperature=1.5, seed=7, top_k=0, top_p=1.0, min_p=0.0))
     with trio.fail_after(300):
         done_greedy, done_hot = await gather(lambda: run(batched, *greedy), lambda: run(batched, *hot))
-        assert done_greedy.text == (await run(alone, *greedy)).text
         assert done_hot.text != done_greedy.text  # the hot one really sampled at its own temperature
-        assert done_hot.text == (await run(alone, *hot)).text  # seeded: its own draws, as alone
+        await honest(verifier, *greedy, done_greedy)  # the argmax at every token: no heat leaked into it
+        await honest(verifier, *hot, done_hot)  # its own seeded draws at 1.5
 
 
 async def test_a_long_prompt_is_admitted_while_others_decode(engines):
-    batched, alone = engines
+    batched, verifier = engines
     short = request(1, max_tokens=64)
     long = request(2, long=True, max_tokens=16)
     with trio.fail_after(300):
@@ -121,22 +141,5 @@ async def test_a_long_prompt_is_admitted_while_others_decode(engines):
         done_short, done_long = await gather(lambda: run(batched, *short), lambda: run(batched, *long, after_s=0.5))
         assert done_long.usage.prompt_tokens > 1000
         assert batched._scheduler.mixed_steps - before >= 2  # its chunks went in beside the other's tokens
-        assert done_short.text == (await run(alone, *short)).text
-        assert done_long.text == (await run(alone, *long)).text
-
-
-async def test_honest_batched_answers_pass_verification(engines, default_model_file):
-    batched, _ = engines
-    jobs = [request(k, long=k == 1, max_tokens=40) for k in range(3)]
-    jobs.append((jobs[0][0], dataclasses.replace(jobs[0][1], temperature=0.8, seed=11)))
-    with trio.fail_after(300):
-        results = await gather(*(lambda k=k: run(batched, *jobs[k]) for k in range(len(jobs))))
-        async with open_engine(default_model_file, slots=1, threads=1) as verifier:
-            for (messages, params), done in zip(jobs, results, strict=True):
-                fields = dataclasses.asdict(params)
-                fields["stop"] = list(fields["stop"])
-                verdict = await verify.check(
-                    verifier, JobRequest(job_id="j", model="m", params=fields, messages=messages), done.fingerprints,
-                    text=done.text, finish_reason=done.finish_reason, completion_tokens=done.usage.completion_tokens,
-                )  # fmt: skip
-                assert verdict.ok, verdict.reason
+        await honest(verifier, *short, done_short)
+        await honest(verifier, *long, done_long)
