@@ -27,6 +27,8 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,29 +89,53 @@ class _Job:
         return event
 
 
+@dataclass
+class _Call:
+    """A function to run on the scheduler's thread (``_Scheduler.call``)."""
+
+    fn: Callable[[], Any]
+    result: Future = field(default_factory=Future)
+
+
 class _Scheduler:
     """The loop that owns the batched context (see the module docstring). Runs in its own thread."""
 
-    def __init__(self, llama: Any, ctx: Any, n_batch: int, slots: int) -> None:
+    def __init__(self, n_batch: int) -> None:
         import llama_cpp
 
         self._c = llama_cpp
-        self._llama = llama  # the model, vocabulary and detokenizer (its own context is for observe)
-        self._ctx = ctx
-        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._llama: Any = None  # the model, vocabulary and detokenizer (its own context is for observe)
+        self._ctx: Any = None
+        self._memory: Any = None
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self._incoming: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._incoming: queue.SimpleQueue[_Job | _Call | None] = queue.SimpleQueue()
         self._running: list[_Job] = []
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llmarket-batched", daemon=True)
         self._failure: BaseException | None = None
         self.steps = 0  # decode calls, for tests and benchmarks
         self.mixed_steps = 0  # of which some sequences decoded while others prefilled
-        self._slots = slots
 
     def start(self) -> None:
         self._thread.start()
+
+    def attach(self, llama: Any, ctx: Any) -> None:
+        """The model (``llama``) and the batched context the loop decodes with (call through ``call``)."""
+        self._llama, self._ctx = llama, ctx
+        self._memory = self._c.llama_get_memory(ctx)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the scheduler's thread between steps; its result (blocking the calling thread).
+
+        Everything that computes with llama.cpp runs on this one thread: loading, the numerics probe,
+        verification passes. llama.cpp's CPU backend runs on OpenMP, whose worker teams belong to the thread
+        that started them; decoding from a second thread once the first has computed was measured 2-3×
+        slower on this machine (bench/throughput.py's notes in docs/benchmarks.md).
+        """
+        call = _Call(fn)
+        self.submit(call)
+        return call.result.result()
 
     def stop(self) -> None:
         self._incoming.put(None)
@@ -117,7 +143,7 @@ class _Scheduler:
         self._thread.join()
         self._c.llama_batch_free(self._batch)
 
-    def submit(self, job: _Job) -> None:
+    def submit(self, job: _Job | _Call) -> None:
         if self._failure is not None:
             raise RuntimeError(f"the batched engine stopped: {self._failure}")
         self._incoming.put(job)
@@ -152,6 +178,12 @@ class _Scheduler:
                 for running in self._running:
                     self._finish(running, FINISH_CANCELLED)
                 return False
+            if isinstance(job, _Call):
+                try:
+                    job.result.set_result(job.fn())
+                except BaseException as err:
+                    job.result.set_exception(err)
+                continue
             self._c.llama_memory_seq_rm(self._memory, job.seq, -1, -1)
             seed = job.params.seed if job.params.seed is not None else secrets.randbits(31)
             try:
@@ -286,6 +318,10 @@ class BatchedEngine(Engine):
     def reproducible(self) -> bool:
         return False  # not claimed until measured with other sequences in the batch (docs/benchmarks.md)
 
+    @property
+    def numerics(self) -> str:
+        return ""  # a sequence's logits depend on what shares its batch: never claimed exact
+
     async def _run(self, slot: _Slot, tokens, said, params, grammar, send, cancelled, record: bool) -> None:
         token = trio.lowlevel.current_trio_token()
         finished = trio.Event()
@@ -316,6 +352,10 @@ class BatchedEngine(Engine):
                 raise
         if failure:
             raise failure[0]
+
+    async def _blocking(self, fn, *args):
+        """``fn(*args)`` on the scheduler's thread (see ``_Scheduler.call``); a trio worker thread waits."""
+        return await trio.to_thread.run_sync(self._scheduler.call, lambda: fn(*args))
 
     async def observe(self, tokenize, params, fingerprints):
         async with self._observing:  # one check at a time on the engine's own context

@@ -727,11 +727,13 @@ class Engine:
         grammar = await self._grammar(params)
         slot = await self._free_recv.receive()
         try:
-            return await trio.to_thread.run_sync(
-                self._observe_blocking, slot, tokenize, params, grammar, records, self.n_ctx, limiter=self._limiter
-            )
+            return await self._blocking(self._observe_blocking, slot, tokenize, params, grammar, records, self.n_ctx)
         finally:
             self._free_send.send_nowait(slot)
+
+    async def _blocking(self, fn, *args):
+        """``fn(*args)``, which computes with llama.cpp, in a worker thread (one per slot at a time)."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     @staticmethod
     def _observe_blocking(
@@ -964,24 +966,28 @@ async def open_engine(
 
     llamas: list[Any] = []
     scheduler = ctx = None
+    compute = trio.to_thread.run_sync  # blocking llama.cpp work, in a worker thread
+    if batched:  # all of it on the scheduler's one thread (node/batched.py: OpenMP teams belong to a thread)
+        from node.batched import BatchedEngine, _Scheduler, batched_context
+
+        scheduler = _Scheduler(512)
+        scheduler.start()
+
+        async def compute(fn, *args):
+            return await trio.to_thread.run_sync(scheduler.call, lambda: fn(*args))
+
     try:
         for _ in range(1 if batched else slots):
-            llamas.append(await trio.to_thread.run_sync(load))
-        batch_numerics = await trio.to_thread.run_sync(_numerics, llamas[0], gpu_layers)
+            llamas.append(await compute(load))
+        batch_numerics = await compute(_numerics, llamas[0], gpu_layers)
         free_send, free_recv = trio.open_memory_channel(slots)
         for index in range(slots):  # batched: every slot is a sequence of the one context, tokenized with llamas[0]
             free_send.send_nowait(_Slot(llamas[0 if batched else index], index))
         extra: dict[str, Any] = {}
         if batched:
-            from node.batched import BatchedEngine, _Scheduler, batched_context
-
-            ctx = await trio.to_thread.run_sync(
-                lambda: batched_context(llamas[0], slots=slots, n_ctx=n_ctx, threads=threads)
-            )
-            scheduler = _Scheduler(llamas[0], ctx, 512, slots)
-            scheduler.start()
+            ctx = await compute(lambda: batched_context(llamas[0], slots=slots, n_ctx=n_ctx, threads=threads))
+            scheduler.attach(llamas[0], ctx)
             extra["_scheduler"] = scheduler
-            numerics = ""  # not claimed for batched decoding until measured
         engine = (BatchedEngine if batched else Engine)(
             model_path=model_path,
             n_ctx=n_ctx,
