@@ -45,6 +45,9 @@ SLOTS = 8
 CTX = 2048  # per sequence
 
 
+WARM_UP = [{"role": "user", "content": "Say hello."}]  # not one of the measured prompts: no cache hit
+
+
 def messages(k: int) -> list[dict]:
     return [{"role": "user", "content": f"Write a long, detailed story about {TOPICS[k % len(TOPICS)]}."}]
 
@@ -109,7 +112,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f}s")
 
 
-def drive_http(base_url: str, model: str, streams: int, tokens: int, headers: dict | None = None) -> dict:
+def drive_http(base_url: str, model: str, streams: int, tokens: int, *, warm_up: bool = False) -> dict:
     """``streams`` concurrent streaming chat requests; aggregate tokens/s and TTFT percentiles."""
     import httpx
 
@@ -117,10 +120,10 @@ def drive_http(base_url: str, model: str, streams: int, tokens: int, headers: di
     produced: list[int] = []
 
     def one(k: int) -> None:
-        body = {"model": model, "messages": messages(k), "max_tokens": tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}  # fmt: skip
+        body = {"model": model, "messages": WARM_UP if warm_up else messages(k), "max_tokens": tokens,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
         start, first, usage, chunks = time.perf_counter(), None, None, 0
-        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=600) as r:
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=600) as r:
             r.raise_for_status()
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -154,11 +157,11 @@ def summary(tokens: int, wall: float, ttft: list[float]) -> dict:
 def sweep_llama_server(model: Path, streams: list[int], tokens: int, threads: int) -> tuple[list[dict], float]:
     port = free_port()
     cmd = [str(llama_server()), "-m", str(model), "--port", str(port), "--host", "127.0.0.1", "-c", str(CTX * SLOTS),
-           "--parallel", str(SLOTS), "-t", str(threads), "-tb", str(threads), "-fa", "on", "--no-webui"]  # fmt: skip
+           "--parallel", str(SLOTS), "-t", str(threads), "-tb", str(threads), "-fa", "on"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc)
-        drive_http(f"http://127.0.0.1:{port}", "default", 1, 8)  # warm up
+        drive_http(f"http://127.0.0.1:{port}", "default", 1, 8, warm_up=True)
         rows = [drive_http(f"http://127.0.0.1:{port}", "default", n, tokens) for n in streams]
         return rows, rss_mib(proc.pid)
     finally:
@@ -182,7 +185,7 @@ def measure_engine(kind: str, streams: int, tokens: int) -> dict:
 
     async def run() -> dict:
         async with open_engine(default_model_file(), slots=slots, n_ctx=CTX, kind=kind) as engine:
-            await engine.complete_chat(messages(0), SamplingParams(max_tokens=8, temperature=0))  # warm up
+            await engine.complete_chat(WARM_UP, SamplingParams(max_tokens=8, temperature=0))
             ttft: list[float] = []
             produced = 0
 
@@ -248,7 +251,7 @@ def sweep_market(streams: list[int], tokens: int) -> tuple[list[dict], float]:
 
         while httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["workers"] < 1:
             time.sleep(0.2)  # until the worker's offer arrived
-        drive_http(f"http://127.0.0.1:{port}", "default", 1, 8)  # warm up
+        drive_http(f"http://127.0.0.1:{port}", "default", 1, 8, warm_up=True)
         rows = [drive_http(f"http://127.0.0.1:{port}", "default", n, tokens) for n in streams]
         return rows, rss_mib(worker.pid)
     finally:

@@ -59,10 +59,11 @@ class _Job:
     said: list[int]
     params: SamplingParams
     grammar: str | None
-    emit: Any  # called from the scheduler thread with each event; never blocks
+    emit: Any  # trio-side: takes each event (the scheduler posts them, a batch per step)
     cancelled: threading.Event
     record: bool
-    done: Any  # called (from the thread) once the job's last event was emitted
+    done: Any  # trio-side: called once the job's last event was delivered
+    trio_token: Any = None  # where ``emit`` and ``done`` run
     fed: int = 0  # prompt tokens in the cache
     next_token: int | None = None  # the last sampled token, to feed at the next step
     sampler: Any = None
@@ -87,6 +88,11 @@ class _Job:
         self.reported = self.produced
         self.logprobs.clear()
         return event
+
+
+def _run_all(calls: list) -> None:
+    for fn, args in calls:
+        fn(*args)
 
 
 @dataclass
@@ -116,6 +122,7 @@ class _Scheduler:
         self._failure: BaseException | None = None
         self.steps = 0  # decode calls, for tests and benchmarks
         self.mixed_steps = 0  # of which some sequences decoded while others prefilled
+        self._outbox: list[tuple[Any, Callable[..., None], tuple]] = []  # trio calls of this step, in order
 
     def start(self) -> None:
         self._thread.start()
@@ -151,21 +158,39 @@ class _Scheduler:
 
     # ------------------------------------------------------------ the loop
 
+    def _post(self, job: _Job, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` to run in trio; sent with the step's other events in one wake-up (``_flush``)."""
+        self._outbox.append((job.trio_token, fn, args))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        by_token: dict[Any, list] = {}
+        for token, fn, args in self._outbox:
+            by_token.setdefault(token, []).append((fn, args))
+        self._outbox.clear()
+        for token, calls in by_token.items():
+            token.run_sync_soon(_run_all, calls)
+
     def _loop(self) -> None:
         try:
             while True:
-                if not self._admit():
+                admitted = self._admit()
+                self._flush()
+                if not admitted:
                     return
                 if not self._running:
                     self._wake.wait()
                     self._wake.clear()
                     continue
                 self._step()
+                self._flush()
         except BaseException as err:  # a llama.cpp failure: every running job ends, the engine refuses new ones
             self._failure = err
-            for job in self._running:
+            for job in list(self._running):
                 self._finish(job, FINISH_CANCELLED)
             self._running.clear()
+            self._flush()
 
     def _admit(self) -> bool:
         """Take the jobs that arrived; False when the engine is stopping."""
@@ -175,7 +200,7 @@ class _Scheduler:
             except queue.Empty:
                 return True
             if job is None:
-                for running in self._running:
+                for running in list(self._running):
                     self._finish(running, FINISH_CANCELLED)
                 return False
             if isinstance(job, _Call):
@@ -189,8 +214,8 @@ class _Scheduler:
             try:
                 job.sampler = _Sampler(self._llama, job.params, job.grammar, seed, job.said, ctx=self._ctx)
             except Exception as err:  # a grammar llama.cpp refuses: the job ends with the error
-                job.emit(err)
-                job.done()
+                self._post(job, job.emit, err)
+                self._post(job, job.done)
                 continue
             if job.params.logprobs is not None:
                 job.describe = _logprob_reader(self._llama, job.params.logprobs, self._ctx)
@@ -273,7 +298,7 @@ class _Scheduler:
                 return
         ready = len(job.text) - _holdback(job.text, stops)
         if ready > job.sent:
-            job.emit(job.delta(job.text[job.sent : ready]))
+            self._post(job, job.emit, job.delta(job.text[job.sent : ready]))
             job.sent = ready
         if job.produced >= job.params.max_tokens:
             self._finish(job, FINISH_LENGTH)
@@ -287,8 +312,8 @@ class _Scheduler:
         if job.sampler is not None:
             job.sampler.close()
             job.sampler = None
-        job.emit(err)
-        job.done()
+        self._post(job, job.emit, err)
+        self._post(job, job.done)
 
     def _finish(self, job: _Job, reason: str) -> None:
         if job in self._running:
@@ -300,11 +325,11 @@ class _Scheduler:
         if reason == FINISH_LENGTH:
             job.text += job.decoder.decode(b"", final=True)
         if reason != FINISH_CANCELLED and (len(job.text) > job.sent or job.produced > job.reported):
-            job.emit(job.delta(job.text[job.sent :]))
+            self._post(job, job.emit, job.delta(job.text[job.sent :]))
         usage = Usage(prompt_tokens=len(job.prompt), completion_tokens=job.produced)
         elapsed = time.perf_counter() - job.started
-        job.emit(Finished(job.text, usage, reason, job.first_token_s, elapsed, job.recorder.packed()))
-        job.done()
+        self._post(job, job.emit, Finished(job.text, usage, reason, job.first_token_s, elapsed, job.recorder.packed()))
+        self._post(job, job.done)
 
 
 @dataclass
@@ -338,8 +363,7 @@ class BatchedEngine(Engine):
 
         job = _Job(
             seq=slot.index, prompt=tokens, said=said, params=params, grammar=grammar,
-            emit=lambda event: token.run_sync_soon(deliver, event), cancelled=cancelled, record=record,
-            done=lambda: token.run_sync_soon(finished.set),
+            emit=deliver, cancelled=cancelled, record=record, done=finished.set, trio_token=token,
         )  # fmt: skip
         async with send:
             self._scheduler.submit(job)
