@@ -48,13 +48,28 @@ from node.sampling import (
 )
 
 PREFILL_CHUNK = 256  # prompt tokens a sequence may add to one step (its share of n_batch)
+COPY_MIN = 32  # prompt tokens a copy from another sequence must save: it copies that sequence's whole stream
+
+
+def _common(held: list[int], prompt: list[int]) -> int:
+    """How many leading tokens ``held`` and ``prompt`` share."""
+    n = min(len(held), len(prompt))
+    if held[:n] == prompt[:n]:
+        return n
+    lo, hi = 0, n  # held[:lo] matches, held[:hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if held[:mid] == prompt[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 @dataclass
 class _Job:
     """One sequence's job, as the scheduler thread runs it."""
 
-    seq: int
     prompt: list[int]
     said: list[int]
     params: SamplingParams
@@ -64,6 +79,9 @@ class _Job:
     record: bool
     done: Any  # trio-side: called once the job's last event was delivered
     trio_token: Any = None  # where ``emit`` and ``done`` run
+    seq: int = -1  # the sequence the scheduler placed it on
+    kv: list[int] = field(default_factory=list)  # the tokens in the sequence's cache, by position
+    reused: int = 0  # of which found there (a prefix of the prompt) instead of computed
     fed: int = 0  # prompt tokens in the cache
     next_token: int | None = None  # the last sampled token, to feed at the next step
     sampler: Any = None
@@ -78,10 +96,6 @@ class _Job:
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     recorder: Recorder = field(default_factory=Recorder)
     describe: Any = None
-
-    @property
-    def position(self) -> int:
-        return self.fed + self.produced
 
     def delta(self, chunk: str) -> Delta:
         event = Delta(chunk, self.produced - self.reported, len(self.prompt), tuple(self.logprobs))
@@ -106,7 +120,7 @@ class _Call:
 class _Scheduler:
     """The loop that owns the batched context (see the module docstring). Runs in its own thread."""
 
-    def __init__(self, n_batch: int) -> None:
+    def __init__(self, n_batch: int, *, reuse_prefixes: bool = True) -> None:
         import llama_cpp
 
         self._c = llama_cpp
@@ -117,6 +131,11 @@ class _Scheduler:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._incoming: queue.SimpleQueue[_Job | _Call | None] = queue.SimpleQueue()
         self._running: list[_Job] = []
+        self._reuse = reuse_prefixes
+        self._held: list[list[int]] = []  # per free sequence: the tokens its cache still holds
+        self._free: set[int] = set()
+        self.reused_tokens = 0  # prompt tokens found in a cache instead of computed, for tests and benchmarks
+        self.copies = 0  # of which by copying another sequence's stream
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llmarket-batched", daemon=True)
         self._failure: BaseException | None = None
@@ -127,10 +146,13 @@ class _Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def attach(self, llama: Any, ctx: Any) -> None:
-        """The model (``llama``) and the batched context the loop decodes with (call through ``call``)."""
+    def attach(self, llama: Any, ctx: Any, slots: int) -> None:
+        """The model (``llama``) and the batched context of ``slots`` sequences the loop decodes with (call
+        through ``call``)."""
         self._llama, self._ctx = llama, ctx
         self._memory = self._c.llama_get_memory(ctx)
+        self._held = [[] for _ in range(slots)]
+        self._free = set(range(slots))
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the scheduler's thread between steps; its result (blocking the calling thread).
@@ -209,17 +231,56 @@ class _Scheduler:
                 except BaseException as err:
                     job.result.set_exception(err)
                 continue
-            self._c.llama_memory_seq_rm(self._memory, job.seq, -1, -1)
+            self._place(job)
             seed = job.params.seed if job.params.seed is not None else secrets.randbits(31)
             try:
                 job.sampler = _Sampler(self._llama, job.params, job.grammar, seed, job.said, ctx=self._ctx)
             except Exception as err:  # a grammar llama.cpp refuses: the job ends with the error
+                self._release(job, keep=True)
                 self._post(job, job.emit, err)
                 self._post(job, job.done)
                 continue
             if job.params.logprobs is not None:
                 job.describe = _logprob_reader(self._llama, job.params.logprobs, self._ctx)
             self._running.append(job)
+
+    def _place(self, job: _Job) -> None:
+        """Put ``job`` on a free sequence, its cache holding the longest prefix of the prompt found.
+
+        A prompt often begins as an earlier one did (the same system prompt, or a conversation's earlier
+        turns). A finished sequence's cells stay in its own stream until the sequence is reused (every stream
+        is allocated up front, so keeping them costs nothing), and a new job takes the free sequence whose
+        cache shares most with its prompt: the shared prefix is not computed again. When another sequence,
+        running or free, holds at least ``COPY_MIN`` more of it, its whole stream is copied instead (cross-
+        stream copies are whole buffers in llama.cpp; done at the next decode). The last prompt token is
+        always computed, for its logits.
+        """
+        c, limit = self._c, len(job.prompt) - 1
+        holders = [(s, self._held[s]) for s in self._free] + [(j.seq, j.kv) for j in self._running]
+        shared = {s: min(_common(held, job.prompt), limit) if self._reuse else 0 for s, held in holders}
+        seq = max(self._free, key=lambda s: (shared[s], -s))
+        source = max(shared, key=lambda s: (shared[s], s == seq))
+        if shared[source] >= shared[seq] + COPY_MIN:
+            seq = min(self._free, key=lambda s: (shared[s], s))  # the free cache worth least
+            c.llama_memory_seq_cp(self._memory, source, seq, -1, -1)
+            self.copies += 1
+        else:
+            source = seq
+        keep = shared[source]
+        c.llama_memory_seq_rm(self._memory, seq, keep if keep else -1, -1)
+        self._free.discard(seq)
+        self._held[seq] = []
+        job.seq, job.kv, job.fed, job.reused = seq, job.prompt[:keep], keep, keep
+        self.reused_tokens += keep
+
+    def _release(self, job: _Job, *, keep: bool) -> None:
+        """``job``'s sequence is free again; its cache is kept for later prompts (``keep``) or cleared."""
+        if job.seq < 0 or job.seq in self._free:
+            return
+        if not keep:
+            self._c.llama_memory_seq_rm(self._memory, job.seq, -1, -1)
+        self._held[job.seq] = job.kv if keep else []
+        self._free.add(job.seq)
 
     def _step(self) -> None:
         """One decode over every running sequence; then sampling for those whose logits are due."""
@@ -229,15 +290,16 @@ class _Scheduler:
         rows: list[tuple[_Job, int]] = []  # (job, batch row holding its logits)
         n = 0
 
-        def add(token: int, pos: int, seq: int, logits: bool) -> None:
+        def add(job: _Job, token: int, logits: bool) -> None:
             nonlocal n
-            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
-            batch.seq_id[n][0], batch.logits[n] = seq, logits
+            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, len(job.kv), 1
+            batch.seq_id[n][0], batch.logits[n] = job.seq, logits
+            job.kv.append(token)
             n += 1
 
         for job in self._running:  # decoding sequences first: one token each
             if job.next_token is not None:
-                add(job.next_token, job.position - 1, job.seq, True)
+                add(job, job.next_token, True)
                 rows.append((job, n - 1))
         decoding = n
         for job in self._running:  # then prompts, a chunk each, while the batch has room
@@ -248,8 +310,7 @@ class _Scheduler:
             if take <= 0:
                 break
             for k in range(take):
-                last = job.fed + k == len(job.prompt) - 1
-                add(job.prompt[job.fed + k], job.fed + k, job.seq, last)
+                add(job, job.prompt[job.fed + k], job.fed + k == len(job.prompt) - 1)
             job.fed += take
             if job.fed == len(job.prompt):
                 rows.append((job, n - 1))
@@ -308,7 +369,7 @@ class _Scheduler:
     def _fail(self, job: _Job, err: BaseException) -> None:
         if job in self._running:
             self._running.remove(job)
-        self._c.llama_memory_seq_rm(self._memory, job.seq, -1, -1)
+        self._release(job, keep=False)
         if job.sampler is not None:
             job.sampler.close()
             job.sampler = None
@@ -318,7 +379,7 @@ class _Scheduler:
     def _finish(self, job: _Job, reason: str) -> None:
         if job in self._running:
             self._running.remove(job)
-        self._c.llama_memory_seq_rm(self._memory, job.seq, -1, -1)  # its cells are free for the next job
+        self._release(job, keep=self._failure is None)
         if job.sampler is not None:
             job.sampler.close()
             job.sampler = None
@@ -362,7 +423,7 @@ class BatchedEngine(Engine):
                 cancelled.set()  # nobody is listening any more
 
         job = _Job(
-            seq=slot.index, prompt=tokens, said=said, params=params, grammar=grammar,
+            prompt=tokens, said=said, params=params, grammar=grammar,
             emit=deliver, cancelled=cancelled, record=record, done=finished.set, trio_token=token,
         )  # fmt: skip
         async with send:

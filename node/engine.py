@@ -921,6 +921,7 @@ async def open_engine(
     gpu_layers: int | None = None,
     fingerprints: bool = True,
     kind: str = "contexts",
+    reuse_prefixes: bool = True,
 ) -> AsyncIterator[Engine]:
     """Load ``model_path`` into ``slots`` contexts (``kind="contexts"``), or into one context that decodes
     ``slots`` sequences together (``kind="batched"``: node/batched.py); unload on exit.
@@ -931,6 +932,8 @@ async def open_engine(
     Args:
         gpu_layers: layers to offload; None means all of them when llama.cpp
             has a GPU backend and a GPU is present, else 0.
+        reuse_prefixes: batched only: a prompt's prefix already in a sequence's
+            cache is not computed again (``_Scheduler._place``); off for benchmarks.
 
     Raises:
         ModelError: the file is not GGUF, will not fit in RAM/VRAM, or llama.cpp cannot load it.
@@ -970,7 +973,7 @@ async def open_engine(
     if batched:  # all of it on the scheduler's one thread (node/batched.py: OpenMP teams belong to a thread)
         from node.batched import BatchedEngine, _Scheduler, batched_context
 
-        scheduler = _Scheduler(512)
+        scheduler = _Scheduler(512, reuse_prefixes=reuse_prefixes)
         scheduler.start()
 
         async def compute(fn, *args):
@@ -986,7 +989,7 @@ async def open_engine(
         extra: dict[str, Any] = {}
         if batched:
             ctx = await compute(lambda: batched_context(llamas[0], slots=slots, n_ctx=n_ctx, threads=threads))
-            scheduler.attach(llamas[0], ctx)
+            scheduler.attach(llamas[0], ctx, slots)
             extra["_scheduler"] = scheduler
         engine = (BatchedEngine if batched else Engine)(
             model_path=model_path,

@@ -1,5 +1,6 @@
 """The batched engine (node/batched.py) with the real model: jobs of different lengths joining at different
-times, cancellation mid-batch, per-sequence sampling, a long prompt admitted while others decode. Every answer
+times, cancellation mid-batch, per-sequence sampling, a long prompt admitted while others decode, prompt
+prefixes found in a sequence's cache (its own or another's) instead of computed again. Every answer
 must pass verification against the model (node/verify.py, a one-thread per-slot verifier): greedy answers are
 the argmax at each token up to near-ties, sampled ones the seeded draws of their own parameters. Bitwise
 equality with a solo run is not asserted: a prompt prefilled beside other sequences is computed in other
@@ -117,7 +118,9 @@ async def test_a_cancelled_job_frees_its_sequence_and_the_others_go_on_unaffecte
             await trio.sleep(0.01)
         for k in (0, 2):
             await honest(verifier, *jobs[k], results[k])
-        again = await run(batched, *jobs[1])  # the freed sequence serves the next job from a clean cache
+        reused = batched._scheduler.reused_tokens
+        again = await run(batched, *jobs[1])  # the cancelled job's cells serve the same prompt again
+        assert batched._scheduler.reused_tokens - reused == again.usage.prompt_tokens - 1
         await honest(verifier, *jobs[1], again)
 
 
@@ -143,3 +146,40 @@ async def test_a_long_prompt_is_admitted_while_others_decode(engines):
         assert batched._scheduler.mixed_steps - before >= 2  # its chunks went in beside the other's tokens
         await honest(verifier, *short, done_short)
         await honest(verifier, *long, done_long)
+
+
+async def test_a_prompt_prefix_already_in_a_cache_is_not_computed_again(engines):
+    """The same ~1,000-token system prompt three times: the second job joins while the first decodes, and its
+    free sequences hold nothing, so the first's stream is copied to it; the third comes after both finished and
+    finds the prefix in a free sequence's own cache. Each answer must still be honest (a cache holding the
+    wrong cells or positions would not be)."""
+    batched, verifier = engines
+    scheduler = batched._scheduler
+    first, second, third = (request(k, long=True, max_tokens=n) for k, n in ((0, 96), (1, 24), (2, 24)))
+    results: dict[str, Finished] = {}
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            decoding = trio.Event()
+
+            async def lead() -> None:
+                async with batched.stream_chat(*first) as events:
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            decoding.set()
+                        if isinstance(event, Finished):
+                            results["first"] = event
+
+            nursery.start_soon(lead)
+            await decoding.wait()
+            copies, reused = scheduler.copies, scheduler.reused_tokens
+            results["second"] = await run(batched, *second)
+            assert "first" not in results or results["first"].usage.completion_tokens > 8
+            assert scheduler.copies == copies + 1
+            shared = scheduler.reused_tokens - reused
+            assert 1000 < shared < results["second"].usage.prompt_tokens
+        copies, reused = scheduler.copies, scheduler.reused_tokens
+        results["third"] = await run(batched, *third)
+        assert scheduler.copies == copies  # a free sequence's own cache held it
+        assert scheduler.reused_tokens - reused == shared
+        for name, (messages, params) in (("first", first), ("second", second), ("third", third)):
+            await honest(verifier, messages, params, results[name])
