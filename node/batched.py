@@ -82,6 +82,8 @@ class _Job:
     seq: int = -1  # the sequence the scheduler placed it on
     kv: list[int] = field(default_factory=list)  # the tokens in the sequence's cache, by position
     reused: int = 0  # of which found there (a prefix of the prompt) instead of computed
+    leader: _Job | None = None  # a job still prefilling the prefix this one waits to copy (``_place``)
+    promised: int = 0  # how much of it
     fed: int = 0  # prompt tokens in the cache
     next_token: int | None = None  # the last sampled token, to feed at the next step
     sampler: Any = None
@@ -135,7 +137,8 @@ class _Scheduler:
         self._held: list[list[int]] = []  # per free sequence: the tokens its cache still holds
         self._free: set[int] = set()
         self.reused_tokens = 0  # prompt tokens found in a cache instead of computed, for tests and benchmarks
-        self.copies = 0  # of which by copying another sequence's stream
+        self.copies = 0  # streams copied from another sequence
+        self.waits = 0  # jobs that waited for another to compute their prefix
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llmarket-batched", daemon=True)
         self._failure: BaseException | None = None
@@ -245,32 +248,53 @@ class _Scheduler:
             self._running.append(job)
 
     def _place(self, job: _Job) -> None:
-        """Put ``job`` on a free sequence, its cache holding the longest prefix of the prompt found.
+        """Put ``job`` on a free sequence whose cache will hold the longest prefix of its prompt to be found.
 
         A prompt often begins as an earlier one did (the same system prompt, or a conversation's earlier
         turns). A finished sequence's cells stay in its own stream until the sequence is reused (every stream
         is allocated up front, so keeping them costs nothing), and a new job takes the free sequence whose
-        cache shares most with its prompt: the shared prefix is not computed again. When another sequence,
-        running or free, holds at least ``COPY_MIN`` more of it, its whole stream is copied instead (cross-
-        stream copies are whole buffers in llama.cpp; done at the next decode). The last prompt token is
-        always computed, for its logits.
+        cache shares most with its prompt: that prefix is not computed again. When another sequence, running
+        or free, holds at least ``COPY_MIN`` more of it, its whole stream is copied instead (``_fill``). When a
+        job still prefilling will hold that much more, the new job waits for it (``leader``) and copies then,
+        so jobs that arrive together with one system prompt compute it once. The last prompt token is always
+        computed, for its logits.
         """
-        c, limit = self._c, len(job.prompt) - 1
-        holders = [(s, self._held[s]) for s in self._free] + [(j.seq, j.kv) for j in self._running]
-        shared = {s: min(_common(held, job.prompt), limit) if self._reuse else 0 for s, held in holders}
-        seq = max(self._free, key=lambda s: (shared[s], -s))
-        source = max(shared, key=lambda s: (shared[s], s == seq))
-        if shared[source] >= shared[seq] + COPY_MIN:
-            seq = min(self._free, key=lambda s: (shared[s], s))  # the free cache worth least
-            c.llama_memory_seq_cp(self._memory, source, seq, -1, -1)
-            self.copies += 1
+        shares = lambda held: self._shares(held, job)  # noqa: E731
+        own = {s: shares(self._held[s]) for s in self._free}
+        found = max([*own.values(), *(shares(j.kv) for j in self._running)])
+        leader = max(self._running, key=lambda j: shares(j.prompt), default=None)
+        promised = shares(leader.prompt) if leader is not None else 0
+        best = max(own.values())
+        if max(found, promised) >= best + COPY_MIN:  # a copy will replace the cache: take the one worth least
+            seq = min(self._free, key=lambda s: (own[s], s))
         else:
-            source = seq
-        keep = shared[source]
-        c.llama_memory_seq_rm(self._memory, seq, keep if keep else -1, -1)
+            seq = max(self._free, key=lambda s: (own[s], -s))
         self._free.discard(seq)
-        self._held[seq] = []
-        job.seq, job.kv, job.fed, job.reused = seq, job.prompt[:keep], keep, keep
+        job.seq, job.kv, self._held[seq] = seq, self._held[seq], []
+        if promised >= max(found, best) + COPY_MIN:
+            job.leader, job.promised = leader, promised
+            self.waits += 1
+        else:
+            self._fill(job)
+
+    def _shares(self, held: list[int], job: _Job) -> int:
+        """How many of ``job``'s prompt tokens a cache holding ``held`` would spare it (not the last one)."""
+        return min(_common(held, job.prompt), len(job.prompt) - 1) if self._reuse else 0
+
+    def _fill(self, job: _Job) -> None:
+        """Make ``job``'s cache hold the longest prefix of its prompt found: its own cells trimmed, or another
+        sequence's stream copied (in llama.cpp, cross-stream copies are whole buffers, made at the next
+        decode before its tokens are written) and trimmed."""
+        c = self._c
+        keep = self._shares(job.kv, job)
+        holders = [(s, self._held[s]) for s in self._free] + [(j.seq, j.kv) for j in self._running if j is not job]
+        source, shared = max(((s, self._shares(held, job)) for s, held in holders), key=lambda h: h[1], default=(0, 0))
+        if shared >= keep + COPY_MIN:
+            c.llama_memory_seq_cp(self._memory, source, job.seq, -1, -1)
+            self.copies += 1
+            keep = shared
+        c.llama_memory_seq_rm(self._memory, job.seq, keep if keep else -1, -1)
+        job.kv, job.fed, job.reused = job.prompt[:keep], keep, keep
         self.reused_tokens += keep
 
     def _release(self, job: _Job, *, keep: bool) -> None:
@@ -287,6 +311,10 @@ class _Scheduler:
         c, batch = self._c, self._batch
         for job in [j for j in self._running if j.cancelled.is_set()]:
             self._finish(job, FINISH_CANCELLED)
+        for job in self._running:  # a leader computed what it promised, or ended: take what there is now
+            if job.leader is not None and (job.leader.fed >= job.promised or job.leader not in self._running):
+                job.leader = None
+                self._fill(job)
         rows: list[tuple[_Job, int]] = []  # (job, batch row holding its logits)
         n = 0
 
@@ -304,7 +332,7 @@ class _Scheduler:
         decoding = n
         for job in self._running:  # then prompts, a chunk each, while the batch has room
             left = len(job.prompt) - job.fed
-            if left <= 0 or job.next_token is not None:
+            if left <= 0 or job.next_token is not None or job.leader is not None:
                 continue
             take = min(left, PREFILL_CHUNK, self._n_batch - n)
             if take <= 0:

@@ -183,3 +183,19 @@ async def test_a_prompt_prefix_already_in_a_cache_is_not_computed_again(engines)
         assert scheduler.reused_tokens - reused == shared
         for name, (messages, params) in (("first", first), ("second", second), ("third", third)):
             await honest(verifier, messages, params, results[name])
+
+
+async def test_jobs_arriving_together_with_one_system_prompt_compute_it_once(engines):
+    """Four jobs at once, one ~1,000-token system prompt: the first to be admitted computes it, the others wait
+    for it and copy it (``_Scheduler._place``), instead of all four prefilling it side by side."""
+    batched, verifier = engines
+    scheduler = batched._scheduler
+    jobs = [request(k, long=True, max_tokens=16) for k in range(4)]
+    with trio.fail_after(600):
+        reused, copies = scheduler.reused_tokens, scheduler.copies
+        results = await gather(*(lambda k=k: run(batched, *jobs[k]) for k in range(4)))
+        prompt = results[0].usage.prompt_tokens
+        assert scheduler.copies - copies == 3
+        assert scheduler.reused_tokens - reused > 3 * (prompt - 20)  # all but each one's own question
+        for k in range(4):
+            await honest(verifier, *jobs[k], results[k])
