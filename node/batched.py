@@ -139,6 +139,7 @@ class _Scheduler:
         self.reused_tokens = 0  # prompt tokens found in a cache instead of computed, for tests and benchmarks
         self.copies = 0  # streams copied from another sequence
         self.waits = 0  # jobs that waited for another to compute their prefix
+        self.prefill_chunk = PREFILL_CHUNK  # benchmarks try others (bench/throughput.py --chunks)
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llmarket-batched", daemon=True)
         self._failure: BaseException | None = None
@@ -334,7 +335,7 @@ class _Scheduler:
             left = len(job.prompt) - job.fed
             if left <= 0 or job.next_token is not None or job.leader is not None:
                 continue
-            take = min(left, PREFILL_CHUNK, self._n_batch - n)
+            take = min(left, self.prefill_chunk, self._n_batch - n)
             if take <= 0:
                 break
             for k in range(take):
