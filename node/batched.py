@@ -5,19 +5,23 @@
 slots, events), but its slots are *sequences* of one context instead of one
 context each. A scheduler thread runs the loop:
 
-1. admit new jobs (each on a free sequence, its KV cells cleared);
+1. admit new jobs, each on a free sequence whose cache already holds as much of
+   its prompt as can be found (``_Scheduler._place``: its own cells, another
+   sequence's stream copied, or a prefix another job is computing, waited for);
 2. build one ``llama_batch``: the next token of every sequence that is
    generating, then prompt tokens of sequences still prefilling, in chunks of
    at most ``PREFILL_CHUNK`` per step so a long prompt never stalls the others;
 3. decode once; each generating sequence samples from its own row of logits
    with its own sampler chain (``_Sampler``), records its fingerprint, and
    streams its text as ``Engine`` does (stops, logprobs, ``Finished``);
-4. drop sequences that finished or were cancelled (their cells are freed at
-   once: a cancel frees its sequence within one step).
+4. drop sequences that finished or were cancelled: the sequence is free at
+   once (a cancel frees it within one step), and its cells stay in its own
+   stream for a later prompt that begins the same way.
 
 Weights are read once per step for all sequences, which is where the
 throughput comes from on CPUs as on GPUs. Verification (``observe``) runs on
-the engine's own separate context, one check at a time.
+the engine's own separate context, one check at a time, on the scheduler's
+thread between two steps.
 """
 
 from __future__ import annotations

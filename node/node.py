@@ -64,7 +64,7 @@ class WorkerConfig:
     ctx_size: int = 2048
     threads: int | None = None
     gpu_layers: int | None = None
-    engine: str = "contexts"  # or "batched" (node/batched.py)
+    engine: str = "batched"  # node/batched.py; or "contexts": one llama.cpp context per slot
     ipfs_api: str | None = None
     advertise_interval_s: float = 10.0
     offer_ttl_s: float = 60.0

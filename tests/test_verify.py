@@ -286,6 +286,47 @@ async def test_honest_work_is_never_flagged(default_model_file, tmp_path, capsys
     assert len(verdicts) >= 1000
 
 
+@slow
+async def test_honest_batched_work_is_never_flagged(default_model_file, capsys):
+    """Honest answers of the batched engine (node/batched.py, ``reproducible: false``): 160 jobs, four at a time
+    joining a quarter of a second apart, so prompts are prefilled beside other sequences' decoding; every fifth
+    carries the long system document, mostly found in a cache or copied from another sequence (prefix reuse).
+    Each is checked once by a one-thread verifier, two checks at once: none may be flagged."""
+    verdicts: list[verify.Verdict] = []
+    failures: list[str] = []
+
+    async def later(delay: float, messages, params):
+        await trio.sleep(delay)
+        return await answer(worker, messages, params)
+
+    async with (
+        open_engine(default_model_file, slots=4, kind="batched") as worker,
+        open_engine(default_model_file, slots=2, threads=1) as verifiers,
+    ):
+        assert not worker.reproducible and worker.numerics == ""
+        with trio.fail_after(3000):
+            for i in range(0, 160, 4):
+                jobs = [job(i + k, long_every=5) for k in range(4)]
+                done = await gather(*(partial(later, 0.25 * k, *jobs[k]) for k in range(4)))
+                for pair in (0, 2):
+                    calls = (partial(check, verifiers, *jobs[k], done[k], worker) for k in (pair, pair + 1))
+                    for k, verdict in enumerate(await gather(*calls)):
+                        verdicts.append(verdict)
+                        if not verdict.ok:
+                            failures.append(f"batched job {i + pair + k}: {verdict.reason}")
+        reused = worker._scheduler.reused_tokens
+    errors = np.array([v.max_error for v in verdicts])
+    report(
+        capsys,
+        f"honest batched checks: {len(verdicts)}, flagged: {len(failures)}; per-job max logit error: median "
+        f"{np.median(errors):.4f}, p99 {np.quantile(errors, 0.99):.4f}, max {errors.max():.4f}; per-job mean error "
+        f"max {max(v.mean_error for v in verdicts):.4f}; flips max {max(v.flips for v in verdicts)}; surprise z max "
+        f"{max(v.surprise_z for v in verdicts):.2f}; prompt tokens found in a cache: {reused}",
+    )
+    assert not failures, failures[:5]
+    assert len(verdicts) == 160 and reused > 20 * 500  # the long document was mostly not computed again
+
+
 CHEATS = ["Q4_0", "Q2_K", "hidden-prompt", "hotter", "random-tokens", "truncate-pad"]
 WRAPPERS = {
     "hidden-prompt": cheaters.HiddenPrompt,

@@ -104,10 +104,11 @@ def engine_flags(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, metavar="N",
         help="CPU threads (default: every core for --engine batched; cores / slots for --engine contexts)",
     )  # fmt: skip
-    group.add_argument("--engine", choices=("batched", "contexts"), default="contexts",
+    group.add_argument("--engine", choices=("batched", "contexts"), default="batched",
                        help="batched: one llama.cpp context decodes every running job together (continuous "
-                            "batching: more tokens/s with several jobs); contexts: one context per slot "
-                            "(default: %(default)s)")  # fmt: skip
+                            "batching), and a prompt's prefix already in a cache is not computed again; "
+                            "contexts: one context per slot, for answers that are bit-for-bit those of one job "
+                            "alone, and with --threads 1 checkable exactly (default: %(default)s)")  # fmt: skip
     group.add_argument("--gpu-layers", type=int, default=None, metavar="N",
                        help="layers to offload to the GPU; -1 = all, 0 = CPU only "
                             "(default: all when llama.cpp has GPU support and a GPU is present)")  # fmt: skip
