@@ -22,11 +22,11 @@ TTFT p50/p95, and the resident set size of the serving process. A shared 2-core 
 moves from run to run by 20-30%, so every figure is the median of --rounds rounds,
 the systems taking turns within each round; the spread (min-max) is printed beside it.
 
---prefix: 8 streams at once, each a ~1,000-token system prompt (the same for all)
+--prefix: 8 streams at once, each a ~1,400-token system prompt (the same for all)
 and its own question, 32-token answers: TTFT and throughput with the batched
 engine's prefix reuse on and off, the per-slot engine and llama-server.
 
---chunks: 4 streams decoding when a ~1,500-token prompt arrives; for each prefill
+--chunks: 4 streams decoding when a ~1,400-token prompt arrives; for each prefill
 chunk size, the decoding streams' longest and p95 gap between tokens while it is
 prefilled, and the long prompt's TTFT.
 """
@@ -60,7 +60,7 @@ CTX = 2048  # per sequence
 WARM_UP = [{"role": "user", "content": "Say hello."}]  # not one of the measured prompts: no cache hit
 
 
-# ~1,000 tokens of a shared system prompt (--prefix) and ~1,500 of a long one (--chunks)
+# ~1,400 tokens: a shared system prompt (--prefix), a long prompt (--chunks)
 DOCUMENT = " ".join(
     f"Record {k}: the cooperative shipped {k * 13} crates of apples and {k * 5} barrels of cider to the "
     f"{['northern', 'southern', 'eastern', 'western'][k % 4]} depot, and noted the weather as "
@@ -74,7 +74,7 @@ def messages(k: int, workload: str = "plain") -> list[dict]:
         question = f"In one paragraph: what does the ledger say about {TOPICS[k % 8]}?"
         return [{"role": "system", "content": DOCUMENT}, {"role": "user", "content": question}]
     if workload == "long":
-        return [{"role": "user", "content": DOCUMENT + " " + DOCUMENT[: len(DOCUMENT) // 2] + " Summarise."}]
+        return [{"role": "user", "content": DOCUMENT + " Summarise the records."}]
     return [{"role": "user", "content": f"Write a long, detailed story about {TOPICS[k % len(TOPICS)]}."}]
 
 
@@ -366,7 +366,7 @@ def main() -> None:
     model = default_model_file()
     print(f"{profile.summary()}; medians of {args.rounds} rounds; {SLOTS} slots of {CTX} tokens")
     if args.chunks:
-        print("4 streams of 128 greedy tokens; a ~1,500-token prompt arrives once they decode")
+        print("4 streams of 128 greedy tokens; a ~1,400-token prompt arrives once they decode")
         systems = {c: lambda c=c: sweep_engine("batched", [4], 128, "chunk", c)[0] for c in args.chunks}
         runs = rounds(systems, args.rounds)
         print("| prefill chunk | longest gap (ms) | p95 gap (ms) | long prompt TTFT (ms) | aggregate tokens/s |")
@@ -377,7 +377,7 @@ def main() -> None:
                   f"| {m['tokens_per_s']:.1f} ({m['spread']}) |")  # fmt: skip
         return
     if args.prefix:
-        print("8 streams at once: one ~1,000-token system prompt, each its own question; 32 greedy tokens")
+        print("8 streams at once: one ~1,400-token system prompt, each its own question; 32 greedy tokens")
         systems = {
             "llama-server": lambda: sweep_llama_server(model, [8], 32, threads, "prefix")[0][0],
             "batched, prefix reuse": lambda: sweep_engine("batched", [8], 32, "prefix", 1)[0],

@@ -51,7 +51,7 @@ from node.sampling import (
     Usage,
 )
 
-PREFILL_CHUNK = 256  # prompt tokens a sequence may add to one step (its share of n_batch)
+PREFILL_CHUNK = 128  # prompt tokens a sequence may add to one step (measured: docs/benchmarks.md, "prefill chunk")
 COPY_MIN = 32  # prompt tokens a copy from another sequence must save: it copies that sequence's whole stream
 
 
