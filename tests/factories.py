@@ -22,6 +22,19 @@ from node.sampling import Delta, Finished, SamplingParams, TokenLogprob, Usage, 
 MODEL = "bafymodel"
 
 
+async def gather(*calls):
+    """Run zero-argument async callables at once; their results, in order."""
+    results: list = [None] * len(calls)
+
+    async def run(k):
+        results[k] = await calls[k]()
+
+    async with trio.open_nursery() as nursery:
+        for k in range(len(calls)):
+            nursery.start_soon(run, k)
+    return results
+
+
 def offer(peer_id: str = "12D3KooWtest", **changes) -> Offer:
     """An unsigned offer for MODEL: free, one free slot, expiring at 1e9 unless changed."""
     base = Offer(

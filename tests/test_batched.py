@@ -17,6 +17,7 @@ from node import verify
 from node.engine import open_engine
 from node.messages import JobRequest
 from node.sampling import Delta, Finished, SamplingParams
+from tests.factories import gather
 
 pytestmark = pytest.mark.slow
 
@@ -50,18 +51,6 @@ async def run(engine, messages, params, *, after_s: float = 0.0, stop_after: int
             if isinstance(event, Finished):
                 return event
     raise AssertionError("no Finished event")
-
-
-async def gather(*calls):
-    results: list = [None] * len(calls)
-
-    async def one(k):
-        results[k] = await calls[k]()
-
-    async with trio.open_nursery() as nursery:
-        for k in range(len(calls)):
-            nursery.start_soon(one, k)
-    return results
 
 
 @pytest.fixture

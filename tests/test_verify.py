@@ -25,6 +25,7 @@ from node.fingerprints import Observations
 from node.messages import JobRequest
 from node.sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams
 from tests import cheaters
+from tests.factories import gather
 
 slow = pytest.mark.slow
 
@@ -218,19 +219,6 @@ async def test_where_the_probe_says_exact_every_logit_matches_and_the_budget_is_
                 assert verdict.max_error == 0.0 and verdict.flips == 0
             with pytest.raises(InvalidRequest, match="not a multiple of 15"):
                 await check(verifier, messages, params, replace(done, fingerprints=done.fingerprints[:-1]))
-
-
-async def gather(*calls):
-    """Run zero-argument async callables at once; their results, in order."""
-    results: list = [None] * len(calls)
-
-    async def run(k):
-        results[k] = await calls[k]()
-
-    async with trio.open_nursery() as nursery:
-        for k in range(len(calls)):
-            nursery.start_soon(run, k)
-    return results
 
 
 @slow
