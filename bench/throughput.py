@@ -81,9 +81,11 @@ def messages(k: int, workload: str = "plain") -> list[dict]:
 # ----------------------------------------------------------- the anchor
 
 
-def llama_server() -> Path:
-    """Build llama-server from llama-cpp-python's sdist (vendor/llama.cpp) once; its path."""
-    binary = BENCH_DIR / "llama.cpp-build" / "bin" / "llama-server"
+def llama_server(cuda: bool = False) -> Path:
+    """Build llama-server from llama-cpp-python's sdist (vendor/llama.cpp) once, with CUDA where the engine
+    offloads to a GPU (as scripts/setup builds llama-cpp-python); its path."""
+    build = BENCH_DIR / ("llama.cpp-build-cuda" if cuda else "llama.cpp-build")
+    binary = build / "bin" / "llama-server"
     if binary.exists():
         return binary
     BENCH_DIR.mkdir(exist_ok=True)
@@ -96,12 +98,12 @@ def llama_server() -> Path:
     if not source.exists():
         with tarfile.open(sdist) as tar:
             tar.extractall(BENCH_DIR, filter="data")
-    build = BENCH_DIR / "llama.cpp-build"
     print("building llama-server (once, ~10 min on 2 cores)…", file=sys.stderr)
     subprocess.run(
         ["cmake", "-S", str(source / "vendor" / "llama.cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
          "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
-         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"],
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+         f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"],
         check=True, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
@@ -185,9 +187,14 @@ def summary(tokens: int, wall: float, ttft: list[float]) -> dict:
 def sweep_llama_server(
     model: Path, streams: list[int], tokens: int, threads: int, workload: str = "plain"
 ) -> tuple[list[dict], float]:
+    from node.hardware import probe_hardware
+
     port = free_port()
-    cmd = [str(llama_server()), "-m", str(model), "--port", str(port), "--host", "127.0.0.1", "-c", str(CTX * SLOTS),
-           "--parallel", str(SLOTS), "-t", str(threads), "-tb", str(threads), "-fa", "on"]  # fmt: skip
+    profile = probe_hardware()
+    gpu = bool(profile.gpu_offload and profile.gpus)  # then the engines offload every layer: so does the anchor
+    cmd = [str(llama_server(gpu)), "-m", str(model), "--port", str(port), "--host", "127.0.0.1", "-c", str(CTX * SLOTS),
+           "--parallel", str(SLOTS), "-t", str(threads), "-tb", str(threads), "-fa", "on",
+           "-ngl", "999" if gpu else "0"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc)
