@@ -36,6 +36,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import trio
 
 from node.engine import Engine, _find_stop, _holdback, _logprob_reader, _Sampler, _Slot
@@ -85,7 +86,6 @@ class _Job:
     trio_token: Any = None  # where ``emit`` and ``done`` run
     seq: int = -1  # the sequence the scheduler placed it on
     kv: list[int] = field(default_factory=list)  # the tokens in the sequence's cache, by position
-    reused: int = 0  # of which found there (a prefix of the prompt) instead of computed
     leader: _Job | None = None  # a job still prefilling the prefix this one waits to copy (``_place``)
     promised: int = 0  # how much of it
     fed: int = 0  # prompt tokens in the cache
@@ -142,7 +142,6 @@ class _Scheduler:
         self._free: set[int] = set()
         self.reused_tokens = 0  # prompt tokens found in a cache instead of computed, for tests and benchmarks
         self.copies = 0  # streams copied from another sequence
-        self.waits = 0  # jobs that waited for another to compute their prefix
         self.prefill_chunk = PREFILL_CHUNK  # benchmarks try others (bench/throughput.py --chunks)
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llmarket-batched", daemon=True)
@@ -167,7 +166,7 @@ class _Scheduler:
 
         Everything that computes with llama.cpp runs on this one thread: loading, the numerics probe,
         verification passes. llama.cpp's CPU backend runs on OpenMP, whose worker teams belong to the thread
-        that started them; decoding from a second thread once the first has computed was measured 2-3×
+        that started them; decoding from a second thread once the first has computed was measured 2-5×
         slower on this machine (bench/throughput.py's notes in docs/benchmarks.md).
         """
         call = _Call(fn)
@@ -278,7 +277,6 @@ class _Scheduler:
         job.seq, job.kv, self._held[seq] = seq, self._held[seq], []
         if promised >= max(found, best) + COPY_MIN:
             job.leader, job.promised = leader, promised
-            self.waits += 1
         else:
             self._fill(job)
 
@@ -299,7 +297,7 @@ class _Scheduler:
             self.copies += 1
             keep = shared
         c.llama_memory_seq_rm(self._memory, job.seq, keep if keep else -1, -1)
-        job.kv, job.fed, job.reused = job.prompt[:keep], keep, keep
+        job.kv, job.fed = job.prompt[:keep], keep
         self.reused_tokens += keep
 
     def _release(self, job: _Job, *, keep: bool) -> None:
@@ -362,8 +360,6 @@ class _Scheduler:
                 self._fail(job, err)
 
     def _sample(self, job: _Job, row: int) -> None:
-        import numpy as np
-
         c = self._c
         token = job.sampler.sample(row)
         if job.first_token_s is None:
