@@ -232,8 +232,12 @@ def test_teardown_kills_every_process_and_deletes_every_namespace(netns_availabl
     with pytest.raises(RuntimeError, match="test failed"), Lab(tmp_path, grace=0.5) as lab:
         alice = lab.public_host("alice")
         pc = lab.nat_router("home", kind="symmetric").home_host("pc")
-        polite = alice.spawn([PY, "-c", "import signal; signal.pause()"])
+        # "ready" first: a SIGINT that lands while Python is still starting up
+        # ends it with exit status 1 (a KeyboardInterrupt in its own imports),
+        # not by the signal, and a loaded CI machine can be that slow.
+        polite = alice.spawn([PY, "-c", "import signal; print('ready', flush=True); signal.pause()"])
         stubborn = pc.spawn([PY, "-c", LEAVES_ITS_GROUP])
+        polite.wait_for_line(r"^ready$", timeout=10)
         child = int(stubborn.wait_for_line(r"^child (\d+)$", timeout=10).group(1))
         assert set(lab.namespaces) <= netns_names()
         assert len(lab.namespaces) == 4  # the internet, alice, the router, pc
