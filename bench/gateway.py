@@ -31,7 +31,7 @@ import openai
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.hardware import probe_hardware  # noqa: E402
+from node.inference.hardware import probe_hardware  # noqa: E402
 from node.models.default import default_model_file  # noqa: E402
 
 BENCH_VENV = ROOT / ".venv-bench"

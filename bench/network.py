@@ -114,18 +114,18 @@ async def requester_side(args: argparse.Namespace) -> None:
 
     import trio
 
-    from node.host import HostConfig
+    from node.net.host import HostConfig
     from node.models.default import DEFAULT_MODEL_CID
-    from node.node import open_requester
-    from node.requester import JobSpec, run_job
-    from node.routing import RouteQuery
-    from node.sampling import SamplingParams
+    from node.app.requester import open_requester
+    from node.market.requester import JobSpec, run_job
+    from node.market.routing import RouteQuery
+    from node.inference.sampling import SamplingParams
 
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     if args.verbose:  # for looking into a failed try: hole punching and relaying, on stderr
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(name)s %(message)s", "%H:%M:%S"))
-        for name in ("libp2p.relay.circuit_v2.dcutr", "node.nat"):
+        for name in ("libp2p.relay.circuit_v2.dcutr", "node.net.nat"):
             logging.getLogger(name).setLevel(logging.DEBUG)
             logging.getLogger(name).addHandler(handler)
     listen = "/ip4/127.0.0.1/tcp/0" if args.listen == "loopback" else "/ip4/0.0.0.0/tcp/0"
@@ -273,7 +273,7 @@ class Bench:
 
     def serve(self, host, name: str, threads: int | None = None):
         """Start ``llmarket serve`` in ``host``; returns (proc, peer id, monotonic start)."""
-        from node.identity import Identity
+        from node.net.identity import Identity
 
         data_dir = self.data_dir(name)
         peer_id = Identity.load(data_dir).peer_id  # the key it will use, made before it starts
@@ -350,7 +350,7 @@ def speed(bench: Bench, workers: dict, jobs: int, rounds: int, tokens: int) -> d
 
 
 def reach(bench: Bench, trials: int) -> list[dict]:
-    from node.identity import Identity
+    from node.net.identity import Identity
 
     out = []
     for i in range(trials):

@@ -34,16 +34,17 @@ from web3 import HTTPProvider, Web3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.identity import load_or_create_account  # noqa: E402
+from node.net.identity import load_or_create_account  # noqa: E402
 from node.models.default import DEFAULT_MODEL_CID  # noqa: E402
-from node.node import open_requester, requester_wallet  # noqa: E402
+from node.app.requester import open_requester  # noqa: E402
+from node.app.paid import requester_wallet  # noqa: E402
 from node.payments.close import ask_to_close  # noqa: E402
 from node.payments.deployment import deploy_contracts, write_deployment  # noqa: E402
-from node.payments.devchain import DevChain  # noqa: E402
+from node.dev.devchain import DevChain  # noqa: E402
 from node.payments.escrow import EscrowClient  # noqa: E402
-from node.requester import JobSpec, run_job  # noqa: E402
-from node.routing import Reputation, RouteQuery  # noqa: E402
-from node.sampling import SamplingParams  # noqa: E402
+from node.market.requester import JobSpec, run_job  # noqa: E402
+from node.market.routing import Reputation, RouteQuery  # noqa: E402
+from node.inference.sampling import SamplingParams  # noqa: E402
 
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 PRICE = 10**15

@@ -22,8 +22,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.engine import Finished, SamplingParams, open_engine  # noqa: E402
-from node.hardware import probe_hardware  # noqa: E402
+from node.inference.engine import Finished, SamplingParams, open_engine  # noqa: E402
+from node.inference.hardware import probe_hardware  # noqa: E402
 from node.models.default import default_model_file  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper and the sea."}]

@@ -187,7 +187,7 @@ def summary(tokens: int, wall: float, ttft: list[float]) -> dict:
 def sweep_llama_server(
     model: Path, streams: list[int], tokens: int, threads: int, workload: str = "plain"
 ) -> tuple[list[dict], float]:
-    from node.hardware import probe_hardware
+    from node.inference.hardware import probe_hardware
 
     port = free_port()
     profile = probe_hardware()
@@ -214,9 +214,9 @@ def measure_engine(kind: str, streams: int, tokens: int, workload: str = "plain"
     for ``prefix``, the prefill chunk for ``chunk``)."""
     import trio
 
-    from node.engine import open_engine
+    from node.inference.engine import open_engine
     from node.models.default import default_model_file
-    from node.sampling import Delta, Finished, SamplingParams
+    from node.inference.sampling import Delta, Finished, SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0.0, repeat_penalty=1.0)
     slots = SLOTS if kind == "batched" else streams + (workload == "chunk")
@@ -365,7 +365,7 @@ def main() -> None:
         kind, streams, tokens, workload, option = args.internal
         print(json.dumps(measure_engine(kind, int(streams), int(tokens), workload, int(option))))
         return
-    from node.hardware import probe_hardware
+    from node.inference.hardware import probe_hardware
     from node.models.default import default_model_file
 
     profile = probe_hardware()

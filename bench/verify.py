@@ -46,9 +46,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node import verify  # noqa: E402
-from node.engine import Finished, SamplingParams, open_engine  # noqa: E402
-from node.messages import JobRequest  # noqa: E402
+from node.verify import checks as verify  # noqa: E402
+from node.inference.engine import Finished, SamplingParams, open_engine  # noqa: E402
+from node.protocol.messages import JobRequest  # noqa: E402
 from node.models.default import default_model_file  # noqa: E402
 from node.payments.policy import job_cost  # noqa: E402
 

@@ -1,5 +1,5 @@
 """``python -m node`` is the same program as the ``llmarket`` command."""
 
-from node.cli import main
+from node.cli.main import main
 
 raise SystemExit(main())

@@ -139,3 +139,18 @@ class ApiError(NodeError):
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------------- text
+
+
+def one_line(err: BaseException, *, with_type: bool = False, limit: int = 300) -> str:
+    """``err`` as one line for a log or an error message: whitespace collapsed, at most ``limit`` characters.
+
+    ``with_type`` puts the exception's class first (for errors from libraries, whose
+    messages alone often do not say what failed); an empty message gives the class name.
+    """
+    text = " ".join(str(err).split())[:limit]
+    if not text:
+        return type(err).__name__
+    return f"{type(err).__name__}: {text}" if with_type else text

@@ -1,6 +1,6 @@
 """Cheating workers' engines, built from the embedded model (no download), for the verification tests.
 
-Each wraps a real ``node.engine.Engine`` and implements the ``JobEngine``
+Each wraps a real ``node.inference.engine.Engine`` and implements the ``JobEngine``
 protocol, so it can stand in a real ``WorkerService`` or be called directly.
 A cheater's answer is self-consistent (its text is what its tokens spell, its
 token count matches its records), so what catches it is the check against the
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import trio
 
-from node import fingerprints
-from node.sampling import FINISH_LENGTH, Delta, Finished, SamplingParams, Usage
+from node.inference import fingerprints
+from node.inference.sampling import FINISH_LENGTH, Delta, Finished, SamplingParams, Usage
 
 QUANTIZATIONS = {"Q4_0": 2, "Q2_K": 10}  # llama_ftype values
 

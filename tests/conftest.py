@@ -19,7 +19,7 @@ import pytest
 from eth_account.signers.local import LocalAccount
 
 from node.payments.deployment import Deployment, deploy_contracts
-from node.payments.devchain import DevChain
+from node.dev.devchain import DevChain
 from node.payments.escrow import EscrowClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def brownie_build() -> Path:
 @pytest.fixture(scope="session")
 def ipfs_daemon():
     """One real js-ipfs daemon (kubo RPC API), offline on 127.0.0.1, for the session."""
-    from node.models.ipfsd import IpfsDaemon
+    from node.dev.ipfsd import IpfsDaemon
 
     daemon = IpfsDaemon.start()
     try:

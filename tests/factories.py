@@ -10,14 +10,14 @@ from contextlib import asynccontextmanager, contextmanager
 import trio
 
 from node.errors import ContextTooLong, InvalidRequest
-from node.host import Host, HostConfig
-from node.identity import Identity
-from node.jobs import WorkerService
-from node.messages import ModelInfo, Offer
-from node.offers import sign_offer
-from node.requester import JobSpec
-from node.routing import RouteQuery
-from node.sampling import Delta, Finished, SamplingParams, TokenLogprob, Usage, validate_messages
+from node.net.host import Host, HostConfig
+from node.net.identity import Identity
+from node.market.jobs import WorkerService
+from node.protocol.messages import ModelInfo, Offer
+from node.market.offers import sign_offer
+from node.market.requester import JobSpec
+from node.market.routing import RouteQuery
+from node.inference.sampling import Delta, Finished, SamplingParams, TokenLogprob, Usage, validate_messages
 
 MODEL = "bafymodel"
 
@@ -210,7 +210,7 @@ def paid_market(root, *gateway_args: str, workers: int = 2):
     testnet's requester wallet; yields (the testnet, the gateway's API base URL) and stops both."""
     from pathlib import Path
 
-    from node import testnet
+    from node.dev import testnet
 
     net = testnet.up(Path(root) / "net", workers=workers, say=lambda line: None)
     gateway = None

@@ -799,7 +799,7 @@ def start_chain(
     ``fund`` is ``(address, token base units, wei)`` triples: tokens from the deployer, ETH set with
     ``anvil_setBalance`` (workers need ETH to pay for their claims).
     """
-    from node.payments.devchain import find_anvil  # the node's dependencies load only for market tests
+    from node.dev.devchain import find_anvil  # the node's dependencies load only for market tests
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     python -m tests.scripted_worker --data-dir DIR [--bootstrap MULTIADDR] [--listen MULTIADDR]
         [--no-relay] [--no-mdns] [--model NAME] [--words N] [--word-bytes B] [--tick S]
 
-It is composed like ``node.node.serve`` (a ``Host`` with AutoNAT, relay and
+It is composed like ``node.app.worker.serve`` (a ``Host`` with AutoNAT, relay and
 DCUtR, ``OfferGossip`` with an ``Advertiser``, a ``WorkerService``, and
 ``net-status.json`` in the data dir every 5 s) and talks like the CLI's
 ``serve``: "bootstrap others with:" on stderr, then its multiaddrs one per line
@@ -38,13 +38,13 @@ from node import __version__
 from node.cli.common import bootstrap_flag, network_config
 from node.cli.market import report_reachability
 from node.concurrency import open_service_nursery
-from node.host import Host
-from node.identity import Identity
-from node.jobs import WorkerService
-from node.messages import ModelInfo, Offer
+from node.net.host import Host
+from node.net.identity import Identity
+from node.market.jobs import WorkerService
+from node.protocol.messages import ModelInfo, Offer
 from node.models.cid import CID, CODEC_RAW
-from node.node import publish_net_status
-from node.offers import MAX_ADDRS, Advertiser, OfferBook, OfferGossip, sign_offer
+from node.app.worker import publish_net_status
+from node.market.offers import MAX_ADDRS, Advertiser, OfferBook, OfferGossip, sign_offer
 from tests.factories import ScriptedEngine
 
 CONTEXT_SIZE = 1 << 20  # tokens: a scripted job of any length fits
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
-    for name in ("node.jobs", "node.nat"):
+    for name in ("node.market.jobs", "node.net.nat"):
         log = logging.getLogger(name)
         log.addHandler(handler)
         log.setLevel(logging.INFO)

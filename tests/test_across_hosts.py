@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from node.identity import Identity, load_or_create_account
+from node.net.identity import Identity, load_or_create_account
 from node.payments.policy import job_cost
 
 from .netlab import (

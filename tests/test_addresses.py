@@ -7,10 +7,10 @@ import socket
 import pytest
 import trio
 
-from node.addresses import address_problem, advertised, dial_rank, expand, is_local, parse_announce
+from node.net.addresses import address_problem, advertised, dial_rank, expand, is_local, parse_announce
 from node.errors import ConfigError, PeerUnreachable
-from node.host import Host, HostConfig
-from node.identity import Identity
+from node.net.host import Host, HostConfig
+from node.net.identity import Identity
 
 IPS = ["127.0.0.1", "10.1.0.5", "169.254.3.3", "203.0.113.9", "::1", "fe80::1", "2001:db8::5"]
 

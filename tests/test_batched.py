@@ -13,10 +13,10 @@ import dataclasses
 import pytest
 import trio
 
-from node import verify
-from node.engine import open_engine
-from node.messages import JobRequest
-from node.sampling import Delta, Finished, SamplingParams
+from node.verify.checks import checks as verify
+from node.inference.engine import open_engine
+from node.protocol.messages import JobRequest
+from node.inference.sampling import Delta, Finished, SamplingParams
 from tests.factories import gather
 
 pytestmark = pytest.mark.slow

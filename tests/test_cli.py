@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from node.cli import build_parser, main
+from node.cli.main import build_parser, main
 from node.payments.deployment import write_deployment
 
 from .conftest import TOKEN

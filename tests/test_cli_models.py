@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from node.cli import main
+from node.cli.main import main
 from node.models.default import DEFAULT_MODEL_CID
 
 pytestmark = pytest.mark.slow

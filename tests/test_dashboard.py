@@ -1,5 +1,5 @@
-"""The web page's data: ``node.activity`` (jobs, sums, the live feed) and every ``/api/…`` endpoint of
-``node.dashboard``, called in-process as ASGI, with real ledgers and an in-process worker. The page itself, in
+"""The web page's data: ``node.market.activity`` (jobs, sums, the live feed) and every ``/api/…`` endpoint of
+``node.api.dashboard``, called in-process as ASGI, with real ledgers and an in-process worker. The page itself, in
 a real browser on a paid testnet, is tests/test_web.py."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from node.activity import BUCKET_S, CANCELLED, DONE, FAILED, FEED_BUFFER, REJECTED, REQUESTED, SERVED, Activity
-from node.dashboard import WEB_DIR, Dashboard, DashboardApp, RequesterPayments, WorkerInfo, WorkerPayments
-from node.identity import Identity
-from node.messages import ModelInfo
+from node.market.activity import BUCKET_S, CANCELLED, DONE, FAILED, FEED_BUFFER, REJECTED, REQUESTED, SERVED, Activity
+from node.api.dashboard import WEB_DIR, Dashboard, DashboardApp, RequesterPayments, WorkerInfo, WorkerPayments
+from node.net.identity import Identity
+from node.protocol.messages import ModelInfo
 from node.payments.ledger import WalletChannel, WalletLedger, WorkerLedger
-from node.requester import run_job
-from node.routing import Reputation
+from node.market.requester import run_job
+from node.market.routing import Reputation
 
 from .factories import MODEL, QUERY, SPEC, WORDS, ScriptedEngine, requester, signed_offer, worker
 

@@ -26,8 +26,8 @@ from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
-from node import addresses
-from node.discovery import (
+from node.net import addresses
+from node.net.discovery import (
     KAD_PROTOCOL,
     MAX_ADDRS,
     Discovery,
@@ -38,9 +38,9 @@ from node.discovery import (
     parse_announcement,
 )
 from node.errors import ConfigError, ModelError, PeerUnreachable
-from node.host import Host, HostConfig
-from node.identity import Identity
-from node.messages import ModelInfo
+from node.net.host import Host, HostConfig
+from node.net.identity import Identity
+from node.protocol.messages import ModelInfo
 
 #: The default model's CIDs: v0 (kubo's defaults) and v1 with raw leaves (another DAG).
 CID = "QmR58njnbf5NUQQ6uF9vkbHL4N1h3kFnkFcXdASEa8hQvY"
@@ -446,8 +446,8 @@ async def test_a_flood_of_lan_peers_is_dialled_at_the_dial_rate(tmp_path):
 
 async def test_provider_records_are_a_second_source_of_offers(tmp_path):
     """A requester that hears no offer by gossip asks the DHT who provides the model, and those peers for offers."""
-    from node.node import open_requester
-    from node.offers import OfferBook, OfferGossip
+    from node.app.requester import open_requester
+    from node.market.offers import OfferBook, OfferGossip
 
     from .factories import signed_offer
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import trio
 
-from node.engine import (
+from node.inference.engine import (
     FINISH_LENGTH,
     FINISH_STOP,
     MAX_SCHEMA_REPEAT,
@@ -374,15 +374,15 @@ def test_schema_problems_are_found_anywhere():
 
 def test_sampling_is_a_leaf_module():
     """The requester, gateway and CLI import node.sampling without llama.cpp, the hardware probe or web3."""
-    heavy = ("node.engine", "node.hardware", "llama_cpp", "web3", "numpy", "trio")
-    code = f"import sys, node.sampling; print([m for m in {heavy!r} if m in sys.modules])"
+    heavy = ("node.inference.engine", "node.inference.hardware", "llama_cpp", "web3", "numpy", "trio")
+    code = f"import sys, node.inference.sampling; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
-    import node.engine
-    import node.sampling
+    import node.inference.engine
+    import node.inference.sampling
 
     for name in ("SamplingParams", "Delta", "Finished", "Usage", "TokenLogprob", "validate_messages"):
-        assert getattr(node.engine, name) is getattr(node.sampling, name)
+        assert getattr(node.inference.engine, name) is getattr(node.inference.sampling, name)
 
 
 @slow

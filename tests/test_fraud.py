@@ -18,18 +18,18 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from node.engine import open_engine
+from node.inference.engine import open_engine
 from node.errors import WireError
-from node.fraud import CHEATER_BAN_S, TOPIC, FraudWatch, audit, make_report, parse_report
-from node.host import Host, HostConfig
-from node.identity import Identity
-from node.jobs import VERIFY_PROTOCOL, WorkerService, receipt_signing_bytes, request_hash
-from node.messages import ResultReceipt, SignedVerdict
-from node.requester import JobSpec, run_job
-from node.routing import Reputation, RouteQuery
-from node.sampling import SamplingParams
-from node.verify import CheckingEngine, LocalVerifier, verification_request
-from node.wire import encode
+from node.verify.fraud import CHEATER_BAN_S, TOPIC, FraudWatch, audit, make_report, parse_report
+from node.net.host import Host, HostConfig
+from node.net.identity import Identity
+from node.market.jobs import VERIFY_PROTOCOL, WorkerService, receipt_signing_bytes, request_hash
+from node.protocol.messages import ResultReceipt, SignedVerdict
+from node.market.requester import JobSpec, run_job
+from node.market.routing import Reputation, RouteQuery
+from node.inference.sampling import SamplingParams
+from node.verify.checks import CheckingEngine, LocalVerifier, verification_request
+from node.protocol.wire import encode
 from tests import cheaters
 from tests.factories import MODEL, signed_offer
 
@@ -152,8 +152,8 @@ async def test_a_spot_check_catches_a_cheat_and_the_report_is_rechecked_or_taken
 
 def test_a_report_that_does_not_hold_together_is_dropped(tmp_path):
     """Reports are checked before they are forwarded: signatures of the reporter, the accused and the verifiers."""
-    from node.messages import JobDone, JobRequest
-    from node.requester import Proof
+    from node.protocol.messages import JobDone, JobRequest
+    from node.market.requester import Proof
 
     worker, reporter, other = (Identity.load(tmp_path / n) for n in ("worker", "reporter", "other"))
     request = JobRequest(job_id="j1", model=MODEL, params={"max_tokens": 4, "temperature": 0.0}, prompt="hi")
@@ -179,9 +179,9 @@ def test_a_report_that_does_not_hold_together_is_dropped(tmp_path):
 
 async def test_verification_jobs_go_to_the_verify_protocol_and_only_there(tmp_path):
     """A request with a check sent as a job, or a job sent for checking, is rejected as malformed."""
-    from node.jobs import JOB_PROTOCOL
-    from node.messages import CheckTask, JobDone, JobRejected, JobRequest
-    from node.wire import receive, send
+    from node.market.jobs import JOB_PROTOCOL
+    from node.protocol.messages import CheckTask, JobDone, JobRejected, JobRequest
+    from node.protocol.wire import receive, send
     from tests.factories import ScriptedEngine
 
     async with trio.open_nursery() as nursery:

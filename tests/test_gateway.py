@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from node.identity import load_or_create_account
+from node.net.identity import load_or_create_account
 from node.models.default import DEFAULT_MODEL_CID, DEFAULT_MODEL_CID_V0
 from node.payments.escrow import EscrowClient
 from node.payments.policy import job_cost

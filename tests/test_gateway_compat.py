@@ -22,17 +22,17 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from node import gateway as gateway_module
+from node.api import gateway as gateway_module
 from node.errors import DeadlineExceeded, InvalidRequest, NoWorker
-from node.gateway import MAX_BODY, Gateway
-from node.host import Host
-from node.identity import Identity
-from node.jobs import WorkerService
-from node.messages import ModelInfo, Offer
+from node.api.gateway import MAX_BODY, Gateway
+from node.net.host import Host
+from node.net.identity import Identity
+from node.market.jobs import WorkerService
+from node.protocol.messages import ModelInfo, Offer
 from node.models.default import DEFAULT_MODEL_CID
-from node.offers import Advertiser, OfferBook, OfferGossip
-from node.requester import JobResult
-from node.sampling import TokenLogprob
+from node.market.offers import Advertiser, OfferBook, OfferGossip
+from node.market.requester import JobResult
+from node.inference.sampling import TokenLogprob
 
 from .factories import MODEL, ScriptedEngine, offer, requester, signed_offer, worker
 from .factories import WORDS as WORKER_WORDS
@@ -212,12 +212,12 @@ async def test_a_stream_that_fails_before_its_first_token_gets_the_real_status(m
 
 
 async def test_an_unexpected_error_is_a_500_and_logged_with_its_traceback(monkeypatch, caplog):
-    caplog.set_level(logging.ERROR, logger="node.gateway")
+    caplog.set_level(logging.ERROR, logger="node.api.gateway")
     async with serving(monkeypatch, ScriptedJobs(error=RuntimeError("boom"))) as url:
         c = client(url)
         for raised in await errors_both_ways(c, openai.InternalServerError):
             assert raised.status_code == 500 and raised.body["type"] == "server_error"
-    records = [r for r in caplog.records if r.name == "node.gateway" and r.exc_info]
+    records = [r for r in caplog.records if r.name == "node.api.gateway" and r.exc_info]
     assert len(records) == 2 and all("boom" in str(r.exc_info[1]) for r in records)
 
 

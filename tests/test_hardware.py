@@ -9,11 +9,11 @@ import threading
 import pytest
 import trio
 
-import node.engine as engine_module
-import node.hardware as hardware_module
-from node.engine import open_engine
+import node.inference.engine as engine_module
+import node.inference.hardware as hardware_module
+from node.inference.engine import open_engine
 from node.errors import ModelError
-from node.hardware import Gpu, HardwareProfile, nvml_gpus, probe_hardware
+from node.inference.hardware import Gpu, HardwareProfile, nvml_gpus, probe_hardware
 from node.models.cid import parse_cid
 from node.models.default import DEFAULT_MODEL_CID
 from node.models.ipfs import IpfsSource

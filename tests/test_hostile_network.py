@@ -18,12 +18,12 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, TYPE_DATA, YAMUX_HEADER_FORMAT
 
-from node import messages as m
-from node.host import Host, HostConfig, PeerUnreachable
-from node.identity import Identity, peer_id_of
-from node.messages import ModelInfo
-from node.offers import SYNC_PROTOCOL, SYNC_STREAMS_PER_PEER, OfferBook, OfferGossip
-from node.wire import decode, frame, receive, send
+from node.protocol import messages as m
+from node.net.host import Host, HostConfig, PeerUnreachable
+from node.net.identity import Identity, peer_id_of
+from node.protocol.messages import ModelInfo
+from node.market.offers import SYNC_PROTOCOL, SYNC_STREAMS_PER_PEER, OfferBook, OfferGossip
+from node.protocol.wire import decode, frame, receive, send
 
 from . import factories
 from .factories import signed_offer
@@ -217,7 +217,7 @@ async def answer_and_stop_reading(stream) -> None:
 
 async def test_a_peer_that_ignores_the_yamux_window_is_cut_off(tmp_path, caplog):
     """Pushing 900 MiB past yamux's window raised RSS 305 → 1,209 MiB; py-libp2p only logged it."""
-    caplog.set_level(logging.DEBUG, logger="node.host")
+    caplog.set_level(logging.DEBUG, logger="node.net.host")
     sink = "/llmarket-test/sink/1.0.0"
     high_water = 0
     with trio.fail_after(60):
@@ -311,7 +311,7 @@ async def test_a_silent_peer_is_one_quiet_line_not_a_traceback(tmp_path, caplog)
             for stream in streams:
                 await assert_ended(stream)  # reset after the deadline
             nursery.cancel_scope.cancel()
-    mine = [r for r in caplog.records if r.name == "node.host" and quiet in r.getMessage()]
+    mine = [r for r in caplog.records if r.name == "node.net.host" and quiet in r.getMessage()]
     assert len(mine) == 10
     assert all(r.levelno <= logging.INFO and not r.exc_info for r in mine)
     assert all(silent.peer_id[:12] in r.getMessage() and "said nothing" in r.getMessage() for r in mine)
@@ -344,7 +344,7 @@ def fat_offer(i: int, expires_at: float) -> m.Offer:
 
 async def test_offer_sync_streams_that_are_never_read_cost_little(tmp_path, caplog):
     """1,000 offers in the book, 16 offers.get streams never read: RSS rose to 1.8-2.1 GiB."""
-    caplog.set_level(logging.DEBUG, logger="node.offers")
+    caplog.set_level(logging.DEBUG, logger="node.market.offers")
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             server = await start_host(nursery, tmp_path, "server")

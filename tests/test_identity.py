@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from node.errors import IdentityError
-from node.identity import (
+from node.net.identity import (
     Identity,
     load_or_create_account,
     load_or_create_p2p_key,

@@ -9,10 +9,10 @@ import pytest
 import trio
 
 from node.errors import InvalidRequest, JobFailed, NoWorker
-from node.identity import Identity
-from node.messages import ModelInfo
-from node.requester import Timeouts, context_problem, run_job
-from node.routing import Reputation
+from node.net.identity import Identity
+from node.protocol.messages import ModelInfo
+from node.market.requester import Timeouts, context_problem, run_job
+from node.market.routing import Reputation
 
 from .factories import MODEL, QUERY, SPEC, WORDS, ScriptedEngine, offer, requester, signed_offer, worker
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from node import testnet
+from node.dev import testnet
 from node.payments.escrow import EscrowClient
 from node.payments.policy import job_cost
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.engine import SamplingParams, open_engine
+from node.inference.engine import SamplingParams, open_engine
 from node.models.default import DEFAULT_MODEL_CID
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import pytest
 import trio
 
 from node.errors import ModelError
-from node.host import Host
-from node.identity import Identity
+from node.net.host import Host
+from node.net.identity import Identity
 from node.models.cid import CHUNK_SIZE
 from node.models.peers import ModelServer, PeerSource
 from node.models.store import ModelStore

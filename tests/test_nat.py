@@ -21,9 +21,9 @@ import pytest
 import trio
 
 from node.errors import PeerUnreachable
-from node.host import Host, HostConfig
-from node.identity import Identity
-from node.nat import Nat, NatConfig
+from node.net.host import Host, HostConfig
+from node.net.identity import Identity
+from node.net.nat import Nat, NatConfig
 
 ECHO = "/llmarket-test/nat-echo/1.0.0"
 SINK = "/llmarket-test/nat-sink/1.0.0"

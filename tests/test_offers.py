@@ -10,10 +10,10 @@ import pytest
 import trio
 
 from node.errors import WireError
-from node.host import Host, HostConfig
-from node.identity import Identity, load_or_create_account
-from node.messages import ModelInfo, Offer, OffersBatch
-from node.offers import (
+from node.net.host import Host, HostConfig
+from node.net.identity import Identity, load_or_create_account
+from node.protocol.messages import ModelInfo, Offer, OffersBatch
+from node.market.offers import (
     MAX_OFFER_BYTES,
     REFUSED_FULL,
     REFUSED_MODEL_FULL,
@@ -27,7 +27,7 @@ from node.offers import (
     check_offer,
     parse_offer,
 )
-from node.wire import decode, encode
+from node.protocol.wire import decode, encode
 
 from . import factories
 from .factories import MODEL, signed_offer
@@ -262,7 +262,7 @@ def test_the_sync_answer_is_built_once_shared_and_in_pieces():
 async def test_a_sync_answer_of_many_pieces_arrives_whole(tmp_path):
     from libp2p.crypto.ed25519 import create_new_key_pair
 
-    from node.identity import peer_id_of
+    from node.net.identity import peer_id_of
 
     now = time.time()
     offers = []
@@ -282,7 +282,7 @@ async def test_a_sync_answer_of_many_pieces_arrives_whole(tmp_path):
 
 
 def test_the_sync_budget_counts_streams_and_bytes_per_peer():
-    from node.offers import SYNC_BYTES_PER_PEER, SYNC_STREAMS_PER_PEER, SYNC_STREAMS_TOTAL, SyncBudget
+    from node.market.offers import SYNC_BYTES_PER_PEER, SYNC_STREAMS_PER_PEER, SYNC_STREAMS_TOTAL, SyncBudget
 
     budget = SyncBudget()
     for _ in range(SYNC_STREAMS_PER_PEER):

@@ -8,9 +8,9 @@ import math
 import pytest
 
 from node.errors import ChainUnreachable, ContextTooLong, DeadlineExceeded, InsufficientBalance, InvalidRequest
-from node.messages import ModelInfo
+from node.protocol.messages import ModelInfo
 from node.models.default import DEFAULT_MODEL_CID
-from node.openai_api import (
+from node.api.openai_api import (
     ApiError,
     Metrics,
     chunk_json,
@@ -21,8 +21,8 @@ from node.openai_api import (
     parse_request,
     usage_chunk_json,
 )
-from node.requester import JobFailed, JobResult, NoWorker
-from node.sampling import TokenLogprob
+from node.market.requester import JobFailed, JobResult, NoWorker
+from node.inference.sampling import TokenLogprob
 
 from .factories import offer
 

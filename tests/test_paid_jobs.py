@@ -10,10 +10,10 @@ import pytest
 import trio
 
 from node.errors import JobFailed, PaymentError, PaymentRefused
-from node.host import Host
-from node.identity import Identity
-from node.jobs import WorkerService
-from node.messages import JobRequest, PaymentTerms
+from node.net.host import Host
+from node.net.identity import Identity
+from node.market.jobs import WorkerService
+from node.protocol.messages import JobRequest, PaymentTerms
 from node.payments import payer as payer_module
 from node.payments.close import CloseService, ask_to_close
 from node.payments.escrow import EscrowClient
@@ -23,8 +23,8 @@ from node.payments.payer import WalletPayer
 from node.payments.policy import job_cost
 from node.payments.settlement import Settler
 from node.payments.wallet import Wallet
-from node.requester import JobSpec, run_job
-from node.routing import Reputation, RouteQuery
+from node.market.requester import JobSpec, run_job
+from node.market.routing import Reputation, RouteQuery
 
 from .conftest import TOKEN
 from .factories import MODEL, SPEC, WORDS, ScriptedEngine, requester, signed_offer

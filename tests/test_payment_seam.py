@@ -15,7 +15,7 @@ import trio
 from eth_account import Account
 
 from node.errors import InvalidReceipt, Overcharge, PaymentRefused
-from node.messages import JobChunk, JobDone, JobRequest, PaymentTerms, PayReceipt, ResultReceipt
+from node.protocol.messages import JobChunk, JobDone, JobRequest, PaymentTerms, PayReceipt, ResultReceipt
 from node.payments.chainio import ChainIO
 from node.payments.escrow import ChannelState, ChannelStatus
 from node.payments.ledger import WalletChannel, WalletLedger, WorkerLedger

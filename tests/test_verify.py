@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import trio
 
-from node import fingerprints, verify
-from node.engine import PROBE_TOKENS, open_engine
+from node.inference import fingerprints
+from node.verify.checks import checks as verify
+from node.inference.engine import PROBE_TOKENS, open_engine
 from node.errors import InvalidRequest
-from node.fingerprints import Observations
-from node.messages import JobRequest
-from node.sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams
+from node.inference.fingerprints import Observations
+from node.protocol.messages import JobRequest
+from node.inference.sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams
 from tests import cheaters
 from tests.factories import gather
 
@@ -367,10 +368,10 @@ async def test_through_the_market_the_receipt_commits_to_the_fingerprints_and_a_
 ):
     """Real workers on libp2p: the requester gets the fingerprints in JobDone, the signed receipt commits to
     them, and a requester's self-check passes the honest worker and catches one with a hidden prompt."""
-    from node.jobs import check_result_receipt
-    from node.requester import JobSpec, run_job
-    from node.routing import Reputation, RouteQuery
-    from node.verify import LocalVerifier
+    from node.market.jobs import check_result_receipt
+    from node.market.requester import JobSpec, run_job
+    from node.market.routing import Reputation, RouteQuery
+    from node.verify.checks import LocalVerifier
     from tests.factories import MODEL, requester, worker
 
     messages = [{"role": "user", "content": "Write a detailed paragraph about how bread rises."}]

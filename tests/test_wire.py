@@ -9,9 +9,9 @@ import msgpack
 import pytest
 import trio
 
-from node import messages as m
+from node.protocol import messages as m
 from node.errors import WireError
-from node.wire import MAX_FRAME, decode, encode, frame, receive, receive_as, registered_types, send
+from node.protocol.wire import MAX_FRAME, decode, encode, frame, receive, receive_as, registered_types, send
 
 from . import factories
 

@@ -6,12 +6,12 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from node.models import ModelStore
+from node.models.store import ModelStore
 from node.models.ipfs import IpfsSource
-from node.sampling import SamplingParams
+from node.inference.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from node.host import HostConfig
+    from node.net.host import HostConfig
 
 _DEFAULTS = SamplingParams()
 
@@ -208,8 +208,8 @@ DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
 
 def network_config(args: argparse.Namespace, **changes) -> HostConfig:
     """The ``HostConfig`` the network flags describe; ``--announce`` values are checked here."""
-    from node.addresses import parse_announce
-    from node.host import HostConfig  # libp2p loads only for commands that join the market
+    from node.net.addresses import parse_announce
+    from node.net.host import HostConfig  # libp2p loads only for commands that join the market
 
     return HostConfig(
         listen=tuple(args.p2p_listen) or DEFAULT_LISTEN,

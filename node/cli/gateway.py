@@ -15,11 +15,12 @@ import trio
 
 from node.cli.common import bootstrap_flag, network_config, probability, wallet_flags
 from node.concurrency import open_service_nursery
-from node.gateway import Gateway
-from node.http import bind, serve_asgi
+from node.api.gateway import Gateway
+from node.api.http import bind, serve_asgi
 from node.models.default import DEFAULT_MODEL_CID
-from node.node import open_requester, requester_wallet
-from node.verify import open_local_verifier
+from node.app.requester import open_requester
+from node.app.paid import requester_wallet
+from node.verify.checks import open_local_verifier
 
 
 def register(commands: argparse._SubParsersAction) -> None:

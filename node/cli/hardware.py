@@ -9,7 +9,7 @@ from dataclasses import asdict
 import trio
 
 from node.cli.common import engine_flags, ipfs_flag, json_flag, model_flag, model_store
-from node.models import resolve_model
+from node.models.resolve import resolve_model
 from node.progress import TerminalProgress
 
 
@@ -29,8 +29,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _hardware(args: argparse.Namespace) -> None:
-    from node.engine import open_engine  # llama.cpp only for the commands that run a model
-    from node.hardware import probe_hardware, self_benchmark
+    from node.inference.engine import open_engine  # llama.cpp only for the commands that run a model
+    from node.inference.hardware import probe_hardware, self_benchmark
 
     profile = probe_hardware()
     info = {"hardware": asdict(profile)}

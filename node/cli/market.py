@@ -26,18 +26,21 @@ from node.cli.common import (
     sampling_params,
     wallet_flags,
 )
-from node.dashboard import DashboardApp, worker_dashboard
+from node.api.dashboard import DashboardApp, worker_dashboard
 from node.errors import NodeError, VerificationFailed
-from node.fraud import audit
-from node.http import bind, serve_asgi
-from node.node import WorkerConfig, model_cid_for_request, open_requester, requester_wallet, serve
+from node.verify.fraud import audit
+from node.api.http import bind, serve_asgi
+from node.app.config import WorkerConfig
+from node.app.worker import serve
+from node.app.requester import model_cid_for_request, open_requester
+from node.app.paid import requester_wallet
 from node.payments.payer import WalletPayer
 from node.payments.units import format_amount
 from node.progress import TerminalProgress
-from node.requester import JobSpec, run_job
-from node.routing import RouteQuery
-from node.sampling import SamplingParams
-from node.verify import describe, open_local_verifier
+from node.market.requester import JobSpec, run_job
+from node.market.routing import RouteQuery
+from node.inference.sampling import SamplingParams
+from node.verify.checks import describe, open_local_verifier
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -135,7 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
     _quiet_libp2p()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    jobs_log = logging.getLogger("node.jobs")
+    jobs_log = logging.getLogger("node.market.jobs")
     jobs_log.addHandler(handler)
     jobs_log.setLevel(logging.INFO)
     jobs_log.propagate = False  # libp2p configures the root logger; do not print twice

@@ -49,7 +49,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def read_running(data_dir: Path) -> dict | None:
     """The status a running node wrote in ``data_dir``, or None if there is none that is fresh."""
-    from node.node import NET_STATUS_FILE
+    from node.app.worker import NET_STATUS_FILE
 
     try:
         status = json.loads((data_dir / NET_STATUS_FILE).read_text())
@@ -69,8 +69,8 @@ def _alive(pid: int) -> bool:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from node.host import Host
-    from node.identity import Identity
+    from node.net.host import Host
+    from node.net.identity import Identity
 
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)  # its own failures are in the status
 

@@ -8,7 +8,7 @@ import sys
 import trio
 
 from node.cli.common import engine_flags, ipfs_flag, model_flag, model_store, sampling_flags, sampling_params
-from node.models import resolve_model
+from node.models.resolve import resolve_model
 from node.progress import TerminalProgress
 
 
@@ -31,7 +31,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from node.engine import Finished, open_engine  # llama.cpp only for the commands that run a model
+    from node.inference.engine import Finished, open_engine  # llama.cpp only for the commands that run a model
 
     params = sampling_params(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from node import testnet
+from node.dev import testnet
 from node.cli.common import json_flag
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import argparse
 import json
 import logging
@@ -12,11 +13,14 @@ import trio
 
 from node.cli.common import bootstrap_flag, json_flag, network_config, wallet_flags
 from node.errors import PaymentError
-from node.node import open_requester, requester_wallet
+from node.app.requester import open_requester
+from node.app.paid import requester_wallet
 from node.payments.close import ask_to_close
-from node.payments.escrow import EscrowClient
 from node.payments.ledger import WorkerLedger
 from node.payments.units import format_amount, format_units
+
+if TYPE_CHECKING:
+    from node.payments.escrow import EscrowClient
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -38,13 +38,13 @@ from dataclasses import dataclass, field
 import trio
 
 from node.errors import ModelError, PeerUnreachable, WireError
-from node.host import Host, Stream
-from node.messages import BlockRequest, CatRequest, DataChunk, DataEnd, NotFound
+from node.net.host import Host, Stream
+from node.protocol.messages import BlockRequest, CatRequest, DataChunk, DataEnd, NotFound
 from node.models.cid import CHUNK_SIZE, CID, MAX_CID_CHARS, FileHasher, dag_pb_node, parse_cid, unixfs_file
 from node.models.store import ModelStore, StoredModel
-from node.wire import MAX_FRAME, receive, send
+from node.protocol.wire import MAX_FRAME, receive, send
 
-log = logging.getLogger("node.models.peers")
+log = logging.getLogger(__name__)
 
 MODEL_PROTOCOL = "/llmarket/model/1.0.0"
 #: The largest request frame a server reads. A request is one CID: about 80 bytes.
@@ -179,7 +179,7 @@ class PeerSource:
         """Once: over a relayed connection, wait up to ``direct_wait_s`` for DCUtR's direct one.
 
         A model is gigabytes and a relay moves them slowly, at its operator's
-        expense; the relay would not cut the transfer (``node.nat``), so without a
+        expense; the relay would not cut the transfer (``node.net.nat``), so without a
         direct connection the fetch goes on through it.
         """
         if self._waited:

@@ -44,7 +44,7 @@ from node.models.dag import DEFAULT_PACE, BlockSource, Pace, fetch_verified
 from node.progress import NO_PROGRESS, Progress
 from node.services import pid_alive
 
-log = logging.getLogger("node.models.store")
+log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 _COPY_BLOCK = 1 << 20

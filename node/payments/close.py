@@ -9,6 +9,7 @@ it holds (the contract pays the worker and returns the rest), and answers
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import logging
 from dataclasses import dataclass
 
@@ -17,12 +18,14 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 
 from node.errors import PaymentError, PaymentRefused, PeerUnreachable, WireError
-from node.messages import Closed, CloseRefused, CloseRequest
-from node.payments.escrow import EscrowClient
+from node.protocol.messages import Closed, CloseRefused, CloseRequest
 from node.payments.ledger import WorkerLedger
-from node.wire import receive, receive_as, send
+from node.protocol.wire import receive, receive_as, send
 
-log = logging.getLogger("node.payments.close")
+if TYPE_CHECKING:
+    from node.payments.escrow import EscrowClient
+
+log = logging.getLogger(__name__)
 
 PAY_PROTOCOL = "/llmarket/pay/1.0.0"
 CLOSE_TIMEOUT_S = 120.0  # an on-chain transaction

@@ -23,6 +23,8 @@ mined), the ledger is brought up to date from the chain.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import time
 from collections.abc import Callable
@@ -31,10 +33,12 @@ from dataclasses import dataclass, field
 import trio
 
 from node.errors import ChainUnreachable, ChannelExpired, ChannelNotOpen, PaymentError
-from node.payments.escrow import EscrowClient
 from node.payments.ledger import WorkerChannel, WorkerLedger
 
-log = logging.getLogger("node.payments.settlement")
+if TYPE_CHECKING:  # web3 loads only where a client is made (node.app.paid)
+    from node.payments.escrow import EscrowClient
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

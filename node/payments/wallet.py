@@ -9,13 +9,17 @@ way down.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 from eth_utils import to_checksum_address
 
-from node.payments.escrow import EscrowClient
 from node.payments.ledger import WalletChannel, WalletLedger
 from node.payments.policy import deposit_for
+
+if TYPE_CHECKING:  # web3 loads only where a client is made (node.app.paid)
+    from node.payments.escrow import EscrowClient
 
 CHANNEL_LIFETIME_S = 24 * 3600
 

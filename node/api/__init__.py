@@ -1,0 +1,1 @@
+"""HTTP: the OpenAI-compatible gateway, the web page's API."""

@@ -1,0 +1,1 @@
+"""Composing a worker or a requester from the layers below."""

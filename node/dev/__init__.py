@@ -1,0 +1,1 @@
+"""Development set-ups: a local chain, an IPFS daemon, the local testnet."""

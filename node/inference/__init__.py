@@ -1,0 +1,1 @@
+"""Inference: sampling, fingerprints, hardware, the llama.cpp engines."""

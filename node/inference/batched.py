@@ -1,0 +1,494 @@
+"""Continuous batching: one llama.cpp context decodes every running job's next token in one pass.
+
+``open_engine(..., kind="batched")`` builds a ``BatchedEngine``: the same
+``Engine`` to its callers (``stream_chat``, ``stream_completion``, ``observe``,
+slots, events), but its slots are *sequences* of one context instead of one
+context each. A scheduler thread runs the loop:
+
+1. admit new jobs, each on a free sequence whose cache already holds as much of
+   its prompt as can be found (``_Scheduler._place``: its own cells, another
+   sequence's stream copied, or a prefix another job is computing, waited for);
+2. build one ``llama_batch``: the next token of every sequence that is
+   generating, then prompt tokens of sequences still prefilling, in chunks of
+   at most ``PREFILL_CHUNK`` per step so a long prompt never stalls the others;
+3. decode once; each generating sequence samples from its own row of logits
+   with its own sampler chain (``_Sampler``), records its fingerprint, and
+   streams its text as ``Engine`` does (stops, logprobs, ``Finished``);
+4. drop sequences that finished or were cancelled: the sequence is free at
+   once (a cancel frees it within one step), and its cells stay in its own
+   stream for a later prompt that begins the same way.
+
+Weights are read once per step for all sequences, which is where the
+throughput comes from on CPUs as on GPUs. Verification (``observe``) runs on
+the engine's own separate context, one check at a time, on the scheduler's
+thread between two steps.
+"""
+
+from __future__ import annotations
+
+import codecs
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import trio
+
+from node.inference.engine import Engine, _find_stop, _holdback, _logprob_reader, _Sampler, _Slot
+from node.inference.fingerprints import Recorder
+from node.inference.sampling import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Delta,
+    Finished,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
+
+PREFILL_CHUNK = 128  # prompt tokens a sequence may add to one step (measured: docs/benchmarks.md, "prefill chunk")
+COPY_MIN = 32  # prompt tokens a copy from another sequence must save: it copies that sequence's whole stream
+
+
+def _common(held: list[int], prompt: list[int]) -> int:
+    """How many leading tokens ``held`` and ``prompt`` share."""
+    n = min(len(held), len(prompt))
+    if held[:n] == prompt[:n]:
+        return n
+    lo, hi = 0, n  # held[:lo] matches, held[:hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if held[:mid] == prompt[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass
+class _Job:
+    """One sequence's job, as the scheduler thread runs it."""
+
+    prompt: list[int]
+    said: list[int]
+    params: SamplingParams
+    grammar: str | None
+    emit: Any  # trio-side: takes each event (the scheduler posts them, a batch per step)
+    cancelled: threading.Event
+    record: bool
+    done: Any  # trio-side: called once the job's last event was delivered
+    trio_token: Any = None  # where ``emit`` and ``done`` run
+    seq: int = -1  # the sequence the scheduler placed it on
+    kv: list[int] = field(default_factory=list)  # the tokens in the sequence's cache, by position
+    leader: _Job | None = None  # a job still prefilling the prefix this one waits to copy (``_place``)
+    promised: int = 0  # how much of it
+    fed: int = 0  # prompt tokens in the cache
+    next_token: int | None = None  # the last sampled token, to feed at the next step
+    sampler: Any = None
+    started: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    text: str = ""
+    sent: int = 0
+    produced: int = 0
+    reported: int = 0
+    reason: str = FINISH_LENGTH
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    recorder: Recorder = field(default_factory=Recorder)
+    describe: Any = None
+
+    def delta(self, chunk: str) -> Delta:
+        event = Delta(chunk, self.produced - self.reported, len(self.prompt), tuple(self.logprobs))
+        self.reported = self.produced
+        self.logprobs.clear()
+        return event
+
+
+def _run_all(calls: list) -> None:
+    for fn, args in calls:
+        fn(*args)
+
+
+@dataclass
+class _Call:
+    """A function to run on the scheduler's thread (``_Scheduler.call``)."""
+
+    fn: Callable[[], Any]
+    result: Future = field(default_factory=Future)
+
+
+class _Scheduler:
+    """The loop that owns the batched context (see the module docstring). Runs in its own thread."""
+
+    def __init__(self, n_batch: int, *, reuse_prefixes: bool = True) -> None:
+        import llama_cpp
+
+        self._c = llama_cpp
+        self._llama: Any = None  # the model, vocabulary and detokenizer (its own context is for observe)
+        self._ctx: Any = None
+        self._memory: Any = None
+        self._n_batch = n_batch
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._incoming: queue.SimpleQueue[_Job | _Call | None] = queue.SimpleQueue()
+        self._running: list[_Job] = []
+        self._reuse = reuse_prefixes
+        self._held: list[list[int]] = []  # per free sequence: the tokens its cache still holds
+        self._free: set[int] = set()
+        self.reused_tokens = 0  # prompt tokens found in a cache instead of computed, for tests and benchmarks
+        self.copies = 0  # streams copied from another sequence
+        self.prefill_chunk = PREFILL_CHUNK  # benchmarks try others (bench/throughput.py --chunks)
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="llmarket-batched", daemon=True)
+        self._failure: BaseException | None = None
+        self.steps = 0  # decode calls, for tests and benchmarks
+        self.mixed_steps = 0  # of which some sequences decoded while others prefilled
+        self._outbox: list[tuple[Any, Callable[..., None], tuple]] = []  # trio calls of this step, in order
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def attach(self, llama: Any, ctx: Any, slots: int) -> None:
+        """The model (``llama``) and the batched context of ``slots`` sequences the loop decodes with (call
+        through ``call``)."""
+        self._llama, self._ctx = llama, ctx
+        self._memory = self._c.llama_get_memory(ctx)
+        self._held = [[] for _ in range(slots)]
+        self._free = set(range(slots))
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the scheduler's thread between steps; its result (blocking the calling thread).
+
+        Everything that computes with llama.cpp runs on this one thread: loading, the numerics probe,
+        verification passes. llama.cpp's CPU backend runs on OpenMP, whose worker teams belong to the thread
+        that started them; decoding from a second thread once the first has computed was measured 2-5×
+        slower on this machine (bench/throughput.py's notes in docs/benchmarks.md).
+        """
+        call = _Call(fn)
+        self.submit(call)
+        return call.result.result()
+
+    def stop(self) -> None:
+        self._incoming.put(None)
+        self._wake.set()
+        self._thread.join()
+        self._c.llama_batch_free(self._batch)
+
+    def submit(self, job: _Job | _Call) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"the batched engine stopped: {self._failure}")
+        self._incoming.put(job)
+        self._wake.set()
+
+    # ------------------------------------------------------------ the loop
+
+    def _post(self, job: _Job, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` to run in trio; sent with the step's other events in one wake-up (``_flush``)."""
+        self._outbox.append((job.trio_token, fn, args))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        by_token: dict[Any, list] = {}
+        for token, fn, args in self._outbox:
+            by_token.setdefault(token, []).append((fn, args))
+        self._outbox.clear()
+        for token, calls in by_token.items():
+            token.run_sync_soon(_run_all, calls)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                admitted = self._admit()
+                self._flush()
+                if not admitted:
+                    return
+                if not self._running:
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self._step()
+                self._flush()
+        except BaseException as err:  # a llama.cpp failure: every running job ends, the engine refuses new ones
+            self._failure = err
+            for job in list(self._running):
+                self._finish(job, FINISH_CANCELLED)
+            self._running.clear()
+            self._flush()
+
+    def _admit(self) -> bool:
+        """Take the jobs that arrived; False when the engine is stopping."""
+        while True:
+            try:
+                job = self._incoming.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                for running in list(self._running):
+                    self._finish(running, FINISH_CANCELLED)
+                return False
+            if isinstance(job, _Call):
+                try:
+                    job.result.set_result(job.fn())
+                except BaseException as err:
+                    job.result.set_exception(err)
+                continue
+            self._place(job)
+            seed = job.params.seed if job.params.seed is not None else secrets.randbits(31)
+            try:
+                job.sampler = _Sampler(self._llama, job.params, job.grammar, seed, job.said, ctx=self._ctx)
+            except Exception as err:  # a grammar llama.cpp refuses: the job ends with the error
+                self._release(job, keep=True)
+                self._post(job, job.emit, err)
+                self._post(job, job.done)
+                continue
+            if job.params.logprobs is not None:
+                job.describe = _logprob_reader(self._llama, job.params.logprobs, self._ctx)
+            self._running.append(job)
+
+    def _place(self, job: _Job) -> None:
+        """Put ``job`` on a free sequence whose cache will hold the longest prefix of its prompt to be found.
+
+        A prompt often begins as an earlier one did (the same system prompt, or a conversation's earlier
+        turns). A finished sequence's cells stay in its own stream until the sequence is reused (every stream
+        is allocated up front, so keeping them costs nothing), and a new job takes the free sequence whose
+        cache shares most with its prompt: that prefix is not computed again. When another sequence, running
+        or free, holds at least ``COPY_MIN`` more of it, its whole stream is copied instead (``_fill``). When a
+        job still prefilling will hold that much more, the new job waits for it (``leader``) and copies then,
+        so jobs that arrive together with one system prompt compute it once. The last prompt token is always
+        computed, for its logits.
+        """
+        shares = lambda held: self._shares(held, job)  # noqa: E731
+        own = {s: shares(self._held[s]) for s in self._free}
+        found = max([*own.values(), *(shares(j.kv) for j in self._running)])
+        leader = max(self._running, key=lambda j: shares(j.prompt), default=None)
+        promised = shares(leader.prompt) if leader is not None else 0
+        best = max(own.values())
+        if max(found, promised) >= best + COPY_MIN:  # a copy will replace the cache: take the one worth least
+            seq = min(self._free, key=lambda s: (own[s], s))
+        else:
+            seq = max(self._free, key=lambda s: (own[s], -s))
+        self._free.discard(seq)
+        job.seq, job.kv, self._held[seq] = seq, self._held[seq], []
+        if promised >= max(found, best) + COPY_MIN:
+            job.leader, job.promised = leader, promised
+        else:
+            self._fill(job)
+
+    def _shares(self, held: list[int], job: _Job) -> int:
+        """How many of ``job``'s prompt tokens a cache holding ``held`` would spare it (not the last one)."""
+        return min(_common(held, job.prompt), len(job.prompt) - 1) if self._reuse else 0
+
+    def _fill(self, job: _Job) -> None:
+        """Make ``job``'s cache hold the longest prefix of its prompt found: its own cells trimmed, or another
+        sequence's stream copied (in llama.cpp, cross-stream copies are whole buffers, made at the next
+        decode before its tokens are written) and trimmed."""
+        c = self._c
+        keep = self._shares(job.kv, job)
+        holders = [(s, self._held[s]) for s in self._free] + [(j.seq, j.kv) for j in self._running if j is not job]
+        source, shared = max(((s, self._shares(held, job)) for s, held in holders), key=lambda h: h[1], default=(0, 0))
+        if shared >= keep + COPY_MIN:
+            c.llama_memory_seq_cp(self._memory, source, job.seq, -1, -1)
+            self.copies += 1
+            keep = shared
+        c.llama_memory_seq_rm(self._memory, job.seq, keep if keep else -1, -1)
+        job.kv, job.fed = job.prompt[:keep], keep
+        self.reused_tokens += keep
+
+    def _release(self, job: _Job, *, keep: bool) -> None:
+        """``job``'s sequence is free again; its cache is kept for later prompts (``keep``) or cleared."""
+        if job.seq < 0 or job.seq in self._free:
+            return
+        if not keep:
+            self._c.llama_memory_seq_rm(self._memory, job.seq, -1, -1)
+        self._held[job.seq] = job.kv if keep else []
+        self._free.add(job.seq)
+
+    def _step(self) -> None:
+        """One decode over every running sequence; then sampling for those whose logits are due."""
+        c, batch = self._c, self._batch
+        for job in [j for j in self._running if j.cancelled.is_set()]:
+            self._finish(job, FINISH_CANCELLED)
+        for job in self._running:  # a leader computed what it promised, or ended: take what there is now
+            if job.leader is not None and (job.leader.fed >= job.promised or job.leader not in self._running):
+                job.leader = None
+                self._fill(job)
+        rows: list[tuple[_Job, int]] = []  # (job, batch row holding its logits)
+        n = 0
+
+        def add(job: _Job, token: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, len(job.kv), 1
+            batch.seq_id[n][0], batch.logits[n] = job.seq, logits
+            job.kv.append(token)
+            n += 1
+
+        for job in self._running:  # decoding sequences first: one token each
+            if job.next_token is not None:
+                add(job, job.next_token, True)
+                rows.append((job, n - 1))
+        decoding = n
+        for job in self._running:  # then prompts, a chunk each, while the batch has room
+            left = len(job.prompt) - job.fed
+            if left <= 0 or job.next_token is not None or job.leader is not None:
+                continue
+            take = min(left, self.prefill_chunk, self._n_batch - n)
+            if take <= 0:
+                break
+            for k in range(take):
+                add(job, job.prompt[job.fed + k], job.fed + k == len(job.prompt) - 1)
+            job.fed += take
+            if job.fed == len(job.prompt):
+                rows.append((job, n - 1))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        status = c.llama_decode(self._ctx, batch)
+        self.steps += 1
+        self.mixed_steps += 0 < decoding < n
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        for job, row in rows:
+            try:
+                self._sample(job, row)
+            except Exception as err:  # this job's own failure (a grammar with no way on): it alone ends
+                self._fail(job, err)
+
+    def _sample(self, job: _Job, row: int) -> None:
+        c = self._c
+        token = job.sampler.sample(row)
+        if job.first_token_s is None:
+            job.first_token_s = time.perf_counter() - job.started
+        if job.cancelled.is_set():
+            self._finish(job, FINISH_CANCELLED)
+            return
+        if job.record:
+            n_vocab = self._llama.n_vocab()
+            logits = np.ctypeslib.as_array(c.llama_get_logits_ith(self._ctx, row), shape=(n_vocab,))
+            job.recorder.add(logits, token)
+        if c.llama_vocab_is_eog(self._llama._model.vocab, token):
+            self._finish(job, FINISH_STOP)
+            return
+        job.produced += 1
+        if job.describe is not None:
+            job.logprobs.append(job.describe(token, row))
+        job.text += job.decoder.decode(self._llama.detokenize([token]))
+        stops = job.params.stop
+        if stops:
+            longest = max(len(s) for s in stops)
+            hit = _find_stop(job.text, stops, max(0, job.sent - longest))
+            if hit is not None:
+                job.text = job.text[:hit]
+                self._finish(job, FINISH_STOP)
+                return
+        ready = len(job.text) - _holdback(job.text, stops)
+        if ready > job.sent:
+            self._post(job, job.emit, job.delta(job.text[job.sent : ready]))
+            job.sent = ready
+        if job.produced >= job.params.max_tokens:
+            self._finish(job, FINISH_LENGTH)
+            return
+        job.next_token = token
+
+    def _fail(self, job: _Job, err: BaseException) -> None:
+        if job in self._running:
+            self._running.remove(job)
+        self._release(job, keep=False)
+        if job.sampler is not None:
+            job.sampler.close()
+            job.sampler = None
+        self._post(job, job.emit, err)
+        self._post(job, job.done)
+
+    def _finish(self, job: _Job, reason: str) -> None:
+        if job in self._running:
+            self._running.remove(job)
+        self._release(job, keep=self._failure is None)
+        if job.sampler is not None:
+            job.sampler.close()
+            job.sampler = None
+        if reason == FINISH_LENGTH:
+            job.text += job.decoder.decode(b"", final=True)
+        if reason != FINISH_CANCELLED and (len(job.text) > job.sent or job.produced > job.reported):
+            self._post(job, job.emit, job.delta(job.text[job.sent :]))
+        usage = Usage(prompt_tokens=len(job.prompt), completion_tokens=job.produced)
+        elapsed = time.perf_counter() - job.started
+        self._post(job, job.emit, Finished(job.text, usage, reason, job.first_token_s, elapsed, job.recorder.packed()))
+        self._post(job, job.done)
+
+
+@dataclass
+class BatchedEngine(Engine):
+    """``Engine`` with continuous batching: ``slots`` sequences of one context (built by ``open_engine``)."""
+
+    _scheduler: Any = field(default=None, repr=False)
+    _observing: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1), repr=False)
+
+    @property
+    def reproducible(self) -> bool:
+        return False  # not claimed until measured with other sequences in the batch (docs/benchmarks.md)
+
+    @property
+    def numerics(self) -> str:
+        return ""  # a sequence's logits depend on what shares its batch: never claimed exact
+
+    async def _run(self, slot: _Slot, tokens, said, params, grammar, send, cancelled, record: bool) -> None:
+        token = trio.lowlevel.current_trio_token()
+        finished = trio.Event()
+        failure: list[BaseException] = []
+
+        def deliver(event: object) -> None:  # runs in trio, in order
+            if isinstance(event, BaseException):
+                failure.append(event)
+                return
+            try:
+                send.send_nowait(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                cancelled.set()  # nobody is listening any more
+
+        job = _Job(
+            prompt=tokens, said=said, params=params, grammar=grammar,
+            emit=deliver, cancelled=cancelled, record=record, done=finished.set, trio_token=token,
+        )  # fmt: skip
+        async with send:
+            self._scheduler.submit(job)
+            try:
+                await finished.wait()
+            except BaseException:
+                cancelled.set()  # the scheduler frees the sequence at its next step
+                with trio.CancelScope(shield=True):
+                    await finished.wait()
+                raise
+        if failure:
+            raise failure[0]
+
+    async def _blocking(self, fn, *args):
+        """``fn(*args)`` on the scheduler's thread (see ``_Scheduler.call``); a trio worker thread waits."""
+        return await trio.to_thread.run_sync(self._scheduler.call, lambda: fn(*args))
+
+    async def observe(self, tokenize, params, fingerprints):
+        async with self._observing:  # one check at a time on the engine's own context
+            return await super().observe(tokenize, params, fingerprints)
+
+
+def batched_context(llama: Any, *, slots: int, n_ctx: int, threads: int, n_batch: int = 512) -> Any:
+    """A context for ``slots`` sequences of ``n_ctx`` tokens each (non-unified KV: one stream per sequence),
+    with flash attention as the engine's own context has."""
+    import llama_cpp
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx * slots
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max = slots
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.kv_unified = False
+    ctx = llama_cpp.llama_init_from_model(llama._model.model, params)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create the batched context")
+    return ctx

@@ -1,0 +1,135 @@
+"""What a worker runs on: CPU, RAM, GPUs, and whether llama.cpp offloads to a GPU.
+
+GPU facts come from NVML (``libnvidia-ml.so.1``, loaded with ctypes) when the
+NVIDIA driver is present; without it the GPU list is empty. Nothing here
+needs root or extra packages. ``self_benchmark`` measures the loaded model's
+real speed, which offers advertise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from dataclasses import dataclass
+
+from node.inference.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    vram_total: int  # bytes
+    vram_free: int  # bytes
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    cpu_model: str
+    cpu_cores: int
+    ram_total: int  # bytes
+    ram_available: int  # bytes
+    gpus: tuple[Gpu, ...]
+    gpu_offload: bool  # llama.cpp was built with a GPU backend
+
+    def summary(self) -> str:
+        gpu = ", ".join(f"{g.name} ({g.vram_total / 2**30:.0f} GiB)" for g in self.gpus) or "no GPU"
+        return f"{self.cpu_model} × {self.cpu_cores} cores, {self.ram_total / 2**30:.0f} GiB RAM, {gpu}"
+
+
+def _meminfo() -> tuple[int, int]:
+    values = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, rest = line.split(":", 1)
+                values[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        return 0, 0
+    return values.get("MemTotal", 0), values.get("MemAvailable", values.get("MemFree", 0))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class _NvmlMemory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+def nvml_gpus() -> tuple[Gpu, ...]:
+    """NVIDIA GPUs as NVML reports them; empty when there is no driver."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return ()
+    if nvml.nvmlInit_v2() != 0:
+        return ()
+    try:
+        count = ctypes.c_uint()
+        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return ()
+        gpus = []
+        for index in range(count.value):
+            handle = ctypes.c_void_p()
+            if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
+                continue
+            name = ctypes.create_string_buffer(96)
+            memory = _NvmlMemory()
+            nvml.nvmlDeviceGetName(handle, name, ctypes.c_uint(96))
+            nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory))
+            gpus.append(Gpu(name.value.decode(errors="replace"), memory.total, memory.free))
+        return tuple(gpus)
+    finally:
+        nvml.nvmlShutdown()
+
+
+def llama_gpu_offload() -> bool:
+    """Whether this llama-cpp-python build can offload layers to a GPU."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def probe_hardware() -> HardwareProfile:
+    """This machine's profile. Blocking (NVML can take a while): from trio, call it in a thread."""
+    total, available = _meminfo()
+    return HardwareProfile(
+        cpu_model=_cpu_model(),
+        cpu_cores=os.cpu_count() or 1,
+        ram_total=total,
+        ram_available=available,
+        gpus=nvml_gpus(),
+        gpu_offload=llama_gpu_offload(),
+    )
+
+
+@dataclass(frozen=True)
+class SpeedProfile:
+    """The loaded model's measured speed on this machine (what an offer advertises)."""
+
+    tokens_per_s: float  # decode speed, greedy, one slot
+    first_token_s: float  # time to first token for a short chat prompt, cold
+
+
+BENCH_MESSAGES = ({"role": "user", "content": "Write a short paragraph about the sea."},)
+
+
+async def self_benchmark(engine, *, tokens: int = 32) -> SpeedProfile:
+    """Measure ``engine``'s tokens/s and time to first token with one short greedy job.
+
+    Decode speed excludes the first token (prompt processing), so it is the
+    steady-state rate a long answer streams at.
+    """
+    result = await engine.complete_chat(list(BENCH_MESSAGES), SamplingParams(max_tokens=tokens, temperature=0.0))
+    first = result.first_token_s or 0.0
+    decoded = max(result.usage.completion_tokens - 1, 1)
+    decode_s = max(result.elapsed_s - first, 1e-6)
+    return SpeedProfile(tokens_per_s=decoded / decode_s, first_token_s=first)

@@ -1,0 +1,1 @@
+"""The market: offers, routing, the job protocol (worker and requester sides), activity."""

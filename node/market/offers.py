@@ -1,0 +1,557 @@
+"""Capacity offers: workers advertise, everyone keeps a book of the live market.
+
+A worker publishes a signed ``Offer`` on the GossipSub topic ``llmarket/offers/1``
+every ``interval_s`` and soon after its free slots change (at most once a second,
+well inside GossipSub's default limit of 10 messages per second per topic). Each
+offer expires ``ttl_s`` after it was made, so a worker that disappears falls out
+of every book within a minute.
+
+Every node validates offers before GossipSub delivers or forwards them
+(a topic validator, ``check_offer``): the bytes decode as an ``Offer`` of at
+most ``MAX_OFFER_BYTES``; every number is finite and in range and every list
+and string within its cap (``OFFER_LIMITS``); the offer is signed by the peer
+that published it, is not expired nor dated too far ahead, and a payee address
+carries a valid binding to the peer. Invalid offers are dropped (and count
+against the sender in GossipSub's scoring). The validator also files the offer
+in the book, so each gossiped offer is checked once.
+
+The ``OfferBook`` keeps the newest offer (highest ``seq``) per peer, within
+caps: ``max_offers`` in all and ``max_per_model`` per model. A full book keeps
+the peers it has (they refresh their offers) and refuses strangers, except that
+a peer we value (one that has done jobs for us, ``valued``) displaces the
+stranger admitted last. New peers from gossip are rate-limited (a token bucket),
+so a flood of fresh keys fills the book slowly and cannot churn it.
+
+Gossip only carries what is published after a node joins, so a joining node
+also asks its bootstrap peers for the offers they hold
+(``/llmarket/offers/1.0.0``); every offer in the answer is checked exactly like
+a gossiped one, so a peer can withhold offers but not forge them. The answer is
+built once per change of the book (at most once a second) and shared by every
+stream that asks; it goes out as ``offers.batch/1`` frames of at most
+``SYNC_PIECE_BYTES``, then the stream ends. Each peer may hold
+``SYNC_STREAMS_PER_PEER`` sync streams at once and fetch ``SYNC_BYTES_PER_PEER``
+per minute; beyond that its streams are reset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+
+import trio
+from libp2p.peer.id import ID
+
+from node.net.addresses import address_problem
+from node.concurrency import TokenBucket
+from node.errors import NodeError, WireError
+from node.net.host import Host
+from node.net.identity import Identity, verify_binding, verify_peer_signature
+from node.protocol.messages import Offer, OffersBatch, OffersRequest
+from node.protocol.wire import MAX_FRAME, decode, encode, frame, receive_as, send
+
+log = logging.getLogger(__name__)
+
+TOPIC = "llmarket/offers/1"
+SYNC_PROTOCOL = "/llmarket/offers/1.0.0"
+
+#: An encoded offer; a real one is well under 2 KiB.
+MAX_OFFER_BYTES = 8 * 1024
+MAX_TTL_S = 600.0
+
+#: Offers in one sync answer, and the most a joining node reads from one peer.
+MAX_SYNC_OFFERS = 1000
+#: One ``offers.batch/1`` frame of a sync answer.
+SYNC_PIECE_BYTES = 64 * 1024
+#: What a joining node reads from one peer (all frames together), and how long it waits.
+MAX_SYNC_BYTES = MAX_SYNC_OFFERS * MAX_OFFER_BYTES
+SYNC_DEADLINE_S = 20.0
+#: What one peer may take from us: concurrent sync streams, and bytes of answers a minute.
+SYNC_STREAMS_PER_PEER = 2
+SYNC_STREAMS_TOTAL = 32
+SYNC_BYTES_PER_PEER = 32 * 1024 * 1024
+SYNC_WINDOW_S = 60.0
+#: How often the shared sync answer may be rebuilt while the book keeps changing.
+SYNC_REBUILD_S = 1.0
+
+# Bounds of every field of an offer (inclusive). EIP-2294 bounds chain ids.
+MAX_PRICE_PER_1K = 2**128 - 1
+MAX_CHAIN_ID = 2**63 - 37
+MAX_SLOTS = 1024
+MAX_SEQ = 2**63 - 1
+MAX_TOKENS_PER_S = 1e6  # validation's bound; routing believes far less (node/routing.py)
+MAX_FIRST_TOKEN_MS = 3_600_000.0
+MAX_CONTEXT_SIZE = 1 << 24
+MAX_ADDRS = 32
+MAX_MODELS = 8
+#: Longest string (in characters) or bytes value per field.
+FIELD_CHARS = {
+    "peer_id": 64,
+    "addr": 256,
+    "payee": 42,
+    "escrow": 42,
+    "binding": 128,
+    "signature": 128,
+    "hardware": 1024,
+    "version": 128,
+    "cid": 128,
+    "name": 256,
+    "quantization": 32,
+}
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+
+
+def signing_bytes(offer: Offer) -> bytes:
+    return encode(dataclasses.replace(offer, signature=b""))
+
+
+def sign_offer(identity: Identity, offer: Offer) -> Offer:
+    return dataclasses.replace(offer, signature=identity.sign(signing_bytes(offer)))
+
+
+def _number_problem(name: str, value: float, low: float, high: float) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name} is not a finite number"
+    if not low <= value <= high:
+        return f"{name} {value!r} is out of range [{low:g}, {high:g}]"
+    return None
+
+
+def _too_long(name: str, value: str | bytes, key: str | None = None) -> str | None:
+    limit = FIELD_CHARS[key or name]
+    if len(value) > limit:
+        return f"{name} is longer than {limit}"
+    return None
+
+
+def field_problem(offer: Offer, now: float) -> str | None:
+    """Why a field of ``offer`` is out of bounds, or None. Cheap: no signatures."""
+    numbers = (
+        ("expires_at", offer.expires_at, -math.inf, math.inf),
+        ("price_per_1k", offer.price_per_1k, 0, MAX_PRICE_PER_1K),
+        ("verify_price_per_1k", offer.verify_price_per_1k, 0, MAX_PRICE_PER_1K),
+        ("chain_id", offer.chain_id, 0, MAX_CHAIN_ID),
+        ("slots_total", offer.slots_total, 1, MAX_SLOTS),
+        ("slots_free", offer.slots_free, 0, offer.slots_total),
+        ("seq", offer.seq, 0, MAX_SEQ),
+        ("tokens_per_s", offer.tokens_per_s, 0.0, MAX_TOKENS_PER_S),
+        ("first_token_ms", offer.first_token_ms, 0.0, MAX_FIRST_TOKEN_MS),
+    )
+    for name, value, low, high in numbers:
+        if problem := _number_problem(name, value, low, high):
+            return problem
+    if offer.expires_at <= now:
+        return "expired"
+    if offer.expires_at > now + MAX_TTL_S:
+        return "expiry too far ahead"
+    if len(offer.addrs) > MAX_ADDRS:
+        return f"{len(offer.addrs)} addresses, more than {MAX_ADDRS}"
+    if not 1 <= len(offer.models) <= MAX_MODELS:
+        return f"{len(offer.models)} models, not 1 to {MAX_MODELS}"
+    for addr in offer.addrs:
+        if problem := _too_long("an address", addr, "addr") or address_problem(addr):
+            return problem
+    for model in offer.models:
+        for name in ("cid", "name", "quantization"):
+            if problem := _too_long(f"a model's {name}", getattr(model, name), name):
+                return problem
+        if problem := _number_problem("a model's context_size", model.context_size, 1, MAX_CONTEXT_SIZE):
+            return problem
+    for name in ("peer_id", "payee", "escrow", "binding", "signature", "hardware", "version"):
+        if problem := _too_long(name, getattr(offer, name)):
+            return problem
+    for name in ("payee", "escrow"):
+        value = getattr(offer, name)
+        if value and not _ADDRESS.fullmatch(value):
+            return f"{name} is not an Ethereum address"
+    return None
+
+
+def check_offer(offer: Offer, publisher: str, now: float) -> str | None:
+    """Why ``offer`` (as published by ``publisher``) is invalid, or None if it is valid.
+
+    Cheap checks (bounds of every field) come before the signatures.
+    """
+    if offer.peer_id != publisher:
+        return "published by another peer than it names"
+    if problem := field_problem(offer, now):
+        return problem
+    if not verify_peer_signature(offer.peer_id, signing_bytes(offer), offer.signature):
+        return "bad signature"
+    if offer.payee and not verify_binding(offer.peer_id, offer.payee, offer.binding):
+        return "payee not bound to the peer"
+    return None
+
+
+def parse_offer(data: bytes, publisher: str, now: float) -> Offer:
+    """Decode and check an offer. Raises ``WireError`` if either fails."""
+    if len(data) > MAX_OFFER_BYTES:
+        raise WireError(f"offer of {len(data)} bytes is over {MAX_OFFER_BYTES}")
+    offer = decode(data, max_size=MAX_OFFER_BYTES)
+    if not isinstance(offer, Offer):
+        raise WireError(f"{offer.TYPE} on the offers topic")
+    reason = check_offer(offer, publisher, now)
+    if reason is not None:
+        raise WireError(f"offer from {publisher[:12]}…: {reason}")
+    return offer
+
+
+def _check_synced(datas: list[bytes], now: float) -> list[tuple[Offer, bytes]]:
+    """The offers of a sync answer that check out under their own signatures (runs in a thread)."""
+    valid = []
+    for data in datas:
+        try:
+            offer = decode(data, max_size=MAX_OFFER_BYTES) if len(data) <= MAX_OFFER_BYTES else None
+        except WireError:
+            continue
+        if isinstance(offer, Offer) and check_offer(offer, offer.peer_id, now) is None:
+            valid.append((offer, data))
+    return valid
+
+
+# ----------------------------------------------------------------- the book
+
+REFUSED_OLDER = "not newer than the offer we hold"
+REFUSED_RATE = "new peers are arriving too fast"
+REFUSED_FULL = "the offer book is full"
+REFUSED_MODEL_FULL = "the offer book is full for a model"
+
+
+def _never_valued(peer_id: str) -> bool:
+    return False
+
+
+@dataclasses.dataclass
+class OfferBook:
+    """The newest live offer of each peer, within caps (see the module docstring).
+
+    ``offers`` maps peer id to offer; change it only through ``add``.
+    """
+
+    max_offers: int = 1024
+    max_per_model: int = 256
+    new_peers_per_s: float = 10.0
+    new_peer_burst: float = 100.0
+    valued: Callable[[str], bool] = _never_valued  # peers whose offers we keep before strangers'
+    clock: Callable[[], float] = time.time
+    offers: dict[str, Offer] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._data: dict[str, bytes] = {}  # the encoded offer, as sync answers carry it
+        self._admitted: dict[str, int] = {}  # peer → admission order (higher is later)
+        self._per_model: Counter[str] = Counter()
+        self._arrivals = TokenBucket(self.new_peers_per_s, self.new_peer_burst)
+        self._admissions = 0
+        self.version = 0  # changes whenever the set of offers changes
+        self._answer: tuple[int, float, float, list[bytes]] | None = None  # version, built, min expiry, frames
+
+    def __len__(self) -> int:
+        return len(self.offers)
+
+    def add(self, offer: Offer, *, data: bytes | None = None, rate_limited: bool = False) -> bool:
+        """Keep ``offer`` if it is newer than what we have and fits; returns whether it was kept."""
+        return self.admit(offer, data=data, rate_limited=rate_limited) is None
+
+    def admit(self, offer: Offer, *, data: bytes | None = None, rate_limited: bool = False) -> str | None:
+        """Like ``add``, but returns why the offer was refused (``REFUSED_*``), or None if kept.
+
+        The book does not check offers (``check_offer`` does); ``data`` is the offer's
+        encoding if the caller has it. ``rate_limited`` applies the new-peer rate limit
+        (gossip does; a sync answer is bounded by itself).
+        """
+        peer = offer.peer_id
+        current = self.offers.get(peer)
+        if current is not None:
+            if current.seq >= offer.seq:
+                return REFUSED_OLDER
+            added = {m.cid for m in offer.models} - {m.cid for m in current.models}
+            if any(self._per_model[cid] >= self.max_per_model for cid in added):
+                return REFUSED_MODEL_FULL
+            self._store(offer, data, self._admitted[peer])
+            return None
+        valued = self.valued(peer)
+        if rate_limited and not valued and not self._arrivals.take(self.clock()):
+            return REFUSED_RATE
+        cids = {m.cid for m in offer.models}
+        if len(self.offers) >= self.max_offers or any(self._per_model[c] >= self.max_per_model for c in cids):
+            self._drop_expired(self.clock())
+        while True:
+            full_models = {c for c in cids if self._per_model[c] >= self.max_per_model}
+            if len(self.offers) < self.max_offers and not full_models:
+                break
+            victim = self._victim(full_models) if valued else None
+            if victim is None:
+                return REFUSED_MODEL_FULL if full_models else REFUSED_FULL
+            self._remove(victim)
+        self._admissions += 1
+        self._store(offer, data, self._admissions)
+        return None
+
+    def live(self, now: float) -> list[Offer]:
+        """Offers not yet expired (expired ones are dropped)."""
+        self._drop_expired(now)
+        return list(self.offers.values())
+
+    def sync_frames(self, now: float) -> list[bytes]:
+        """The sync answer: framed ``offers.batch/1`` pieces, built once and shared until the book changes.
+
+        Rebuilt when the book has changed or an offer in it has expired, at most
+        every ``SYNC_REBUILD_S``. Peers we value come first, then the longest known.
+        """
+        if self._answer is not None:
+            version, built, min_expiry, frames = self._answer
+            if (version == self.version and now < min_expiry) or now - built < SYNC_REBUILD_S:
+                return frames
+        self._drop_expired(now)
+        order = sorted(self.offers, key=lambda p: (not self.valued(p), self._admitted[p]))[:MAX_SYNC_OFFERS]
+        frames: list[bytes] = []
+        piece: list[bytes] = []
+        size = 0
+        for peer in order:
+            data = self._data[peer]
+            if piece and size + len(data) > SYNC_PIECE_BYTES - 64:  # 64: the frame's own overhead
+                frames.append(frame(OffersBatch(piece)))
+                piece, size = [], 0
+            piece.append(data)
+            size += len(data) + 8
+        if piece:
+            frames.append(frame(OffersBatch(piece)))
+        min_expiry = min((self.offers[p].expires_at for p in order), default=math.inf)
+        self._answer = (self.version, now, min_expiry, frames)
+        return frames
+
+    # -- internals
+
+    def _store(self, offer: Offer, data: bytes | None, admitted: int) -> None:
+        peer = offer.peer_id
+        if peer in self.offers:
+            self._per_model.subtract({m.cid for m in self.offers[peer].models})
+        self.offers[peer] = offer
+        self._data[peer] = data if data is not None else encode(offer)
+        self._admitted[peer] = admitted
+        self._per_model.update({m.cid for m in offer.models})
+        self.version += 1
+
+    def _remove(self, peer: str) -> None:
+        offer = self.offers.pop(peer)
+        del self._data[peer], self._admitted[peer]
+        self._per_model.subtract({m.cid for m in offer.models})
+        self.version += 1
+
+    def _drop_expired(self, now: float) -> None:
+        for peer in [p for p, o in self.offers.items() if not o.expires_at > now]:
+            self._remove(peer)
+
+    def _victim(self, full_models: set[str]) -> str | None:
+        """The stranger admitted last among those that hold a place we need; None if there is none."""
+        best, best_order = None, -1
+        for peer, offer in self.offers.items():
+            if full_models and not full_models & {m.cid for m in offer.models}:
+                continue
+            if self._admitted[peer] > best_order and not self.valued(peer):
+                best, best_order = peer, self._admitted[peer]
+        return best
+
+
+# ------------------------------------------------------------- sync budget
+
+
+class SyncBudget:
+    """What each peer may take from our sync answers: streams at once, and bytes a minute."""
+
+    def __init__(self) -> None:
+        self.active: Counter[str] = Counter()
+        self.sent: dict[str, deque[tuple[float, int]]] = {}
+
+    def open(self, peer: str, now: float) -> str | None:
+        """Start serving ``peer``; returns why it may not be served now, or None."""
+        if sum(self.active.values()) >= SYNC_STREAMS_TOTAL:
+            return f"{SYNC_STREAMS_TOTAL} sync streams are being served"
+        if self.active[peer] >= SYNC_STREAMS_PER_PEER:
+            return f"it holds {SYNC_STREAMS_PER_PEER} sync streams already"
+        if self._recent(peer, now) >= SYNC_BYTES_PER_PEER:
+            return f"it fetched {SYNC_BYTES_PER_PEER >> 20} MiB of offers in the last minute"
+        self.active[peer] += 1
+        return None
+
+    def charge(self, peer: str, now: float, size: int) -> None:
+        self.sent.setdefault(peer, deque()).append((now, size))
+
+    def close(self, peer: str) -> None:
+        self.active[peer] -= 1
+        if self.active[peer] <= 0:
+            del self.active[peer]
+
+    def _recent(self, peer: str, now: float) -> int:
+        if len(self.sent) > 4 * SYNC_STREAMS_TOTAL:  # forget peers whose window has passed
+            for p in [p for p, d in self.sent.items() if not d or d[-1][0] <= now - SYNC_WINDOW_S]:
+                del self.sent[p]
+        sent = self.sent.get(peer)
+        if not sent:
+            return 0
+        while sent and sent[0][0] <= now - SYNC_WINDOW_S:
+            sent.popleft()
+        return sum(size for _, size in sent)
+
+
+class OfferGossip:
+    """Receive and validate offers into ``book``; publish our own."""
+
+    def __init__(self, host: Host, book: OfferBook, *, clock: Callable[[], float] = time.time) -> None:
+        self.host = host
+        self.book = book
+        self.clock = clock
+        self.received = trio.Event()  # set (and replaced) whenever an offer is kept
+        self.sync_budget = SyncBudget()
+
+    def _kept(self) -> None:
+        self.received.set()
+        self.received = trio.Event()
+
+    def _validate(self, forwarder: ID, msg) -> bool:
+        """The topic validator: drop invalid offers, and file valid ones in the book."""
+        try:
+            publisher = ID(msg.from_id).to_base58()
+            offer = parse_offer(msg.data, publisher, self.clock())
+        except (WireError, ValueError) as err:
+            log.debug("dropping an offer relayed by %s…: %s", str(forwarder)[:12], err)
+            return False
+        refused = self.book.admit(offer, data=msg.data, rate_limited=True)
+        if refused is None:
+            self._kept()
+        elif refused != REFUSED_OLDER:
+            log.debug("not keeping the offer of %s…: %s", publisher[:12], refused)
+        return True  # valid offers are forwarded whether or not our book keeps them
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.host.pubsub.set_topic_validator(TOPIC, self._validate, is_async_validator=False)
+        self.host.set_handler(SYNC_PROTOCOL, self._serve_sync)
+        subscription = await self.host.pubsub.subscribe(TOPIC)
+        self.host.discovery.on_peer = self.sync_from  # peers found on the LAN later: ask them too
+        for peer in self.host.connected_peers():
+            await self.sync_from(peer)
+        task_status.started(self)
+        while True:
+            await subscription.get()  # the validator has filed it already
+
+    async def _serve_sync(self, stream) -> None:
+        peer = stream.peer_id
+        refused = self.sync_budget.open(peer, self.clock())
+        if refused is not None:
+            log.debug("refusing an offer sync to %s…: %s", peer[:12], refused)
+            await stream.reset()
+            return
+        try:
+            with trio.fail_after(10):
+                await receive_as(stream, OffersRequest)
+            frames = self.book.sync_frames(self.clock())
+            self.sync_budget.charge(peer, self.clock(), sum(map(len, frames)))
+            for piece in frames:
+                await stream.write(piece)
+            await stream.close()
+        finally:
+            self.sync_budget.close(peer)
+
+    async def sync_from(self, peer_id: str) -> int:
+        """Add the offers ``peer_id`` holds to our book; returns how many were kept. Never raises."""
+        datas: list[bytes] = []
+        try:
+            with trio.fail_after(SYNC_DEADLINE_S):
+                stream = await self.host.open_stream(peer_id, SYNC_PROTOCOL)
+                try:
+                    await send(stream, OffersRequest())
+                    size = 0
+                    while len(datas) < MAX_SYNC_OFFERS and size < MAX_SYNC_BYTES:
+                        try:
+                            batch = await receive_as(stream, OffersBatch, max_frame=MAX_FRAME)
+                        except EOFError:
+                            break  # the answer is complete
+                        datas.extend(batch.offers)
+                        size += sum(map(len, batch.offers))
+                finally:
+                    await stream.close()
+        except (NodeError, EOFError, ConnectionError, trio.TooSlowError) as err:
+            log.debug("offer sync from %s… failed: %s", peer_id[:12], err)
+            if not datas:
+                return 0
+        checked = await trio.to_thread.run_sync(_check_synced, datas[:MAX_SYNC_OFFERS], self.clock())
+        kept = sum(self.book.add(offer, data=data) for offer, data in checked)
+        if kept:
+            self._kept()
+        return kept
+
+    async def publish(self, offer: Offer) -> None:
+        problem = check_offer(offer, self.host.peer_id, self.clock())
+        if problem is not None:  # every other node would drop it
+            log.error("our own offer is invalid (%s); other nodes will drop it", problem)
+        self.book.add(offer)  # our own offer is part of the market too
+        await self.host.pubsub.publish(TOPIC, encode(offer))
+
+    async def wait_for(self, predicate: Callable[[list[Offer]], bool]) -> list[Offer]:
+        """Wait until the live offers satisfy ``predicate`` (the caller sets the deadline)."""
+        while True:
+            live = self.book.live(self.clock())
+            if predicate(live):
+                return live
+            await self.received.wait()
+
+
+class Advertiser:
+    """Publish our offer every ``interval_s``, and within a second of ``changed()``.
+
+    A peer that newly subscribes to the offers topic also triggers a publish, so a
+    requester that just joined sees every worker within about a second instead
+    of waiting for the next interval.
+    """
+
+    def __init__(
+        self,
+        gossip: OfferGossip,
+        make_offer: Callable[[int, float], Offer],
+        *,
+        interval_s: float = 10.0,
+        ttl_s: float = 60.0,
+        min_gap_s: float = 1.0,
+    ) -> None:
+        self.gossip = gossip
+        self.make_offer = make_offer  # (seq, expires_at) -> signed Offer
+        self.interval_s, self.ttl_s, self.min_gap_s = interval_s, ttl_s, min_gap_s
+        # Offers of a restarted worker must beat the ones it published before (books keep the highest seq):
+        # start from the clock in milliseconds, which runs far ahead of one offer every second or more.
+        self.seq = int(gossip.clock() * 1000)
+        self._changed = trio.Event()
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_subscribers)
+            task_status.started(self)
+            await self._advertise()
+
+    async def _watch_subscribers(self) -> None:
+        known: set = set()
+        while True:
+            current = set(self.gossip.host.pubsub.peer_topics.get(TOPIC, ()))
+            if current - known:
+                self.changed()
+            known = current
+            await trio.sleep(0.25)  # polling interval: py-libp2p has no subscription callback
+
+    async def _advertise(self) -> None:
+        while True:
+            self.seq += 1
+            offer = self.make_offer(self.seq, self.gossip.clock() + self.ttl_s)
+            try:
+                await self.gossip.publish(offer)
+            except Exception:  # a publish failure must not stop advertising
+                log.exception("publishing our offer failed")
+            await trio.sleep(self.min_gap_s)
+            with trio.move_on_after(max(self.interval_s - self.min_gap_s, 0)):
+                await self._changed.wait()
+            self._changed = trio.Event()

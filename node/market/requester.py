@@ -1,0 +1,512 @@
+"""Jobs from the requester's side: choose a worker, stream its answer, pay it, fail over.
+
+``run_job`` walks the routed offers best first:
+
+- a worker that rejects, cannot be reached, or fails before its first token is
+  skipped for the next one;
+- a worker that dies mid-stream is replaced by the next one, which is sent the
+  text received so far (``resume_text``) and continues right after it; the
+  caller is told (``on_failover``);
+- when every usable worker turned it away as busy, it waits and asks again, like
+  a queue, until the deadline;
+- the whole job has one deadline, and never outlives it.
+
+- a worker that accepts and then says nothing (no first token within a bound
+  that grows with the prompt, or no progress for ``Timeouts.progress_s``) is
+  dropped like one that died;
+- a request the workers reject as its own fault (malformed, or too long for
+  the context) ends the job with ``InvalidRequest`` after at most
+  ``REQUEST_FAULT_TRIES`` workers said so; it never counts against them.
+
+Paying is the ``Payer``'s concern (node/payments/payer.py): each attempt runs
+inside ``payer.pay(offer, request)``, and every chunk and the final result
+pass through it. Failures are remembered in the requester's ``Reputation``
+(backoff bans), and successes too, with the speed and latency measured here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from node.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    JobFailed,
+    NoWorker,
+    Overcharge,
+    PeerUnreachable,
+    WireError,
+)
+from node.net.host import Host
+from node.market.jobs import JOB_PROTOCOL, check_result_receipt, logprobs_from_wire
+from node.protocol.messages import (
+    ERROR_PAYMENT,
+    REJECT_BUSY,
+    REJECT_PAYMENT,
+    REJECT_TOO_LONG,
+    REQUEST_FAULTS,
+    JobAccepted,
+    JobCancel,
+    JobChunk,
+    JobDone,
+    JobError,
+    JobRejected,
+    JobRequest,
+    Offer,
+    ResultReceipt,
+)
+from node.payments.payer import FreePayer, JobPayment, Payer
+from node.market.routing import Reputation, RouteQuery, exclusion, rank
+from node.inference.sampling import SamplingParams, TokenLogprob, prompt_bytes
+from node.protocol.wire import receive, send
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to run, independent of who runs it."""
+
+    model: str
+    params: SamplingParams
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_price_per_1k: int = 0
+
+
+@dataclass(frozen=True)
+class Proof:
+    """What one worker answered to one request, as it signed it: enough for a verifier to re-check
+    (node/verify.py). A job's proof covers the worker that finished it, from the text it was given."""
+
+    request: JobRequest  # as sent to the worker (``resume_text`` holds what others said before it)
+    done: JobDone  # the worker's signed receipt and the answer's fingerprints
+    text: str  # what this worker streamed
+
+    @property
+    def worker(self) -> str:
+        return self.done.receipt.worker
+
+
+@dataclass
+class JobResult:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    workers: list[str] = field(default_factory=list)  # every worker that produced part of the text
+    receipts: list[ResultReceipt] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    first_token_s: float | None = None
+    cost: int = 0  # token base units signed to workers for this job (0 for free workers)
+    model: str = ""  # the model's CID
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when params.logprobs is set
+    proof: Proof | None = None  # the finishing worker's part, for verification
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a worker may keep the requester waiting, at each step of an attempt."""
+
+    accept_s: float = 10.0  # from the request to JobAccepted / JobRejected
+    first_token_s: float = 20.0  # from acceptance to the first chunk, for a short prompt…
+    first_token_per_prompt_byte_s: float = 0.01  # …plus this per prompt byte (a prefill of at least ~25 tokens/s)
+    progress_s: float = 10.0  # between chunks once text flows
+
+    def first_token_for(self, request: JobRequest) -> float:
+        size = prompt_bytes(request.prompt, request.messages, request.resume_text)
+        return self.first_token_s + self.first_token_per_prompt_byte_s * size
+
+
+class _WorkerFailed(Exception):
+    """One worker did not finish the job; ``partial``/``tokens`` is what it streamed first.
+
+    ``penalise``: count it against the worker. ``busy``: it only had no free slot.
+    ``request_fault``: the worker says the request itself is bad (malformed, too long).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        partial: str = "",
+        tokens: int = 0,
+        penalise: bool = True,
+        busy: bool = False,
+        request_fault: bool = False,
+    ) -> None:
+        super().__init__(reason)
+        self.partial, self.tokens, self.penalise, self.busy = partial, tokens, penalise, busy
+        self.request_fault = request_fault
+        self.logprobs: list[TokenLogprob] = []
+        self.paid = 0  # what the requester signed to this worker before it failed
+
+
+BUSY_RETRY_S = 0.25  # when every usable worker is busy, ask again after this long (until the deadline)
+REQUEST_FAULT_TRIES = 2  # workers that must call the request bad before the job ends as InvalidRequest
+
+
+@dataclass
+class _Finished:
+    """One attempt that finished: the worker's JobDone and what it streamed, with timings measured here."""
+
+    request: JobRequest  # as sent, with any payment terms (what the worker's receipt signs)
+    done: JobDone
+    text: str
+    logprobs: list[TokenLogprob]
+    spent: int  # signed to the worker for this attempt
+    first_token_s: float | None  # from sending the request to the first text
+    elapsed_s: float
+
+
+@dataclass
+class _Callbacks:
+    on_text: Callable[[str], None]
+    on_logprobs: Callable[[tuple[TokenLogprob, ...]], None]
+    on_tokens: Callable[[int, int], None] = lambda prompt_tokens, tokens: None  # each chunk's counts
+
+
+async def _attempt(
+    host: Host,
+    offer: Offer,
+    request: JobRequest,
+    payer: Payer,
+    callbacks: _Callbacks,
+    timeouts: Timeouts,
+    protocol: str = JOB_PROTOCOL,
+) -> _Finished:
+    """Run ``request`` on one worker, paid by ``payer`` at ``offer.price_per_1k``."""
+    async with payer.pay(offer, request) as payment:
+        if payment is None:  # as many of our jobs as it has slots run there already
+            raise _WorkerFailed("busy with our other jobs", penalise=False, busy=True)
+        return await _run_attempt(host, offer, payment, callbacks, timeouts, protocol)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One request answered by one worker (``attempt``)."""
+
+    request: JobRequest  # as sent (with payment terms, if paid)
+    done: JobDone
+    text: str
+    cost: int  # signed to the worker
+
+
+async def attempt(
+    host: Host,
+    offer: Offer,
+    request: JobRequest,
+    payer: Payer,
+    *,
+    protocol: str = JOB_PROTOCOL,
+    timeouts: Timeouts = Timeouts(),
+) -> Attempt:
+    """Run ``request`` once on ``offer``'s worker over ``protocol``, paid at ``offer.price_per_1k``; no failover.
+
+    Raises:
+        JobFailed: the worker rejected it, failed, or sent a result that does not check out.
+    """
+    noop = _Callbacks(lambda text: None, lambda logprobs: None)
+    try:
+        finished = await _attempt(host, offer, request, payer, noop, timeouts, protocol)
+    except _WorkerFailed as failure:
+        raise JobFailed(f"{offer.peer_id[:12]}…: {failure}") from None
+    return Attempt(finished.request, finished.done, finished.text, finished.spent)
+
+
+def _rejection(first: JobRejected) -> _WorkerFailed:
+    detail = f"rejected: {first.reason} {first.detail}".strip()
+    if first.reason == REJECT_BUSY:
+        return _WorkerFailed(detail, penalise=False, busy=True)
+    if first.reason in REQUEST_FAULTS:
+        return _WorkerFailed(detail, penalise=False, request_fault=True)
+    if first.reason == REJECT_PAYMENT:  # our payment terms: not the worker's fault
+        return _WorkerFailed(detail, penalise=False)
+    return _WorkerFailed(detail)
+
+
+async def _run_attempt(
+    host: Host, offer: Offer, payment: JobPayment, callbacks: _Callbacks, timeouts: Timeouts, protocol: str
+) -> _Finished:
+    request = payment.request
+    began, first_text_at = time.perf_counter(), None
+    try:
+        stream = await host.open_stream(offer.peer_id, protocol, offer.addrs)
+    except PeerUnreachable as err:
+        raise _WorkerFailed(str(err)) from None
+    text, tokens, logprobs = "", 0, []
+
+    async def reply(message) -> None:
+        await send(stream, message)
+
+    async def next_message(timeout_s: float, waiting_for: str):
+        with trio.move_on_after(timeout_s):
+            return await receive(stream)
+        raise _WorkerFailed(f"no {waiting_for} within {timeout_s:.0f}s", partial=text, tokens=tokens)
+
+    try:
+        await send(stream, request)
+        first = await next_message(timeouts.accept_s, "answer")
+        if isinstance(first, JobRejected):
+            raise _rejection(first)
+        if not isinstance(first, JobAccepted):
+            raise _WorkerFailed(f"answered {first.TYPE} instead of accepting")
+        wait_s, waiting_for = timeouts.first_token_for(request), "first token"
+        while True:
+            msg = await next_message(wait_s, waiting_for)
+            if isinstance(msg, JobChunk):
+                await payment.on_chunk(reply, msg)
+                if msg.text or msg.tokens:
+                    wait_s, waiting_for = timeouts.progress_s, "progress"
+                text += msg.text
+                tokens += msg.tokens
+                callbacks.on_tokens(msg.prompt_tokens, msg.tokens)
+                if msg.logprobs:
+                    piece = logprobs_from_wire(msg.logprobs)
+                    logprobs.extend(piece)
+                    callbacks.on_logprobs(piece)
+                if msg.text:
+                    first_text_at = first_text_at or time.perf_counter()
+                    callbacks.on_text(msg.text)
+            elif isinstance(msg, JobDone):
+                problem = check_result_receipt(msg.receipt, payment.request, text, msg.fingerprints)
+                if problem:
+                    raise _WorkerFailed(problem, partial=text, tokens=tokens)
+                await payment.on_done(reply, msg)
+                await stream.close()
+                now = time.perf_counter()
+                first = first_text_at - began if first_text_at else None
+                return _Finished(request, msg, text, logprobs, payment.spent, first, now - began)
+            elif isinstance(msg, JobError):
+                # A worker that stopped because our receipts fell behind is not at fault.
+                penalise = msg.reason != ERROR_PAYMENT
+                raise _WorkerFailed(f"worker error: {msg.detail}", partial=text, tokens=tokens, penalise=penalise)
+            elif isinstance(msg, JobRejected) and msg.reason == REJECT_TOO_LONG:
+                raise _rejection(msg)
+            else:
+                raise _WorkerFailed(f"unexpected {msg.TYPE}", partial=text, tokens=tokens)
+    except (EOFError, ConnectionError, WireError) as err:
+        await stream.reset()
+        failure = _WorkerFailed(
+            "stream ended" if str(err) in ("", "stream ended") else f"stream ended ({err})", partial=text, tokens=tokens
+        )
+        failure.paid, failure.logprobs = payment.spent, logprobs
+        raise failure from None
+    except Overcharge as err:
+        await stream.reset()
+        failure = _WorkerFailed(str(err), partial=text, tokens=tokens)
+        failure.paid, failure.logprobs = payment.spent, logprobs
+        raise failure from None
+    except _WorkerFailed as failure:
+        failure.paid, failure.logprobs = payment.spent, logprobs
+        await stream.reset()
+        raise
+    except BaseException:  # cancelled (deadline, Ctrl-C), or our own payment failed: tell the worker, drop the stream
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await send(stream, JobCancel(request.job_id))
+            except (ConnectionError, EOFError):
+                pass
+        await stream.reset()
+        raise
+
+
+def _why_no_worker(offers: list[Offer], query: RouteQuery, reputation: Reputation, now: float) -> str:
+    reasons: dict[str, int] = {}
+    for offer in offers:
+        reason = exclusion(offer, query, reputation, now)
+        if reason and reason not in ("not the pinned peer", "does not serve the model"):
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if not reasons:
+        who = f"peer {query.pinned_peer}" if query.pinned_peer else "no worker"
+        return f"{who} offers model {query.model} on the market; see `llmarket peers`"
+    detail = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+    return f"no worker can take a job for {query.model} now ({detail}); see `llmarket peers`"
+
+
+# Longer than any token of the BPE vocabularies in use, so bytes / 256 bounds a prompt's tokens from below. A
+# heuristic for refusing hopeless prompts early; the worker, which tokenizes, has the last word (``too_long``).
+MAX_BYTES_PER_TOKEN = 256
+
+
+def context_problem(offers: list[Offer], spec: JobSpec) -> str | None:
+    """Why ``spec`` cannot fit the context of any worker serving its model, or None.
+
+    Checked before routing, so a request that cannot run anywhere is the
+    client's error at once (never a worker's fault, never a ban). The prompt's
+    token count is not known before a worker tokenizes it, so only what is
+    certain is checked: ``max_tokens`` alone, and the prompt's bytes divided by
+    the most bytes one token can cover.
+    """
+    contexts = [m.context_size for o in offers for m in o.models if m.cid == spec.model and m.context_size > 0]
+    if not contexts:
+        return None
+    limit = max(contexts)
+    size = prompt_bytes(spec.prompt, spec.messages)
+    at_least = -(-size // MAX_BYTES_PER_TOKEN)
+    if spec.params.max_tokens >= limit:
+        return f"max_tokens {spec.params.max_tokens} does not fit the model's context of {limit} tokens; lower it"
+    if at_least + spec.params.max_tokens > limit:
+        return (
+            f"the prompt ({size} bytes, at least {at_least} tokens) plus max_tokens "
+            f"{spec.params.max_tokens} does not fit the model's context of {limit} tokens; shorten it"
+        )
+    return None
+
+
+async def run_job(
+    host: Host,
+    offers: Callable[[], list[Offer]],
+    query: RouteQuery,
+    spec: JobSpec,
+    *,
+    reputation: Reputation,
+    deadline_s: float = 120.0,
+    timeouts: Timeouts = Timeouts(),
+    on_text: Callable[[str], None] = lambda text: None,
+    on_logprobs: Callable[[tuple[TokenLogprob, ...]], None] = lambda logprobs: None,
+    on_failover: Callable[[str, str, bool], None] = lambda peer, reason, started: None,
+    on_attempt: Callable[[str], None] = lambda peer: None,
+    on_tokens: Callable[[int, int], None] = lambda prompt_tokens, tokens: None,
+    clock: Callable[[], float] = time.time,
+    payer: Payer | None = None,
+) -> JobResult:
+    """Run ``spec`` on the best workers in ``offers()``, failing over as needed.
+
+    Args:
+        offers: the live offers (called again after each failure).
+        on_text: called with each piece of text as it streams in.
+        on_logprobs: called with a piece's token logprobs just before ``on_text`` gets the piece
+            (when ``spec.params.logprobs`` is set).
+        on_failover: called with (peer id, reason, whether it had started) when a worker is dropped.
+        on_attempt: called with a worker's peer id as the job is sent to it.
+        on_tokens: called with (prompt tokens, tokens) for each chunk of a worker's answer (prompt tokens: 0
+            when the chunk does not say).
+        payer: pays workers that charge (default: ``FreePayer``; the query must then be free only).
+
+    Raises:
+        InvalidRequest: the request cannot run: it does not fit the model's context, or workers rejected it
+            as malformed.
+        NoWorker: nobody can take the job at all.
+        JobFailed: every candidate failed; ``DeadlineExceeded`` if ``deadline_s`` passed.
+        PaymentError: the payer cannot pay (no funds, no chain).
+    """
+    payer = payer or FreePayer()
+    problem = context_problem(offers(), spec)
+    if problem:
+        raise InvalidRequest(problem)
+    job_id = secrets.token_hex(8)
+    # A sampled job always carries a seed: any verifier can then replay the worker's draws (node/verify.py).
+    seed = spec.params.seed if spec.params.seed is not None or spec.params.temperature == 0 else secrets.randbits(31)
+    started_at = time.perf_counter()
+    first_token_s: float | None = None
+    text, completion_used, logprobs = "", 0, []
+    workers: list[str] = []
+    receipts: list[ResultReceipt] = []
+    tried: set[str] = set()
+    busy: set[str] = set()  # tried, and turned us away only because all their slots were in use
+    request_faults: list[str] = []
+    reasons: list[str] = []
+    cost = 0
+
+    def record_text(piece: str) -> None:
+        nonlocal first_token_s
+        if first_token_s is None:
+            first_token_s = time.perf_counter() - started_at
+        on_text(piece)
+
+    callbacks = _Callbacks(record_text, on_logprobs, on_tokens)
+    with trio.move_on_after(deadline_s) as deadline:
+        while True:
+            available = [o for o in offers() if o.peer_id not in tried]
+            candidates = rank(available, query, reputation, clock(), limit=1)  # re-ranked after every failure
+            if not candidates and busy:
+                # every worker we could still use is busy (the others failed): wait for one, like a
+                # queue, within the deadline, and ask the busy ones again
+                await trio.sleep(BUSY_RETRY_S)
+                tried -= busy
+                busy.clear()
+                continue
+            if not candidates:
+                if request_faults and not workers:
+                    raise InvalidRequest(request_faults[0])
+                if not tried:
+                    raise NoWorker(_why_no_worker(offers(), query, reputation, clock()))
+                raise JobFailed(f"every worker failed ({'; '.join(reasons)})")
+            offer = candidates[0]
+            tried.add(offer.peer_id)
+            params = dataclasses.asdict(spec.params)
+            params["stop"] = list(params["stop"])
+            params["seed"] = seed
+            params["max_tokens"] = max(spec.params.max_tokens - completion_used, 1)
+            request = JobRequest(
+                job_id=job_id,
+                model=spec.model,
+                params=params,
+                messages=spec.messages,
+                prompt=spec.prompt,
+                max_price_per_1k=spec.max_price_per_1k,
+                resume_text=text,
+            )
+            began = time.perf_counter()
+            on_attempt(offer.peer_id)
+            try:
+                finished = await _attempt(host, offer, request, payer, callbacks, timeouts)
+                cost += finished.spent
+            except _WorkerFailed as failure:
+                cost += failure.paid
+                if failure.busy:
+                    busy.add(offer.peer_id)
+                if failure.partial:
+                    text += failure.partial
+                    logprobs += failure.logprobs
+                    completion_used += failure.tokens
+                    workers.append(offer.peer_id)
+                if failure.penalise:
+                    reputation.failure(offer.peer_id, clock())
+                if failure.request_fault:
+                    request_faults.append(str(failure).removeprefix("rejected: ").strip())
+                    if len(request_faults) >= REQUEST_FAULT_TRIES and not workers:
+                        raise InvalidRequest(request_faults[0]) from None
+                reasons.append(f"{offer.peer_id[:12]}…: {failure}")
+                on_failover(offer.peer_id, str(failure), bool(failure.partial))
+                continue
+            done = finished.done
+            reputation.success(offer.peer_id)
+            reputation.latency(offer.peer_id, 1000 * (time.perf_counter() - began))
+            _observe(reputation, offer.peer_id, finished)
+            workers.append(offer.peer_id)
+            receipts.append(done.receipt)
+            return JobResult(
+                text=text + finished.text,
+                finish_reason=done.finish_reason,
+                prompt_tokens=done.receipt.prompt_tokens,
+                completion_tokens=completion_used + done.receipt.completion_tokens,
+                workers=workers,
+                receipts=receipts,
+                elapsed_s=time.perf_counter() - started_at,
+                first_token_s=first_token_s,
+                cost=cost,
+                model=spec.model,
+                logprobs=logprobs + finished.logprobs,
+                proof=Proof(finished.request, done, finished.text),
+            )
+    assert deadline.cancelled_caught
+    raise DeadlineExceeded(
+        f"the job did not finish within its {deadline_s:.0f}s deadline ({len(text)} characters received)"
+    )
+
+
+def _observe(reputation: Reputation, peer_id: str, finished: _Finished) -> None:
+    """Tell the reputation how fast the worker really was: routing trusts this over what offers claim."""
+    tokens = finished.done.receipt.completion_tokens
+    decode_s = finished.elapsed_s - (finished.first_token_s or 0.0)
+    reputation.observe(
+        peer_id,
+        tokens_per_s=(tokens - 1) / decode_s if tokens > 1 and decode_s > 0 else None,
+        first_token_ms=1000 * finished.first_token_s if finished.first_token_s is not None else None,
+    )

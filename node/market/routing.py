@@ -1,0 +1,297 @@
+"""Choosing a worker for a job: a pure policy, no I/O.
+
+``rank`` filters the live offers down to those that can take the job and
+orders them best first; the requester tries them in that order (failover
+walks down the list). ``Reputation`` is the requester's local memory of how
+each peer behaved.
+
+Filters (an offer is out if any fails):
+  serves the model (by CID); is not expired; its price is at most the cap; a
+  paid offer is on the requester's chain and escrow (and paid offers are
+  refused outright while ``free_only``); the peer is not banned; with a pinned
+  peer, it is that peer.
+
+Free slots order, they do not filter: every offer with a free slot comes before
+every offer without one. An offer can be a second old (workers re-advertise at
+most once a second), so a worker that just finished a job still shows as full;
+if a "full" worker is tried and really is busy, it says so and the next one is
+tried, at the cost of one round trip.
+
+Then the score (lower is better), each term scaled to 0..1 across the candidates:
+  0.4 × price  +  0.2 × time to first token  +  0.2 × slowness (1 / tokens/s)
+  +  0.2 × unreliability (1 − smoothed success rate).
+Price matters most because it is what a requester set a cap on; the other
+three stand for "how soon is my answer done". Ties break on the peer id, so the
+choice is deterministic.
+
+Speed and time to first token come from our own jobs where we have them
+(``Reputation.observe``, smoothed); an offer's claims are only a stand-in, and
+they are believed only so far:
+  - a claim out of the plausible range (tokens/s not in (0, 100k], first token
+    not in [1 ms, 10 min]; NaN and infinities included) counts as absent;
+  - a claimed speed is capped at the fastest speed we measured among the
+    candidates, and a claimed time to first token (plus the ping round trip)
+    is floored at the quickest we measured, so a claim never beats a measurement;
+  - an absent value gets the median of the candidates that have one.
+A peer's time to first token is its measured one, else its ping round trip
+(``Reputation.latency``; the median of measured peers if never pinged) plus its
+claim.
+
+Failing peers are banned with exponential backoff: 5 s after the first
+consecutive failure, doubling up to 10 minutes; a success clears it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from node.protocol.messages import Offer
+
+WEIGHT_PRICE = 0.4
+WEIGHT_LATENCY = 0.2
+WEIGHT_SPEED = 0.2
+WEIGHT_RELIABILITY = 0.2
+
+#: Claims outside these count as absent (and measurements are clamped to the upper bounds).
+MAX_PLAUSIBLE_TOKENS_PER_S = 100_000.0
+MIN_PLAUSIBLE_FIRST_TOKEN_MS = 1.0  # no model answers within a millisecond of a request
+MAX_PLAUSIBLE_FIRST_TOKEN_MS = 600_000.0
+#: Weight of a new measurement in the smoothed averages.
+SMOOTHING = 0.3
+
+
+@dataclass(frozen=True)
+class RouteQuery:
+    """What the requester needs."""
+
+    model: str  # CID
+    max_price_per_1k: int | None = None  # None: any price
+    chain_id: int = 0
+    escrow: str = ""
+    pinned_peer: str | None = None
+    free_only: bool = False
+
+
+@dataclass
+class PeerRecord:
+    successes: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    banned_until: float = 0.0  # a failure's backoff: a success ends it
+    condemned_until: float = 0.0  # a ban for cheating (``Reputation.ban``): only time ends it
+    latency_ms: float | None = None  # smoothed round-trip time
+    tokens_per_s: float | None = None  # smoothed, measured on our own jobs
+    first_token_ms: float | None = None  # smoothed, measured on our own jobs (request sent → first text)
+
+
+def plausible(value: float | None, high: float, low: float = 0.0) -> float | None:
+    """``value`` if it is a finite number in (0, high] and at least ``low``, else None (absent)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and 0 < value <= high and value >= low else None
+
+
+def _smooth(old: float | None, new: float) -> float:
+    return new if old is None else (1 - SMOOTHING) * old + SMOOTHING * new
+
+
+@dataclass
+class Reputation:
+    """Local success/failure history per peer, with backoff bans."""
+
+    base_ban_s: float = 5.0
+    max_ban_s: float = 600.0
+    peers: dict[str, PeerRecord] = field(default_factory=dict)
+
+    def record(self, peer: str) -> PeerRecord:
+        return self.peers.setdefault(peer, PeerRecord())
+
+    def success(self, peer: str) -> None:
+        rec = self.record(peer)
+        rec.successes += 1
+        rec.consecutive_failures = 0
+        rec.banned_until = 0.0
+
+    def failure(self, peer: str, now: float) -> float:
+        """Record a failure; returns the time the peer is banned until."""
+        rec = self.record(peer)
+        rec.failures += 1
+        rec.consecutive_failures += 1
+        rec.banned_until = now + min(self.max_ban_s, self.base_ban_s * 2 ** (rec.consecutive_failures - 1))
+        return rec.banned_until
+
+    def ban(self, peer: str, now: float, seconds: float) -> None:
+        """Exclude ``peer`` for ``seconds`` (a worker caught cheating, or a node that framed one). Unlike a
+        failure's backoff, neither a later success nor a later failure shortens it."""
+        rec = self.record(peer)
+        rec.failures += 1
+        rec.condemned_until = max(rec.condemned_until, now + seconds)
+
+    def latency(self, peer: str, rtt_ms: float) -> None:
+        rec = self.record(peer)
+        rec.latency_ms = rtt_ms if rec.latency_ms is None else 0.7 * rec.latency_ms + 0.3 * rtt_ms
+
+    def observe(self, peer_id: str, *, tokens_per_s: float | None, first_token_ms: float | None) -> None:
+        """Record what one of our jobs on ``peer_id`` measured; None (or a value that is no measurement) skips it.
+
+        ``tokens_per_s``: generated tokens over the time from first to last text;
+        ``first_token_ms``: from sending the request to the first text. Values
+        above the plausible bounds are clamped to them; zero, negative and
+        non-finite values are ignored.
+        """
+        rec = self.record(peer_id)
+        for name, value, high in (
+            ("tokens_per_s", tokens_per_s, MAX_PLAUSIBLE_TOKENS_PER_S),
+            ("first_token_ms", first_token_ms, MAX_PLAUSIBLE_FIRST_TOKEN_MS),
+        ):
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value) or value <= 0:
+                continue
+            setattr(rec, name, _smooth(getattr(rec, name), min(float(value), high)))
+
+    def valued(self, peer: str) -> bool:
+        """Whether ``peer`` has done a job for us (its offers are kept before strangers', node.offers)."""
+        rec = self.peers.get(peer)
+        return rec is not None and rec.successes > 0
+
+    def banned(self, peer: str, now: float) -> bool:
+        rec = self.peers.get(peer)
+        return rec is not None and max(rec.banned_until, rec.condemned_until) > now
+
+    def reliability(self, peer: str) -> float:
+        """Smoothed success rate, (s + 1) / (s + f + 2): 0.5 for a peer never tried."""
+        rec = self.peers.get(peer)
+        if rec is None:
+            return 0.5
+        return (rec.successes + 1) / (rec.successes + rec.failures + 2)
+
+
+def exclusion(offer: Offer, query: RouteQuery, reputation: Reputation, now: float) -> str | None:
+    """Why ``offer`` cannot take the job, or None if it can."""
+    if query.pinned_peer is not None and offer.peer_id != query.pinned_peer:
+        return "not the pinned peer"
+    if not any(m.cid == query.model for m in offer.models):
+        return "does not serve the model"
+    if offer.expires_at <= now:
+        return "offer expired"
+    if query.max_price_per_1k is not None and offer.price_per_1k > query.max_price_per_1k:
+        return "over the price cap"
+    if offer.price_per_1k > 0:
+        if query.free_only:
+            return "paid offer (pass --max-price to pay)"
+        if offer.chain_id != query.chain_id or offer.escrow.lower() != query.escrow.lower():
+            return "paid on another chain or escrow"
+    if query.pinned_peer is None and reputation.banned(offer.peer_id, now):
+        return "banned after recent failures"
+    return None
+
+
+def _scaled(values: list[float]) -> list[float]:
+    low, high = min(values), max(values)
+    span = high - low
+    return [0.0] * len(values) if span == 0 else [(v - low) / span for v in values]
+
+
+def eligible(offers: Iterable[Offer], query: RouteQuery, reputation: Reputation, now: float) -> list[Offer]:
+    """The offers whose ``exclusion`` is None, in one tight loop (``rank`` runs it over the whole market)."""
+    pinned, cap, model = query.pinned_peer, query.max_price_per_1k, query.model
+    free_only, chain_id, escrow = query.free_only, query.chain_id, query.escrow.lower()
+    banned = set() if pinned is not None else {p for p, r in reputation.peers.items() if r.banned_until > now}
+    out = []
+    for o in offers:
+        if o.expires_at <= now:
+            continue
+        if pinned is not None and o.peer_id != pinned:
+            continue
+        price = o.price_per_1k
+        if cap is not None and price > cap:
+            continue
+        if price > 0 and (free_only or o.chain_id != chain_id or o.escrow.lower() != escrow):
+            continue
+        for m in o.models:
+            if m.cid == model:
+                break
+        else:
+            continue
+        if o.peer_id in banned:
+            continue
+        out.append(o)
+    return out
+
+
+def rank(
+    offers: Iterable[Offer], query: RouteQuery, reputation: Reputation, now: float, *, limit: int | None = None
+) -> list[Offer]:
+    """The offers that can take the job, best first (only the best ``limit`` of them, if given)."""
+    candidates = eligible(offers, query, reputation, now)
+    if len(candidates) <= 1:
+        return candidates
+    peers = reputation.peers
+    records = [peers.get(o.peer_id) for o in candidates]
+    latency = _scaled(_first_token_estimates(candidates, records))
+    price = _scaled([float(o.price_per_1k) for o in candidates])
+    slowness = _scaled([1.0 / s for s in _speed_estimates(candidates, records)])
+    unreliability = _scaled(
+        [1.0 - ((r.successes + 1) / (r.successes + r.failures + 2) if r is not None else 0.5) for r in records]
+    )
+    keyed = [
+        (
+            o.slots_free <= 0,
+            WEIGHT_PRICE * p + WEIGHT_LATENCY * lat + WEIGHT_SPEED * slow + WEIGHT_RELIABILITY * unrel,
+            o.peer_id,
+            i,
+        )
+        for i, (o, p, lat, slow, unrel) in enumerate(
+            zip(candidates, price, latency, slowness, unreliability, strict=True)
+        )
+    ]
+    best = heapq.nsmallest(limit, keyed) if limit is not None and limit < len(keyed) else sorted(keyed)
+    return [candidates[i] for _, _, _, i in best]
+
+
+def _fill_absent(values: list[float | None]) -> list[float]:
+    """Absent values become the median of the present ones (all equal if none is present)."""
+    present = [v for v in values if v is not None]
+    default = statistics.median(present) if present else 1.0
+    return [default if v is None else v for v in values]
+
+
+def _speed_estimates(candidates: list[Offer], records: list[PeerRecord | None]) -> list[float]:
+    """Tokens/s per candidate: measured, else the plausible claim capped at the fastest measured."""
+    measured = [r.tokens_per_s if r is not None else None for r in records]
+    known = [m for m in measured if m is not None]
+    cap = max(known) if known else MAX_PLAUSIBLE_TOKENS_PER_S
+    estimates: list[float | None] = []
+    for offer, m in zip(candidates, measured, strict=True):
+        if m is not None:
+            estimates.append(m)
+        else:
+            claim = plausible(offer.tokens_per_s, MAX_PLAUSIBLE_TOKENS_PER_S)
+            estimates.append(None if claim is None else min(claim, cap))
+    return _fill_absent(estimates)
+
+
+def _first_token_estimates(candidates: list[Offer], records: list[PeerRecord | None]) -> list[float]:
+    """Milliseconds to the first token per candidate: measured, else round trip + plausible claim."""
+    rtts = [r.latency_ms if r is not None else None for r in records]
+    known_rtts = [x for x in rtts if x is not None]
+    default_rtt = statistics.median(known_rtts) if known_rtts else 0.0
+    measured = [r.first_token_ms if r is not None else None for r in records]
+    known = [m for m in measured if m is not None]
+    floor = min(known) if known else 0.0
+    estimates: list[float | None] = []
+    for offer, m, rtt in zip(candidates, measured, rtts, strict=True):
+        if m is not None:
+            estimates.append(m)
+            continue
+        claim = plausible(offer.first_token_ms, MAX_PLAUSIBLE_FIRST_TOKEN_MS, MIN_PLAUSIBLE_FIRST_TOKEN_MS)
+        if claim is None:
+            estimates.append(None)
+        else:
+            estimates.append(max((default_rtt if rtt is None else rtt) + claim, floor))
+    return _fill_absent(estimates)

@@ -1,0 +1,1 @@
+"""The network: identity, addresses, the libp2p host, NAT traversal, discovery."""

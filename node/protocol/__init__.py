@@ -1,0 +1,1 @@
+"""Wire formats: frames, the message registry, every message."""

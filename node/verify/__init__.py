@@ -1,0 +1,1 @@
+"""Verified inference: judging answers, local and spot checks, fraud reports."""
