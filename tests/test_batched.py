@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import trio
 
-from node.verify.checks import checks as verify
+from node.verify import checks as verify
 from node.inference.engine import open_engine
 from node.protocol.messages import JobRequest
 from node.inference.sampling import Delta, Finished, SamplingParams

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from node.inference import fingerprints
-from node.verify.checks import checks as verify
+from node.verify import checks as verify
 from node.inference.engine import PROBE_TOKENS, open_engine
 from node.errors import InvalidRequest
 from node.inference.fingerprints import Observations
