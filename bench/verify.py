@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/verify.py [--rounds 5] [--tokens 256] [--runs 3] [--spot-check 0.05] [--jobs 20000] [--json]
     .venv/bin/python bench/verify.py --quick    # seconds: 1 round and 1 run of 32 tokens
+    .venv/bin/python bench/verify.py --calibrate [--scale 0.1] [--no-write]
+
+``--calibrate`` runs the statistical calibration instead (about an hour on 2 cores):
+the workloads of ``tests/calibration.py`` at full size, 1,000 honest checks of the
+per-slot engine, 160 of the batched engine and 100 jobs per cheater, and writes the
+tallies into docs/verification.md (between its calibration markers). The test
+suite runs the same workloads at a smoke size.
 
 One process, the default model (SmolLM2-135M-Instruct Q4_1), n_ctx 2048, one
 slot per engine using every core; the KV cache is emptied before every job, so
@@ -39,6 +46,7 @@ import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,11 +54,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.verify import checks as verify  # noqa: E402
 from node.inference.engine import Finished, SamplingParams, open_engine  # noqa: E402
-from node.protocol.messages import JobRequest  # noqa: E402
 from node.models.default import default_model_file  # noqa: E402
 from node.payments.policy import job_cost  # noqa: E402
+from node.protocol.messages import JobRequest  # noqa: E402
+from node.verify import checks as verify  # noqa: E402
 
 ESSAY = [{"role": "user", "content": "Write a long, detailed essay about the history of bicycles."}]
 QUESTIONS = [
@@ -263,6 +271,72 @@ def table(r: dict, args: argparse.Namespace) -> list[str]:
     return ["| measure | result | raw | target |", "|---|---:|---|---|"] + [f"| {' | '.join(row)} |" for row in rows]
 
 
+# ------------------------------------------------------------------ the calibration (--calibrate)
+
+#: Full sizes: 6 * 100 + 4 * 100 = 1,000 honest checks, 4 * 40 = 160 batched ones, 100 jobs per cheater.
+FULL = {"pairs": 100, "singles": 100, "rounds": 40, "jobs": 100}
+BEGIN = "<!-- calibration: begin (written by bench/verify.py --calibrate) -->"
+END = "<!-- calibration: end -->"
+
+
+async def calibrate(scale: float) -> tuple:
+    from tests import calibration
+
+    size = {key: max(1, round(value * scale)) for key, value in FULL.items()}
+    model = default_model_file()
+    with tempfile.TemporaryDirectory() as tmp:
+        honest = await calibration.honest_checks(model, Path(tmp), pairs=size["pairs"], singles=size["singles"])
+        print(honest.summary(), flush=True)
+        batched = await calibration.batched_checks(model, rounds=size["rounds"])
+        print(batched.summary(), flush=True)
+        cheats = []
+        for cheat in calibration.CHEATS:
+            cheats.append(await calibration.cheater_checks(cheat, model, Path(tmp), jobs=size["jobs"]))
+            print(cheats[-1].summary(), flush=True)
+    return honest, batched, cheats
+
+
+def calibration_markdown(honest, batched, cheats, *, machine: str, minutes: float) -> str:
+    rows = ["| workload | checks | flagged | max logit error: median / p99 / max | mean error, max | flips, max "
+            "| surprisal z, max |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+    for tally in (honest, batched):
+        errors = sorted(v.max_error for v in tally.verdicts)
+        p99 = errors[min(len(errors) - 1, int(0.99 * len(errors)))]
+        rows.append(
+            f"| {tally.what} | {len(tally.verdicts):,} | **{len(tally.failures)}** | {statistics.median(errors):.2f} "
+            f"/ {p99:.2f} / {errors[-1]:.2f} | {max(v.mean_error for v in tally.verdicts):.2f} "
+            f"| {max(v.flips for v in tally.verdicts)} | {max(v.surprise_z for v in tally.verdicts):.2f} |"
+        )
+    rows += ["", "| cheater | caught | first failing check |", "|---|---|---|"]
+    for tally in cheats:
+        reasons = "; ".join(f"{reason}: {count}" for reason, count in sorted(tally.reasons.items()))
+        rows.append(f"| {tally.cheat} | {tally.caught} of {tally.checked} | {reasons} |")
+    head = f"Last calibration: {time.strftime('%Y-%m-%d')}, {machine}, {minutes:.0f} min."
+    extra = f" The batched engine found {batched.reused_tokens:,} prompt tokens in a cache." if batched else ""
+    return "\n".join([BEGIN, head + extra, "", *rows, END])
+
+
+def write_between_markers(doc: Path, block: str) -> None:
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"bench/verify.py: {doc} has no calibration markers ({BEGIN!r} ... {END!r})")
+    before, rest = text.split(BEGIN, 1)
+    doc.write_text(before + block + rest.split(END, 1)[1])
+
+
+def run_calibration(args: argparse.Namespace) -> None:
+    started = time.monotonic()
+    honest, batched, cheats = trio.run(calibrate, args.scale)
+    machine = f"{cpu_model()}, {os.cpu_count()} cores"
+    block = calibration_markdown(honest, batched, cheats, machine=machine, minutes=(time.monotonic() - started) / 60)
+    print(block)
+    if not args.no_write:
+        write_between_markers(Path(__file__).resolve().parents[1] / "docs" / "verification.md", block)
+    flagged = len(honest.failures) + len(batched.failures) + sum(t.checked - t.caught for t in cheats)
+    if flagged:
+        raise SystemExit(f"bench/verify.py: {flagged} wrong verdicts (see above)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="turns per engine in part 1")
@@ -274,7 +348,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the spot-check simulation's RNG seed")
     parser.add_argument("--quick", action="store_true", help="1 round, 1 run, 32 tokens: a smoke test")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--calibrate", action="store_true", help="run the statistical calibration instead (~1 h)")
+    parser.add_argument("--scale", type=float, default=1.0, help="--calibrate at this fraction of its full sizes")
+    parser.add_argument("--no-write", action="store_true", help="--calibrate without writing docs/verification.md")
     args = parser.parse_args()
+    if args.calibrate:
+        run_calibration(args)
+        return
     if args.quick:
         args.rounds, args.runs, args.tokens = 1, 1, 32
     import llama_cpp

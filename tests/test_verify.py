@@ -8,25 +8,20 @@ docs/verification.md quote them.
 from __future__ import annotations
 
 import dataclasses
-import json
-import random
-import re
 from dataclasses import replace
-from functools import partial
 
 import numpy as np
 import pytest
 import trio
 
-from node.inference import fingerprints
-from node.verify import checks as verify
-from node.inference.engine import PROBE_TOKENS, open_engine
 from node.errors import InvalidRequest
+from node.inference import fingerprints
+from node.inference.engine import PROBE_TOKENS, open_engine
 from node.inference.fingerprints import Observations
-from node.protocol.messages import JobRequest
 from node.inference.sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams
-from tests import cheaters
-from tests.factories import gather
+from node.verify import checks as verify
+from tests import calibration, cheaters
+from tests.calibration import answer, check, job
 
 slow = pytest.mark.slow
 
@@ -138,57 +133,6 @@ def test_the_finish_reason_and_the_count_must_be_true():
 
 # ------------------------------------------------------------------ the real model
 
-TOPICS = [
-    "how a bicycle works", "the water cycle", "a lighthouse keeper's day", "why leaves change colour",
-    "the rules of chess", "a trip to Mars", "how bread rises", "the history of the printing press",
-    "a robot who learns to paint", "how volcanoes form", "a market town in winter", "the life of a honeybee",
-]  # fmt: skip
-DOCUMENT = " ".join(
-    f"Entry {i}: the harbour of town {i % 7} counted {i * 3} boats and {i % 5} ships." for i in range(48)
-)
-
-
-def job(i: int, *, long_every: int = 0) -> tuple[list[dict], SamplingParams]:
-    """The i-th of a varied set of jobs: topics, temperatures, penalties, top-k/p, min-p, stops, seeds."""
-    rng = random.Random(i)
-    messages = [{"role": "user", "content": f"Write a detailed paragraph about {TOPICS[i % len(TOPICS)]}."}]
-    if long_every and i % long_every == 0:  # a prompt over one 512-token batch
-        messages = [{"role": "system", "content": DOCUMENT}, *messages]
-    temperature = [0.0, 0.4, 0.7, 1.0, 1.3][i % 5]
-    params = SamplingParams(
-        max_tokens=40,
-        temperature=temperature,
-        seed=rng.randrange(2**31) if temperature else None,
-        top_k=rng.choice([40, 0, 10]),
-        top_p=rng.choice([0.95, 1.0, 0.8]),
-        min_p=rng.choice([0.05, 0.0, 0.1]),
-        repeat_penalty=rng.choice([1.1, 1.0, 1.3]),
-        stop=("\n\n",) if i % 7 == 3 else (),
-    )
-    return messages, params
-
-
-def as_request(messages, params: SamplingParams) -> JobRequest:
-    fields = dataclasses.asdict(params)
-    fields["stop"] = list(fields["stop"])
-    return JobRequest(job_id="j", model="m", params=fields, messages=messages)
-
-
-async def answer(engine, messages, params):
-    async with engine.stream_chat(messages, params) as events:
-        async for event in events:
-            done = event
-    return done
-
-
-async def check(verifier, messages, params, done, worker=None) -> verify.Verdict:
-    """``verifier``'s verdict on ``done``, the answer of ``worker`` (whose receipt would name its numerics)."""
-    return await verify.check(
-        verifier, as_request(messages, params), done.fingerprints, text=done.text,
-        finish_reason=done.finish_reason, completion_tokens=done.usage.completion_tokens,
-        numerics=getattr(worker, "numerics", ""),
-    )  # fmt: skip
-
 
 def report(capsys, line: str) -> None:
     """A tally for the terminal even when the test passes (pytest captures plain prints)."""
@@ -224,142 +168,36 @@ async def test_where_the_probe_says_exact_every_logit_matches_and_the_budget_is_
 
 @slow
 async def test_honest_work_is_never_flagged(default_model_file, tmp_path, capsys):
-    """At least 1,000 honest checks: workers with 1 or 2 threads, on either slot, alone or beside another job,
-    with warm and cold caches; verifiers with 1 or 2 threads, warm and cold, two checks at once. A quarter of
-    the paired jobs are served and checked with a Q2_K copy, whose batched pass is *not* bit-identical to
-    token-by-token decoding on CPUs: the tolerances must absorb that."""
-    q2k = cheaters.requantize(default_model_file, tmp_path / "q2k.gguf", "Q2_K")
-    verdicts: list[verify.Verdict] = []
-    failures: list[str] = []
-
-    def keep(verdict: verify.Verdict, what: str) -> None:
-        verdicts.append(verdict)
-        if not verdict.ok:
-            failures.append(f"{what}: {verdict.reason}")
-
-    async with (
-        open_engine(default_model_file, slots=2, threads=1) as pair,
-        open_engine(default_model_file, slots=1, threads=2) as single,
-        open_engine(default_model_file, slots=2, threads=1) as verifiers,
-        open_engine(q2k, slots=2, threads=1) as q2k_engine,
-    ):
-        with trio.fail_after(3000):  # ~10 min alone on 2 cores; much more beside other CPU work
-            for i in range(0, 200, 2):  # two jobs at once on the 2-slot worker, checked two at a time, 3 times
-                engine = q2k_engine if i % 8 == 0 else pair
-                name = "Q2_K" if engine is q2k_engine else "paired"
-                jobs = [job(i, long_every=25), job(i + 1, long_every=25)]
-                done = await gather(*(partial(answer, engine, *j) for j in jobs))
-                for _ in range(3):  # then again: the verifier's slots hold these very prompts
-                    checker = q2k_engine if engine is q2k_engine else verifiers
-                    calls = (partial(check, checker, *jobs[k], done[k], engine) for k in range(2))
-                    for k, verdict in enumerate(await gather(*calls)):
-                        keep(verdict, f"job {i + k} ({name})")
-            for i in range(200, 300):  # one job at a time on the 2-thread worker, checked by 1 and 2 threads
-                messages, params = job(i, long_every=25)
-                alone = await answer(single, messages, params)
-                for checker, what in ((verifiers, "1 thread"), (single, "2 threads"), (verifiers, "1 thread, warm"),
-                                      (single, "2 threads, warm")):  # fmt: skip
-                    verdict = await check(checker, messages, params, alone, single)
-                    keep(verdict, f"job {i} (2 threads; checked: {what})")
-    errors = np.array([v.max_error for v in verdicts])
-    means = np.array([v.mean_error for v in verdicts])
-    report(
-        capsys,
-        f"honest checks: {len(verdicts)}, flagged: {len(failures)}; per-job max logit error: "
-        f"median {np.median(errors):.4f}, p99 {np.quantile(errors, 0.99):.4f}, max {errors.max():.4f} "
-        f"(tolerance {verify.Tolerance().logit}); per-job mean error max {means.max():.4f} "
-        f"(tolerance {verify.Tolerance().mean}); flips max {max(v.flips for v in verdicts)}; "
-        f"surprise z max {max(v.surprise_z for v in verdicts):.2f} (tolerance {verify.Tolerance().surprise_z})",
-    )
-    assert not failures, failures[:5]
-    assert len(verdicts) >= 1000
+    """40 honest checks (tests/calibration.py: 1- and 2-thread workers, either slot, alone or beside another
+    job, warm and cold caches, 1- and 2-thread verifiers, a Q2_K round whose batched pass is not bit-identical):
+    none flagged. ``bench/verify.py --calibrate`` runs the same workload at 1,000 checks."""
+    with trio.fail_after(900):
+        tally = await calibration.honest_checks(default_model_file, tmp_path, pairs=4, singles=4)
+    report(capsys, tally.summary())
+    assert not tally.failures, tally.failures[:5]
+    assert len(tally.verdicts) == 40
 
 
 @slow
 async def test_honest_batched_work_is_never_flagged(default_model_file, capsys):
-    """Honest answers of the batched engine (node/batched.py, ``reproducible: false``): 160 jobs, four at a time
-    joining a quarter of a second apart, so prompts are prefilled beside other sequences' decoding; every fifth
-    carries the long system document, mostly found in a cache or copied from another sequence (prefix reuse).
-    Each is checked once by a one-thread verifier, two checks at once: none may be flagged."""
-    verdicts: list[verify.Verdict] = []
-    failures: list[str] = []
-
-    async def later(delay: float, messages, params):
-        await trio.sleep(delay)
-        return await answer(worker, messages, params)
-
-    async with (
-        open_engine(default_model_file, slots=4, kind="batched") as worker,
-        open_engine(default_model_file, slots=2, threads=1) as verifiers,
-    ):
-        assert not worker.reproducible and worker.numerics == ""
-        with trio.fail_after(3000):
-            for i in range(0, 160, 4):
-                jobs = [job(i + k, long_every=5) for k in range(4)]
-                done = await gather(*(partial(later, 0.25 * k, *jobs[k]) for k in range(4)))
-                for pair in (0, 2):
-                    calls = (partial(check, verifiers, *jobs[k], done[k], worker) for k in (pair, pair + 1))
-                    for k, verdict in enumerate(await gather(*calls)):
-                        verdicts.append(verdict)
-                        if not verdict.ok:
-                            failures.append(f"batched job {i + pair + k}: {verdict.reason}")
-        reused = worker._scheduler.reused_tokens
-    errors = np.array([v.max_error for v in verdicts])
-    report(
-        capsys,
-        f"honest batched checks: {len(verdicts)}, flagged: {len(failures)}; per-job max logit error: median "
-        f"{np.median(errors):.4f}, p99 {np.quantile(errors, 0.99):.4f}, max {errors.max():.4f}; per-job mean error "
-        f"max {max(v.mean_error for v in verdicts):.4f}; flips max {max(v.flips for v in verdicts)}; surprise z max "
-        f"{max(v.surprise_z for v in verdicts):.2f}; prompt tokens found in a cache: {reused}",
-    )
-    assert not failures, failures[:5]
-    assert len(verdicts) == 160 and reused > 20 * 500  # the long document was mostly not computed again
-
-
-CHEATS = ["Q4_0", "Q2_K", "hidden-prompt", "hotter", "random-tokens", "truncate-pad"]
-WRAPPERS = {
-    "hidden-prompt": cheaters.HiddenPrompt,
-    "hotter": cheaters.HotSampler,
-    "random-tokens": cheaters.RandomTokens,
-    "truncate-pad": cheaters.TruncatePad,
-}
-
-
-async def checked_if_long(worker, verifier, messages, params) -> verify.Verdict | None:
-    """The verdict on ``worker``'s answer, if it has at least 32 tokens."""
-    done = await answer(worker, messages, params)
-    return await check(verifier, messages, params, done, worker) if done.usage.completion_tokens >= 32 else None
+    """16 honest answers of the batched engine, four at a time joining a quarter of a second apart, every fifth
+    with the long system document (found in a cache after the first): none flagged. The calibration runs 160."""
+    with trio.fail_after(900):
+        tally = await calibration.batched_checks(default_model_file, rounds=4)
+    report(capsys, tally.summary())
+    assert not tally.failures, tally.failures[:5]
+    assert len(tally.verdicts) == 16 and tally.reused_tokens > 3 * 500  # the long document was not computed again
 
 
 @slow
-@pytest.mark.parametrize("cheat", CHEATS)
+@pytest.mark.parametrize("cheat", calibration.CHEATS)
 async def test_every_cheater_is_caught(cheat, default_model_file, tmp_path, capsys):
-    """100 checked jobs of at least 32 tokens each; every one must fail verification."""
-    path = default_model_file
-    if cheat in cheaters.QUANTIZATIONS:
-        path = cheaters.requantize(default_model_file, tmp_path / "q.gguf", cheat)
-    caught, checked, reasons = 0, 0, {}
-    async with (
-        open_engine(path, slots=2, threads=1) as engine,
-        open_engine(default_model_file, slots=2, threads=1) as verifier,
-    ):
-        worker = WRAPPERS[cheat](engine) if cheat in WRAPPERS else engine
-        with trio.fail_after(900):
-            i = 1000
-            while checked < 100:
-                jobs = [job(i + k, long_every=25) for k in range(2)]
-                i += 2
-                calls = (partial(checked_if_long, worker, verifier, m, replace(p, stop=())) for m, p in jobs)
-                for (_, params), verdict in zip(jobs, await gather(*calls), strict=True):
-                    if verdict is not None and checked < 100:
-                        checked += 1
-                        caught += not verdict.ok
-                        if verdict.ok:
-                            report(capsys, f"{cheat} passed: temperature {params.temperature}, {verdict}")
-                        key = re.sub(r"[\d.]+", "#", verdict.reason.split(":")[0]) if verdict.reason else "passed"
-                        reasons[key] = reasons.get(key, 0) + 1
-    report(capsys, f"{cheat}: caught {caught} of {checked} jobs of >= 32 tokens; failed checks: {json.dumps(reasons)}")
-    assert checked == 100 and caught == 100
+    """10 checked jobs of at least 32 tokens from each cheater of tests/cheaters.py: every one must fail
+    verification. The calibration runs 100 per cheater."""
+    with trio.fail_after(600):
+        tally = await calibration.cheater_checks(cheat, default_model_file, tmp_path, jobs=10)
+    report(capsys, tally.summary())
+    assert tally.checked == 10 and tally.caught == 10, tally.passed
 
 
 @slow

@@ -34,10 +34,10 @@ from typing import Any, Protocol
 import trio
 
 from node import __version__
-from node.market.activity import Activity
 from node.api.http import authorized, lifespan
-from node.protocol.messages import ModelInfo, Offer
+from node.market.activity import Activity
 from node.market.routing import Reputation
+from node.protocol.messages import ModelInfo, Offer
 
 log = logging.getLogger(__name__)
 

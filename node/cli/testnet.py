@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from node.dev import testnet
 from node.cli.common import json_flag
 
 
@@ -59,7 +58,14 @@ def _dir(args: argparse.Namespace) -> Path:
     return Path(args.dir) if args.dir else Path(args.data_dir) / "testnet"
 
 
+def _testnet():
+    from node.dev import testnet  # web3 is slow to import; only the testnet commands pay for it
+
+    return testnet
+
+
 def _up(args: argparse.Namespace) -> None:
+    testnet = _testnet()
     net = testnet.up(_dir(args), workers=args.workers, say=lambda line: print(line, file=sys.stderr))
     if args.json:
         print(json.dumps({**net.__dict__, "request_command": net.request_command()}, indent=2))
@@ -81,6 +87,7 @@ def _up(args: argparse.Namespace) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
+    testnet = _testnet()
     report = testnet.status(_dir(args))
     if args.json:
         print(json.dumps(report, indent=2))
@@ -98,5 +105,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> None:
+    testnet = _testnet()
     stopped = testnet.down(_dir(args))
     print(f"stopped {', '.join(stopped)}")

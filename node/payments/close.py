@@ -9,17 +9,17 @@ it holds (the contract pays the worker and returns the rest), and answers
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
 from node.errors import PaymentError, PaymentRefused, PeerUnreachable, WireError
-from node.protocol.messages import Closed, CloseRefused, CloseRequest
 from node.payments.ledger import WorkerLedger
+from node.protocol.messages import Closed, CloseRefused, CloseRequest
 from node.protocol.wire import receive, receive_as, send
 
 if TYPE_CHECKING:

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from node.errors import InvalidReceipt, PaymentError, PaymentRefused
-from node.protocol.messages import JobRequest, PayReceipt
 from node.payments.policy import channel_problem, job_cost, prompt_token_bound, worst_case_cost
 from node.payments.receipts import check_pay_receipt
+from node.protocol.messages import JobRequest, PayReceipt
 from node.protocol.wire import Message
 
 if TYPE_CHECKING:  # a free worker never imports web3

@@ -38,8 +38,8 @@ import trio
 from eth_utils import to_checksum_address
 
 from node.errors import Overcharge
-from node.protocol.messages import JobChunk, JobDone, JobRequest, Offer, PaymentTerms, PayReceipt
 from node.payments.policy import job_cost, prompt_token_bound, worst_case_cost
+from node.protocol.messages import JobChunk, JobDone, JobRequest, Offer, PaymentTerms, PayReceipt
 from node.protocol.wire import Message
 
 if TYPE_CHECKING:  # a requester that pays nobody never imports web3

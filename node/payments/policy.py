@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from node.protocol.messages import JobRequest
 from node.inference.sampling import prompt_bytes
+from node.protocol.messages import JobRequest
 
 if TYPE_CHECKING:  # pure arithmetic: no web3 for callers that only price jobs (the requester)
     from node.payments.escrow import ChannelState

@@ -23,12 +23,11 @@ mined), the ledger is brought up to date from the chain.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 

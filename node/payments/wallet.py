@@ -9,9 +9,8 @@ way down.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from eth_utils import to_checksum_address
 

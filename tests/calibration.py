@@ -1,0 +1,232 @@
+"""The verification workloads, at any size: honest work (per-slot and batched engines) and every cheater.
+
+One definition, two sizes. ``tests/test_verify.py`` runs each at a smoke size with
+fixed seeds (a few dozen honest checks, 10 jobs per cheater), so a regression
+fails the suite in a minute or two; ``bench/verify.py --calibrate`` runs them at
+the sizes ``docs/verification.md`` quotes (1,000 honest checks, 160 batched, 100
+per cheater) and writes the tallies there. Every job is ``job(i)``, seeded by
+``i``: the same sizes give the same jobs everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from node.inference.engine import open_engine
+from node.inference.sampling import SamplingParams
+from node.protocol.messages import JobRequest
+from node.verify import checks as verify
+from tests import cheaters
+from tests.factories import gather
+
+TOPICS = [
+    "how a bicycle works", "the water cycle", "a lighthouse keeper's day", "why leaves change colour",
+    "the rules of chess", "a trip to Mars", "how bread rises", "the history of the printing press",
+    "a robot who learns to paint", "how volcanoes form", "a market town in winter", "the life of a honeybee",
+]  # fmt: skip
+DOCUMENT = " ".join(
+    f"Entry {i}: the harbour of town {i % 7} counted {i * 3} boats and {i % 5} ships." for i in range(48)
+)
+
+
+def job(i: int, *, long_every: int = 0) -> tuple[list[dict], SamplingParams]:
+    """The i-th of a varied set of jobs: topics, temperatures, penalties, top-k/p, min-p, stops, seeds."""
+    rng = random.Random(i)
+    messages = [{"role": "user", "content": f"Write a detailed paragraph about {TOPICS[i % len(TOPICS)]}."}]
+    if long_every and i % long_every == 0:  # a prompt over one 512-token batch
+        messages = [{"role": "system", "content": DOCUMENT}, *messages]
+    temperature = [0.0, 0.4, 0.7, 1.0, 1.3][i % 5]
+    params = SamplingParams(
+        max_tokens=40,
+        temperature=temperature,
+        seed=rng.randrange(2**31) if temperature else None,
+        top_k=rng.choice([40, 0, 10]),
+        top_p=rng.choice([0.95, 1.0, 0.8]),
+        min_p=rng.choice([0.05, 0.0, 0.1]),
+        repeat_penalty=rng.choice([1.1, 1.0, 1.3]),
+        stop=("\n\n",) if i % 7 == 3 else (),
+    )
+    return messages, params
+
+
+def as_request(messages, params: SamplingParams) -> JobRequest:
+    fields = dataclasses.asdict(params)
+    fields["stop"] = list(fields["stop"])
+    return JobRequest(job_id="j", model="m", params=fields, messages=messages)
+
+
+async def answer(engine, messages, params):
+    async with engine.stream_chat(messages, params) as events:
+        async for event in events:
+            done = event
+    return done
+
+
+async def check(verifier, messages, params, done, worker=None) -> verify.Verdict:
+    """``verifier``'s verdict on ``done``, the answer of ``worker`` (whose receipt would name its numerics)."""
+    return await verify.check(
+        verifier, as_request(messages, params), done.fingerprints, text=done.text,
+        finish_reason=done.finish_reason, completion_tokens=done.usage.completion_tokens,
+        numerics=getattr(worker, "numerics", ""),
+    )  # fmt: skip
+
+
+@dataclass
+class Honest:
+    """Verdicts on honest answers; ``failures`` names every flagged one."""
+
+    what: str
+    verdicts: list[verify.Verdict] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    reused_tokens: int = 0  # prompt tokens the batched engine found in a cache
+
+    def keep(self, verdict: verify.Verdict, job_name: str) -> None:
+        self.verdicts.append(verdict)
+        if not verdict.ok:
+            self.failures.append(f"{job_name}: {verdict.reason}")
+
+    def summary(self) -> str:
+        errors = np.array([v.max_error for v in self.verdicts])
+        means = np.array([v.mean_error for v in self.verdicts])
+        tolerance = verify.Tolerance()
+        text = (
+            f"{self.what}: {len(self.verdicts)}, flagged: {len(self.failures)}; per-job max logit error: "
+            f"median {np.median(errors):.4f}, p99 {np.quantile(errors, 0.99):.4f}, max {errors.max():.4f} "
+            f"(tolerance {tolerance.logit}); per-job mean error max {means.max():.4f} (tolerance {tolerance.mean}); "
+            f"flips max {max(v.flips for v in self.verdicts)}; surprise z max "
+            f"{max(v.surprise_z for v in self.verdicts):.2f} (tolerance {tolerance.surprise_z})"
+        )
+        return text + (f"; prompt tokens found in a cache: {self.reused_tokens}" if self.reused_tokens else "")
+
+
+async def honest_checks(model_file: Path, workdir: Path, *, pairs: int, singles: int) -> Honest:
+    """``6 * pairs + 4 * singles`` honest checks.
+
+    ``pairs`` rounds of two jobs at once on a 2-slot, 1-thread worker, each checked
+    three times two at a time (warm caches after the first); every fourth round is
+    served and checked with a Q2_K copy, whose batched pass is *not* bit-identical on
+    CPUs. Then ``singles`` jobs on a 2-thread worker, each checked by a 1- and a
+    2-thread verifier, cold and warm.
+    """
+    q2k = cheaters.requantize(model_file, workdir / "q2k.gguf", "Q2_K")
+    tally = Honest("honest checks")
+    async with (
+        open_engine(model_file, slots=2, threads=1) as pair,
+        open_engine(model_file, slots=1, threads=2) as single,
+        open_engine(model_file, slots=2, threads=1) as verifiers,
+        open_engine(q2k, slots=2, threads=1) as q2k_engine,
+    ):
+        for i in range(0, 2 * pairs, 2):
+            engine = q2k_engine if i % 8 == 0 else pair
+            name = "Q2_K" if engine is q2k_engine else "paired"
+            jobs = [job(i, long_every=25), job(i + 1, long_every=25)]
+            done = await gather(*(partial(answer, engine, *j) for j in jobs))
+            for _ in range(3):  # then again: the verifier's slots hold these very prompts
+                checker = q2k_engine if engine is q2k_engine else verifiers
+                calls = (partial(check, checker, *jobs[k], done[k], engine) for k in range(2))
+                for k, verdict in enumerate(await gather(*calls)):
+                    tally.keep(verdict, f"job {i + k} ({name})")
+        for i in range(2 * pairs, 2 * pairs + singles):
+            messages, params = job(i, long_every=25)
+            alone = await answer(single, messages, params)
+            for checker, what in ((verifiers, "1 thread"), (single, "2 threads"), (verifiers, "1 thread, warm"),
+                                  (single, "2 threads, warm")):  # fmt: skip
+                tally.keep(await check(checker, messages, params, alone, single), f"job {i} (2 threads; {what})")
+    return tally
+
+
+async def batched_checks(model_file: Path, *, rounds: int) -> Honest:
+    """``4 * rounds`` honest answers of the batched engine (``reproducible: false``), four jobs at a time joining
+    a quarter of a second apart, so prompts are prefilled beside other sequences' decoding; every fifth carries
+    the long system document, mostly found in a cache or copied from another sequence (prefix reuse). Each is
+    checked once by a one-thread verifier, two checks at once."""
+    tally = Honest("honest batched checks")
+    async with (
+        open_engine(model_file, slots=4, kind="batched") as worker,
+        open_engine(model_file, slots=2, threads=1) as verifiers,
+    ):
+        assert not worker.reproducible and worker.numerics == ""
+
+        async def later(delay: float, messages, params):
+            await trio.sleep(delay)
+            return await answer(worker, messages, params)
+
+        for i in range(0, 4 * rounds, 4):
+            jobs = [job(i + k, long_every=5) for k in range(4)]
+            done = await gather(*(partial(later, 0.25 * k, *jobs[k]) for k in range(4)))
+            for first in (0, 2):
+                calls = (partial(check, verifiers, *jobs[k], done[k], worker) for k in (first, first + 1))
+                for k, verdict in enumerate(await gather(*calls)):
+                    tally.keep(verdict, f"batched job {i + first + k}")
+        tally.reused_tokens = worker._scheduler.reused_tokens
+    return tally
+
+
+CHEATS = ["Q4_0", "Q2_K", "hidden-prompt", "hotter", "random-tokens", "truncate-pad"]
+WRAPPERS = {
+    "hidden-prompt": cheaters.HiddenPrompt,
+    "hotter": cheaters.HotSampler,
+    "random-tokens": cheaters.RandomTokens,
+    "truncate-pad": cheaters.TruncatePad,
+}
+
+
+@dataclass
+class Caught:
+    """One cheater's tally: jobs checked, jobs caught, the first failing check of each, what passed."""
+
+    cheat: str
+    checked: int = 0
+    caught: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    passed: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.cheat}: caught {self.caught} of {self.checked} jobs of >= 32 tokens; "
+            f"failed checks: {json.dumps(self.reasons)}"
+        )
+
+
+async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: int) -> Caught:
+    """``jobs`` checked answers of at least 32 tokens from the cheater ``cheat`` (a name in ``CHEATS``)."""
+    path = model_file
+    if cheat in cheaters.QUANTIZATIONS:
+        path = cheaters.requantize(model_file, workdir / f"{cheat}.gguf", cheat)
+    tally = Caught(cheat)
+    async with (
+        open_engine(path, slots=2, threads=1) as engine,
+        open_engine(model_file, slots=2, threads=1) as verifier,
+    ):
+        worker = WRAPPERS[cheat](engine) if cheat in WRAPPERS else engine
+
+        async def checked_if_long(messages, params) -> verify.Verdict | None:
+            done = await answer(worker, messages, params)
+            if done.usage.completion_tokens < 32:
+                return None
+            return await check(verifier, messages, params, done, worker)
+
+        i = 1000
+        while tally.checked < jobs:
+            pair = [job(i + k, long_every=25) for k in range(2)]
+            i += 2
+            calls = (partial(checked_if_long, m, replace(p, stop=())) for m, p in pair)
+            for (_, params), verdict in zip(pair, await gather(*calls), strict=True):
+                if verdict is None or tally.checked >= jobs:
+                    continue
+                tally.checked += 1
+                tally.caught += not verdict.ok
+                if verdict.ok:
+                    tally.passed.append(f"temperature {params.temperature}, {verdict}")
+                key = re.sub(r"[\d.]+", "#", verdict.reason.split(":")[0]) if verdict.reason else "passed"
+                tally.reasons[key] = tally.reasons.get(key, 0) + 1
+    return tally
