@@ -1,4 +1,4 @@
-"""The batched engine (node/batched.py) with the real model: jobs of different lengths joining at different
+"""The batched engine (node/inference/batched.py) with the real model: jobs of different lengths joining at different
 times, cancellation mid-batch, per-sequence sampling, a long prompt admitted while others decode, prompt
 prefixes found in a sequence's cache (its own or another's) instead of computed again. Every answer
 must pass verification against the model (node/verify.py, a one-thread per-slot verifier): greedy answers are
@@ -13,10 +13,10 @@ import dataclasses
 import pytest
 import trio
 
-from node.verify import checks as verify
 from node.inference.engine import open_engine
-from node.protocol.messages import JobRequest
 from node.inference.sampling import Delta, Finished, SamplingParams
+from node.protocol.messages import JobRequest
+from node.verify import checks as verify
 from tests.factories import gather
 
 pytestmark = pytest.mark.slow
@@ -176,7 +176,7 @@ async def test_a_prompt_prefix_already_in_a_cache_is_not_computed_again(engines)
 
 async def test_jobs_arriving_together_with_one_system_prompt_compute_it_once(engines):
     """Four jobs at once, one ~1,000-token system prompt: the first to be admitted computes it, the others wait
-    for it and copy it (``_Scheduler._place``), instead of all four prefilling it side by side."""
+    for it and copy it (``Scheduler._place``), instead of all four prefilling it side by side."""
     batched, verifier = engines
     scheduler = batched._scheduler
     jobs = [request(k, long=True, max_tokens=16) for k in range(4)]

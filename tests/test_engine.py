@@ -11,17 +11,9 @@ import time
 import pytest
 import trio
 
-from node.inference.engine import (
-    FINISH_LENGTH,
-    FINISH_STOP,
-    MAX_SCHEMA_REPEAT,
-    Delta,
-    Finished,
-    SamplingParams,
-    _schema_problem,
-    open_engine,
-)
 from node.errors import InvalidRequest, ModelError
+from node.inference.engine import FINISH_LENGTH, FINISH_STOP, Delta, Finished, SamplingParams, open_engine
+from node.inference.grammar import MAX_SCHEMA_REPEAT, schema_problem
 
 slow = pytest.mark.slow  # the real model through llama.cpp
 
@@ -358,15 +350,13 @@ async def test_a_grammar_that_reaches_a_dead_end_fails_the_job_not_the_process(e
 
 
 def test_schema_problems_are_found_anywhere():
-    assert _schema_problem({"type": "array", "maxItems": MAX_SCHEMA_REPEAT}) is None
-    assert _schema_problem({"properties": {"pattern": {"type": "string", "pattern": "a{3}"}}}) is None
-    assert _schema_problem({"$defs": {"a": {"type": "integer"}}, "items": {"$ref": "#/$defs/a"}}) is None
+    assert schema_problem({"type": "array", "maxItems": MAX_SCHEMA_REPEAT}) is None
+    assert schema_problem({"properties": {"pattern": {"type": "string", "pattern": "a{3}"}}}) is None
+    assert schema_problem({"$defs": {"a": {"type": "integer"}}, "items": {"$ref": "#/$defs/a"}}) is None
     nested = {"properties": {"x": {"type": "array", "items": [{"type": "string", "minLength": 10**6}]}}}
-    assert _schema_problem(nested).startswith("minLength 1000000 is over")
-    assert _schema_problem({"anyOf": [{"pattern": "x{1," + "9" * 5000 + "}"}]}).startswith("the pattern's {1,999")
-    assert (
-        _schema_problem({"items": {"$ref": "https://example.com/s.json"}}) == "only local $refs (#/...) are supported"
-    )
+    assert schema_problem(nested).startswith("minLength 1000000 is over")
+    assert schema_problem({"anyOf": [{"pattern": "x{1," + "9" * 5000 + "}"}]}).startswith("the pattern's {1,999")
+    assert schema_problem({"items": {"$ref": "https://example.com/s.json"}}) == "only local $refs (#/...) are supported"
 
 
 # ------------------------------------------------------------------ the leaf module

@@ -6,14 +6,14 @@ slots, events), but its slots are *sequences* of one context instead of one
 context each. A scheduler thread runs the loop:
 
 1. admit new jobs, each on a free sequence whose cache already holds as much of
-   its prompt as can be found (``_Scheduler._place``: its own cells, another
+   its prompt as can be found (``Scheduler._place``: its own cells, another
    sequence's stream copied, or a prefix another job is computing, waited for);
 2. build one ``llama_batch``: the next token of every sequence that is
    generating, then prompt tokens of sequences still prefilling, in chunks of
    at most ``PREFILL_CHUNK`` per step so a long prompt never stalls the others;
 3. decode once; each generating sequence samples from its own row of logits
-   with its own sampler chain (``_Sampler``), records its fingerprint, and
-   streams its text as ``Engine`` does (stops, logprobs, ``Finished``);
+   with its own sampler chain (``Sampler``), records its fingerprint, and
+   streams its text as the per-slot engine does (``TokenStream``: stops, logprobs, ``Finished``);
 4. drop sequences that finished or were cancelled: the sequence is free at
    once (a cancel frees it within one step), and its cells stay in its own
    stream for a later prompt that begins the same way.
@@ -26,7 +26,6 @@ thread between two steps.
 
 from __future__ import annotations
 
-import codecs
 import queue
 import secrets
 import threading
@@ -34,23 +33,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-import numpy as np
 import trio
 
-from node.inference.engine import Engine, _find_stop, _holdback, _logprob_reader, _Sampler, _Slot
-from node.inference.fingerprints import Recorder
-from node.inference.sampling import (
-    FINISH_CANCELLED,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Delta,
-    Finished,
-    SamplingParams,
-    TokenLogprob,
-    Usage,
-)
+from node.inference.base import Engine
+from node.inference.sampler import Sampler
+from node.inference.sampling import FINISH_CANCELLED, SamplingParams
+from node.inference.slot import Slot
+from node.inference.stream import TokenStream
 
 PREFILL_CHUNK = 128  # prompt tokens a sequence may add to one step (measured: docs/benchmarks.md, "prefill chunk")
 COPY_MIN = 32  # prompt tokens a copy from another sequence must save: it copies that sequence's whole stream
@@ -90,24 +82,9 @@ class _Job:
     promised: int = 0  # how much of it
     fed: int = 0  # prompt tokens in the cache
     next_token: int | None = None  # the last sampled token, to feed at the next step
-    sampler: Any = None
+    sampler: Sampler | None = None
+    stream: TokenStream | None = None  # its text, streamed as it is sampled
     started: float = field(default_factory=time.perf_counter)
-    first_token_s: float | None = None
-    text: str = ""
-    sent: int = 0
-    produced: int = 0
-    reported: int = 0
-    reason: str = FINISH_LENGTH
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
-    recorder: Recorder = field(default_factory=Recorder)
-    describe: Any = None
-
-    def delta(self, chunk: str) -> Delta:
-        event = Delta(chunk, self.produced - self.reported, len(self.prompt), tuple(self.logprobs))
-        self.reported = self.produced
-        self.logprobs.clear()
-        return event
 
 
 def _run_all(calls: list) -> None:
@@ -117,13 +94,13 @@ def _run_all(calls: list) -> None:
 
 @dataclass
 class _Call:
-    """A function to run on the scheduler's thread (``_Scheduler.call``)."""
+    """A function to run on the scheduler's thread (``Scheduler.call``)."""
 
     fn: Callable[[], Any]
     result: Future = field(default_factory=Future)
 
 
-class _Scheduler:
+class Scheduler:
     """The loop that owns the batched context (see the module docstring). Runs in its own thread."""
 
     def __init__(self, n_batch: int, *, reuse_prefixes: bool = True) -> None:
@@ -241,14 +218,17 @@ class _Scheduler:
             self._place(job)
             seed = job.params.seed if job.params.seed is not None else secrets.randbits(31)
             try:
-                job.sampler = _Sampler(self._llama, job.params, job.grammar, seed, job.said, ctx=self._ctx)
+                job.sampler = Sampler(self._llama, job.params, job.grammar, seed, job.said, ctx=self._ctx)
             except Exception as err:  # a grammar llama.cpp refuses: the job ends with the error
                 self._release(job, keep=True)
                 self._post(job, job.emit, err)
                 self._post(job, job.done)
                 continue
-            if job.params.logprobs is not None:
-                job.describe = _logprob_reader(self._llama, job.params.logprobs, self._ctx)
+            job.stream = TokenStream(
+                self._llama, job.params, job.sampler, partial(self._post, job, job.emit),
+                prompt_tokens=len(job.prompt), cancelled=job.cancelled, record=job.record, started=job.started,
+                ctx=self._ctx,
+            )  # fmt: skip
             self._running.append(job)
 
     def _place(self, job: _Job) -> None:
@@ -360,40 +340,12 @@ class _Scheduler:
                 self._fail(job, err)
 
     def _sample(self, job: _Job, row: int) -> None:
-        c = self._c
-        token = job.sampler.sample(row)
-        if job.first_token_s is None:
-            job.first_token_s = time.perf_counter() - job.started
-        if job.cancelled.is_set():
-            self._finish(job, FINISH_CANCELLED)
-            return
-        if job.record:
-            n_vocab = self._llama.n_vocab()
-            logits = np.ctypeslib.as_array(c.llama_get_logits_ith(self._ctx, row), shape=(n_vocab,))
-            job.recorder.add(logits, token)
-        if c.llama_vocab_is_eog(self._llama._model.vocab, token):
-            self._finish(job, FINISH_STOP)
-            return
-        job.produced += 1
-        if job.describe is not None:
-            job.logprobs.append(job.describe(token, row))
-        job.text += job.decoder.decode(self._llama.detokenize([token]))
-        stops = job.params.stop
-        if stops:
-            longest = max(len(s) for s in stops)
-            hit = _find_stop(job.text, stops, max(0, job.sent - longest))
-            if hit is not None:
-                job.text = job.text[:hit]
-                self._finish(job, FINISH_STOP)
-                return
-        ready = len(job.text) - _holdback(job.text, stops)
-        if ready > job.sent:
-            self._post(job, job.emit, job.delta(job.text[job.sent : ready]))
-            job.sent = ready
-        if job.produced >= job.params.max_tokens:
-            self._finish(job, FINISH_LENGTH)
-            return
-        job.next_token = token
+        """``job``'s next token, from batch row ``row``, streamed; the job ends here or feeds it next step."""
+        token = job.stream.next(row)
+        if token is None:
+            self._finish(job, job.stream.reason)
+        else:
+            job.next_token = token
 
     def _fail(self, job: _Job, err: BaseException) -> None:
         if job in self._running:
@@ -412,13 +364,7 @@ class _Scheduler:
         if job.sampler is not None:
             job.sampler.close()
             job.sampler = None
-        if reason == FINISH_LENGTH:
-            job.text += job.decoder.decode(b"", final=True)
-        if reason != FINISH_CANCELLED and (len(job.text) > job.sent or job.produced > job.reported):
-            self._post(job, job.emit, job.delta(job.text[job.sent :]))
-        usage = Usage(prompt_tokens=len(job.prompt), completion_tokens=job.produced)
-        elapsed = time.perf_counter() - job.started
-        self._post(job, job.emit, Finished(job.text, usage, reason, job.first_token_s, elapsed, job.recorder.packed()))
+        job.stream.finish(reason)  # its last events, posted
         self._post(job, job.done)
 
 
@@ -437,7 +383,7 @@ class BatchedEngine(Engine):
     def numerics(self) -> str:
         return ""  # a sequence's logits depend on what shares its batch: never claimed exact
 
-    async def _run(self, slot: _Slot, tokens, said, params, grammar, send, cancelled, record: bool) -> None:
+    async def _run(self, slot: Slot, tokens, said, params, grammar, send, cancelled, record: bool) -> None:
         token = trio.lowlevel.current_trio_token()
         finished = trio.Event()
         failure: list[BaseException] = []
@@ -468,7 +414,7 @@ class BatchedEngine(Engine):
             raise failure[0]
 
     async def _blocking(self, fn, *args):
-        """``fn(*args)`` on the scheduler's thread (see ``_Scheduler.call``); a trio worker thread waits."""
+        """``fn(*args)`` on the scheduler's thread (see ``Scheduler.call``); a trio worker thread waits."""
         return await trio.to_thread.run_sync(self._scheduler.call, lambda: fn(*args))
 
     async def observe(self, tokenize, params, fingerprints):

@@ -1,0 +1,116 @@
+"""The verification pass: an answer re-run in one batched prefill, with the job's sampler chain replayed.
+
+``Engine.observe`` runs ``observe_answer`` on a free slot: the prompt is evaluated exactly
+as a generating slot evaluates it, so the first position's logits are the worker's
+own; the answer's tokens then go in batches of ``PROBE_TOKENS`` with logits at every
+position, and at each the job's sampler (same parameters, same seed) is replayed
+(``Sampler.replay``). node/verify/checks.py judges the ``Observations``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from node.errors import ContextTooLong, InvalidRequest
+from node.inference.fingerprints import Observations
+from node.inference.numerics import PROBE_TOKENS
+from node.inference.sampler import Sampler
+from node.inference.sampling import SamplingParams
+from node.inference.slot import Slot, cached_prefix
+
+
+def observe_answer(
+    slot: Slot,
+    tokenize: Callable[[Any], tuple[list[int], list[int]]],
+    params: SamplingParams,
+    grammar: str | None,
+    records: Any,
+    n_ctx: int,
+) -> Observations:
+    """Re-run the answer ``records`` (unpacked fingerprints) to ``tokenize``'s prompt on ``slot``; blocking.
+
+    ``tokenize(llama)`` returns the prompt's tokens and those of answer text already said (resuming);
+    ``grammar`` is the job's checked GBNF, or None.
+
+    Raises:
+        InvalidRequest: an empty prompt; ContextTooLong: prompt + answer over ``n_ctx``.
+    """
+    import llama_cpp
+    import numpy as np
+
+    llama = slot.llama
+    prompt, said = tokenize(llama)
+    n = len(records)
+    if not prompt:
+        raise InvalidRequest("the prompt is empty once tokenized")
+    if len(prompt) + n > n_ctx:
+        raise ContextTooLong(f"prompt ({len(prompt)}) + answer ({n} tokens) exceeds the context size {n_ctx}")
+    n_vocab = llama.n_vocab()
+    columns = {name: np.zeros(n, dtype=np.float32) for name in ("top", "at_top1", "at_top2", "at_token")}
+    columns.update(gap=np.full(n, np.inf), between=np.full(n, np.inf), p=np.zeros(n))
+    columns.update(entropy=np.zeros(n), spread=np.zeros(n))
+    pick, allowed = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
+    seeded = params.seed is not None or params.temperature == 0
+    sampler = Sampler(llama, params, grammar, params.seed if seeded else secrets.randbits(31), said)
+    replayed, broken = 0, ""
+
+    def visit(i: int, row: Any) -> bool:
+        nonlocal replayed, broken
+        ids = (int(records.tokens[i]), int(records.top1[i]), int(records.top2[i]))
+        if max(ids) >= n_vocab:
+            broken = f"token {i} names id {max(ids)}, outside the vocabulary of {n_vocab}"
+            return False
+        columns["top"][i] = row.max()
+        for name, token in zip(("at_token", "at_top1", "at_top2"), ids, strict=True):
+            columns[name][i] = row[token]
+        (pick[i], allowed[i], *measures, accepted) = sampler.replay(row, ids[0])
+        for name, value in zip(("gap", "between", "p", "entropy", "spread"), measures, strict=True):
+            columns[name][i] = value
+        replayed = i + 1
+        if not accepted:
+            broken = f"token {i} is not allowed by the grammar"
+        return accepted
+
+    # A single-token decode (a prompt's or an answer's last batch may hold one token) runs on one thread,
+    # as a worker that claims exact numerics decodes: ggml splits one token's attention among threads.
+    llama._ctx.set_n_threads(1, llama.n_threads_batch)
+    try:
+        pending = cached_prefix(llama, prompt, slot.reusable)
+        slot.reusable = 0
+        llama.eval(pending)
+        slot.reusable = len(prompt) // llama.n_batch * llama.n_batch
+        row = lambda j: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama.ctx, j), shape=(n_vocab,))  # noqa: E731
+        going = visit(0, row(-1))  # the prompt's last position: exactly the worker's first logits
+        answer = [int(t) for t in records.tokens[: n - 1]]
+        for start in range(0, len(answer), PROBE_TOKENS):  # the batch shapes probe_numerics probed
+            if not going:
+                break
+            batch = answer[start : start + PROBE_TOKENS]
+            llama._ctx.kv_cache_seq_rm(-1, llama.n_tokens, -1)
+            llama._batch.set_batch(batch=batch, n_past=llama.n_tokens, logits_all=True)
+            llama._ctx.decode(llama._batch)
+            llama.input_ids[llama.n_tokens : llama.n_tokens + len(batch)] = batch
+            llama.n_tokens += len(batch)
+            for j in range(len(batch)):
+                if not visit(start + j + 1, row(j)):
+                    going = False
+                    break
+    finally:
+        sampler.close()
+        llama._ctx.set_n_threads(llama.n_threads, llama.n_threads_batch)
+    eog = bool(llama_cpp.llama_vocab_is_eog(llama._model.vocab, int(records.tokens[-1])))
+    answer = [int(t) for t in records.tokens[: n - 1 if eog else n] if 0 <= t < n_vocab]
+    text = b"".join(llama.detokenize([t]) for t in answer).decode(errors="replace")  # as the worker builds it
+    return Observations(
+        replayed=replayed,
+        broken=broken,
+        prompt_tokens=len(prompt),
+        pick=pick,
+        allowed=allowed,
+        seeded=seeded,
+        text=text,
+        ends_on_eog=eog,
+        **columns,
+    )
