@@ -117,7 +117,7 @@ async def requester_side(args: argparse.Namespace) -> None:
     from node.net.host import HostConfig
     from node.models.default import DEFAULT_MODEL_CID
     from node.app.requester import open_requester
-    from node.market.requester import JobSpec, run_job
+    from node.market.requester import JobObserver, JobSpec, run_job
     from node.market.routing import RouteQuery
     from node.inference.sampling import SamplingParams
 
@@ -144,11 +144,16 @@ async def requester_side(args: argparse.Namespace) -> None:
             params = SamplingParams(max_tokens=tokens, temperature=0.0, repeat_penalty=1.0)
             spec = JobSpec(model=DEFAULT_MODEL_CID, params=params, messages=[{"role": "user", "content": prompt}])
             stamps: list[float] = []
+
+            class TextTimes(JobObserver):
+                def on_text(self, piece: str) -> None:
+                    stamps.append(time.perf_counter())
+
             before = nat.connection_kind(peer)
             started = time.perf_counter()
             result = await run_job(
                 req.host, req.offers, query, spec, reputation=req.reputation, deadline_s=deadline_s,
-                on_text=lambda _: stamps.append(time.perf_counter()),
+                observer=TextTimes(),
             )  # fmt: skip
             n = result.completion_tokens
             return {

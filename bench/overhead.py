@@ -35,10 +35,20 @@ from node.inference.engine import Delta, Finished, SamplingParams, open_engine  
 from node.inference.hardware import probe_hardware  # noqa: E402
 from node.models.default import DEFAULT_MODEL_CID, default_model_file  # noqa: E402
 from node.app.requester import open_requester  # noqa: E402
-from node.market.requester import JobSpec, run_job  # noqa: E402
+from node.market.requester import JobObserver, JobSpec, run_job  # noqa: E402
 from node.market.routing import Reputation, RouteQuery  # noqa: E402
 
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+
+class TextTimes(JobObserver):
+    """Notes when (``time.perf_counter()``) each piece of a job's text arrives, in ``stamps``."""
+
+    def __init__(self, stamps: list[float]) -> None:
+        self.stamps = stamps
+
+    def on_text(self, piece: str) -> None:
+        self.stamps.append(time.perf_counter())
 
 
 def prompt(i: int) -> list[dict[str, str]]:
@@ -80,7 +90,7 @@ async def market(runs: int, params: SamplingParams, threads: int | None) -> list
                     started = time.perf_counter()
                     result = await run_job(
                         requester.host, requester.offers, RouteQuery(model=DEFAULT_MODEL_CID, free_only=True), spec,
-                        reputation=Reputation(), on_text=lambda _, stamps=stamps: stamps.append(time.perf_counter()),
+                        reputation=Reputation(), observer=TextTimes(stamps),
                     )  # fmt: skip
                     tokens = result.completion_tokens
                     out.append((stamps[0] - started, (tokens - 1) / (stamps[-1] - stamps[0]), tokens))

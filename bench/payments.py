@@ -42,7 +42,7 @@ from node.payments.close import ask_to_close  # noqa: E402
 from node.payments.deployment import deploy_contracts, write_deployment  # noqa: E402
 from node.dev.devchain import DevChain  # noqa: E402
 from node.payments.escrow import EscrowClient  # noqa: E402
-from node.market.requester import JobSpec, run_job  # noqa: E402
+from node.market.requester import JobObserver, JobSpec, run_job  # noqa: E402
 from node.market.routing import Reputation, RouteQuery  # noqa: E402
 from node.inference.sampling import SamplingParams  # noqa: E402
 
@@ -78,6 +78,16 @@ def gas_of(w3: Web3, sender: str, first_block: int) -> int:
 PROMPT = "Write a long, detailed story about the sea."
 
 
+class TextTimes(JobObserver):
+    """Notes when (``time.perf_counter()``) each piece of a job's text arrives, in ``stamps``."""
+
+    def __init__(self, stamps: list[float]) -> None:
+        self.stamps = stamps
+
+    def on_text(self, piece: str) -> None:
+        self.stamps.append(time.perf_counter())
+
+
 async def jobs(root, chain, addr, n, *, paid, wallet_dir, tokens) -> tuple[list, object]:
     """Run ``n`` jobs from one requester; returns [(ttft, decode tokens/s)] and its wallet."""
     wallet = requester_wallet(wallet_dir, chain.rpc_url, root / "deployments", insecure_dev_key=True) if paid else None
@@ -99,7 +109,7 @@ async def jobs(root, chain, addr, n, *, paid, wallet_dir, tokens) -> tuple[list,
             began = time.perf_counter()
             result = await run_job(
                 requester.host, requester.offers, query, spec, reputation=Reputation(), wallet=wallet,
-                on_text=lambda _, s=stamps: s.append(time.perf_counter()),
+                observer=TextTimes(stamps),
             )  # fmt: skip
             n_tok = result.completion_tokens
             out.append((stamps[0] - began, (n_tok - 1) / (stamps[-1] - stamps[0]) if n_tok > 1 else 0.0))

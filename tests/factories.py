@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager, contextmanager
 
 import trio
@@ -15,7 +16,7 @@ from node.net.identity import Identity
 from node.market.jobs import WorkerService
 from node.protocol.messages import ModelInfo, Offer
 from node.market.offers import sign_offer
-from node.market.requester import JobSpec
+from node.market.requester import JobObserver, JobSpec
 from node.market.routing import RouteQuery
 from node.inference.sampling import Delta, Finished, SamplingParams, TokenLogprob, Usage, validate_messages
 
@@ -179,6 +180,30 @@ async def requester(tmp_path):
         await nursery.start(host.run)
         yield host
         nursery.cancel_scope.cancel()
+
+
+class Recorder(JobObserver):
+    """A ``run_job`` observer that keeps what it hears; ``then(piece)`` runs after each piece of text."""
+
+    def __init__(self, then: Callable[[str], None] = lambda piece: None) -> None:
+        self.then = then
+        self.attempts: list[str] = []
+        self.texts: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.failovers: list[tuple[str, str, bool]] = []
+
+    def on_attempt(self, peer_id: str) -> None:
+        self.attempts.append(peer_id)
+
+    def on_logprobs(self, logprobs: tuple[TokenLogprob, ...]) -> None:
+        self.logprobs.extend(logprobs)
+
+    def on_text(self, piece: str) -> None:
+        self.texts.append(piece)
+        self.then(piece)
+
+    def on_failover(self, peer_id: str, reason: str, started: bool) -> None:
+        self.failovers.append((peer_id, reason, started))
 
 
 # ---------------------------------------------------------------- processes

@@ -15,7 +15,7 @@ from node.api.dashboard import WEB_DIR, Dashboard, DashboardApp, RequesterPaymen
 from node.net.identity import Identity
 from node.protocol.messages import ModelInfo
 from node.payments.ledger import WalletChannel, WalletLedger, WorkerLedger
-from node.market.requester import run_job
+from node.market.requester import JobObserver, run_job
 from node.market.routing import Reputation
 
 from .factories import MODEL, QUERY, SPEC, WORDS, ScriptedEngine, requester, signed_offer, worker
@@ -336,7 +336,7 @@ async def test_api_events_streams_jobs_as_they_happen_until_the_browser_leaves(m
 
 async def test_a_worker_service_and_a_requester_report_a_real_job(tmp_path):
     """A served job, over libp2p on 127.0.0.1, shows on the worker's activity with the requester as its peer,
-    and a requester that reports through run_job's callbacks sees the same tokens."""
+    and a requester that reports through run_job's observer sees the same tokens."""
     served, asked = Activity(), Activity(amount_label="spent")
     with trio.fail_after(20):
         async with (
@@ -344,11 +344,15 @@ async def test_a_worker_service_and_a_requester_report_a_real_job(tmp_path):
             requester(tmp_path) as host,
         ):
             row = asked.started(REQUESTED, "call-1", MODEL)
-            result = await run_job(
-                host, lambda: [offer], QUERY, SPEC, reputation=Reputation(),
-                on_attempt=lambda peer: setattr(row, "peer", peer),
-                on_tokens=lambda prompt, tokens: asked.progress(row.id, tokens, prompt_tokens=prompt),
-            )  # fmt: skip
+
+            class Reporting(JobObserver):
+                def on_attempt(self, peer_id):
+                    row.peer = peer_id
+
+                def on_tokens(self, prompt_tokens, tokens):
+                    asked.progress(row.id, tokens, prompt_tokens=prompt_tokens)
+
+            result = await run_job(host, lambda: [offer], QUERY, SPEC, reputation=Reputation(), observer=Reporting())
             asked.ended(row.id, DONE, tokens=result.completion_tokens)
             while served.jobs()[0]["state"] != DONE:
                 await trio.sleep(0.01)  # the worker ends the job after the requester has its answer

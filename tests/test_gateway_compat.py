@@ -31,7 +31,7 @@ from node.market.jobs import WorkerService
 from node.protocol.messages import ModelInfo, Offer
 from node.models.default import DEFAULT_MODEL_CID
 from node.market.offers import Advertiser, OfferBook, OfferGossip
-from node.market.requester import JobResult
+from node.market.requester import JobObserver, JobResult
 from node.inference.sampling import TokenLogprob
 
 from .factories import MODEL, ScriptedEngine, offer, requester, signed_offer, worker
@@ -69,9 +69,8 @@ class ScriptedJobs:
     cancelled: list = field(default_factory=list)
     finished: list = field(default_factory=list)
 
-    async def __call__(
-        self, host, offers, query, spec, *, on_text=lambda text: None, on_logprobs=None, **_
-    ) -> JobResult:
+    async def __call__(self, host, offers, query, spec, *, observer=None, **_) -> JobResult:
+        observer = observer or JobObserver()
         self.started.append(spec)
         if self.error is not None:
             raise self.error
@@ -82,10 +81,10 @@ class ScriptedJobs:
                 k = spec.params.logprobs
                 if k is not None:
                     top = tuple((f"{word}~{j}", -0.5 * i - j) for j in range(k))
-                    on_logprobs((TokenLogprob(word, -0.5 * i, top),))
-                on_text(word)
+                    observer.on_logprobs((TokenLogprob(word, -0.5 * i, top),))
+                observer.on_text(word)
             if self.silent_last_token and spec.params.logprobs is not None:
-                on_logprobs((TokenLogprob("", -0.25),))
+                observer.on_logprobs((TokenLogprob("", -0.25),))
         except trio.Cancelled:
             self.cancelled.append((spec, time.monotonic()))
             raise

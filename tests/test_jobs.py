@@ -9,27 +9,29 @@ import pytest
 import trio
 
 from node.errors import InvalidRequest, JobFailed, NoWorker
+from node.inference.sampling import TokenLogprob
+from node.market.requester import Failover, Timeouts, _WorkerFailed, context_problem, run_job
+from node.market.routing import Reputation
 from node.net.identity import Identity
 from node.protocol.messages import ModelInfo
-from node.market.requester import Timeouts, context_problem, run_job
-from node.market.routing import Reputation
 
-from .factories import MODEL, QUERY, SPEC, WORDS, ScriptedEngine, offer, requester, signed_offer, worker
+from .factories import MODEL, QUERY, SPEC, WORDS, Recorder, ScriptedEngine, offer, requester, signed_offer, worker
 
 
 async def test_a_job_streams_and_the_receipt_checks_out(tmp_path):
-    pieces = []
+    heard = Recorder()
     with trio.fail_after(20):
         async with worker(tmp_path, "w", ScriptedEngine()) as (_, offer, _), requester(tmp_path) as host:
-            result = await run_job(host, lambda: [offer], QUERY, SPEC, reputation=Reputation(), on_text=pieces.append)
-    assert result.text == "".join(WORDS) == "".join(pieces)
+            result = await run_job(host, lambda: [offer], QUERY, SPEC, reputation=Reputation(), observer=heard)
+    assert result.text == "".join(WORDS) == "".join(heard.texts)
+    assert heard.attempts == [offer.peer_id] and heard.failovers == []
     assert result.finish_reason == "stop" and result.completion_tokens == len(WORDS)
     assert result.workers == [offer.peer_id] and result.receipts[0].worker == offer.peer_id
 
 
 async def test_a_busy_worker_fails_over_before_the_first_token(tmp_path):
     busy, free = ScriptedEngine(slots=0), ScriptedEngine()
-    failovers = []
+    heard = Recorder()
     with trio.fail_after(20):
         async with (
             worker(tmp_path, "busy", busy, tokens_per_s=1000) as (_, busy_offer, _),  # the preferred one
@@ -43,10 +45,11 @@ async def test_a_busy_worker_fails_over_before_the_first_token(tmp_path):
                 QUERY,
                 SPEC,
                 reputation=rep,
-                on_failover=lambda *args: failovers.append(args),
+                observer=heard,
             )
     assert result.workers == [free_offer.peer_id] and result.text == "".join(WORDS)
-    assert failovers == [(busy_offer.peer_id, "rejected: busy all slots are busy", False)]
+    assert heard.failovers == [(busy_offer.peer_id, "rejected: busy all slots are busy", False)]
+    assert heard.attempts == [busy_offer.peer_id, free_offer.peer_id]
     assert not rep.banned(busy_offer.peer_id, time.time())  # busy is not a fault
 
 
@@ -67,7 +70,7 @@ async def test_a_worker_dying_mid_stream_is_replaced_and_the_text_continues(tmp_
 
             rep = Reputation()
             result = await run_job(
-                host, lambda: [dying_offer, backup_offer], QUERY, SPEC, reputation=rep, on_text=on_text
+                host, lambda: [dying_offer, backup_offer], QUERY, SPEC, reputation=rep, observer=Recorder(on_text)
             )
     assert result.workers == [dying_offer.peer_id, backup_offer.peer_id]
     assert backup.prefixes == ["".join(WORDS[:3])]  # the backup continued after what was received
@@ -101,8 +104,9 @@ async def test_after_a_failover_a_busy_worker_is_waited_for_not_given_up(tmp_pat
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(free_a_slot_later)
                 result = await run_job(
-                    host, lambda: [dying_offer, backup_offer], QUERY, SPEC, reputation=Reputation(), on_text=on_text
-                )
+                    host, lambda: [dying_offer, backup_offer], QUERY, SPEC, reputation=Reputation(),
+                    observer=Recorder(on_text),
+                )  # fmt: skip
     assert result.workers == [dying_offer.peer_id, backup_offer.peer_id]
     assert backup.prefixes[-1] == "".join(WORDS[:3]) and result.text.startswith("".join(WORDS[:3]))
 
@@ -122,7 +126,7 @@ async def test_cancelling_a_job_frees_the_worker_slot(tmp_path):
                             QUERY,
                             SPEC,
                             reputation=Reputation(),
-                            on_text=lambda _: got_text.set(),
+                            observer=Recorder(lambda _: got_text.set()),
                         )
 
                     nursery.start_soon(job)
@@ -216,7 +220,7 @@ async def test_a_worker_that_accepts_and_sends_nothing_is_dropped_for_the_next(t
     """A fake worker that claims to be fast takes the job first, then stays silent: fail over, count it."""
     timeouts = Timeouts(first_token_s=1.0, first_token_per_prompt_byte_s=0.0, progress_s=1.0)
     rep = Reputation()
-    failovers = []
+    heard = Recorder()
     with trio.fail_after(20):
         async with (
             worker(tmp_path, "fake", ScriptedEngine(stall=True), tokens_per_s=1000) as (_, fake, _),
@@ -226,11 +230,11 @@ async def test_a_worker_that_accepts_and_sends_nothing_is_dropped_for_the_next(t
             started = time.monotonic()
             result = await run_job(
                 host, lambda: [fake, honest], QUERY, SPEC, reputation=rep, timeouts=timeouts,
-                on_failover=lambda *args: failovers.append(args),
+                observer=heard,
             )  # fmt: skip
             assert time.monotonic() - started < 10
     assert result.workers == [honest.peer_id] and result.text == "".join(WORDS)
-    assert failovers == [(fake.peer_id, "no first token within 1s", False)]
+    assert heard.failovers == [(fake.peer_id, "no first token within 1s", False)]
     assert rep.banned(fake.peer_id, time.time())
 
 
@@ -250,12 +254,11 @@ async def test_a_worker_that_stops_mid_answer_is_replaced_after_the_progress_tim
 
 async def test_logprobs_travel_with_the_text(tmp_path):
     spec = dataclasses.replace(SPEC, params=dataclasses.replace(SPEC.params, logprobs=2))
-    streamed = []
+    heard = Recorder()
     with trio.fail_after(20):
         async with worker(tmp_path, "w", ScriptedEngine()) as (_, offer, _), requester(tmp_path) as host:
-            result = await run_job(host, lambda: [offer], QUERY, spec, reputation=Reputation(),
-                                   on_logprobs=streamed.extend)  # fmt: skip
-    assert [lp.token for lp in result.logprobs] == WORDS == [lp.token for lp in streamed]
+            result = await run_job(host, lambda: [offer], QUERY, spec, reputation=Reputation(), observer=heard)
+    assert [lp.token for lp in result.logprobs] == WORDS == [lp.token for lp in heard.logprobs]
     assert all(lp.logprob == -0.5 and [t for t, _ in lp.top] == ["alt0", "alt1"] for lp in result.logprobs)
 
 
@@ -268,3 +271,52 @@ def test_a_prompt_no_context_can_hold_is_refused_before_routing():
     assert "of 4096 tokens" in context_problem(bigger, huger)
     assert context_problem([offer()], SPEC) is None
     assert context_problem([], huge) is None  # nobody serves it: routing says so, not this
+
+
+# ------------------------------------------------- failover, without a network
+
+
+def test_failover_continues_after_the_text_a_failed_worker_streamed():
+    job = Failover(SPEC)
+    first = job.request_to("a")
+    assert first.resume_text == "" and first.params["max_tokens"] == SPEC.params.max_tokens
+    assert first.params["seed"] == job.seed and first.params["stop"] == list(SPEC.params.stop)
+    died = _WorkerFailed("stream ended", partial="Hello", tokens=2)
+    died.paid, died.logprobs = 7, [TokenLogprob("Hel", -0.1), TokenLogprob("lo", -0.2)]
+    job.failed("a", died)
+    second = job.request_to("b")
+    assert second.job_id == first.job_id and second.resume_text == "Hello"
+    assert second.params["max_tokens"] == SPEC.params.max_tokens - 2 and second.params["seed"] == job.seed
+    assert job.workers == ["a"] and job.cost == 7 and job.tried == {"a", "b"}
+    assert [o.peer_id for o in job.untried([offer("a"), offer("b"), offer("c")])] == ["c"]
+
+
+def test_failover_asks_busy_workers_again_and_explains_why_it_gave_up():
+    job = Failover(SPEC)
+    job.request_to("a")
+    job.failed("a", _WorkerFailed("rejected: busy all slots are busy", penalise=False, busy=True))
+    job.request_to("b")
+    job.failed("b", _WorkerFailed("no first token within 1s"))
+    both = [offer("a"), offer("b")]
+    assert job.untried(both) == []
+    assert job.retry_busy() and job.untried(both) == [both[0]]  # the busy one may be asked again
+    assert not job.retry_busy()  # nobody is busy any more
+    given_up = job.gave_up()
+    assert isinstance(given_up, JobFailed) and "a…: rejected: busy" in str(given_up)
+    assert "b…: no first token within 1s" in str(given_up)
+
+
+def test_failover_ends_as_the_requests_fault_after_enough_workers_say_so():
+    job = Failover(SPEC)
+    job.failed("a", _WorkerFailed("rejected: too_long exceeds the context", penalise=False, request_fault=True))
+    assert isinstance(job.gave_up(), InvalidRequest)  # nobody else left: the request's fault, not the workers'
+    with pytest.raises(InvalidRequest, match="too_long exceeds the context"):
+        job.failed("b", _WorkerFailed("rejected: too_long exceeds the context", penalise=False, request_fault=True))
+
+
+def test_a_sampled_job_always_carries_a_seed_and_a_greedy_one_keeps_its_own():
+    sampled = dataclasses.replace(SPEC, params=dataclasses.replace(SPEC.params, temperature=0.8, seed=None))
+    assert Failover(sampled).seed is not None
+    assert Failover(dataclasses.replace(sampled, params=dataclasses.replace(sampled.params, seed=5))).seed == 5
+    greedy = dataclasses.replace(SPEC, params=dataclasses.replace(SPEC.params, temperature=0, seed=None))
+    assert Failover(greedy).seed is None

@@ -10,10 +10,11 @@ import pytest
 import trio
 
 from node.errors import JobFailed, PaymentError, PaymentRefused
+from node.market.jobs import WorkerService
+from node.market.requester import JobSpec, run_job
+from node.market.routing import Reputation, RouteQuery
 from node.net.host import Host
 from node.net.identity import Identity
-from node.market.jobs import WorkerService
-from node.protocol.messages import JobRequest, PaymentTerms
 from node.payments import payer as payer_module
 from node.payments.close import CloseService, ask_to_close
 from node.payments.escrow import EscrowClient
@@ -23,11 +24,10 @@ from node.payments.payer import WalletPayer
 from node.payments.policy import job_cost
 from node.payments.settlement import Settler
 from node.payments.wallet import Wallet
-from node.market.requester import JobSpec, run_job
-from node.market.routing import Reputation, RouteQuery
+from node.protocol.messages import JobRequest, PaymentTerms
 
 from .conftest import TOKEN
-from .factories import MODEL, SPEC, WORDS, ScriptedEngine, requester, signed_offer
+from .factories import MODEL, SPEC, WORDS, Recorder, ScriptedEngine, requester, signed_offer
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ async def test_a_requester_that_stops_signing_is_cut_off_within_the_credit_windo
 
     monkeypatch.setattr(payer_module.EscrowPayment, "on_chunk", never_sign)
     long_engine = ScriptedEngine(tick_s=0.001, words=["tok "] * 400)
-    received = []
+    heard = Recorder()
     spec = JobSpec(**{**SPEC.__dict__, "max_price_per_1k": PRICE, "params": SPEC.params.__class__(max_tokens=400)})
     with trio.fail_after(30):
         async with (
@@ -109,9 +109,9 @@ async def test_a_requester_that_stops_signing_is_cut_off_within_the_credit_windo
         ):
             with pytest.raises(JobFailed, match="receipts fell behind"):
                 await run_job(host, lambda: [offer], paid_query(chain), spec, reputation=Reputation(),
-                              payer=WalletPayer(wallet_for(chain, tmp_path)), on_text=received.append)  # fmt: skip
+                              payer=WalletPayer(wallet_for(chain, tmp_path)), observer=heard)  # fmt: skip
             assert await trio.to_thread.run_sync(payments.settler.settle_once) == (0, 0)  # nothing was signed
-    streamed = "".join(received).count("tok")
+    streamed = "".join(heard.texts).count("tok")
     assert 0 < streamed <= payer_module.CREDIT_TOKENS  # the worker stopped at the window, not at 400
 
 
@@ -178,7 +178,7 @@ async def test_a_worker_killed_mid_stream_is_paid_only_what_was_receipted(chain,
 
                 result = await run_job(
                     host, lambda: [dying["offer"], backup], paid_query(chain), spec, reputation=Reputation(),
-                    payer=WalletPayer(wallet), on_text=on_text,
+                    payer=WalletPayer(wallet), observer=Recorder(on_text),
                 )  # fmt: skip
                 channels = {c.worker: c for c in wallet.ledger.channels()}
                 to_backup = channels[chain.other_worker.address]
@@ -342,7 +342,7 @@ async def test_a_stream_flows_while_another_job_opens_a_channel_on_a_slow_chain(
 
                 async def first_job():
                     await run_job(host, lambda: [a], paid_query(chain), spec, reputation=Reputation(), payer=payer,
-                                  on_text=on_text)  # fmt: skip
+                                  observer=Recorder(on_text))  # fmt: skip
                     first_done.set()
 
                 nursery.start_soon(heartbeat)

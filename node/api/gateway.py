@@ -14,22 +14,18 @@ error with the real HTTP status. Request and response shapes:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import json
 import logging
 import math
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
-from node.market.activity import CANCELLED, DONE, FAILED, REQUESTED, Activity
 from node.api.dashboard import Dashboard, RequesterPayments
-from node.errors import ApiError
-from node.verify.fraud import audit
 from node.api.http import authorized, lifespan
-from node.app.requester import RequesterNode
 from node.api.openai_api import (
     ApiCall,
     Metrics,
@@ -41,11 +37,15 @@ from node.api.openai_api import (
     parse_request,
     usage_chunk_json,
 )
-from node.payments.payer import FreePayer, WalletPayer
-from node.market.requester import JobResult, JobSpec, run_job
-from node.market.routing import Reputation, RouteQuery
+from node.app.requester import RequesterNode
+from node.errors import ApiError
 from node.inference.sampling import TokenLogprob
+from node.market.activity import CANCELLED, DONE, FAILED, REQUESTED, Activity, JobRecord
+from node.market.requester import JobObserver, JobResult, JobSpec, run_job
+from node.market.routing import Reputation, RouteQuery
+from node.payments.payer import FreePayer, WalletPayer
 from node.verify.checks import LocalVerifier
+from node.verify.fraud import audit
 
 if TYPE_CHECKING:
     from node.payments.wallet import Wallet
@@ -73,6 +73,31 @@ class _End:
     index: int
     result: JobResult | None = None
     error: BaseException | None = None
+
+
+class _JobEvents(JobObserver):
+    """One prompt's job as the gateway hears it: texts (with their logprobs) go to ``events``, and the
+    job's row in ``activity`` follows its worker, tokens and failovers."""
+
+    def __init__(self, index: int, events: trio.MemorySendChannel, activity: Activity, row: JobRecord) -> None:
+        self.index, self.events, self.activity, self.row = index, events, activity, row
+        self.pending: list[TokenLogprob] = []  # logprobs of tokens whose text has not come yet
+
+    def on_attempt(self, peer_id: str) -> None:
+        self.row.peer = peer_id  # shown at the next event
+
+    def on_tokens(self, prompt_tokens: int, tokens: int) -> None:
+        self.activity.progress(self.row.id, tokens, prompt_tokens=prompt_tokens)
+
+    def on_logprobs(self, logprobs: tuple[TokenLogprob, ...]) -> None:  # called just before on_text
+        self.pending.extend(logprobs)
+
+    def on_text(self, piece: str) -> None:
+        self.events.send_nowait(_Text(self.index, piece, tuple(self.pending)))
+        self.pending.clear()
+
+    def on_failover(self, peer_id: str, reason: str, started: bool) -> None:
+        self.activity.failover(self.row.id, peer_id, reason)
 
 
 @dataclass
@@ -222,32 +247,13 @@ class Gateway:
 
     async def _job(self, call: ApiCall, index: int, events: trio.MemorySendChannel, call_id: str) -> None:
         """Run one prompt's job; its texts (with their logprobs) and then its end go to ``events``."""
-        pending: list[TokenLogprob] = []
-
-        def on_logprobs(logprobs: tuple[TokenLogprob, ...]) -> None:  # called just before on_text
-            pending.extend(logprobs)
-
-        def on_text(text: str) -> None:
-            events.send_nowait(_Text(index, text, tuple(pending)))
-            pending.clear()
-
         spec = call.specs[index]
         row = self.activity.started(REQUESTED, f"{call_id}-{index}" if len(call.specs) > 1 else call_id, spec.model)
-
-        def on_attempt(worker: str) -> None:
-            row.peer = worker  # shown at the next event
-
-        def on_tokens(prompt_tokens: int, tokens: int) -> None:
-            self.activity.progress(row.id, tokens, prompt_tokens=prompt_tokens)
-
-        def on_failover(worker: str, reason: str, started: bool) -> None:
-            self.activity.failover(row.id, worker, reason)
-
+        heard = _JobEvents(index, events, self.activity, row)
         try:
             result = await run_job(
                 self.requester.host, self.requester.offers, self._query(spec), spec, reputation=self.reputation,
-                deadline_s=self.deadline_s, payer=self.payer, on_text=on_text, on_logprobs=on_logprobs,
-                on_attempt=on_attempt, on_tokens=on_tokens, on_failover=on_failover,
+                deadline_s=self.deadline_s, payer=self.payer, observer=heard,
             )  # fmt: skip
         except Exception as err:
             self.activity.ended(row.id, FAILED, detail=str(err) or type(err).__name__)
@@ -261,8 +267,8 @@ class Gateway:
         self.activity.ended(row.id, DONE, detail=result.finish_reason, tokens=result.completion_tokens,
                             prompt_tokens=result.prompt_tokens, tokens_per_s=rate and round(rate, 1),
                             cost=result.cost)  # fmt: skip
-        if pending:  # tokens with no text of their own (the end-of-generation token, say)
-            events.send_nowait(_Text(index, "", tuple(pending)))
+        if heard.pending:  # tokens with no text of their own (the end-of-generation token, say)
+            events.send_nowait(_Text(index, "", tuple(heard.pending)))
         events.send_nowait(_End(index, result=result))
         if self.auditing:
             try:

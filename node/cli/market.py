@@ -14,6 +14,12 @@ from pathlib import Path
 
 import trio
 
+from node.api.dashboard import DashboardApp, worker_dashboard
+from node.api.http import bind, serve_asgi
+from node.app.config import WorkerConfig
+from node.app.paid import requester_wallet
+from node.app.requester import model_cid_for_request, open_requester
+from node.app.worker import serve
 from node.cli.common import (
     bootstrap_flag,
     engine_flags,
@@ -26,21 +32,15 @@ from node.cli.common import (
     sampling_params,
     wallet_flags,
 )
-from node.api.dashboard import DashboardApp, worker_dashboard
 from node.errors import NodeError, VerificationFailed
-from node.verify.fraud import audit
-from node.api.http import bind, serve_asgi
-from node.app.config import WorkerConfig
-from node.app.worker import serve
-from node.app.requester import model_cid_for_request, open_requester
-from node.app.paid import requester_wallet
+from node.inference.sampling import SamplingParams
+from node.market.requester import JobObserver, JobSpec, run_job
+from node.market.routing import RouteQuery
 from node.payments.payer import WalletPayer
 from node.payments.units import format_amount
 from node.progress import TerminalProgress
-from node.market.requester import JobSpec, run_job
-from node.market.routing import RouteQuery
-from node.inference.sampling import SamplingParams
 from node.verify.checks import describe, open_local_verifier
+from node.verify.fraud import audit
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -209,6 +209,22 @@ async def report_reachability(host, *, every_s: float = 1.0) -> None:
         await trio.sleep(every_s)
 
 
+class _Terminal(JobObserver):
+    """``request`` on a terminal: the answer on stdout as it streams (unless ``quiet``), failovers on stderr."""
+
+    def __init__(self, *, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def on_text(self, piece: str) -> None:
+        if not self.quiet:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    def on_failover(self, peer_id: str, reason: str, started: bool) -> None:
+        when = "mid-answer; continuing on another worker" if started else "trying the next one"
+        print(f"\n[worker {peer_id[:16]}… failed ({reason}); {when}]", file=sys.stderr)
+
+
 def _request(args: argparse.Namespace) -> int:
     _quiet_libp2p()
     params: SamplingParams = sampling_params(args)
@@ -234,15 +250,6 @@ def _request(args: argparse.Namespace) -> int:
         free_only=wallet is None,
     )
 
-    def show(piece: str) -> None:
-        if not args.json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-    def failover(peer: str, reason: str, started: bool) -> None:
-        when = "mid-answer; continuing on another worker" if started else "trying the next one"
-        print(f"\n[worker {peer[:16]}… failed ({reason}); {when}]", file=sys.stderr)
-
     async def main():
         async with AsyncExitStack() as stack:
             verifier = (
@@ -259,7 +266,7 @@ def _request(args: argparse.Namespace) -> int:
             payer = WalletPayer(wallet) if wallet else None
             result = await run_job(
                 requester.host, requester.offers, query, spec, reputation=requester.reputation,
-                deadline_s=args.timeout, on_text=show, on_failover=failover, payer=payer,
+                deadline_s=args.timeout, observer=_Terminal(quiet=args.json), payer=payer,
             )  # fmt: skip
             checks = await audit(requester, result, verifier=verifier, spot_check_probability=args.spot_check,
                                  payer=payer, query=query)  # fmt: skip

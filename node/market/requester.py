@@ -6,7 +6,7 @@
   skipped for the next one;
 - a worker that dies mid-stream is replaced by the next one, which is sent the
   text received so far (``resume_text``) and continues right after it; the
-  caller is told (``on_failover``);
+  caller's ``JobObserver`` is told (``on_failover``);
 - when every usable worker turned it away as busy, it waits and asks again, like
   a queue, until the deadline;
 - the whole job has one deadline, and never outlives it.
@@ -17,6 +17,10 @@
 - a request the workers reject as its own fault (malformed, or too long for
   the context) ends the job with ``InvalidRequest`` after at most
   ``REQUEST_FAULT_TRIES`` workers said so; it never counts against them.
+
+A job's state across its workers (who was tried, the text so far, why each failed) is a ``Failover``,
+which does no I/O; ``run_job`` does the streaming and the timing, and tells its caller what happens
+through a ``JobObserver``.
 
 Paying is the ``Payer``'s concern (node/payments/payer.py): each attempt runs
 inside ``payer.pay(offer, request)``, and every chunk and the final result
@@ -43,8 +47,11 @@ from node.errors import (
     PeerUnreachable,
     WireError,
 )
-from node.net.host import Host
+from node.inference.sampling import SamplingParams, TokenLogprob, prompt_bytes
 from node.market.jobs import JOB_PROTOCOL, check_result_receipt, logprobs_from_wire
+from node.market.routing import Reputation, RouteQuery, exclusion, rank
+from node.net.host import Host
+from node.payments.payer import FreePayer, JobPayment, Payer
 from node.protocol.messages import (
     ERROR_PAYMENT,
     REJECT_BUSY,
@@ -61,9 +68,6 @@ from node.protocol.messages import (
     Offer,
     ResultReceipt,
 )
-from node.payments.payer import FreePayer, JobPayment, Payer
-from node.market.routing import Reputation, RouteQuery, exclusion, rank
-from node.inference.sampling import SamplingParams, TokenLogprob, prompt_bytes
 from node.protocol.wire import receive, send
 
 
@@ -81,7 +85,7 @@ class JobSpec:
 @dataclass(frozen=True)
 class Proof:
     """What one worker answered to one request, as it signed it: enough for a verifier to re-check
-    (node/verify.py). A job's proof covers the worker that finished it, from the text it was given."""
+    (node/verify/). A job's proof covers the worker that finished it, from the text it was given."""
 
     request: JobRequest  # as sent to the worker (``resume_text`` holds what others said before it)
     done: JobDone  # the worker's signed receipt and the answer's fingerprints
@@ -163,11 +167,52 @@ class _Finished:
     elapsed_s: float
 
 
-@dataclass
-class _Callbacks:
-    on_text: Callable[[str], None]
-    on_logprobs: Callable[[tuple[TokenLogprob, ...]], None]
-    on_tokens: Callable[[int, int], None] = lambda prompt_tokens, tokens: None  # each chunk's counts
+class JobObserver:
+    """What ``run_job`` tells its caller while a job runs. Every method does nothing here: subclass this and
+    override the ones you need. They are called on the trio thread between two reads of a stream, so they must
+    return at once (hand slow work to a channel)."""
+
+    def on_attempt(self, peer_id: str) -> None:
+        """The job is being sent to worker ``peer_id``."""
+
+    def on_tokens(self, prompt_tokens: int, tokens: int) -> None:
+        """A chunk of a worker's answer came with ``tokens`` tokens; ``prompt_tokens`` is the prompt's size, or 0
+        when the chunk does not say. Called for every chunk, text or not."""
+
+    def on_logprobs(self, logprobs: tuple[TokenLogprob, ...]) -> None:
+        """A piece's token logprobs (when ``params.logprobs`` is set), just before ``on_text`` gets the piece."""
+
+    def on_text(self, piece: str) -> None:
+        """A piece of the answer's text, as it streams in."""
+
+    def on_failover(self, peer_id: str, reason: str, started: bool) -> None:
+        """Worker ``peer_id`` was dropped for ``reason``; ``started``: it had streamed part of the answer, and
+        the next worker continues after it."""
+
+
+class _Timed(JobObserver):
+    """Passes everything on to ``observer``, noting when the job's first text came (``first_token_s``)."""
+
+    def __init__(self, observer: JobObserver, started_at: float) -> None:
+        self.observer, self.started_at = observer, started_at
+        self.first_token_s: float | None = None
+
+    def on_attempt(self, peer_id: str) -> None:
+        self.observer.on_attempt(peer_id)
+
+    def on_tokens(self, prompt_tokens: int, tokens: int) -> None:
+        self.observer.on_tokens(prompt_tokens, tokens)
+
+    def on_logprobs(self, logprobs: tuple[TokenLogprob, ...]) -> None:
+        self.observer.on_logprobs(logprobs)
+
+    def on_text(self, piece: str) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started_at
+        self.observer.on_text(piece)
+
+    def on_failover(self, peer_id: str, reason: str, started: bool) -> None:
+        self.observer.on_failover(peer_id, reason, started)
 
 
 async def _attempt(
@@ -175,7 +220,7 @@ async def _attempt(
     offer: Offer,
     request: JobRequest,
     payer: Payer,
-    callbacks: _Callbacks,
+    observer: JobObserver,
     timeouts: Timeouts,
     protocol: str = JOB_PROTOCOL,
 ) -> _Finished:
@@ -183,7 +228,7 @@ async def _attempt(
     async with payer.pay(offer, request) as payment:
         if payment is None:  # as many of our jobs as it has slots run there already
             raise _WorkerFailed("busy with our other jobs", penalise=False, busy=True)
-        return await _run_attempt(host, offer, payment, callbacks, timeouts, protocol)
+        return await _run_attempt(host, offer, payment, observer, timeouts, protocol)
 
 
 @dataclass(frozen=True)
@@ -210,9 +255,8 @@ async def attempt(
     Raises:
         JobFailed: the worker rejected it, failed, or sent a result that does not check out.
     """
-    noop = _Callbacks(lambda text: None, lambda logprobs: None)
     try:
-        finished = await _attempt(host, offer, request, payer, noop, timeouts, protocol)
+        finished = await _attempt(host, offer, request, payer, JobObserver(), timeouts, protocol)
     except _WorkerFailed as failure:
         raise JobFailed(f"{offer.peer_id[:12]}…: {failure}") from None
     return Attempt(finished.request, finished.done, finished.text, finished.spent)
@@ -230,7 +274,7 @@ def _rejection(first: JobRejected) -> _WorkerFailed:
 
 
 async def _run_attempt(
-    host: Host, offer: Offer, payment: JobPayment, callbacks: _Callbacks, timeouts: Timeouts, protocol: str
+    host: Host, offer: Offer, payment: JobPayment, observer: JobObserver, timeouts: Timeouts, protocol: str
 ) -> _Finished:
     request = payment.request
     began, first_text_at = time.perf_counter(), None
@@ -264,14 +308,14 @@ async def _run_attempt(
                     wait_s, waiting_for = timeouts.progress_s, "progress"
                 text += msg.text
                 tokens += msg.tokens
-                callbacks.on_tokens(msg.prompt_tokens, msg.tokens)
+                observer.on_tokens(msg.prompt_tokens, msg.tokens)
                 if msg.logprobs:
                     piece = logprobs_from_wire(msg.logprobs)
                     logprobs.extend(piece)
-                    callbacks.on_logprobs(piece)
+                    observer.on_logprobs(piece)
                 if msg.text:
                     first_text_at = first_text_at or time.perf_counter()
-                    callbacks.on_text(msg.text)
+                    observer.on_text(msg.text)
             elif isinstance(msg, JobDone):
                 problem = check_result_receipt(msg.receipt, payment.request, text, msg.fingerprints)
                 if problem:
@@ -358,6 +402,109 @@ def context_problem(offers: list[Offer], spec: JobSpec) -> str | None:
     return None
 
 
+def _job_seed(params: SamplingParams) -> int | None:
+    """A sampled job always carries a seed: any verifier can then replay the worker's draws (node/verify/)."""
+    return params.seed if params.seed is not None or params.temperature == 0 else secrets.randbits(31)
+
+
+@dataclass
+class Failover:
+    """One job's way through its workers (``run_job``'s state): who was tried, what they streamed, why they failed.
+
+    It decides no timing and does no I/O: ``run_job`` asks it for each worker's request, tells it how each
+    attempt ended, and raises what it says when nobody is left.
+    """
+
+    spec: JobSpec
+    job_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    seed: int | None = None  # filled in from ``spec`` (``_job_seed``) unless given
+    text: str = ""  # what failed workers streamed: the next one continues after it
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # and their logprobs
+    completion_used: int = 0  # and their tokens
+    workers: list[str] = field(default_factory=list)  # every worker that produced part of the text, in order
+    cost: int = 0  # signed to workers so far
+    tried: set[str] = field(default_factory=set)
+    busy: set[str] = field(default_factory=set)  # tried, and turned us away only because all their slots were in use
+    request_faults: list[str] = field(default_factory=list)  # workers' words on what is wrong with the request
+    reasons: list[str] = field(default_factory=list)  # one line per failed attempt
+
+    def __post_init__(self) -> None:
+        if self.seed is None:
+            self.seed = _job_seed(self.spec.params)
+
+    def untried(self, offers: list[Offer]) -> list[Offer]:
+        return [o for o in offers if o.peer_id not in self.tried]
+
+    def retry_busy(self) -> bool:
+        """Whether some workers only were busy; if so, they may be tried again (after a wait, like a queue)."""
+        if not self.busy:
+            return False
+        self.tried -= self.busy
+        self.busy.clear()
+        return True
+
+    def request_to(self, peer_id: str) -> JobRequest:
+        """The request for worker ``peer_id``: the rest of the job, after the text received so far."""
+        self.tried.add(peer_id)
+        params = dataclasses.asdict(self.spec.params)
+        params["stop"] = list(params["stop"])
+        params["seed"] = self.seed
+        params["max_tokens"] = max(self.spec.params.max_tokens - self.completion_used, 1)
+        return JobRequest(
+            job_id=self.job_id,
+            model=self.spec.model,
+            params=params,
+            messages=self.spec.messages,
+            prompt=self.spec.prompt,
+            max_price_per_1k=self.spec.max_price_per_1k,
+            resume_text=self.text,
+        )
+
+    def failed(self, peer_id: str, failure: _WorkerFailed) -> None:
+        """Keep what ``peer_id`` streamed and was paid before ``failure``.
+
+        Raises:
+            InvalidRequest: ``REQUEST_FAULT_TRIES`` workers called the request itself bad before any answered.
+        """
+        self.cost += failure.paid
+        if failure.busy:
+            self.busy.add(peer_id)
+        if failure.partial:
+            self.text += failure.partial
+            self.logprobs += failure.logprobs
+            self.completion_used += failure.tokens
+            self.workers.append(peer_id)
+        if failure.request_fault:
+            self.request_faults.append(str(failure).removeprefix("rejected: ").strip())
+            if len(self.request_faults) >= REQUEST_FAULT_TRIES and not self.workers:
+                raise InvalidRequest(self.request_faults[0]) from None
+        self.reasons.append(f"{peer_id[:12]}…: {failure}")
+
+    def gave_up(self) -> InvalidRequest | JobFailed:
+        """Why the job ends when every worker tried has failed (and none is only busy)."""
+        if self.request_faults and not self.workers:
+            return InvalidRequest(self.request_faults[0])
+        return JobFailed(f"every worker failed ({'; '.join(self.reasons)})")
+
+    def result(self, peer_id: str, finished: _Finished, *, elapsed_s: float, first_token_s: float | None) -> JobResult:
+        """The job's result, ``peer_id`` having finished it."""
+        done = finished.done
+        return JobResult(
+            text=self.text + finished.text,
+            finish_reason=done.finish_reason,
+            prompt_tokens=done.receipt.prompt_tokens,
+            completion_tokens=self.completion_used + done.receipt.completion_tokens,
+            workers=[*self.workers, peer_id],
+            receipts=[done.receipt],
+            elapsed_s=elapsed_s,
+            first_token_s=first_token_s,
+            cost=self.cost + finished.spent,
+            model=self.spec.model,
+            logprobs=self.logprobs + finished.logprobs,
+            proof=Proof(finished.request, done, finished.text),
+        )
+
+
 async def run_job(
     host: Host,
     offers: Callable[[], list[Offer]],
@@ -367,11 +514,7 @@ async def run_job(
     reputation: Reputation,
     deadline_s: float = 120.0,
     timeouts: Timeouts = Timeouts(),
-    on_text: Callable[[str], None] = lambda text: None,
-    on_logprobs: Callable[[tuple[TokenLogprob, ...]], None] = lambda logprobs: None,
-    on_failover: Callable[[str, str, bool], None] = lambda peer, reason, started: None,
-    on_attempt: Callable[[str], None] = lambda peer: None,
-    on_tokens: Callable[[int, int], None] = lambda prompt_tokens, tokens: None,
+    observer: JobObserver | None = None,
     clock: Callable[[], float] = time.time,
     payer: Payer | None = None,
 ) -> JobResult:
@@ -379,13 +522,7 @@ async def run_job(
 
     Args:
         offers: the live offers (called again after each failure).
-        on_text: called with each piece of text as it streams in.
-        on_logprobs: called with a piece's token logprobs just before ``on_text`` gets the piece
-            (when ``spec.params.logprobs`` is set).
-        on_failover: called with (peer id, reason, whether it had started) when a worker is dropped.
-        on_attempt: called with a worker's peer id as the job is sent to it.
-        on_tokens: called with (prompt tokens, tokens) for each chunk of a worker's answer (prompt tokens: 0
-            when the chunk does not say).
+        observer: told of each attempt, chunk, piece of text and failover (``JobObserver``).
         payer: pays workers that charge (default: ``FreePayer``; the query must then be free only).
 
     Raises:
@@ -399,105 +536,40 @@ async def run_job(
     problem = context_problem(offers(), spec)
     if problem:
         raise InvalidRequest(problem)
-    job_id = secrets.token_hex(8)
-    # A sampled job always carries a seed: any verifier can then replay the worker's draws (node/verify.py).
-    seed = spec.params.seed if spec.params.seed is not None or spec.params.temperature == 0 else secrets.randbits(31)
+    job = Failover(spec)
     started_at = time.perf_counter()
-    first_token_s: float | None = None
-    text, completion_used, logprobs = "", 0, []
-    workers: list[str] = []
-    receipts: list[ResultReceipt] = []
-    tried: set[str] = set()
-    busy: set[str] = set()  # tried, and turned us away only because all their slots were in use
-    request_faults: list[str] = []
-    reasons: list[str] = []
-    cost = 0
-
-    def record_text(piece: str) -> None:
-        nonlocal first_token_s
-        if first_token_s is None:
-            first_token_s = time.perf_counter() - started_at
-        on_text(piece)
-
-    callbacks = _Callbacks(record_text, on_logprobs, on_tokens)
+    timed = _Timed(observer or JobObserver(), started_at)
     with trio.move_on_after(deadline_s) as deadline:
         while True:
-            available = [o for o in offers() if o.peer_id not in tried]
-            candidates = rank(available, query, reputation, clock(), limit=1)  # re-ranked after every failure
-            if not candidates and busy:
-                # every worker we could still use is busy (the others failed): wait for one, like a
-                # queue, within the deadline, and ask the busy ones again
+            candidates = rank(job.untried(offers()), query, reputation, clock(), limit=1)  # re-ranked after failures
+            if not candidates and job.busy:  # every worker we could still use is busy: wait for one, and ask again
                 await trio.sleep(BUSY_RETRY_S)
-                tried -= busy
-                busy.clear()
+                job.retry_busy()
                 continue
+            if not candidates and not job.tried:
+                raise NoWorker(_why_no_worker(offers(), query, reputation, clock()))
             if not candidates:
-                if request_faults and not workers:
-                    raise InvalidRequest(request_faults[0])
-                if not tried:
-                    raise NoWorker(_why_no_worker(offers(), query, reputation, clock()))
-                raise JobFailed(f"every worker failed ({'; '.join(reasons)})")
+                raise job.gave_up()
             offer = candidates[0]
-            tried.add(offer.peer_id)
-            params = dataclasses.asdict(spec.params)
-            params["stop"] = list(params["stop"])
-            params["seed"] = seed
-            params["max_tokens"] = max(spec.params.max_tokens - completion_used, 1)
-            request = JobRequest(
-                job_id=job_id,
-                model=spec.model,
-                params=params,
-                messages=spec.messages,
-                prompt=spec.prompt,
-                max_price_per_1k=spec.max_price_per_1k,
-                resume_text=text,
-            )
+            request = job.request_to(offer.peer_id)
             began = time.perf_counter()
-            on_attempt(offer.peer_id)
+            timed.on_attempt(offer.peer_id)
             try:
-                finished = await _attempt(host, offer, request, payer, callbacks, timeouts)
-                cost += finished.spent
+                finished = await _attempt(host, offer, request, payer, timed, timeouts)
             except _WorkerFailed as failure:
-                cost += failure.paid
-                if failure.busy:
-                    busy.add(offer.peer_id)
-                if failure.partial:
-                    text += failure.partial
-                    logprobs += failure.logprobs
-                    completion_used += failure.tokens
-                    workers.append(offer.peer_id)
                 if failure.penalise:
                     reputation.failure(offer.peer_id, clock())
-                if failure.request_fault:
-                    request_faults.append(str(failure).removeprefix("rejected: ").strip())
-                    if len(request_faults) >= REQUEST_FAULT_TRIES and not workers:
-                        raise InvalidRequest(request_faults[0]) from None
-                reasons.append(f"{offer.peer_id[:12]}…: {failure}")
-                on_failover(offer.peer_id, str(failure), bool(failure.partial))
+                job.failed(offer.peer_id, failure)
+                timed.on_failover(offer.peer_id, str(failure), bool(failure.partial))
                 continue
-            done = finished.done
             reputation.success(offer.peer_id)
             reputation.latency(offer.peer_id, 1000 * (time.perf_counter() - began))
             _observe(reputation, offer.peer_id, finished)
-            workers.append(offer.peer_id)
-            receipts.append(done.receipt)
-            return JobResult(
-                text=text + finished.text,
-                finish_reason=done.finish_reason,
-                prompt_tokens=done.receipt.prompt_tokens,
-                completion_tokens=completion_used + done.receipt.completion_tokens,
-                workers=workers,
-                receipts=receipts,
-                elapsed_s=time.perf_counter() - started_at,
-                first_token_s=first_token_s,
-                cost=cost,
-                model=spec.model,
-                logprobs=logprobs + finished.logprobs,
-                proof=Proof(finished.request, done, finished.text),
-            )
+            elapsed_s = time.perf_counter() - started_at
+            return job.result(offer.peer_id, finished, elapsed_s=elapsed_s, first_token_s=timed.first_token_s)
     assert deadline.cancelled_caught
     raise DeadlineExceeded(
-        f"the job did not finish within its {deadline_s:.0f}s deadline ({len(text)} characters received)"
+        f"the job did not finish within its {deadline_s:.0f}s deadline ({len(job.text)} characters received)"
     )
 
 
