@@ -28,12 +28,15 @@ from typing import Any, Protocol
 
 import trio
 
-from node.market.activity import CANCELLED, DONE, FAILED, REJECTED, RUNNING, SERVED, VERIFY, Activity
 from node.concurrency import open_service_nursery
 from node.errors import ContextTooLong, InvalidReceipt, InvalidRequest, PaymentRefused, WireError
 from node.inference.fingerprints import digest as fingerprint_digest
+from node.inference.sampling import Delta, Finished, SamplingParams, TokenLogprob
+from node.market.activity import CANCELLED, DONE, FAILED, REJECTED, RUNNING, SERVED, VERIFY, Activity
 from node.net.host import Host, Stream
 from node.net.identity import Identity, verify_peer_signature
+from node.payments.metering import FreeMetering, JobMeter, Metering
+from node.payments.policy import job_cost
 from node.protocol.messages import (
     ERROR_PAYMENT,
     REJECT_BUSY,
@@ -52,21 +55,23 @@ from node.protocol.messages import (
     Logprob,
     ResultReceipt,
 )
-from node.payments.metering import FreeMetering, JobMeter, Metering
-from node.payments.policy import job_cost
-from node.inference.sampling import Delta, Finished, SamplingParams, TokenLogprob
 from node.protocol.wire import encode, pack, receive, receive_as, send
 
 log = logging.getLogger(__name__)
 
 JOB_PROTOCOL = "/llmarket/job/1.0.0"
 #: Verification jobs: a ``JobRequest`` with ``check`` set, answered like a job whose output is a signed verdict
-#: (node/verify.py). Served by a second ``WorkerService`` whose engines are ``node.verify.checks.CheckingEngine``s.
+#: (node/verify/). Served by a second ``WorkerService`` whose engines are ``node.verify.local.CheckingEngine``s.
 VERIFY_PROTOCOL = "/llmarket/verify/1.0.0"
 
 
 class JobEngine(Protocol):
-    """What a worker needs of an engine (``node.inference.engine.Engine`` or a test double)."""
+    """What a worker needs of an engine (``node.inference.engine.Engine``, ``node.verify.local.CheckingEngine``
+    or a test double).
+
+    Each ``stream_*`` method returns an async context manager that yields a ``trio.MemoryReceiveChannel`` of
+    ``Delta`` events ending with one ``Finished``; leaving it early cancels the generation and frees the slot.
+    """
 
     @property
     def free_slots(self) -> int: ...
@@ -74,6 +79,20 @@ class JobEngine(Protocol):
     def stream_chat(self, messages: Any, params: SamplingParams, *, assistant_prefix: str = ""): ...
 
     def stream_completion(self, prompt: str, params: SamplingParams, *, resume_text: str = ""): ...
+
+    def stream_check(self, request: JobRequest):
+        """Run the verification job ``request`` (its ``check`` is set) as the other ``stream_*`` methods run a
+        job; the text is the verdict on the checked answer (``node.verify.judge.verdict_text``), which the
+        worker's receipt then signs.
+
+        Called only by a ``WorkerService`` on ``VERIFY_PROTOCOL``; an engine that serves ordinary jobs only
+        need not have it.
+
+        Raises:
+            InvalidRequest: the answer cannot be checked (not a verification job, another model, no
+                fingerprints, a receipt that does not match it), when the job is entered or before.
+        """
+        ...
 
 
 def logprobs_to_wire(logprobs: tuple[TokenLogprob, ...]) -> list[Logprob]:
