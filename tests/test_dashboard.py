@@ -5,6 +5,7 @@ a real browser on a paid testnet, is tests/test_web.py."""
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ from node.market.activity import BUCKET_S, CANCELLED, DONE, FAILED, FEED_BUFFER,
 from node.api.dashboard import WEB_DIR, Dashboard, DashboardApp, RequesterPayments, WorkerInfo, WorkerPayments
 from node.net.identity import Identity
 from node.protocol.messages import ModelInfo
+from node.payments.chainio import ChainIO
 from node.payments.ledger import WalletChannel, WalletLedger, WorkerLedger
 from node.market.requester import JobObserver, run_job
 from node.market.routing import Reputation
@@ -116,7 +118,8 @@ async def test_the_feed_delivers_events_and_drops_a_subscriber_that_falls_behind
 class FakeClient:
     """An EscrowClient as far as the page reads it."""
 
-    def __init__(self, address: str, balance: int) -> None:
+    def __init__(self, address: str, balance: int, *, io_limit: int = 4) -> None:
+        self.io = ChainIO(io_limit)  # the client's threads for blocking chain calls, as EscrowClient.io
         self.account = SimpleNamespace(address=address)
         self.deployment = SimpleNamespace(token="0xT0ken")
         self.balance = balance
@@ -271,6 +274,35 @@ async def test_a_chain_that_does_not_answer_shows_an_unknown_balance(tmp_path, m
     payments = WorkerPayments(DownClient("0xW", 0), WorkerLedger(tmp_path / "w.db"))
     dash = Dashboard("worker", market.host, Activity(), lambda: [], payments=payments)
     assert (await get_json(DashboardApp(dash), "/api/node"))["wallet"]["token_balance"] is None
+
+
+async def test_chain_reads_wait_for_the_clients_limiter_and_a_reload_storm_reads_once(tmp_path, market):
+    """The page's balance read shares the client's ChainIO with the node's own chain calls (a page cannot take
+    threads the settler needs), and eight pages asking at once cause one read, not eight."""
+    reads = []
+
+    class SlowClient(FakeClient):
+        def token_balance(self, address: str) -> int:
+            reads.append(address)
+            time.sleep(0.1)  # a slow RPC, in the chain thread
+            return self.balance
+
+    client = SlowClient("0xW", 7, io_limit=1)
+    app = DashboardApp(Dashboard("worker", market.host, Activity(), lambda: [],
+                                 payments=WorkerPayments(client, WorkerLedger(tmp_path / "w.db"))))  # fmt: skip
+    answers = []
+
+    async def page() -> None:
+        answers.append((await get_json(app, "/api/node"))["wallet"]["token_balance"])
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async with client.io.limiter:  # the node's own chain call holds the only thread
+                for _ in range(8):
+                    nursery.start_soon(page)
+                await trio.sleep(0.3)
+                assert reads == [] and answers == []  # every page waits for the thread
+    assert reads == ["0xW"] and answers == ["7"] * 8
 
 
 async def test_the_api_key_guards_the_data_but_not_the_page(market):
