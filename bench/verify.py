@@ -58,7 +58,7 @@ from node.inference.engine import Finished, SamplingParams, open_engine  # noqa:
 from node.models.default import default_model_file  # noqa: E402
 from node.payments.policy import job_cost  # noqa: E402
 from node.protocol.messages import JobRequest  # noqa: E402
-from node.verify import checks as verify  # noqa: E402
+from node.verify import local as verify  # noqa: E402
 
 ESSAY = [{"role": "user", "content": "Write a long, detailed essay about the history of bicycles."}]
 QUESTIONS = [

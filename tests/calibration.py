@@ -24,7 +24,7 @@ import trio
 from node.inference.engine import open_engine
 from node.inference.sampling import SamplingParams
 from node.protocol.messages import JobRequest
-from node.verify import checks as verify
+from node.verify import judge, local
 from tests import cheaters
 from tests.factories import gather
 
@@ -71,9 +71,9 @@ async def answer(engine, messages, params):
     return done
 
 
-async def check(verifier, messages, params, done, worker=None) -> verify.Verdict:
+async def check(verifier, messages, params, done, worker=None) -> judge.Verdict:
     """``verifier``'s verdict on ``done``, the answer of ``worker`` (whose receipt would name its numerics)."""
-    return await verify.check(
+    return await local.check(
         verifier, as_request(messages, params), done.fingerprints, text=done.text,
         finish_reason=done.finish_reason, completion_tokens=done.usage.completion_tokens,
         numerics=getattr(worker, "numerics", ""),
@@ -85,11 +85,11 @@ class Honest:
     """Verdicts on honest answers; ``failures`` names every flagged one."""
 
     what: str
-    verdicts: list[verify.Verdict] = field(default_factory=list)
+    verdicts: list[judge.Verdict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     reused_tokens: int = 0  # prompt tokens the batched engine found in a cache
 
-    def keep(self, verdict: verify.Verdict, job_name: str) -> None:
+    def keep(self, verdict: judge.Verdict, job_name: str) -> None:
         self.verdicts.append(verdict)
         if not verdict.ok:
             self.failures.append(f"{job_name}: {verdict.reason}")
@@ -97,7 +97,7 @@ class Honest:
     def summary(self) -> str:
         errors = np.array([v.max_error for v in self.verdicts])
         means = np.array([v.mean_error for v in self.verdicts])
-        tolerance = verify.Tolerance()
+        tolerance = judge.Tolerance()
         text = (
             f"{self.what}: {len(self.verdicts)}, flagged: {len(self.failures)}; per-job max logit error: "
             f"median {np.median(errors):.4f}, p99 {np.quantile(errors, 0.99):.4f}, max {errors.max():.4f} "
@@ -209,7 +209,7 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
     ):
         worker = WRAPPERS[cheat](engine) if cheat in WRAPPERS else engine
 
-        async def checked_if_long(messages, params) -> verify.Verdict | None:
+        async def checked_if_long(messages, params) -> judge.Verdict | None:
             done = await answer(worker, messages, params)
             if done.usage.completion_tokens < 32:
                 return None

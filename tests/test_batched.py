@@ -16,7 +16,7 @@ import trio
 from node.inference.engine import open_engine
 from node.inference.sampling import Delta, Finished, SamplingParams
 from node.protocol.messages import JobRequest
-from node.verify import checks as verify
+from node.verify import local as verify
 from tests.factories import gather
 
 pytestmark = pytest.mark.slow

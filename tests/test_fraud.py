@@ -18,18 +18,19 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from node.inference.engine import open_engine
 from node.errors import WireError
-from node.verify.fraud import CHEATER_BAN_S, TOPIC, FraudWatch, audit, make_report, parse_report
-from node.net.host import Host, HostConfig
-from node.net.identity import Identity
+from node.inference.engine import open_engine
+from node.inference.sampling import SamplingParams
 from node.market.jobs import VERIFY_PROTOCOL, WorkerService, receipt_signing_bytes, request_hash
-from node.protocol.messages import ResultReceipt, SignedVerdict
 from node.market.requester import JobSpec, run_job
 from node.market.routing import Reputation, RouteQuery
-from node.inference.sampling import SamplingParams
-from node.verify.checks import CheckingEngine, LocalVerifier, verification_request
+from node.net.host import Host, HostConfig
+from node.net.identity import Identity
+from node.protocol.messages import ResultReceipt, SignedVerdict
 from node.protocol.wire import encode
+from node.verify.fraud import CHEATER_BAN_S, TOPIC, FraudWatch, audit, make_report, parse_report
+from node.verify.local import CheckingEngine, LocalVerifier
+from node.verify.spot import verification_request
 from tests import cheaters
 from tests.factories import MODEL, signed_offer
 
@@ -152,8 +153,8 @@ async def test_a_spot_check_catches_a_cheat_and_the_report_is_rechecked_or_taken
 
 def test_a_report_that_does_not_hold_together_is_dropped(tmp_path):
     """Reports are checked before they are forwarded: signatures of the reporter, the accused and the verifiers."""
-    from node.protocol.messages import JobDone, JobRequest
     from node.market.requester import Proof
+    from node.protocol.messages import JobDone, JobRequest
 
     worker, reporter, other = (Identity.load(tmp_path / n) for n in ("worker", "reporter", "other"))
     request = JobRequest(job_id="j1", model=MODEL, params={"max_tokens": 4, "temperature": 0.0}, prompt="hi")

@@ -19,7 +19,7 @@ from node.inference import fingerprints
 from node.inference.engine import PROBE_TOKENS, open_engine
 from node.inference.fingerprints import Observations
 from node.inference.sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams
-from node.verify import checks as verify
+from node.verify import judge as verify
 from tests import calibration, cheaters
 from tests.calibration import answer, check, job
 
@@ -209,7 +209,7 @@ async def test_through_the_market_the_receipt_commits_to_the_fingerprints_and_a_
     from node.market.jobs import check_result_receipt
     from node.market.requester import JobSpec, run_job
     from node.market.routing import Reputation, RouteQuery
-    from node.verify.checks import LocalVerifier
+    from node.verify.local import LocalVerifier
     from tests.factories import MODEL, requester, worker
 
     messages = [{"role": "user", "content": "Write a detailed paragraph about how bread rises."}]

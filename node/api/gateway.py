@@ -44,8 +44,8 @@ from node.market.activity import CANCELLED, DONE, FAILED, REQUESTED, Activity, J
 from node.market.requester import JobObserver, JobResult, JobSpec, run_job
 from node.market.routing import Reputation, RouteQuery
 from node.payments.payer import FreePayer, WalletPayer
-from node.verify.checks import LocalVerifier
 from node.verify.fraud import audit
+from node.verify.local import LocalVerifier
 
 if TYPE_CHECKING:
     from node.payments.wallet import Wallet

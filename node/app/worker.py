@@ -39,7 +39,7 @@ from node.payments.close import CloseService
 from node.payments.metering import EscrowMetering, FreeMetering, Metering
 from node.progress import NO_PROGRESS, Progress
 from node.protocol.messages import ModelInfo, Offer
-from node.verify.checks import CheckingEngine
+from node.verify.local import CheckingEngine
 from node.verify.fraud import FraudWatch
 
 if TYPE_CHECKING:  # the engine (llama.cpp) is imported by serve() only: requesters never load it

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import trio
 
-from node.cli.common import bootstrap_flag, network_config, probability, wallet_flags
-from node.concurrency import open_service_nursery
 from node.api.gateway import Gateway
 from node.api.http import bind, serve_asgi
-from node.models.default import DEFAULT_MODEL_CID
-from node.app.requester import open_requester
 from node.app.paid import requester_wallet
-from node.verify.checks import open_local_verifier
+from node.app.requester import open_requester
+from node.cli.common import bootstrap_flag, network_config, probability, wallet_flags
+from node.concurrency import open_service_nursery
+from node.models.default import DEFAULT_MODEL_CID
+from node.verify.local import open_local_verifier
 
 
 def register(commands: argparse._SubParsersAction) -> None:

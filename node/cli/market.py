@@ -39,8 +39,9 @@ from node.market.routing import RouteQuery
 from node.payments.payer import WalletPayer
 from node.payments.units import format_amount
 from node.progress import TerminalProgress
-from node.verify.checks import describe, open_local_verifier
 from node.verify.fraud import audit
+from node.verify.judge import describe
+from node.verify.local import open_local_verifier
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -223,7 +223,7 @@ class Engine:
         position's logits are the worker's own; the answer's tokens then go in
         batches of ``PROBE_TOKENS`` with logits at every position. At each position
         the job's sampler chain (same parameters, same seed) is replayed on
-        these logits (``Sampler.replay``). node/verify/checks.py judges the result.
+        these logits (``Sampler.replay``). node/verify/judge.py judges the result.
 
         Raises:
             InvalidRequest: bad parameters or records; ContextTooLong: it does not fit.

@@ -4,7 +4,7 @@
 as a generating slot evaluates it, so the first position's logits are the worker's
 own; the answer's tokens then go in batches of ``PROBE_TOKENS`` with logits at every
 position, and at each the job's sampler (same parameters, same seed) is replayed
-(``Sampler.replay``). node/verify/checks.py judges the ``Observations``.
+(``Sampler.replay``). node/verify/judge.py judges the ``Observations``.
 """
 
 from __future__ import annotations

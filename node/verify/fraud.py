@@ -10,7 +10,7 @@ signed its verdict (theirs); nobody can put words in an honest worker's mouth.
 What a node does with a report that passes those checks (``FraudWatch``):
 
 - **It has the model** (an engine for it): it re-checks the answer itself
-  (node/verify.py). If the check fails, the accused is banned for
+  (node/verify/local.py). If the check fails, the accused is banned for
   ``CHEATER_BAN_S``. If the answer checks out, the report was false: the
   reporter and every verifier that signed a failing verdict are banned
   instead, and the accused is untouched. Framing an honest worker costs the
@@ -42,14 +42,16 @@ import trio
 from libp2p.peer.id import ID
 
 from node.errors import InvalidRequest, PaymentError, WireError
+from node.market.jobs import check_result_receipt, request_hash
+from node.market.routing import Reputation, RouteQuery
 from node.net.host import Host
 from node.net.identity import Identity, verify_peer_signature
-from node.market.jobs import check_result_receipt, request_hash
-from node.protocol.messages import FraudReport, SignedVerdict
 from node.payments.payer import Payer
-from node.market.routing import Reputation, RouteQuery
-from node.verify.checks import LocalVerifier, SpotCheck, Verdict, examine_answer, read_verdict, spot_check
+from node.protocol.messages import FraudReport, SignedVerdict
 from node.protocol.wire import decode, encode, pack
+from node.verify.judge import Verdict, read_verdict
+from node.verify.local import LocalVerifier, examine_answer
+from node.verify.spot import SpotCheck, spot_check
 
 log = logging.getLogger(__name__)
 
