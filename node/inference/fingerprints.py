@@ -135,7 +135,7 @@ class Observations:
     token outside the vocabulary or a grammar forbade a token (replay stops
     there; ``broken`` says why). Logits are the verifier's raw logits; ``gap``,
     ``between`` and ``p`` describe the claimed token in the replayed sampler
-    chain (``_Sampler.replay`` in node/engine.py).
+    chain (``Sampler.replay`` in node/inference/sampler.py).
     """
 
     replayed: int

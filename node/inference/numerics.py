@@ -18,7 +18,7 @@ def probe_numerics(llama: Any, gpu_layers: int) -> str:
     A CPU engine probes it: ``PROBE_TOKENS`` positions decoded one at a time, then in batches of that size
     and of 7 (``observe`` checks an answer in batches of at most ``PROBE_TOKENS``). When every
     logit matches, a verifier with the same string (the same llama.cpp build and CPU features, which the
-    string hashes) is expected to see exactly the worker's logits (node/verify.py: the exact regime). A model
+    string hashes) is expected to see exactly the worker's logits (node/verify/judge.py: the exact regime). A model
     whose kernels take another path for batches (K-quants, measured), or a GPU, gives "". Blocking: ~0.5 s.
     """
     import hashlib

@@ -171,4 +171,4 @@ class Finished:
     finish_reason: str  # FINISH_STOP, FINISH_LENGTH or FINISH_CANCELLED
     first_token_s: float | None  # seconds from start to the first sampled token
     elapsed_s: float
-    fingerprints: bytes = b""  # one record per sampled token, end-of-generation included (node/fingerprints.py)
+    fingerprints: bytes = b""  # one record per sampled token, end-of-generation included (inference/fingerprints.py)
