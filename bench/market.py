@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import logging  # noqa: E402
 
-from node.net.host import Host  # noqa: E402
+from node.net.network import Network  # noqa: E402
 from node.net.identity import Identity  # noqa: E402
 from node.protocol.messages import ModelInfo, Offer  # noqa: E402
 from node.models.default import default_model_file  # noqa: E402
@@ -55,7 +55,7 @@ async def propagation(root: Path) -> list[float]:
     async with trio.open_nursery() as nursery:
         nodes = []
         for i in range(10):
-            host = Host(Identity.load(root / f"n{i}"))
+            host = Network(Identity.load(root / f"n{i}"))
             host.config = host.config.__class__(bootstrap=tuple(nodes[-1][0].addrs()) if nodes else ())
             await nursery.start(host.run)
             gossip = OfferGossip(host, OfferBook())
@@ -104,7 +104,7 @@ async def transfer(root: Path) -> tuple[list[float], list[float], int]:
     size = model.stat().st_size
     raw_times, fetch_times = [], []
     async with trio.open_nursery() as nursery:
-        server, client = Host(Identity.load(root / "s")), Host(Identity.load(root / "c"))
+        server, client = Network(Identity.load(root / "s")), Network(Identity.load(root / "c"))
         await nursery.start(server.run)
         await nursery.start(client.run)
         store = ModelStore(root / "server-models")

@@ -114,18 +114,18 @@ async def requester_side(args: argparse.Namespace) -> None:
 
     import trio
 
-    from node.net.host import HostConfig
-    from node.models.default import DEFAULT_MODEL_CID
     from node.app.requester import open_requester
+    from node.inference.sampling import SamplingParams
     from node.market.requester import JobObserver, JobSpec, run_job
     from node.market.routing import RouteQuery
-    from node.inference.sampling import SamplingParams
+    from node.models.default import DEFAULT_MODEL_CID
+    from node.net.host import HostConfig
 
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     if args.verbose:  # for looking into a failed try: hole punching and relaying, on stderr
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(name)s %(message)s", "%H:%M:%S"))
-        for name in ("libp2p.relay.circuit_v2.dcutr", "node.net.nat"):
+        for name in ("libp2p.relay.circuit_v2.dcutr", "node.net.nat", "node.net.relay", "node.net.dcutr"):
             logging.getLogger(name).setLevel(logging.DEBUG)
             logging.getLogger(name).addHandler(handler)
     listen = "/ip4/127.0.0.1/tcp/0" if args.listen == "loopback" else "/ip4/0.0.0.0/tcp/0"
@@ -134,7 +134,7 @@ async def requester_side(args: argparse.Namespace) -> None:
     query = RouteQuery(model=DEFAULT_MODEL_CID, free_only=True, pinned_peer=peer)
 
     async with open_requester(Path(args.data_dir), network=network) as req:
-        nat = req.host.nat
+        host = req.host
         emit(event="ready", at=time.monotonic(), peer_id=req.host.peer_id)
 
         def offer_of_peer():
@@ -149,7 +149,7 @@ async def requester_side(args: argparse.Namespace) -> None:
                 def on_text(self, piece: str) -> None:
                     stamps.append(time.perf_counter())
 
-            before = nat.connection_kind(peer)
+            before = host.connection_kind(peer)
             started = time.perf_counter()
             result = await run_job(
                 req.host, req.offers, query, spec, reputation=req.reputation, deadline_s=deadline_s,
@@ -162,7 +162,7 @@ async def requester_side(args: argparse.Namespace) -> None:
                 "tokens": n,
                 "prompt_tokens": result.prompt_tokens,
                 "before": before,
-                "after": nat.connection_kind(peer),
+                "after": host.connection_kind(peer),
                 "workers": result.workers,
             }
 
@@ -170,7 +170,7 @@ async def requester_side(args: argparse.Namespace) -> None:
             """Poll (without asking DCUtR for anything) until the connection to the worker is direct."""
             started = time.monotonic()
             while time.monotonic() - started < timeout_s:
-                if nat.connection_kind(peer) == "direct":
+                if host.connection_kind(peer) == "direct":
                     return time.monotonic() - started
                 await trio.sleep(0.05)
             return None
@@ -226,20 +226,20 @@ async def requester_side(args: argparse.Namespace) -> None:
         went_direct: list[float] = []
 
         async def watch() -> None:  # when the connection first became direct, from the dial
-            while nat.connection_kind(peer) != "direct":
+            while host.connection_kind(peer) != "direct":
                 await trio.sleep(0.02)
             went_direct.append(time.monotonic() - dial_started)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
             await req.host.dial(peer, list(offer.addrs))
-            out = {"event": "done", "dial_s": time.monotonic() - dial_started, "dialled": nat.connection_kind(peer)}
+            out = {"event": "done", "dial_s": time.monotonic() - dial_started, "dialled": host.connection_kind(peer)}
             if args.side == "speed":
                 if args.want == "direct":
                     await wait_direct(20.0)
                 elif args.want == "relayed":
                     await trio.sleep(SYM_SETTLE_S)
-                out["settled"] = nat.connection_kind(peer)
+                out["settled"] = host.connection_kind(peer)
                 out["warmup"] = await job(PROMPT, 8)
                 out["short"] = [await job(SHORT_PROMPT, 8) for _ in range(args.jobs)]
                 pids = [int(p) for p in args.pids.split(",")]

@@ -11,7 +11,8 @@ from contextlib import asynccontextmanager, contextmanager
 import trio
 
 from node.errors import ContextTooLong, InvalidRequest
-from node.net.host import Host, HostConfig
+from node.net.host import HostConfig
+from node.net.network import Network
 from node.net.identity import Identity
 from node.market.jobs import WorkerService
 from node.protocol.messages import ModelInfo, Offer
@@ -150,7 +151,7 @@ async def worker(tmp_path, name, engine, *, metering=None, activity=None, **offe
     Yields (host, its signed offer, the cancel scope that kills it). ``activity`` records its jobs.
     """
     identity = Identity.load(tmp_path / name)
-    host = Host(identity)
+    host = Network(identity)
     life = trio.CancelScope()
 
     async def serve(task_status=trio.TASK_STATUS_IGNORED):
@@ -175,7 +176,7 @@ async def worker(tmp_path, name, engine, *, metering=None, activity=None, **offe
 @asynccontextmanager
 async def requester(tmp_path):
     """A requester's host (no offer book: tests hand ``run_job`` the offers)."""
-    host = Host(Identity.load(tmp_path / "requester"), HostConfig(connect_timeout_s=3, stream_timeout_s=3))
+    host = Network(Identity.load(tmp_path / "requester"), HostConfig(connect_timeout_s=3, stream_timeout_s=3))
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
         yield host

@@ -3,7 +3,7 @@
     python -m tests.scripted_worker --data-dir DIR [--bootstrap MULTIADDR] [--listen MULTIADDR]
         [--no-relay] [--no-mdns] [--model NAME] [--words N] [--word-bytes B] [--tick S]
 
-It is composed like ``node.app.worker.serve`` (a ``Host`` with AutoNAT, relay and
+It is composed like ``node.app.worker.serve`` (a ``Network``: a host with AutoNAT, relay and
 DCUtR, ``OfferGossip`` with an ``Advertiser``, a ``WorkerService``, and
 ``net-status.json`` in the data dir every 5 s) and talks like the CLI's
 ``serve``: "bootstrap others with:" on stderr, then its multiaddrs one per line
@@ -35,16 +35,16 @@ from pathlib import Path
 import trio
 
 from node import __version__
+from node.app.worker import publish_net_status
 from node.cli.common import bootstrap_flag, network_config
 from node.cli.market import report_reachability
 from node.concurrency import open_service_nursery
-from node.net.host import Host
-from node.net.identity import Identity
 from node.market.jobs import WorkerService
-from node.protocol.messages import ModelInfo, Offer
-from node.models.cid import CID, CODEC_RAW
-from node.app.worker import publish_net_status
 from node.market.offers import MAX_ADDRS, Advertiser, OfferBook, OfferGossip, sign_offer
+from node.models.cid import CID, CODEC_RAW
+from node.net.identity import Identity
+from node.net.network import Network
+from node.protocol.messages import ModelInfo, Offer
 from tests.factories import ScriptedEngine
 
 CONTEXT_SIZE = 1 << 20  # tokens: a scripted job of any length fits
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> None:
     data_dir = Path(args.data_dir)
     identity = Identity.load(data_dir)
-    host = Host(identity, network_config(args, dht_server=True))
+    host = Network(identity, network_config(args, dht_server=True))
     engine = ScriptedEngine(
         slots=args.slots, tick_s=args.tick, words=scripted_words(args.words, args.word_bytes), n_ctx=CONTEXT_SIZE
     )
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
-    for name in ("node.market.jobs", "node.net.nat"):
+    for name in ("node.market.jobs", "node.net.nat", "node.net.autonat", "node.net.relay", "node.net.dcutr"):
         log = logging.getLogger(name)
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -7,10 +7,11 @@ import socket
 import pytest
 import trio
 
-from node.net.addresses import address_problem, advertised, dial_rank, expand, is_local, parse_announce
 from node.errors import ConfigError, PeerUnreachable
-from node.net.host import Host, HostConfig
+from node.net.addresses import address_problem, advertised, dial_rank, expand, is_local, parse_announce
+from node.net.host import HostConfig
 from node.net.identity import Identity
+from node.net.network import Network
 
 IPS = ["127.0.0.1", "10.1.0.5", "169.254.3.3", "203.0.113.9", "::1", "fe80::1", "2001:db8::5"]
 
@@ -69,7 +70,7 @@ def test_announce_values_are_checked_with_a_one_line_hint():
 
 
 async def test_a_host_listening_on_every_interface_advertises_dialable_addresses(tmp_path):
-    host = Host(Identity.load(tmp_path / "a"), HostConfig(listen=("/ip4/0.0.0.0/tcp/0",)))
+    host = Network(Identity.load(tmp_path / "a"), HostConfig(listen=("/ip4/0.0.0.0/tcp/0",)))
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)
@@ -78,7 +79,7 @@ async def test_a_host_listening_on_every_interface_advertises_dialable_addresses
             assert addrs and not any("/0.0.0.0/" in a for a in addrs)
             assert all(a.endswith(f"/p2p/{host.peer_id}") for a in addrs)
             # identify tells peers the same addresses
-            client = Host(Identity.load(tmp_path / "b"))
+            client = Network(Identity.load(tmp_path / "b"))
             await nursery.start(client.run)
             await client.connect(addrs[0])
             assert await client.ping(host.peer_id) > 0
@@ -87,8 +88,8 @@ async def test_a_host_listening_on_every_interface_advertises_dialable_addresses
 
 async def test_a_dial_tries_every_address_and_names_each_failure(tmp_path):
     """Offers used to carry one unusable wildcard address; a dial now goes on to the next and says what it tried."""
-    server = Host(Identity.load(tmp_path / "s"))
-    client = Host(Identity.load(tmp_path / "c"), HostConfig(dial_stagger_s=0.2))
+    server = Network(Identity.load(tmp_path / "s"))
+    client = Network(Identity.load(tmp_path / "c"), HostConfig(dial_stagger_s=0.2))
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     dead = f"/ip4/127.0.0.1/tcp/{closed.getsockname()[1]}"  # bound, not listening: refused
@@ -99,7 +100,7 @@ async def test_a_dial_tries_every_address_and_names_each_failure(tmp_path):
             good = server.advertised()[0]
             await client.dial(server.peer_id, [dead, good])
             assert server.peer_id in client.connected_peers()
-            lonely = Host(Identity.load(tmp_path / "l"))
+            lonely = Network(Identity.load(tmp_path / "l"))
             await nursery.start(lonely.run)
             with pytest.raises(PeerUnreachable) as err:
                 await lonely.dial(server.peer_id, [dead, "/ip4/127.0.0.1/tcp/1"])
@@ -111,14 +112,14 @@ async def test_a_dial_tries_every_address_and_names_each_failure(tmp_path):
 
 async def test_when_every_given_address_fails_the_dht_says_where_the_peer_is(tmp_path):
     """A gossiped offer's addresses can be stale (the worker restarted on another port): the DHT has the new ones."""
-    server = Host(Identity.load(tmp_path / "s"), HostConfig(dht_server=True))
+    server = Network(Identity.load(tmp_path / "s"), HostConfig(dht_server=True))
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
-            moved = Host(Identity.load(tmp_path / "m"), HostConfig(bootstrap=(server.addrs()[0],)))
+            moved = Network(Identity.load(tmp_path / "m"), HostConfig(bootstrap=(server.addrs()[0],)))
             await nursery.start(moved.run)
             moved.set_handler("/llmarket-test/echo/1", lambda stream: stream.close())
-            asker = Host(Identity.load(tmp_path / "a"), HostConfig(bootstrap=(server.addrs()[0],)))
+            asker = Network(Identity.load(tmp_path / "a"), HostConfig(bootstrap=(server.addrs()[0],)))
             await nursery.start(asker.run)
             stale = "/ip4/127.0.0.1/tcp/1"
             stream = None

@@ -1,4 +1,4 @@
-"""Finding peers without a known address (node.discovery): the Kademlia DHT and mDNS.
+"""Finding peers without a known address (node.net.dht, node.net.mdns, node.net.network): the DHT and mDNS.
 
 DHT tests run real py-libp2p hosts on 127.0.0.1. mDNS tests run two hosts (or
 a host and raw zeroconf announcers) in this process: multicast loops back, so
@@ -26,20 +26,14 @@ from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
-from node.net import addresses
-from node.net.discovery import (
-    KAD_PROTOCOL,
-    MAX_ADDRS,
-    Discovery,
-    LanDiscovery,
-    _read_frame,
-    dialable,
-    lan_addrs,
-    parse_announcement,
-)
 from node.errors import ConfigError, ModelError, PeerUnreachable
+from node.net import addresses
+from node.net.addresses import MAX_ADDRS, dialable
+from node.net.dht import KAD_PROTOCOL, DhtService, _read_frame
 from node.net.host import Host, HostConfig
 from node.net.identity import Identity
+from node.net.mdns import LanDiscovery, lan_addrs, parse_announcement
+from node.net.network import Network
 from node.protocol.messages import ModelInfo
 
 #: The default model's CIDs: v0 (kubo's defaults) and v1 with raw leaves (another DAG).
@@ -49,13 +43,13 @@ CID_V1_RAW_LEAVES = "bafybeifvmoiokowzsdfjoiosxsk3t5p42iq6lajhmfld5v22b3osnrzmj4
 
 async def start(
     nursery, tmp_path, name: str, *, mode: str = "client", mdns: bool = False, service_type: str = "", on_peer=None
-) -> tuple[Host, Discovery]:
-    """A host running, with its own ``Discovery`` (DHT ``mode``, and mDNS on ``service_type`` if ``mdns``)."""
+) -> tuple[Network, Network]:
+    """A network running (DHT ``mode``, and mDNS on ``service_type`` if ``mdns``), twice: as host and as discovery."""
     config = HostConfig(mdns=mdns, mdns_service=service_type, dht_server=mode == "server")
-    host = Host(Identity.load(tmp_path / name), config)
-    host.discovery.on_peer = on_peer
+    host = Network(Identity.load(tmp_path / name), config)
+    host.greet_lan_peers(on_peer)
     await nursery.start(host.run)
-    return host, host.discovery
+    return host, host
 
 
 def bare(host: Host) -> str:
@@ -63,7 +57,7 @@ def bare(host: Host) -> str:
     return host.addrs()[0].split("/p2p/")[0]
 
 
-def table(discovery: Discovery) -> set[str]:
+def table(discovery: Network) -> set[str]:
     return {p.to_base58() for p in discovery.dht.dht.routing_table.get_peer_ids()}
 
 
@@ -104,10 +98,11 @@ async def test_find_peer_through_the_dht_without_a_connection_to_the_target(tmp_
             for d in (d1, d2):
                 assert a.peer_id not in table(d)
             assert (t.peer_id in table(d2)) == (target_mode == "server")
-            status = da.status()
+            status = da.status()["discovery"]
             assert json.loads(json.dumps(status)) == status
             assert status["dht"]["mode"] == "client" and status["dht"]["lookups"] == 1
-            assert d1.status()["dht"]["mode"] == "server" and d1.status()["dht"]["routing_table"] >= 1
+            dht = d1.status()["discovery"]["dht"]
+            assert dht["mode"] == "server" and dht["routing_table"] >= 1
             nursery.cancel_scope.cancel()
 
 
@@ -130,7 +125,7 @@ async def test_find_peer_of_an_unknown_peer_is_bounded_even_when_a_dht_peer_neve
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             s1, _ = await start(nursery, tmp_path, "s1", mode="server")
-            mute = Host(Identity.load(tmp_path / "mute"))
+            mute = Network(Identity.load(tmp_path / "mute"))
             await nursery.start(mute.run)
             mute.set_handler(KAD_PROTOCOL, lambda stream: trio.sleep_forever())
             a, da = await start(nursery, tmp_path, "a")
@@ -171,7 +166,7 @@ async def test_find_peer_keeps_only_dialable_addresses_from_a_lying_dht_peer(tmp
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            server = Host(Identity.load(tmp_path / "liar"))
+            server = Network(Identity.load(tmp_path / "liar"))
             await nursery.start(server.run)
             server.set_handler(KAD_PROTOCOL, liar)
             a, da = await start(nursery, tmp_path, "a")
@@ -197,7 +192,7 @@ async def test_provider_records_by_cid(tmp_path):
             assert [p for p, _ in await da.find_providers(v1, timeout_s=5)] == [w.peer_id]
             # …but the CIDv1 with raw leaves is another DAG, another root, other records
             assert await da.find_providers(CID_V1_RAW_LEAVES, timeout_s=2) == []
-            assert d1.status()["dht"]["provider_records"] == 1
+            assert d1.status()["discovery"]["dht"]["provider_records"] == 1
             with pytest.raises(ModelError, match="not a CID"):
                 await da.provide("bafymodel")
             nursery.cancel_scope.cancel()
@@ -233,9 +228,9 @@ async def test_wait_for_peer(tmp_path):
 async def test_bad_settings_are_config_errors(tmp_path):
     host = Host(Identity.load(tmp_path / "x"))
     with pytest.raises(ConfigError, match="DHT mode"):
-        Discovery(host, dht_mode="bogus")
+        DhtService(host, "bogus")
     with pytest.raises(ConfigError, match="service type"):
-        Discovery(host, service_type="_this-name-is-far-too-long._udp.local.")
+        LanDiscovery(host.peer_id, host.addrs, host.connect, service_type="_this-name-is-far-too-long._udp.local.")
 
 
 # ----------------------------------------------------------- mDNS, without a LAN
@@ -328,7 +323,7 @@ async def test_two_hosts_find_each_other_by_mdns(tmp_path):
             started = time.perf_counter()
             a, da = await start(nursery, tmp_path, "a", mdns=True, service_type=service, on_peer=on_peer)
             b, db = await start(nursery, tmp_path, "b", mdns=True, service_type=service)
-            db.on_peer = on_peer  # may be set once the host runs
+            db.greet_lan_peers(on_peer)  # may be set once the host runs
             skip_if_off(da.lan)
             assert await db.wait_for_peer(15) == [a.peer_id]
             assert await da.wait_for_peer(15) == [b.peer_id]
@@ -336,7 +331,7 @@ async def test_two_hosts_find_each_other_by_mdns(tmp_path):
             assert took < 10, f"mDNS discovery took {took:.1f}s"
             await until(lambda: da.lan.status()["found"] == 1 and db.lan.status()["found"] == 1, 10)
             for d in (da, db):
-                status = d.status()
+                status = d.status()["discovery"]
                 assert json.loads(json.dumps(status)) == status
                 assert status["mdns"]["connected"] == 1 and status["mdns"]["service"] == service
                 assert status["mdns"]["announced"] and not any("0.0.0.0" in x for x in status["mdns"]["announced"])
@@ -455,14 +450,14 @@ async def test_provider_records_are_a_second_source_of_offers(tmp_path):
         async with trio.open_nursery() as nursery:
             server, _ = await start(nursery, tmp_path, "server", mode="server")  # a DHT server that keeps no offers
             identity = Identity.load(tmp_path / "worker")
-            worker = Host(identity, HostConfig(dht_server=True, bootstrap=(server.addrs()[0],)))
+            worker = Network(identity, HostConfig(dht_server=True, bootstrap=(server.addrs()[0],)))
             await nursery.start(worker.run)
             gossip = OfferGossip(worker, OfferBook())
             await nursery.start(gossip.run)
             offer = signed_offer(identity, 1, time.time() + 60, addrs=worker.advertised(), models=[
                 ModelInfo(CID, "m", 2048)])  # fmt: skip
             assert gossip.book.add(offer)  # kept, never published: no gossip carries it
-            while not await worker.discovery.provide(CID, timeout_s=5):
+            while not await worker.provide(CID, timeout_s=5):
                 await trio.sleep(0.2)  # until the server has the worker in its routing table
             async with open_requester(tmp_path / "requester", (server.addrs()[0],)) as requester:
                 assert requester.offers() == []

@@ -26,6 +26,7 @@ from node.market.requester import JobSpec, run_job
 from node.market.routing import Reputation, RouteQuery
 from node.net.host import Host, HostConfig
 from node.net.identity import Identity
+from node.net.network import Network
 from node.protocol.messages import ResultReceipt, SignedVerdict
 from node.protocol.wire import encode
 from node.verify.fraud import CHEATER_BAN_S, TOPIC, FraudWatch, audit, make_report, parse_report
@@ -61,7 +62,7 @@ class Node:
 
 async def start_node(nursery, tmp_path, name, *, engine=None, checker=None, watch_engines=None, act=True) -> Node:
     identity = Identity.load(tmp_path / name)
-    host = Host(identity, HostConfig(connect_timeout_s=5, stream_timeout_s=5, mdns=False))
+    host = Network(identity, HostConfig(connect_timeout_s=5, stream_timeout_s=5, mdns=False))
     await nursery.start(host.run)
     node = Node(identity, host)
     if engine is not None:  # a worker: jobs, and verification jobs with ``checker``

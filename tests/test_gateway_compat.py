@@ -25,7 +25,7 @@ from hypercorn.trio import serve
 from node.api import gateway as gateway_module
 from node.errors import DeadlineExceeded, InvalidRequest, NoWorker
 from node.api.gateway import MAX_BODY, Gateway
-from node.net.host import Host
+from node.net.network import Network
 from node.net.identity import Identity
 from node.market.jobs import WorkerService
 from node.protocol.messages import ModelInfo, Offer
@@ -355,7 +355,7 @@ def _gateway_command(tmp_path, *args: str) -> list[str]:
 
 
 async def test_a_port_in_use_is_one_line_and_exit_1(tmp_path):
-    boot = Host(Identity.load(tmp_path / "boot"))  # a peer that answers, so only the port can fail
+    boot = Network(Identity.load(tmp_path / "boot"))  # a peer that answers, so only the port can fail
     with socket.socket() as taken, trio.fail_after(60):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -372,7 +372,7 @@ async def test_a_port_in_use_is_one_line_and_exit_1(tmp_path):
 
 async def test_ctrl_c_with_streams_in_flight_is_one_line_and_exit_130(tmp_path):
     identity = Identity.load(tmp_path / "w")
-    host = Host(identity)
+    host = Network(identity)
     engine = ScriptedEngine(tick_s=0.05, words=["word "] * 400, slots=4)  # 20 s answers
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:

@@ -19,6 +19,7 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from node.protocol import messages as m
 from node.errors import JobFailed, PeerUnreachable
 from node.net.host import Host, HostConfig
+from node.net.network import Network
 from node.net.identity import Identity
 from node.market.jobs import JOB_PROTOCOL
 from node.market.requester import run_job
@@ -117,7 +118,7 @@ async def test_a_silent_listener_does_not_stall_a_request(tmp_path, silent_liste
 
 
 async def test_a_plaintext_peer_is_refused(tmp_path):
-    noise_only = Host(Identity.load(tmp_path / "a"), HostConfig())
+    noise_only = Network(Identity.load(tmp_path / "a"), HostConfig())
     key_pair = Identity.load(tmp_path / "b").key_pair
     plaintext = new_host(
         key_pair=key_pair,

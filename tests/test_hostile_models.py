@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from node.net.host import Host, Stream
+from node.net.network import Network
 from node.net.identity import Identity
 from node.protocol.messages import BlockRequest, CatRequest, DataChunk, DataEnd, JobChunk, NotFound
 from node.models.cid import CHUNK_SIZE, FileHasher, parse_cid
@@ -34,7 +35,7 @@ def fake_gguf(path, size=SIZE):
 
 
 async def _start(nursery, tmp_path, name: str) -> Host:
-    host = Host(Identity.load(tmp_path / name))
+    host = Network(Identity.load(tmp_path / name))
     await nursery.start(host.run)
     return host
 

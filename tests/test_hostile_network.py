@@ -18,11 +18,12 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, TYPE_DATA, YAMUX_HEADER_FORMAT
 
-from node.protocol import messages as m
+from node.market.offers import SYNC_PROTOCOL, SYNC_STREAMS_PER_PEER, OfferBook, OfferGossip
 from node.net.host import Host, HostConfig, PeerUnreachable
 from node.net.identity import Identity, peer_id_of
+from node.net.network import Network
+from node.protocol import messages as m
 from node.protocol.messages import ModelInfo
-from node.market.offers import SYNC_PROTOCOL, SYNC_STREAMS_PER_PEER, OfferBook, OfferGossip
 from node.protocol.wire import decode, frame, receive, send
 
 from . import factories
@@ -48,7 +49,7 @@ async def echo(stream) -> None:
 
 
 async def start_host(nursery, tmp_path, name: str, **config) -> Host:
-    host = Host(Identity.load(tmp_path / name), HostConfig(**config))
+    host = Network(Identity.load(tmp_path / name), HostConfig(**config))
     await nursery.start(host.run)
     return host
 
@@ -217,7 +218,7 @@ async def answer_and_stop_reading(stream) -> None:
 
 async def test_a_peer_that_ignores_the_yamux_window_is_cut_off(tmp_path, caplog):
     """Pushing 900 MiB past yamux's window raised RSS 305 → 1,209 MiB; py-libp2p only logged it."""
-    caplog.set_level(logging.DEBUG, logger="node.net.host")
+    caplog.set_level(logging.DEBUG, logger="node.net.guards")
     sink = "/llmarket-test/sink/1.0.0"
     high_water = 0
     with trio.fail_after(60):
@@ -311,7 +312,7 @@ async def test_a_silent_peer_is_one_quiet_line_not_a_traceback(tmp_path, caplog)
             for stream in streams:
                 await assert_ended(stream)  # reset after the deadline
             nursery.cancel_scope.cancel()
-    mine = [r for r in caplog.records if r.name == "node.net.host" and quiet in r.getMessage()]
+    mine = [r for r in caplog.records if r.name == "node.net.guards" and quiet in r.getMessage()]
     assert len(mine) == 10
     assert all(r.levelno <= logging.INFO and not r.exc_info for r in mine)
     assert all(silent.peer_id[:12] in r.getMessage() and "said nothing" in r.getMessage() for r in mine)

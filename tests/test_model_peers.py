@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from node.errors import ModelError
-from node.net.host import Host
+from node.net.network import Network
 from node.net.identity import Identity
 from node.models.cid import CHUNK_SIZE
 from node.models.peers import ModelServer, PeerSource
@@ -21,7 +21,7 @@ def fake_gguf(path, size):
 
 
 async def _pair(nursery, tmp_path):
-    server_host, client_host = Host(Identity.load(tmp_path / "server")), Host(Identity.load(tmp_path / "client"))
+    server_host, client_host = Network(Identity.load(tmp_path / "server")), Network(Identity.load(tmp_path / "client"))
     await nursery.start(server_host.run)
     await nursery.start(client_host.run)
     server_store = ModelStore(tmp_path / "server-models")

@@ -1,4 +1,4 @@
-"""node/nat.py on 127.0.0.1: relay reservations, circuits, relay limits, DCUtR's upgrade, AutoNAT.
+"""node/net/nat.py and its parts on 127.0.0.1: relay reservations, circuits, relay limits, DCUtR's upgrade, AutoNAT.
 
 Everything here runs in one process on loopback, where every node can dial every
 other: a node is made "private" with ``force_reachability`` (that is what the
@@ -10,7 +10,6 @@ docstring refers to.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -21,20 +20,20 @@ import pytest
 import trio
 
 from node.errors import PeerUnreachable
-from node.net.host import Host, HostConfig
+from node.net.host import HostConfig
 from node.net.identity import Identity
 from node.net.nat import Nat, NatConfig
+from node.net.network import Network
 
 ECHO = "/llmarket-test/nat-echo/1.0.0"
 SINK = "/llmarket-test/nat-sink/1.0.0"
 MIB = 1 << 20
-HOST_FIELDS = {f.name for f in dataclasses.fields(HostConfig)}
 
 
 class Node:
-    """A host with its Nat service, in its own cancel scope (``stop()`` kills it)."""
+    """A network with its Nat service, in its own cancel scope (``stop()`` kills it)."""
 
-    def __init__(self, host: Host, nat: Nat, life: trio.CancelScope) -> None:
+    def __init__(self, host: Network, nat: Nat, life: trio.CancelScope) -> None:
         self.host, self.nat, self.life = host, nat, life
 
     @property
@@ -55,13 +54,11 @@ async def start(
     hole_punching: bool = True,
     config: NatConfig | None = None,
 ) -> Node:
-    options = {"relay_service": relay_service} if "relay_service" in HOST_FIELDS else {}
-    host = Host(Identity.load(tmp_path / name), HostConfig(connect_timeout_s=5, stream_timeout_s=5, **options))
-    nat = getattr(host, "nat", None)  # the Host builds and runs its Nat
-    own = nat is None
-    if own:
-        nat = Nat(host, relay_service=relay_service)
-        nat.install()
+    host = Network(
+        Identity.load(tmp_path / name),
+        HostConfig(connect_timeout_s=5, stream_timeout_s=5, relay_service=relay_service),
+    )
+    nat = host.nat  # the Network builds and runs its Nat
     nat.relay_service = relay_service
     nat.hole_punching = hole_punching
     if config is not None:
@@ -76,8 +73,6 @@ async def start(
         with life:
             async with trio.open_nursery() as inner:
                 await inner.start(host.run)
-                if own:
-                    await inner.start(nat.run)
                 task_status.started()
 
     await nursery.start(serve)
@@ -258,7 +253,8 @@ async def test_hop_is_refused_without_relay_service(tmp_path):
         await worker.host.connect(relay.host.addrs()[0])
         await trio.sleep(3)
         assert worker.nat.circuit_addrs() == [] and not relay.nat.status()["relaying"]
-        assert not await worker.nat._reserve(relay.host.libp2p.get_id())  # asked anyway: the protocol is not there
+        # asked anyway: the protocol is not there
+        assert not await worker.nat.client._reserve(relay.host.libp2p.get_id())
         assert relay.id in worker.nat.status()["relay_problems"]
         client = await start(nursery, tmp_path, "client", force_reachability="public", hole_punching=False)
         with pytest.raises(PeerUnreachable, match="does not relay"):
@@ -409,7 +405,7 @@ async def test_autonat_private_when_the_dial_back_fails(tmp_path):
         await closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
         closed.close()
-        a.nat._dialback_candidates = lambda: [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")]
+        a.nat.autonat._dialback_candidates = lambda: [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")]
         await a.host.connect(b.host.addrs()[0])
         await wait_for(lambda: a.nat.reachability == "private", 15, "private")
         assert a.nat.reason == f"dial-back from {b.id[:12]}… to /ip4/127.0.0.1/tcp/{port} failed"

@@ -10,7 +10,8 @@ import pytest
 import trio
 
 from node.errors import WireError
-from node.net.host import Host, HostConfig
+from node.net.host import HostConfig
+from node.net.network import Network
 from node.net.identity import Identity, load_or_create_account
 from node.protocol.messages import ModelInfo, Offer, OffersBatch
 from node.market.offers import (
@@ -43,7 +44,7 @@ def make_offer(identity: Identity, seq: int, expires_at: float, **changes) -> Of
 @asynccontextmanager
 async def node(nursery, tmp_path, name, bootstrap=()):
     identity = Identity.load(tmp_path / name)
-    host = Host(identity, HostConfig(bootstrap=tuple(bootstrap)))
+    host = Network(identity, HostConfig(bootstrap=tuple(bootstrap)))
     await nursery.start(host.run)
     gossip = OfferGossip(host, OfferBook())
     await nursery.start(gossip.run)

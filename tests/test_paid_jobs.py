@@ -13,8 +13,8 @@ from node.errors import JobFailed, PaymentError, PaymentRefused
 from node.market.jobs import WorkerService
 from node.market.requester import JobSpec, run_job
 from node.market.routing import Reputation, RouteQuery
-from node.net.host import Host
 from node.net.identity import Identity
+from node.net.network import Network
 from node.payments import payer as payer_module
 from node.payments.close import CloseService, ask_to_close
 from node.payments.escrow import EscrowClient
@@ -43,7 +43,7 @@ async def paid_worker(chain, tmp_path, engine, *, receipt_timeout_s=5.0, account
     payments = EscrowMetering(
         client, ledger, Settler(ledger, client), PRICE, max_credit_window=TOKEN, receipt_timeout_s=receipt_timeout_s
     )
-    host = Host(identity)
+    host = Network(identity)
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
         WorkerService(host, identity, {MODEL: engine}, metering=payments).install()

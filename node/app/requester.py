@@ -22,8 +22,9 @@ from node.market.offers import OfferBook, OfferGossip
 from node.market.routing import Reputation
 from node.models.cid import parse_cid
 from node.models.default import DEFAULT_MODEL_CID
-from node.net.host import Host, HostConfig
+from node.net.host import HostConfig
 from node.net.identity import Identity
+from node.net.network import Network
 from node.protocol.messages import Offer
 from node.verify.fraud import FraudWatch
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 class RequesterNode:
     """A running requester, as ``open_requester`` yields it: its host, offer book, reputation, fraud watch."""
 
-    host: Host
+    host: Network
     gossip: OfferGossip
     reputation: Reputation = field(default_factory=Reputation)  # shared by every job this node runs
     fraud: FraudWatch | None = None  # fraud reports: acted on (re-checked with its engines), and published
@@ -63,7 +64,7 @@ class RequesterNode:
     async def _ask_providers(self, model: str, after_s: float) -> None:
         await trio.sleep(after_s)
         known = {o.peer_id for o in self.offers()}
-        for peer_id, addrs in await self.host.discovery.find_providers(model):
+        for peer_id, addrs in await self.host.find_providers(model):
             if peer_id in known:
                 continue
             try:
@@ -86,14 +87,14 @@ async def open_requester(
     network = network or HostConfig(bootstrap=bootstrap)
     if not network.bootstrap and not network.mdns:
         raise ConfigError("give at least one --bootstrap MULTIADDR (a worker prints its own when it starts)")
-    host = Host(Identity.load(data_dir), network)
+    host = Network(Identity.load(data_dir), network)
     async with open_service_nursery() as nursery:
         await nursery.start(host.run)
         if network.bootstrap and not host.connected_peers():
             raise ConfigError(
                 f"none of the bootstrap peers answered ({', '.join(network.bootstrap)}); is a worker running?"
             )
-        if not network.bootstrap and not await host.discovery.wait_for_peer(LAN_DISCOVERY_S):
+        if not network.bootstrap and not await host.wait_for_peer(LAN_DISCOVERY_S):
             raise ConfigError(
                 f"no peer found on the local network within {LAN_DISCOVERY_S:g}s (mDNS); "
                 "give --bootstrap MULTIADDR (a worker prints its own when it starts)"

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from node import __version__
+from node.app.config import WorkerConfig
+from node.app.paid import escrow_metering
 from node.concurrency import open_service_nursery
 from node.errors import ModelError
 from node.market.activity import Activity
@@ -31,9 +33,7 @@ from node.models.ipfs import IpfsSource
 from node.models.peers import ModelServer, PeerSource
 from node.models.resolve import resolve_model
 from node.models.store import ModelStore, StoredModel
-from node.app.config import WorkerConfig
-from node.app.paid import escrow_metering
-from node.net.host import Host
+from node.net.network import Network
 from node.net.identity import Identity
 from node.payments.close import CloseService
 from node.payments.metering import EscrowMetering, FreeMetering, Metering
@@ -60,7 +60,7 @@ def _priced(metering: Metering, price_per_1k: int) -> Metering:
 class WorkerNode:
     """A running worker, as ``serve`` hands it to its caller."""
 
-    host: Host
+    host: Network
     engine: Engine
     model: ModelInfo
     speed: SpeedProfile
@@ -93,7 +93,7 @@ async def serve(
     payments = await trio.to_thread.run_sync(escrow_metering, config) if config.price_per_1k > 0 else None
     metering: Metering = payments or FreeMetering()
     identity = Identity.load(config.data_dir, account=payments.client.account if payments else None)
-    host = Host(identity, config.network)
+    host = Network(identity, config.network)
     async with open_service_nursery() as nursery:
         await nursery.start(host.run)
         if payments is not None:
@@ -167,7 +167,7 @@ async def serve(
             await trio.sleep_forever()
 
 
-async def readvertise_on_new_addresses(host: Host, advertiser: Advertiser, *, every_s: float = 1.0) -> None:
+async def readvertise_on_new_addresses(host: Network, advertiser: Advertiser, *, every_s: float = 1.0) -> None:
     """Publish a new offer as soon as the advertised addresses change (a relay reservation, AutoNAT's verdict)."""
     last = host.advertised()
     while True:
@@ -178,12 +178,12 @@ async def readvertise_on_new_addresses(host: Host, advertiser: Advertiser, *, ev
             advertiser.changed()
 
 
-async def provide_model(host: Host, cid: str, *, retry_s: float = 30.0) -> None:
+async def provide_model(host: Network, cid: str, *, retry_s: float = 30.0) -> None:
     """Put a provider record for ``cid`` in the DHT ("who serves this model"), retried until a server takes it.
 
     py-libp2p republishes it every 22 hours while the host runs.
     """
-    while not await host.discovery.provide(cid):
+    while not await host.provide(cid):
         await trio.sleep(retry_s)
 
 
@@ -191,7 +191,7 @@ async def provide_model(host: Host, cid: str, *, retry_s: float = 30.0) -> None:
 NET_STATUS_FILE = "net-status.json"
 
 
-async def publish_net_status(host: Host, data_dir: Path, *, every_s: float = 5.0) -> None:
+async def publish_net_status(host: Network, data_dir: Path, *, every_s: float = 5.0) -> None:
     """Write ``host.status()`` to ``<data dir>/net-status.json`` every ``every_s`` until cancelled."""
     path = data_dir / NET_STATUS_FILE
     while True:
@@ -228,5 +228,3 @@ async def _resolve(config: WorkerConfig, store: ModelStore, gossip: OfferGossip,
             ) from None
         peers = ModelStore(store.root, [PeerSource(gossip.host, o.peer_id, o.addrs) for o in holders])
         return await trio.to_thread.run_sync(lambda: resolve_model(peers, config.model, progress=progress))
-
-

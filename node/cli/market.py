@@ -193,19 +193,18 @@ async def report_reachability(host, *, every_s: float = 1.0) -> None:
     said = None
     started = time.monotonic()
     while True:
-        nat = host.nat
-        now = (nat.reachability, tuple(nat.circuit_addrs()[:1]), tuple(nat.observed_addrs()))
+        now = (host.reachability, tuple(host.circuit_addrs()[:1]), tuple(host.observed_addrs()))
         if now != said and (now[0] != "unknown" or time.monotonic() - started > 10):
             said = now
             reachability, circuits, observed = now
             if reachability == "public":
-                line = f"reachable: public ({nat.reason})"
+                line = f"reachable: public ({host.reachability_reason})"
             elif reachability == "private" and circuits:
                 line = f"reachable: behind NAT, through relay {circuits[0]}/p2p/{host.peer_id}"
             elif reachability == "private":
-                line = f"reachable: behind NAT ({nat.reason}); looking for a relay among the peers"
+                line = f"reachable: behind NAT ({host.reachability_reason}); looking for a relay among the peers"
             else:
-                line = f"reachability: unknown ({nat.reason}); `llmarket net status` shows it later"
+                line = f"reachability: unknown ({host.reachability_reason}); `llmarket net status` shows it later"
             print(line, file=sys.stderr, flush=True)
         await trio.sleep(every_s)
 
@@ -273,7 +272,7 @@ def _request(args: argparse.Namespace) -> int:
                                  payer=payer, query=query)  # fmt: skip
             if checks.reported:
                 await trio.sleep(REPORT_FLUSH_S)  # let the fraud report leave before the node stops
-            return result, requester.host.nat.connection_kind(result.workers[-1]) if result.workers else None, checks
+            return result, requester.host.connection_kind(result.workers[-1]) if result.workers else None, checks
 
     result, connection, checks = trio.run(main)
     verdict = checks.verdict

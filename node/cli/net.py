@@ -69,8 +69,8 @@ def _alive(pid: int) -> bool:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from node.net.host import Host
     from node.net.identity import Identity
+    from node.net.network import Network
 
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)  # its own failures are in the status
 
@@ -78,11 +78,11 @@ def _status(args: argparse.Namespace) -> int:
     if status is None:
 
         async def probe() -> dict:
-            host = Host(Identity.load(Path(args.data_dir)), network_config(args))
+            host = Network(Identity.load(Path(args.data_dir)), network_config(args))
             async with trio.open_nursery() as nursery:
                 await nursery.start(host.run)
                 with trio.move_on_after(args.wait):
-                    while host.nat.reachability == "unknown":
+                    while host.reachability == "unknown":
                         await trio.sleep(0.2)
                 result = host.status()
                 nursery.cancel_scope.cancel()

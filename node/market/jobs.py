@@ -249,7 +249,7 @@ class WorkerService:
                 "job %s from %s…: accepted (%s connection)",
                 request.job_id,
                 stream.peer_id[:12],
-                self.host.nat.connection_kind(stream.peer_id) or "no",
+                self.host.connection_kind(stream.peer_id) or "no",
             )
             outcome = "cancelled"
             job = self.activity.started(self._kind, request.job_id, request.model, stream.peer_id)

@@ -49,7 +49,7 @@ from libp2p.peer.id import ID
 from node.net.addresses import address_problem
 from node.concurrency import TokenBucket
 from node.errors import NodeError, WireError
-from node.net.host import Host
+from node.net.network import Network
 from node.net.identity import Identity, verify_binding, verify_peer_signature
 from node.protocol.messages import Offer, OffersBatch, OffersRequest
 from node.protocol.wire import MAX_FRAME, decode, encode, frame, receive_as, send
@@ -401,7 +401,7 @@ class SyncBudget:
 class OfferGossip:
     """Receive and validate offers into ``book``; publish our own."""
 
-    def __init__(self, host: Host, book: OfferBook, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, host: Network, book: OfferBook, *, clock: Callable[[], float] = time.time) -> None:
         self.host = host
         self.book = book
         self.clock = clock
@@ -431,7 +431,7 @@ class OfferGossip:
         self.host.pubsub.set_topic_validator(TOPIC, self._validate, is_async_validator=False)
         self.host.set_handler(SYNC_PROTOCOL, self._serve_sync)
         subscription = await self.host.pubsub.subscribe(TOPIC)
-        self.host.discovery.on_peer = self.sync_from  # peers found on the LAN later: ask them too
+        self.host.greet_lan_peers(self.sync_from)  # peers found on the LAN later: ask them too
         for peer in self.host.connected_peers():
             await self.sync_from(peer)
         task_status.started(self)

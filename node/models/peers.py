@@ -39,6 +39,7 @@ import trio
 
 from node.errors import ModelError, PeerUnreachable, WireError
 from node.net.host import Host, Stream
+from node.net.network import Network
 from node.protocol.messages import BlockRequest, CatRequest, DataChunk, DataEnd, NotFound
 from node.models.cid import CHUNK_SIZE, CID, MAX_CID_CHARS, FileHasher, dag_pb_node, parse_cid, unixfs_file
 from node.models.store import ModelStore, StoredModel
@@ -168,7 +169,13 @@ class PeerSource:
     """
 
     def __init__(
-        self, host: Host, peer_id: str, addrs: list[str] = (), *, timeout_s: float = 30.0, direct_wait_s: float = 60.0
+        self,
+        host: Network,
+        peer_id: str,
+        addrs: list[str] = (),
+        *,
+        timeout_s: float = 30.0,
+        direct_wait_s: float = 60.0,
     ) -> None:
         self.host, self.peer_id, self.addrs, self.timeout_s = host, peer_id, list(addrs), timeout_s
         self.direct_wait_s = direct_wait_s
@@ -187,13 +194,13 @@ class PeerSource:
         self._waited = True
         if self.addrs:
             await self.host.dial(self.peer_id, self.addrs)
-        if self.host.nat.connection_kind(self.peer_id) == "relayed":
+        if self.host.connection_kind(self.peer_id) == "relayed":
             log.info(
                 "%s is reached through a relay; waiting up to %gs for a direct connection",
                 self.name,
                 self.direct_wait_s,
             )
-            if not await self.host.nat.wait_direct(self.peer_id, self.direct_wait_s):
+            if not await self.host.wait_direct(self.peer_id, self.direct_wait_s):
                 log.info("no direct connection to %s; fetching through the relay", self.name)
 
     async def _open(self, request) -> Stream:

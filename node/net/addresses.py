@@ -166,3 +166,33 @@ def parse_announce(addr: str) -> str:
     if problem := address_problem(addr):
         raise ConfigError(f"--announce: {problem}; {hint}")
     return "/" + "/".join(parts)
+
+
+#: Addresses believed from one mDNS announcement or one DHT answer per peer; longer lists are cut.
+MAX_ADDRS = 8
+
+
+def dialable(addr: str) -> str | None:
+    """``addr`` without ``/p2p/<id>`` if it is a TCP address someone could dial, else None.
+
+    IP or DNS then TCP; no wildcard, multicast or broadcast IP, no port 0, no relay.
+    """
+    try:
+        parts = list(multiaddr.Multiaddr(addr).items())
+    except Exception:  # the multiaddr package raises several types for bad input
+        return None
+    if parts and parts[-1][0].name == "p2p":
+        parts = parts[:-1]
+    if len(parts) != 2 or parts[1][0].name != "tcp":
+        return None
+    (proto, host), (_, port) = parts
+    if proto.name not in FIRST_PROTOCOLS or not 0 < int(port) < 65536:
+        return None
+    if proto.name in ("ip4", "ip6"):
+        try:
+            ip = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return None
+        if ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255":
+            return None
+    return f"/{proto.name}/{host}/tcp/{port}"

@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import multihash
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
@@ -172,3 +173,13 @@ def verify_peer_signature(peer_id: str, data: bytes, signature: bytes) -> bool:
         return key is not None and key.verify(data, signature)
     except Exception:  # bad base58, bad key encodings, bad signature lengths
         return False
+
+
+def valid_peer_id(text: str) -> bool:
+    """Whether ``text`` is a base58 peer id (a multihash; any base58 text would decode to bytes)."""
+    try:
+        raw = ID.from_base58(text).to_bytes()
+        multihash.decode(raw)
+    except Exception:  # base58 and multihash raise several types
+        return False
+    return 2 < len(raw) <= 64 and ID(raw).to_base58() == text
