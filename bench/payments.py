@@ -34,17 +34,18 @@ from web3 import HTTPProvider, Web3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.net.identity import load_or_create_account  # noqa: E402
-from node.models.default import DEFAULT_MODEL_CID  # noqa: E402
-from node.app.requester import open_requester  # noqa: E402
 from node.app.paid import requester_wallet  # noqa: E402
-from node.payments.close import ask_to_close  # noqa: E402
-from node.payments.deployment import deploy_contracts, write_deployment  # noqa: E402
+from node.app.requester import open_requester  # noqa: E402
 from node.dev.devchain import DevChain  # noqa: E402
-from node.payments.escrow import EscrowClient  # noqa: E402
+from node.inference.sampling import SamplingParams  # noqa: E402
 from node.market.requester import JobObserver, JobSpec, run_job  # noqa: E402
 from node.market.routing import Reputation, RouteQuery  # noqa: E402
-from node.inference.sampling import SamplingParams  # noqa: E402
+from node.models.default import DEFAULT_MODEL_CID  # noqa: E402
+from node.net.identity import load_or_create_account  # noqa: E402
+from node.payments.close import ask_to_close  # noqa: E402
+from node.payments.deployment import deploy_contracts, write_deployment  # noqa: E402
+from node.payments.escrow import EscrowClient  # noqa: E402
+from node.payments.payer import WalletPayer  # noqa: E402
 
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 PRICE = 10**15
@@ -108,7 +109,7 @@ async def jobs(root, chain, addr, n, *, paid, wallet_dir, tokens) -> tuple[list,
             spec = JobSpec(DEFAULT_MODEL_CID, params, messages=messages, max_price_per_1k=query.max_price_per_1k)
             began = time.perf_counter()
             result = await run_job(
-                requester.host, requester.offers, query, spec, reputation=Reputation(), wallet=wallet,
+                requester.host, requester.offers, query, spec, reputation=Reputation(), payer=WalletPayer(wallet) if paid else None,
                 observer=TextTimes(stamps),
             )  # fmt: skip
             n_tok = result.completion_tokens
