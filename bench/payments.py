@@ -109,8 +109,8 @@ async def jobs(root, chain, addr, n, *, paid, wallet_dir, tokens) -> tuple[list,
             spec = JobSpec(DEFAULT_MODEL_CID, params, messages=messages, max_price_per_1k=query.max_price_per_1k)
             began = time.perf_counter()
             result = await run_job(
-                requester.host, requester.offers, query, spec, reputation=Reputation(), payer=WalletPayer(wallet) if paid else None,
-                observer=TextTimes(stamps),
+                requester.host, requester.offers, query, spec, reputation=Reputation(),
+                payer=WalletPayer(wallet) if paid else None, observer=TextTimes(stamps),
             )  # fmt: skip
             n_tok = result.completion_tokens
             out.append((stamps[0] - began, (n_tok - 1) / (stamps[-1] - stamps[0]) if n_tok > 1 else 0.0))
