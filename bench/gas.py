@@ -25,8 +25,8 @@ from web3 import HTTPProvider, Web3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.payments.deployment import deploy_contracts  # noqa: E402
 from node.dev.devchain import DevChain  # noqa: E402
+from node.payments.deployment import deploy_contracts  # noqa: E402
 from node.payments.escrow import EscrowClient  # noqa: E402
 
 TOKEN = 10**18

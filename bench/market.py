@@ -29,14 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import logging  # noqa: E402
 
-from node.net.network import Network  # noqa: E402
-from node.net.identity import Identity  # noqa: E402
-from node.protocol.messages import ModelInfo, Offer  # noqa: E402
+from node.market.offers import OfferBook, OfferGossip, sign_offer  # noqa: E402
+from node.market.routing import Reputation, RouteQuery, rank  # noqa: E402
 from node.models.default import default_model_file  # noqa: E402
 from node.models.peers import ModelServer, PeerSource  # noqa: E402
 from node.models.store import ModelStore  # noqa: E402
-from node.market.offers import OfferBook, OfferGossip, sign_offer  # noqa: E402
-from node.market.routing import Reputation, RouteQuery, rank  # noqa: E402
+from node.net.identity import Identity  # noqa: E402
+from node.net.network import Network  # noqa: E402
+from node.protocol.messages import ModelInfo, Offer  # noqa: E402
 
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 

@@ -25,10 +25,10 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from node.dev.ipfsd import IpfsDaemon  # noqa: E402
 from node.models.cid import file_cid  # noqa: E402
 from node.models.default import DEFAULT_MODEL_CID, default_model_file  # noqa: E402
 from node.models.ipfs import IpfsSource  # noqa: E402
-from node.dev.ipfsd import IpfsDaemon  # noqa: E402
 from node.models.store import ModelStore  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -31,12 +31,12 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from node.app.requester import open_requester  # noqa: E402
 from node.inference.engine import Delta, Finished, SamplingParams, open_engine  # noqa: E402
 from node.inference.hardware import probe_hardware  # noqa: E402
-from node.models.default import DEFAULT_MODEL_CID, default_model_file  # noqa: E402
-from node.app.requester import open_requester  # noqa: E402
 from node.market.requester import JobObserver, JobSpec, run_job  # noqa: E402
 from node.market.routing import Reputation, RouteQuery  # noqa: E402
+from node.models.default import DEFAULT_MODEL_CID, default_model_file  # noqa: E402
 
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 

@@ -215,8 +215,8 @@ def measure_engine(kind: str, streams: int, tokens: int, workload: str = "plain"
     import trio
 
     from node.inference.engine import open_engine
-    from node.models.default import default_model_file
     from node.inference.sampling import Delta, Finished, SamplingParams
+    from node.models.default import default_model_file
 
     params = SamplingParams(max_tokens=tokens, temperature=0.0, repeat_penalty=1.0)
     slots = SLOTS if kind == "batched" else streams + (workload == "chunk")

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from eth_account.signers.local import LocalAccount
 
-from node.payments.deployment import Deployment, deploy_contracts
 from node.dev.devchain import DevChain
+from node.payments.deployment import Deployment, deploy_contracts
 from node.payments.escrow import EscrowClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

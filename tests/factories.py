@@ -11,15 +11,15 @@ from contextlib import asynccontextmanager, contextmanager
 import trio
 
 from node.errors import ContextTooLong, InvalidRequest
-from node.net.host import HostConfig
-from node.net.network import Network
-from node.net.identity import Identity
+from node.inference.sampling import Delta, Finished, SamplingParams, TokenLogprob, Usage, validate_messages
 from node.market.jobs import WorkerService
-from node.protocol.messages import ModelInfo, Offer
 from node.market.offers import sign_offer
 from node.market.requester import JobObserver, JobSpec
 from node.market.routing import RouteQuery
-from node.inference.sampling import Delta, Finished, SamplingParams, TokenLogprob, Usage, validate_messages
+from node.net.host import HostConfig
+from node.net.identity import Identity
+from node.net.network import Network
+from node.protocol.messages import ModelInfo, Offer
 
 MODEL = "bafymodel"
 

@@ -11,14 +11,14 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from node.market.activity import BUCKET_S, CANCELLED, DONE, FAILED, FEED_BUFFER, REJECTED, REQUESTED, SERVED, Activity
 from node.api.dashboard import WEB_DIR, Dashboard, DashboardApp, RequesterPayments, WorkerInfo, WorkerPayments
-from node.net.identity import Identity
-from node.protocol.messages import ModelInfo
-from node.payments.chainio import ChainIO
-from node.payments.ledger import WalletChannel, WalletLedger, WorkerLedger
+from node.market.activity import BUCKET_S, CANCELLED, DONE, FAILED, FEED_BUFFER, REJECTED, REQUESTED, SERVED, Activity
 from node.market.requester import JobObserver, run_job
 from node.market.routing import Reputation
+from node.net.identity import Identity
+from node.payments.chainio import ChainIO
+from node.payments.ledger import WalletChannel, WalletLedger, WorkerLedger
+from node.protocol.messages import ModelInfo
 
 from .factories import MODEL, QUERY, SPEC, WORDS, ScriptedEngine, requester, signed_offer, worker
 

@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from node.net.identity import load_or_create_account
 from node.models.default import DEFAULT_MODEL_CID, DEFAULT_MODEL_CID_V0
+from node.net.identity import load_or_create_account
 from node.payments.escrow import EscrowClient
 from node.payments.policy import job_cost
 

@@ -23,16 +23,16 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from node.api import gateway as gateway_module
-from node.errors import DeadlineExceeded, InvalidRequest, NoWorker
 from node.api.gateway import MAX_BODY, Gateway
-from node.net.network import Network
-from node.net.identity import Identity
+from node.errors import DeadlineExceeded, InvalidRequest, NoWorker
+from node.inference.sampling import TokenLogprob
 from node.market.jobs import WorkerService
-from node.protocol.messages import ModelInfo, Offer
-from node.models.default import DEFAULT_MODEL_CID
 from node.market.offers import Advertiser, OfferBook, OfferGossip
 from node.market.requester import JobObserver, JobResult
-from node.inference.sampling import TokenLogprob
+from node.models.default import DEFAULT_MODEL_CID
+from node.net.identity import Identity
+from node.net.network import Network
+from node.protocol.messages import ModelInfo, Offer
 
 from .factories import MODEL, ScriptedEngine, offer, requester, signed_offer, worker
 from .factories import WORDS as WORKER_WORDS

@@ -11,8 +11,8 @@ import trio
 
 import node.inference.engine as engine_module
 import node.inference.hardware as hardware_module
-from node.inference.engine import open_engine
 from node.errors import ModelError
+from node.inference.engine import open_engine
 from node.inference.hardware import Gpu, HardwareProfile, nvml_gpus, probe_hardware
 from node.models.cid import parse_cid
 from node.models.default import DEFAULT_MODEL_CID

@@ -16,14 +16,14 @@ from libp2p.network.exceptions import SwarmDialAllFailedError, SwarmException
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 
-from node.protocol import messages as m
 from node.errors import JobFailed, PeerUnreachable
-from node.net.host import Host, HostConfig
-from node.net.network import Network
-from node.net.identity import Identity
 from node.market.jobs import JOB_PROTOCOL
 from node.market.requester import run_job
 from node.market.routing import Reputation
+from node.net.host import Host, HostConfig
+from node.net.identity import Identity
+from node.net.network import Network
+from node.protocol import messages as m
 from node.protocol.wire import decode, frame
 
 from .factories import MODEL, QUERY, SPEC, WORDS, ScriptedEngine, requester, signed_offer, worker

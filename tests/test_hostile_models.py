@@ -15,14 +15,14 @@ import time
 import pytest
 import trio
 
-from node.net.host import Host, Stream
-from node.net.network import Network
-from node.net.identity import Identity
-from node.protocol.messages import BlockRequest, CatRequest, DataChunk, DataEnd, JobChunk, NotFound
 from node.models.cid import CHUNK_SIZE, FileHasher, parse_cid
 from node.models.dag import Pace
 from node.models.peers import MAX_REQUEST_FRAME, MODEL_PROTOCOL, ModelServer, PeerSource
 from node.models.store import ModelStore
+from node.net.host import Host, Stream
+from node.net.identity import Identity
+from node.net.network import Network
+from node.protocol.messages import BlockRequest, CatRequest, DataChunk, DataEnd, JobChunk, NotFound
 from node.protocol.wire import Message, receive, send
 
 MISSING_CID = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"  # the empty file, which nobody serves

@@ -8,11 +8,11 @@ import pytest
 import trio
 
 from node.errors import ModelError
-from node.net.network import Network
-from node.net.identity import Identity
 from node.models.cid import CHUNK_SIZE
 from node.models.peers import ModelServer, PeerSource
 from node.models.store import ModelStore
+from node.net.identity import Identity
+from node.net.network import Network
 
 
 def fake_gguf(path, size):

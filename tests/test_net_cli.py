@@ -11,9 +11,9 @@ import time
 
 import pytest
 
+from node.app.worker import NET_STATUS_FILE
 from node.cli.main import main
 from node.cli.net import format_status, read_running
-from node.app.worker import NET_STATUS_FILE
 
 
 @pytest.mark.parametrize(

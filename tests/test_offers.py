@@ -10,10 +10,6 @@ import pytest
 import trio
 
 from node.errors import WireError
-from node.net.host import HostConfig
-from node.net.network import Network
-from node.net.identity import Identity, load_or_create_account
-from node.protocol.messages import ModelInfo, Offer, OffersBatch
 from node.market.offers import (
     MAX_OFFER_BYTES,
     REFUSED_FULL,
@@ -28,6 +24,10 @@ from node.market.offers import (
     check_offer,
     parse_offer,
 )
+from node.net.host import HostConfig
+from node.net.identity import Identity, load_or_create_account
+from node.net.network import Network
+from node.protocol.messages import ModelInfo, Offer, OffersBatch
 from node.protocol.wire import decode, encode
 
 from . import factories

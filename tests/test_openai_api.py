@@ -7,9 +7,6 @@ import math
 
 import pytest
 
-from node.errors import ChainUnreachable, ContextTooLong, DeadlineExceeded, InsufficientBalance, InvalidRequest
-from node.protocol.messages import ModelInfo
-from node.models.default import DEFAULT_MODEL_CID
 from node.api.openai_api import (
     ApiError,
     Metrics,
@@ -21,8 +18,11 @@ from node.api.openai_api import (
     parse_request,
     usage_chunk_json,
 )
-from node.market.requester import JobFailed, JobResult, NoWorker
+from node.errors import ChainUnreachable, ContextTooLong, DeadlineExceeded, InsufficientBalance, InvalidRequest
 from node.inference.sampling import TokenLogprob
+from node.market.requester import JobFailed, JobResult, NoWorker
+from node.models.default import DEFAULT_MODEL_CID
+from node.protocol.messages import ModelInfo
 
 from .factories import offer
 

@@ -15,7 +15,6 @@ import trio
 from eth_account import Account
 
 from node.errors import InvalidReceipt, Overcharge, PaymentRefused
-from node.protocol.messages import JobChunk, JobDone, JobRequest, PaymentTerms, PayReceipt, ResultReceipt
 from node.payments.chainio import ChainIO
 from node.payments.escrow import ChannelState, ChannelStatus
 from node.payments.ledger import WalletChannel, WalletLedger, WorkerLedger
@@ -23,6 +22,7 @@ from node.payments.metering import EscrowMetering, FreeMetering
 from node.payments.payer import CREDIT_TOKENS, FreePayer, WalletPayer
 from node.payments.policy import job_cost, prompt_token_bound
 from node.payments.receipts import ReceiptDomain, sign_receipt
+from node.protocol.messages import JobChunk, JobDone, JobRequest, PaymentTerms, PayReceipt, ResultReceipt
 
 from .factories import MODEL, offer
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from node.protocol.messages import ModelInfo, Offer
 from node.market.routing import Reputation, RouteQuery, eligible, exclusion, rank
+from node.protocol.messages import ModelInfo, Offer
 
 from . import factories
 from .factories import MODEL

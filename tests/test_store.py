@@ -10,10 +10,10 @@ import time
 import pytest
 
 from node.errors import ModelError, ModelNotFound
-from node.models.resolve import resolve_model
 from node.models.cid import CHUNK_SIZE, CID, FileHasher, dag_pb_node, file_cid, leaf_link, unixfs_file
 from node.models.dag import Pace
 from node.models.default import DEFAULT_MODEL_CID, DEFAULT_MODEL_NAME
+from node.models.resolve import resolve_model
 from node.models.store import ModelStore
 
 

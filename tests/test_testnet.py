@@ -60,8 +60,8 @@ def test_the_demo_refuses_an_unknown_option_in_one_line():
 
 def test_wallet_shows_exact_tokens_and_keeps_base_units_in_json(chain, tmp_path, capsys):
     """``llmarket wallet``: base units and the exact token amount (it was a float rounded to 6 places)."""
-    from node.cli.main import main
     from node.app.paid import requester_wallet
+    from node.cli.main import main
     from node.payments.deployment import write_deployment
     from node.payments.units import format_amount, format_units
 

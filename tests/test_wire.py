@@ -9,8 +9,8 @@ import msgpack
 import pytest
 import trio
 
-from node.protocol import messages as m
 from node.errors import WireError
+from node.protocol import messages as m
 from node.protocol.wire import MAX_FRAME, decode, encode, frame, receive, receive_as, registered_types, send
 
 from . import factories

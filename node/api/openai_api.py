@@ -39,11 +39,11 @@ from node.errors import (
     NoWorker,
     PaymentError,
 )
-from node.protocol.messages import Offer
+from node.inference.sampling import MAX_GRAMMAR_CHARS, MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
+from node.market.requester import JobResult, JobSpec
 from node.models.cid import parse_cid
 from node.models.default import DEFAULT_MODEL_CID
-from node.market.requester import JobResult, JobSpec
-from node.inference.sampling import MAX_GRAMMAR_CHARS, MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
+from node.protocol.messages import Offer
 
 MAX_PROMPTS = 16  # prompts in one /v1/completions request (one job each, run concurrently)
 MIN_LOGPROB = -9999.0  # what OpenAI reports for a token with no probability (JSON has no -inf)

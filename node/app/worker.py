@@ -33,14 +33,14 @@ from node.models.ipfs import IpfsSource
 from node.models.peers import ModelServer, PeerSource
 from node.models.resolve import resolve_model
 from node.models.store import ModelStore, StoredModel
-from node.net.network import Network
 from node.net.identity import Identity
+from node.net.network import Network
 from node.payments.close import CloseService
 from node.payments.metering import EscrowMetering, FreeMetering, Metering
 from node.progress import NO_PROGRESS, Progress
 from node.protocol.messages import ModelInfo, Offer
-from node.verify.local import CheckingEngine
 from node.verify.fraud import FraudWatch
+from node.verify.local import CheckingEngine
 
 if TYPE_CHECKING:  # the engine (llama.cpp) is imported by serve() only: requesters never load it
     from node.inference.engine import Engine

@@ -6,9 +6,9 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from node.models.store import ModelStore
-from node.models.ipfs import IpfsSource
 from node.inference.sampling import SamplingParams
+from node.models.ipfs import IpfsSource
+from node.models.store import ModelStore
 
 if TYPE_CHECKING:
     from node.net.host import HostConfig

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import argparse
 import json
 import logging
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
+from node.app.paid import requester_wallet
+from node.app.requester import open_requester
 from node.cli.common import bootstrap_flag, json_flag, network_config, wallet_flags
 from node.errors import PaymentError
-from node.app.requester import open_requester
-from node.app.paid import requester_wallet
 from node.payments.close import ask_to_close
 from node.payments.ledger import WorkerLedger
 from node.payments.units import format_amount, format_units

@@ -30,13 +30,13 @@ from pathlib import Path
 import requests
 from web3 import HTTPProvider, Web3
 
+from node.dev.devchain import DevChain
+from node.dev.ipfsd import IpfsDaemon
 from node.errors import ConfigError, NodeError
-from node.net.identity import load_or_create_account
 from node.models.default import DEFAULT_MODEL_CID, default_model_file
 from node.models.ipfs import IpfsSource
-from node.dev.ipfsd import IpfsDaemon
+from node.net.identity import load_or_create_account
 from node.payments.deployment import deploy_contracts, write_deployment
-from node.dev.devchain import DevChain
 from node.payments.escrow import EscrowClient
 from node.services import pid_alive
 

@@ -46,11 +46,11 @@ from collections.abc import Callable
 import trio
 from libp2p.peer.id import ID
 
-from node.net.addresses import address_problem
 from node.concurrency import TokenBucket
 from node.errors import NodeError, WireError
-from node.net.network import Network
+from node.net.addresses import address_problem
 from node.net.identity import Identity, verify_binding, verify_peer_signature
+from node.net.network import Network
 from node.protocol.messages import Offer, OffersBatch, OffersRequest
 from node.protocol.wire import MAX_FRAME, decode, encode, frame, receive_as, send
 

@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 import trio
 
 from node.errors import ModelError, PeerUnreachable, WireError
+from node.models.cid import CHUNK_SIZE, CID, MAX_CID_CHARS, FileHasher, dag_pb_node, parse_cid, unixfs_file
+from node.models.store import ModelStore, StoredModel
 from node.net.host import Host, Stream
 from node.net.network import Network
 from node.protocol.messages import BlockRequest, CatRequest, DataChunk, DataEnd, NotFound
-from node.models.cid import CHUNK_SIZE, CID, MAX_CID_CHARS, FileHasher, dag_pb_node, parse_cid, unixfs_file
-from node.models.store import ModelStore, StoredModel
 from node.protocol.wire import MAX_FRAME, receive, send
 
 log = logging.getLogger(__name__)
