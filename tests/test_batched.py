@@ -76,6 +76,7 @@ async def honest(verifier, messages, params: SamplingParams, done) -> None:
     assert done.usage.completion_tokens <= records <= done.usage.completion_tokens + 1
 
 
+@pytest.mark.long
 async def test_eight_jobs_of_different_lengths_joining_at_different_times(engines):
     batched, verifier = engines
     jobs = [request(k, long=k % 3 == 0, max_tokens=8 + 12 * k) for k in range(8)]
@@ -124,6 +125,7 @@ async def test_sampling_parameters_do_not_leak_between_sequences(engines):
         await honest(verifier, *hot, done_hot)  # its own seeded draws at 1.5
 
 
+@pytest.mark.long
 async def test_a_long_prompt_is_admitted_while_others_decode(engines):
     batched, verifier = engines
     short = request(1, max_tokens=64)
@@ -137,6 +139,7 @@ async def test_a_long_prompt_is_admitted_while_others_decode(engines):
         await honest(verifier, *long, done_long)
 
 
+@pytest.mark.long
 async def test_a_prompt_prefix_already_in_a_cache_is_not_computed_again(engines):
     """The same ~1,000-token system prompt three times: the second job joins while the first decodes, and its
     free sequences hold nothing, so the first's stream is copied to it; the third comes after both finished and
@@ -174,6 +177,7 @@ async def test_a_prompt_prefix_already_in_a_cache_is_not_computed_again(engines)
             await honest(verifier, messages, params, results[name])
 
 
+@pytest.mark.long
 async def test_jobs_arriving_together_with_one_system_prompt_compute_it_once(engines):
     """Four jobs at once, one ~1,000-token system prompt: the first to be admitted computes it, the others wait
     for it and copy it (``Scheduler._place``), instead of all four prefilling it side by side."""

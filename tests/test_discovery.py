@@ -418,6 +418,7 @@ async def _announce_until_cancelled(service: str, record: bytes) -> None:
         await trio.sleep_forever()
 
 
+@pytest.mark.long
 async def test_a_flood_of_lan_peers_is_dialled_at_the_dial_rate(tmp_path):
     """Hundreds of (fake) announcements cannot make a node dial faster than ``dial_rate`` (bursts of 4x)."""
     calls: list[str] = []

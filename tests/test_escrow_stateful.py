@@ -30,7 +30,7 @@ from node.payments.receipts import sign_receipt
 
 from .conftest import TOKEN
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 STEP = 1000  # seconds
 

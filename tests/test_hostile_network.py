@@ -127,6 +127,7 @@ class Flood:
 # --------------------------------------------------------- connection floods
 
 
+@pytest.mark.long
 async def test_an_idle_tcp_flood_does_not_lock_out_honest_peers(tmp_path):
     """300 idle TCP connections (no handshake) locked everyone out: py-libp2p held 250 of them for 10 s each."""
     flood_ips = [f"127.0.1.{i}" for i in range(1, 50)] + ["127.0.0.1"]
@@ -407,6 +408,7 @@ async def test_an_invalid_offer_is_neither_kept_nor_handed_on(tmp_path):
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.long
 async def test_a_flood_of_offers_from_fresh_keys_stays_within_the_book(tmp_path):
     """6,000 valid 60 KB offers from fresh keys raised RSS 305 → 695 MiB; offers.get then returned 58 MiB."""
     book = OfferBook()

@@ -24,7 +24,7 @@ from node.payments.policy import job_cost
 
 from .factories import start_gateway
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 TOPICS = ["rivers", "mountains", "markets", "harbours", "libraries", "forests", "bridges", "orchards"]
 

@@ -16,7 +16,7 @@ import trio
 from node.inference.engine import SamplingParams, open_engine
 from node.models.default import DEFAULT_MODEL_CID
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 DEADLINE_S = 90
 

@@ -307,6 +307,7 @@ class SlowRpc:
         self.server.server_close()
 
 
+@pytest.mark.long
 async def test_a_stream_flows_while_another_job_opens_a_channel_on_a_slow_chain(chain, tmp_path):
     """Two jobs share a payer, as the gateway's requests do; the second opens a channel through an RPC proxy
     that delays every call by 2 s. The first job's chunks keep coming, and the event loop never stalls."""

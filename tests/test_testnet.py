@@ -38,6 +38,7 @@ def test_up_status_down_leaves_nothing_running_and_up_works_again(tmp_path):
     assert not any(pid_alive(pid) for pid in again.pids.values())
 
 
+@pytest.mark.long
 def test_the_demo_pays_exactly_usage_times_price():
     result = subprocess.run(
         [str(REPO_ROOT / "scripts" / "demo")], capture_output=True, text=True, timeout=600,
@@ -97,6 +98,7 @@ def test_wallet_shows_exact_tokens_and_keeps_base_units_in_json(chain, tmp_path,
     assert (c["deposit"], c["signed"], c["paid"]) == (channel.deposit, 102_000_000_000_000, 0)
 
 
+@pytest.mark.long
 def test_a_paid_worker_killed_mid_stream_is_paid_only_what_it_was_signed(tmp_path):
     import json
     import signal

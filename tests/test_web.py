@@ -23,7 +23,7 @@ from node.payments.escrow import EscrowClient
 
 from .factories import paid_market
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -141,6 +141,7 @@ def test_the_gateway_page_shows_the_market_and_paid_jobs_live(market, browser, s
     assert not errors, errors
 
 
+@pytest.mark.long
 def test_a_workers_page_shows_its_jobs_and_earned_equals_its_balance_change_on_chain(market, browser, shots):
     net, base_url, chain, before = market
     result = ask(base_url, 7)  # one more paid job, so this test stands alone
