@@ -127,7 +127,7 @@ class DeadlineExceeded(JobFailed):
 
 
 class VerificationFailed(NodeError):
-    """A worker's answer failed a check against the model (node/verify.py)."""
+    """A worker's answer failed a check against the model (node/verify/)."""
 
 
 class ApiError(NodeError):

@@ -1,4 +1,4 @@
-"""Which addresses a node advertises and dials (node.addresses, Host.dial); issue 10, item 1."""
+"""Which addresses a node advertises and dials (node.net.addresses, Host.dial); issue 10, item 1."""
 
 from __future__ import annotations
 

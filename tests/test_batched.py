@@ -1,7 +1,7 @@
 """The batched engine (node/inference/batched.py) with the real model: jobs of different lengths joining at different
 times, cancellation mid-batch, per-sequence sampling, a long prompt admitted while others decode, prompt
 prefixes found in a sequence's cache (its own or another's) instead of computed again. Every answer
-must pass verification against the model (node/verify.py, a one-thread per-slot verifier): greedy answers are
+must pass verification against the model (node/verify/local.py, a one-thread per-slot verifier): greedy answers are
 the argmax at each token up to near-ties, sampled ones the seeded draws of their own parameters. Bitwise
 equality with a solo run is not asserted: a prompt prefilled beside other sequences is computed in other
 ubatch shapes, and whether the floats then agree depends on the CPU (docs/benchmarks.md)."""
@@ -64,7 +64,7 @@ async def engines(default_model_file):
 
 
 async def honest(verifier, messages, params: SamplingParams, done) -> None:
-    """``done`` is an honest answer to (messages, params), as node/verify.py judges it."""
+    """``done`` is an honest answer to (messages, params), as node/verify/judge.py judges it."""
     fields = dataclasses.asdict(params)
     fields["stop"] = list(fields["stop"])
     verdict = await verify.check(

@@ -363,7 +363,7 @@ def test_schema_problems_are_found_anywhere():
 
 
 def test_sampling_is_a_leaf_module():
-    """The requester, gateway and CLI import node.sampling without llama.cpp, the hardware probe or web3."""
+    """The requester, gateway and CLI import node.inference.sampling without llama.cpp, the hardware probe or web3."""
     heavy = ("node.inference.engine", "node.inference.hardware", "llama_cpp", "web3", "numpy", "trio")
     code = f"import sys, node.inference.sampling; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout

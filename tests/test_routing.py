@@ -1,4 +1,4 @@
-"""The routing policy, as specified in node/routing.py."""
+"""The routing policy, as specified in node/market/routing.py."""
 
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ class Gateway:
 
     async def run_audits(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Check finished jobs (``--verify``, ``--spot-check``) one at a time, after their answers were sent,
-        so a check never delays a client; a failed one bans the worker and is reported (node/fraud.py)."""
+        so a check never delays a client; a failed one bans the worker and is reported (node/verify/fraud.py)."""
         task_status.started()
         async for result, spec, row in self._audits:
             try:
@@ -178,7 +178,7 @@ class Gateway:
                 await self._json(send_tracked, api.status, api.body())
 
     async def _route(self, method: str, path: str, scope, receive, send) -> None:
-        if self.dashboard.owns(path):  # the web page and its API (node.dashboard), which check the key themselves
+        if self.dashboard.owns(path):  # the web page and its API (node.api.dashboard), which check the key themselves
             await self.dashboard.handle(scope, receive, send)
             return
         if path != "/health" and not authorized(scope, self.api_key):

@@ -3,7 +3,7 @@
 One job is one stream. The requester sends a ``JobRequest`` and keeps its side
 open; the worker answers ``JobRejected`` (busy, unknown model, price,
 malformed) or ``JobAccepted``, then ``JobChunk``s as tokens come, then
-``JobDone`` with the answer's fingerprints (node/fingerprints.py) and a signed
+``JobDone`` with the answer's fingerprints (node/inference/fingerprints.py) and a signed
 ``ResultReceipt`` that commits to them (or ``JobError``). Either side
 cancels: the requester by sending ``JobCancel`` or just going away (the worker
 stops generating at the next token and frees the slot); the worker by ending

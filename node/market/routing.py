@@ -155,7 +155,7 @@ class Reputation:
             setattr(rec, name, _smooth(getattr(rec, name), min(float(value), high)))
 
     def valued(self, peer: str) -> bool:
-        """Whether ``peer`` has done a job for us (its offers are kept before strangers', node.offers)."""
+        """Whether ``peer`` has done a job for us (its offers are kept before strangers', node.market.offers)."""
         rec = self.peers.get(peer)
         return rec is not None and rec.successes > 0
 

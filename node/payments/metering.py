@@ -1,6 +1,6 @@
 """The worker's side of payment: a meter per job.
 
-``WorkerService`` (node/jobs.py) knows nothing of chains. For every request it
+``WorkerService`` (node/market/jobs.py) knows nothing of chains. For every request it
 asks its ``Metering`` to ``admit`` it, which returns a ``JobMeter`` or raises
 ``PaymentRefused`` (the rejection is sent to the requester). While the job
 streams, the service hands the meter every payment message the requester
@@ -21,7 +21,7 @@ Two meters exist:
 
 The credit window. The prompt is paid first: once the worker has evaluated
 the prompt it announces the prompt's exact size (a chunk with no text, see
-node/jobs.py), and the requester signs for it, after checking the count
+node/market/jobs.py), and the requester signs for it, after checking the count
 against a bound it computed from the prompt's bytes. From then on the worker
 streams at most ``credit_window`` base units ahead of the last receipt, so a
 requester that stops paying gets at most a window of text for free, and a

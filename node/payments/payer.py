@@ -1,6 +1,6 @@
 """The requester's side of payment: a payer that pays each attempt of a job.
 
-``run_job`` (node/requester.py) knows nothing of chains. For every attempt on
+``run_job`` (node/market/requester.py) knows nothing of chains. For every attempt on
 a worker it asks its ``Payer`` for a ``JobPayment`` (``async with
 payer.pay(offer, request) as payment``); the payment's ``request`` is what is
 sent (with payment terms attached, for a paid worker). While the answer

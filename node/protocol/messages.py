@@ -31,7 +31,7 @@ class Offer(Message):
     peer_id: str
     addrs: list[str]
     payee: str  # Ethereum address that is paid, "" if none
-    binding: bytes  # the payee key's signature over the peer id (node.identity)
+    binding: bytes  # the payee key's signature over the peer id (node.net.identity)
     models: list[ModelInfo]
     price_per_1k: int  # token base units per 1,000 tokens (prompt + completion); 0 = free
     chain_id: int  # 0 = no chain (free worker)
@@ -46,7 +46,7 @@ class Offer(Message):
     expires_at: float  # unix seconds
     signature: bytes = b""  # the peer's libp2p key over the offer with signature=b""
     # The same request gives byte-identical tokens whatever ran before (cache, slot, other jobs): a CPU
-    # worker's engine guarantees it (node/engine.py); a GPU's kernels are not known to, so it says False.
+    # worker's engine guarantees it (node/inference/); a GPU's kernels are not known to, so it says False.
     reproducible: bool = False
     verify_price_per_1k: int = 0  # what a verification job costs per 1,000 tokens (prompt + answer checked)
 
@@ -159,8 +159,8 @@ class ResultReceipt:
     completion_tokens: int
     worker: str  # peer id
     signature: bytes = b""
-    fingerprints_hash: bytes = b""  # sha256 of JobDone.fingerprints (node/fingerprints.py), b"" if none
-    numerics: str = ""  # the worker's class of exact numerics (node/engine.py ``_numerics``), "" if none
+    fingerprints_hash: bytes = b""  # sha256 of JobDone.fingerprints (node/inference/fingerprints.py), b"" if none
+    numerics: str = ""  # the worker's class of exact numerics (node/inference/numerics.py ``probe_numerics``), "" if none
 
 
 @message("job.done/1")
@@ -169,7 +169,7 @@ class JobDone(Message):
     job_id: str
     finish_reason: str
     receipt: ResultReceipt
-    fingerprints: bytes = b""  # 15 bytes per sampled token (node/fingerprints.py): what a verifier checks
+    fingerprints: bytes = b""  # 15 bytes per sampled token (node/inference/fingerprints.py): what a verifier checks
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class CheckTask:
 @dataclass(frozen=True)
 class SignedVerdict:
     """A verifier's verdict, as it signed it: the verification job's request, the verdict (JSON, the job's
-    output text) and the verifier's result receipt over both (node/verify.py)."""
+    output text) and the verifier's result receipt over both (node/verify/)."""
 
     request: JobRequest
     text: str
@@ -195,7 +195,7 @@ class SignedVerdict:
 @dataclass(frozen=True)
 class FraudReport(Message):
     """Gossiped on ``llmarket/fraud/1`` when a check fails: the accused worker's signed answer and the
-    verdicts against it. Every node re-checks it before acting (node/fraud.py)."""
+    verdicts against it. Every node re-checks it before acting (node/verify/fraud.py)."""
 
     original: JobRequest
     text: str

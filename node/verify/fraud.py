@@ -19,7 +19,7 @@ What a node does with a report that passes those checks (``FraudWatch``):
   that signed a failing verdict against a worker counts once (the reporter's
   own word counts for nothing: it could be anyone). From ``HINT_QUORUM``
   distinct verifiers on, each new one counts as one failure in routing (a
-  short backoff ban, node/routing.py), never the long ban: a few colluding
+  short backoff ban, node/market/routing.py), never the long ban: a few colluding
   verifiers can make a worker less likely to be picked for a while, not
   exclude it.
 
