@@ -160,7 +160,7 @@ class ResultReceipt:
     worker: str  # peer id
     signature: bytes = b""
     fingerprints_hash: bytes = b""  # sha256 of JobDone.fingerprints (node/inference/fingerprints.py), b"" if none
-    numerics: str = ""  # the worker's class of exact numerics (node/inference/numerics.py ``probe_numerics``), "" if none
+    numerics: str = ""  # the worker's class of exact numerics (node/inference/numerics.py), "" if none
 
 
 @message("job.done/1")
