@@ -222,7 +222,9 @@ def start_gateway(net, data_dir, *extra: str):
         sys.executable, "-m", "node", "--data-dir", str(data_dir), "gateway", "--listen", "127.0.0.1:0",
         "--spot-check", "0",  # no random verification jobs: tests count what is paid
         "--bootstrap", net.workers[0]["multiaddr"], "--max-price", str(max(w["price"] for w in net.workers)),
-        "--rpc-url", net.rpc_url, "--deployments", net.deployments, "--insecure-dev-key", *extra,
+        "--rpc-url", net.rpc_url, "--deployments", net.deployments, "--insecure-dev-key",
+        "--no-mdns",  # this testnet's market only, never another test's nodes found on the LAN
+        *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline().strip()

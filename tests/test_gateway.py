@@ -187,12 +187,13 @@ def test_eight_concurrent_streams_across_two_paid_workers_reconcile(market, tmp_
     finally:
         gateway.terminate()
         gateway.wait()
-    subprocess.run(
+    close = subprocess.run(
         [sys.executable, "-m", "node", "--data-dir", str(requester_dir), "wallet", "close",
          "--bootstrap", net.workers[0]["multiaddr"], "--rpc-url", net.rpc_url, "--deployments", net.deployments,
-         "--insecure-dev-key"],
-        check=True, capture_output=True, timeout=120,
+         "--insecure-dev-key", "--no-mdns"],
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+    assert close.returncode == 0, close.stdout + close.stderr
     earned = sum(chain.token_balance(w["address"]) for w in net.workers) - workers_before
     assert spend > 0 and earned == spend == 100 * 10**18 - chain.token_balance(account.address)
 
