@@ -197,6 +197,15 @@ class Caught:
         )
 
 
+def reason_kind(reason: str) -> str:
+    """A verdict's reason without its token position, numbers and tolerance, to count failed checks by kind:
+    "token 7: a logit is off by 3.10 (at most 2.0)" -> "a logit is off by #"; the exact regime's reason keeps
+    its "where this machine's numerics … reproduce every logit exactly"."""
+    text = re.sub(r"^token \d+: ", "", reason)
+    text = re.split(r"[(;]", text)[0].strip()
+    return re.sub(r"\d+(\.\d+)?", "#", text)
+
+
 async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: int) -> Caught:
     """``jobs`` checked answers of at least 32 tokens from the cheater ``cheat`` (a name in ``CHEATS``)."""
     path = model_file
@@ -227,6 +236,6 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
                 tally.caught += not verdict.ok
                 if verdict.ok:
                     tally.passed.append(f"temperature {params.temperature}, {verdict}")
-                key = re.sub(r"[\d.]+", "#", verdict.reason.split(":")[0]) if verdict.reason else "passed"
+                key = reason_kind(verdict.reason) if verdict.reason else "passed"
                 tally.reasons[key] = tally.reasons.get(key, 0) + 1
     return tally
