@@ -288,8 +288,10 @@ async def test_chain_reads_wait_for_the_clients_limiter_and_a_reload_storm_reads
             return self.balance
 
     client = SlowClient("0xW", 7, io_limit=1)
+    ledger = WorkerLedger(tmp_path / "w.db")
+    ledger.all()  # made once, as a running worker's is: a new SQLite file's first opens can race (WAL switch)
     app = DashboardApp(Dashboard("worker", market.host, Activity(), lambda: [],
-                                 payments=WorkerPayments(client, WorkerLedger(tmp_path / "w.db"))))  # fmt: skip
+                                 payments=WorkerPayments(client, ledger)))  # fmt: skip
     answers = []
 
     async def page() -> None:
