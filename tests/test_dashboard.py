@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import trio
+import trio.testing
 
 from node.api.dashboard import WEB_DIR, Dashboard, DashboardApp, RequesterPayments, WorkerInfo, WorkerPayments
 from node.market.activity import BUCKET_S, CANCELLED, DONE, FAILED, FEED_BUFFER, REJECTED, REQUESTED, SERVED, Activity
@@ -302,8 +303,8 @@ async def test_chain_reads_wait_for_the_clients_limiter_and_a_reload_storm_reads
             async with client.io.limiter:  # the node's own chain call holds the only thread
                 for _ in range(8):
                     nursery.start_soon(page)
-                await trio.sleep(0.3)
-                assert reads == [] and answers == []  # every page waits for the thread
+                await trio.testing.wait_all_tasks_blocked()  # every page is waiting on the lock or the limiter
+                assert reads == [] and answers == []
     assert reads == ["0xW"] and answers == ["7"] * 8
 
 
