@@ -157,6 +157,7 @@ NAN, INF = float("nan"), float("inf")
         ({"models": [ModelInfo(MODEL, "m" * 300, 2048)]}, "a model's name is longer than 256"),
         ({"hardware": "h" * 2000}, "hardware is longer than 1024"),
         ({"version": "v" * 200}, "version is longer than 128"),
+        ({"numerics": "n" * 65}, "numerics is longer than 64"),
         ({"escrow": "not an address"}, "escrow is not an Ethereum address"),
     ],
 )

@@ -205,3 +205,25 @@ def test_the_fake_fast_worker_of_the_hostile_tests_is_not_first():
         rep.success(o.peer_id)
         rep.observe(o.peer_id, tokens_per_s=o.tokens_per_s, first_token_ms=150.0)
     assert peers(rank([fake, *honest], q, rep, NOW))[-1] == "a-fake"
+
+
+def test_exact_checkable_workers_rank_first():
+    """The checking regime orders before price and free slots: the requester's own class of exact numerics,
+    then any other exact class, then the noisy workers; ``exact_first=False`` gives today's order."""
+    rep = Reputation()
+    market = [
+        offer("noisy-cheap", price_per_1k=1),
+        offer("other-class", price_per_1k=5, numerics="b" * 16),
+        offer("our-class-full", price_per_1k=9, numerics="a" * 16, slots_free=0),
+        offer("our-class", price_per_1k=9, numerics="a" * 16),
+    ]
+    q = RouteQuery(model=MODEL, numerics="a" * 16)
+    assert peers(rank(market, q, rep, NOW)) == ["our-class", "our-class-full", "other-class", "noisy-cheap"]
+    # a requester with no class of its own: every exact claim before the noisy ones
+    assert peers(rank(market, RouteQuery(model=MODEL), rep, NOW)) == [
+        "other-class", "our-class", "our-class-full", "noisy-cheap"
+    ]  # fmt: skip
+    assert peers(rank(market, dataclasses.replace(q, exact_first=False), rep, NOW))[0] == "noisy-cheap"
+    # the regime orders, it never filters: a market of noisy workers is served as before
+    noisy = [o for o in market if not o.numerics]
+    assert peers(rank(noisy, q, rep, NOW)) == ["noisy-cheap"]

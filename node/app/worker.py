@@ -144,6 +144,7 @@ async def serve(
                         expires_at=expires_at,
                         reproducible=engine.reproducible,
                         verify_price_per_1k=verify_price,
+                        numerics=engine.numerics,
                     ),
                 )
 

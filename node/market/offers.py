@@ -101,6 +101,7 @@ FIELD_CHARS = {
     "cid": 128,
     "name": 256,
     "quantization": 32,
+    "numerics": 64,
 }
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
@@ -161,7 +162,7 @@ def field_problem(offer: Offer, now: float) -> str | None:
                 return problem
         if problem := _number_problem("a model's context_size", model.context_size, 1, MAX_CONTEXT_SIZE):
             return problem
-    for name in ("peer_id", "payee", "escrow", "binding", "signature", "hardware", "version"):
+    for name in ("peer_id", "payee", "escrow", "binding", "signature", "hardware", "version", "numerics"):
         if problem := _too_long(name, getattr(offer, name)):
             return problem
     for name in ("payee", "escrow"):

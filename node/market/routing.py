@@ -11,7 +11,17 @@ Filters (an offer is out if any fails):
   refused outright while ``free_only``); the peer is not banned; with a pinned
   peer, it is that peer.
 
-Free slots order, they do not filter: every offer with a free slot comes before
+The checking regime orders first (with ``RouteQuery.exact_first``, the default):
+an offer whose ``numerics`` is the requester's own class (``RouteQuery.numerics``:
+the requester can check its answers exactly here) comes before one that claims
+some other class of exact numerics (a verifier of that class checks it exactly),
+which comes before a noisy one (no claim: only the loose tolerances apply, so
+small cheats hide in honest noise; docs/verification.md). A claim costs a cheater
+nothing to make but binds it: its receipts carry it, and a verifier of the class
+then allows no difference at all. Spot checks order their verifiers the same way,
+with the worker's claimed class as ``numerics`` (node/verify/spot.py).
+
+Free slots order next, they do not filter: every offer with a free slot comes before
 every offer without one. An offer can be a second old (workers re-advertise at
 most once a second), so a worker that just finished a job still shows as full;
 if a "full" worker is tried and really is busy, it says so and the next one is
@@ -74,6 +84,8 @@ class RouteQuery:
     escrow: str = ""
     pinned_peer: str | None = None
     free_only: bool = False
+    numerics: str = ""  # the requester's own class of exact numerics (its verifier's), "" if it has none
+    exact_first: bool = True  # exact-checkable offers before noisy ones (``regime``)
 
 
 @dataclass
@@ -191,6 +203,17 @@ def exclusion(offer: Offer, query: RouteQuery, reputation: Reputation, now: floa
     return None
 
 
+REGIME_HERE, REGIME_EXACT, REGIME_NOISY = 0, 1, 2
+
+
+def regime(offer: Offer, query: RouteQuery) -> int:
+    """How exactly ``offer``'s answers can be checked: ``REGIME_HERE`` (in the requester's own class of exact
+    numerics), ``REGIME_EXACT`` (in another class: by a verifier of that class) or ``REGIME_NOISY`` (no claim)."""
+    if not offer.numerics:
+        return REGIME_NOISY
+    return REGIME_HERE if offer.numerics == query.numerics else REGIME_EXACT
+
+
 def _scaled(values: list[float]) -> list[float]:
     low, high = min(values), max(values)
     span = high - low
@@ -239,8 +262,10 @@ def rank(
     unreliability = _scaled(
         [1.0 - ((r.successes + 1) / (r.successes + r.failures + 2) if r is not None else 0.5) for r in records]
     )
+    exact_first = query.exact_first
     keyed = [
         (
+            regime(o, query) if exact_first else REGIME_NOISY,
             o.slots_free <= 0,
             WEIGHT_PRICE * p + WEIGHT_LATENCY * lat + WEIGHT_SPEED * slow + WEIGHT_RELIABILITY * unrel,
             o.peer_id,
@@ -251,7 +276,7 @@ def rank(
         )
     ]
     best = heapq.nsmallest(limit, keyed) if limit is not None and limit < len(keyed) else sorted(keyed)
-    return [candidates[i] for _, _, _, i in best]
+    return [candidates[i] for *_, i in best]
 
 
 def _fill_absent(values: list[float | None]) -> list[float]:

@@ -44,6 +44,7 @@ from libp2p.peer.id import ID
 from node.errors import InvalidRequest, PaymentError, WireError
 from node.market.jobs import check_result_receipt, request_hash
 from node.market.routing import Reputation, RouteQuery
+from node.market.trust import Trust
 from node.net.host import Host
 from node.net.identity import Identity, verify_peer_signature
 from node.payments.payer import Payer
@@ -51,7 +52,7 @@ from node.protocol.messages import FraudReport, SignedVerdict
 from node.protocol.wire import decode, encode, pack
 from node.verify.judge import Verdict, read_verdict
 from node.verify.local import LocalVerifier, examine_answer
-from node.verify.spot import SpotCheck, spot_check
+from node.verify.spot import NoChecker, SpotCheck, spot_check
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +256,16 @@ async def audit(
     payer: Payer | None = None,
     query: RouteQuery | None = None,
     draw: Callable[[], float] = random.random,
+    trust: Trust | None = None,
 ) -> Audit:
     """Check ``result`` (a ``JobResult`` from ``requester``) as asked, and act on a failed check.
 
-    Our own check (``verifier``) is made always; a spot check by another worker with probability
-    ``spot_check_probability``. A failed check bans the worker (``CHEATER_BAN_S``: no more jobs, so no more
-    receipts signed to it) and publishes a fraud report. When our own check passes an answer that a spot
-    check failed, the verifier lied: it is banned instead.
+    Our own check (``verifier``) is made always. A spot check by another worker is made with probability
+    ``spot_check_probability``; with ``trust`` (node/market/trust.py), with the probability it gives the
+    worker for that base instead (a stranger's first jobs are always checked, then less as checks pass),
+    unless our own check was made. Every verdict is recorded in ``trust``. A failed check bans the worker
+    (``CHEATER_BAN_S``: no more jobs, so no more receipts signed to it) and publishes a fraud report. When our
+    own check passes an answer that a spot check failed, the verifier lied: it is banned instead.
     """
     checks = Audit()
     if verifier is not None:
@@ -269,22 +273,31 @@ async def audit(
             checks.local = await verifier.check_result(result)
         except InvalidRequest as err:  # ContextTooLong included: the answer does not fit the local context
             checks.notes.append(f"not checked here: {err}")
-    if spot_check_probability > 0 and draw() < spot_check_probability:
+    proof = result.proof
+    probability = spot_check_probability
+    if trust is not None and checks.local is None and proof is not None:
+        probability = trust.spot_probability(proof.worker, probability, exact=bool(proof.done.receipt.numerics))
+    if probability > 0 and draw() < probability:
         try:
             checks.spot = await spot_check(requester.host, requester.offers, result,
                                            reputation=requester.reputation, payer=payer, query=query)  # fmt: skip
-        except PaymentError as err:
+        except (PaymentError, NoChecker) as err:
             checks.notes.append(f"no spot check: {err}")
         else:
             if checks.spot is None:
-                checks.notes.append("no spot check: no other worker could check the answer")
+                checks.notes.append("no spot check: the answer carries no fingerprints to check")
     verdict, now = checks.verdict, time.time()
     if checks.local is not None and checks.local.ok and checks.spot is not None and not checks.spot.verdict.ok:
         log.info("spot check by %s… failed an answer our own check passed: banning it", checks.spot.verifier[:12])
         requester.reputation.ban(checks.spot.verifier, now, CHEATER_BAN_S)
-    if verdict is None or verdict.ok:
+    if verdict is None:
         return checks
-    proof = result.proof
+    if verdict.ok:
+        if trust is not None:
+            trust.passed(proof.worker)
+        return checks
+    if trust is not None:
+        trust.failed(proof.worker)
     requester.reputation.ban(proof.worker, now, CHEATER_BAN_S)
     against = [checks.spot.signed] if checks.spot is not None and not checks.spot.verdict.ok else []
     await requester.fraud.publish(make_report(requester.host.identity, proof, against))
