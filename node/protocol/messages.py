@@ -49,6 +49,9 @@ class Offer(Message):
     # worker's engine guarantees it (node/inference/); a GPU's kernels are not known to, so it says False.
     reproducible: bool = False
     verify_price_per_1k: int = 0  # what a verification job costs per 1,000 tokens (prompt + answer checked)
+    # The worker's class of exact numerics (``Engine.numerics``, node/inference/numerics.py), "" if none: its
+    # receipts claim it, so a verifier of that class checks its answers exactly (routing prefers it).
+    numerics: str = ""
 
 
 @message("offers.get/1")
