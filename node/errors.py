@@ -70,7 +70,14 @@ class ContractReverted(PaymentError):
 
 
 class Overcharge(PaymentError):
-    """A worker asked to be paid for more than the job can have used (more prompt or completion tokens)."""
+    """A worker asked to be paid for more than the job can have used (more prompt or completion tokens).
+
+    ``kept`` is the part of its answer that checked out and was paid for (text, tokens), when the payer could
+    tell; a job continues after it on another worker."""
+
+    def __init__(self, message: str, *, kept: tuple[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.kept = kept
 
 
 class PaymentRefused(PaymentError):

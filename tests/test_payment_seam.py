@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -294,3 +295,127 @@ async def test_channels_are_opened_one_at_a_time(tmp_path):
 
                 nursery.start_soon(job)
     assert len(wallet.client.opened) == 4 and wallet.client.most_at_once == 1
+
+
+# ------------------------------------------------- paying what the model's tokenizer can check
+
+
+class FakeTokenizer:
+    """A tokenizer of one byte per token (id = the byte), 0 ending generation; a prompt is a token per word."""
+
+    def count_sync(self, request: JobRequest) -> int:
+        return len(request.prompt.split())
+
+    def is_eog(self, token: int) -> bool:
+        return token == 0
+
+    def answer_bytes(self, tokens) -> bytes:
+        return bytes(t for t in tokens if t != 0)
+
+
+def records(text: str, *, eog: bool = False) -> bytes:
+    from node.inference.fingerprints import pack
+
+    tokens = list(text.encode()) + ([0] if eog else [])
+    n = len(tokens)
+    return pack(tokens, tokens, tokens, [1.0] * n, [0.5] * n, [1.0] * n)
+
+
+def chunk(text: str, prompt_tokens: int, *, tokens: int | None = None, eog_after: str = "") -> JobChunk:
+    """A worker's chunk of ``text``, one record per byte (and an end-of-generation record, then ``eog_after``)."""
+    fingerprints = records(text, eog=bool(eog_after)) + (records(eog_after) if eog_after else b"")
+    count = len(text) + (len(eog_after) + 1 if eog_after else 0)
+    return JobChunk("job", text + eog_after, count if tokens is None else tokens, prompt_tokens, [], fingerprints)
+
+
+def checked_done(text: str, prompt_tokens: int, completion_tokens: int | None = None, *, eog=True) -> JobDone:
+    receipt = ResultReceipt("job", MODEL, b"", b"", prompt_tokens, len(text) if completion_tokens is None
+                            else completion_tokens, "w")  # fmt: skip
+    return JobDone("job", "stop" if eog else "length", receipt, records(text, eog=eog))
+
+
+@asynccontextmanager
+async def checked_payment(tmp_path, prompt_words: int = 300, max_tokens: int = 200):
+    from node.payments.usage import CheckedUsage
+
+    async def usage(offer, request):
+        return CheckedUsage(FakeTokenizer(), FakeTokenizer().count_sync(request))
+
+    sent: list[PayReceipt] = []
+
+    async def send(message):
+        sent.append(message)
+
+    request = JobRequest("job", MODEL, {"max_tokens": max_tokens}, prompt="word " * prompt_words)
+    async with WalletPayer(FakeWallet(tmp_path), usage=usage).pay(paid_offer(), request) as payment:
+        yield payment, send, sent
+
+
+async def test_with_the_tokenizer_an_honest_answer_is_paid_exactly_as_its_records_arrive(tmp_path):
+    async with checked_payment(tmp_path) as (payment, send, sent):
+        await payment.on_chunk(send, chunk("", 300))
+        assert int(sent[-1].cumulative) == job_cost(300, 0, PRICE)
+        answer = "a plain answer, " * 8
+        for i in range(0, len(answer), 4):
+            await payment.on_chunk(send, chunk(answer[i : i + 4], 300))
+        assert int(sent[-1].cumulative) <= job_cost(300, len(answer), PRICE)
+        await payment.on_done(send, checked_done(answer, 300))
+        assert int(sent[-1].cumulative) == job_cost(300, len(answer), PRICE) == payment.spent
+
+
+@pytest.mark.parametrize("claimed", [301, 390, 2_000])  # one more, 30% more, and what the byte bound allowed
+async def test_a_worker_claiming_more_prompt_tokens_is_paid_the_true_count_and_dropped(tmp_path, claimed):
+    async with checked_payment(tmp_path) as (payment, send, sent):
+        with pytest.raises(Overcharge, match=f"claims {claimed} prompt tokens; the model's tokenizer gives 300"):
+            await payment.on_chunk(send, chunk("", claimed))
+        assert payment.spent == job_cost(300, 0, PRICE)
+
+
+async def test_a_chunk_billing_more_tokens_than_its_records_is_paid_only_its_records(tmp_path):
+    async with checked_payment(tmp_path) as (payment, send, sent):
+        await payment.on_chunk(send, chunk("", 300))
+        await payment.on_chunk(send, chunk("honest", 300))
+        with pytest.raises(Overcharge, match="bills 13 tokens with 10 fingerprint records") as caught:
+            await payment.on_chunk(send, chunk(" text more", 300, tokens=13))  # 30% more
+        assert payment.spent == job_cost(300, 6, PRICE)
+        assert caught.value.kept == ("honest", 6)
+
+
+async def test_an_answer_that_goes_on_after_end_of_generation_is_paid_up_to_it(tmp_path):
+    async with checked_payment(tmp_path) as (payment, send, sent):
+        await payment.on_chunk(send, chunk("", 300))
+        await payment.on_chunk(send, chunk("The answer", 300))
+        with pytest.raises(Overcharge, match="goes on after the model's end-of-generation") as caught:
+            await payment.on_chunk(send, chunk(" is 4.", 300, eog_after=" And then some padding"))
+        assert caught.value.kept == ("The answer is 4.", 16)
+        assert payment.spent == job_cost(300, 16, PRICE)
+
+
+async def test_a_final_receipt_that_bills_more_than_its_records_is_paid_for_the_records(tmp_path):
+    async with checked_payment(tmp_path) as (payment, send, sent):
+        await payment.on_chunk(send, chunk("", 300))
+        await payment.on_chunk(send, chunk("forty characters of a well-made answer..", 300))
+        with pytest.raises(Overcharge, match="bills 52 completion tokens; its records hold 40"):
+            await payment.on_done(send, checked_done("forty characters of a well-made answer..", 300, 52))
+        assert payment.spent == job_cost(300, 40, PRICE)
+        with pytest.raises(Overcharge, match="claims 301 prompt tokens"):
+            await payment.on_done(send, checked_done("forty characters of a well-made answer..", 301))
+        assert payment.spent == job_cost(300, 40, PRICE)
+
+
+async def test_text_that_the_records_do_not_spell_is_not_paid(tmp_path):
+    async with checked_payment(tmp_path) as (payment, send, sent):
+        await payment.on_chunk(send, chunk("", 300))
+        forged = JobChunk("job", "other words", 11, 300, [], records("eleven char"))
+        with pytest.raises(Overcharge, match="not what the records' tokens spell"):
+            await payment.on_chunk(send, forged)
+        assert payment.spent == job_cost(300, 0, PRICE)
+
+
+async def test_false_finish_reasons_are_refused(tmp_path):
+    async with checked_payment(tmp_path, max_tokens=200) as (payment, send, sent):
+        await payment.on_chunk(send, chunk("", 300))
+        await payment.on_chunk(send, chunk("cut short", 300))
+        with pytest.raises(Overcharge, match="finish 'length' after 9 of max_tokens 200"):
+            await payment.on_done(send, checked_done("cut short", 300, eog=False))
+        assert payment.spent == job_cost(300, 9, PRICE)

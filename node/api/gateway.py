@@ -37,12 +37,13 @@ from node.api.openai_api import (
     parse_request,
     usage_chunk_json,
 )
-from node.app.requester import RequesterNode
+from node.app.requester import RequesterNode, VerifyBeforePaying, report_overcharges
 from node.errors import ApiError
 from node.inference.sampling import TokenLogprob
 from node.market.activity import CANCELLED, DONE, FAILED, REQUESTED, Activity, JobRecord
 from node.market.requester import JobObserver, JobResult, JobSpec, run_job
 from node.market.routing import Reputation, RouteQuery
+from node.market.trust import Trust
 from node.payments.payer import FreePayer, WalletPayer
 from node.verify.fraud import audit
 from node.verify.local import LocalVerifier
@@ -117,7 +118,15 @@ class Gateway:
         # Remember workers across requests with the node's reputation (its offer book keeps the ones that served us).
         self.reputation = getattr(self.requester, "reputation", None) or self.reputation
         # One payer for every request: it decides which channel each job leases (one job per channel).
-        self.payer = WalletPayer(self.wallet) if self.wallet else FreePayer()
+        self.trust: Trust = getattr(self.requester, "trust", None) or Trust()
+        self.payer = (
+            WalletPayer(self.wallet, usage=self.requester.checked_usage, credit=self.trust.credit_tokens)
+            if self.wallet
+            else FreePayer()
+        )
+        # --verify: each answer is checked here before its last receipt is signed (the client's stream ends
+        # after the check: a check delays the end of a response, never its text).
+        self.checker = VerifyBeforePaying(self.verifier) if self.verifier is not None else None
         self._audits_send, self._audits = trio.open_memory_channel(MAX_PENDING_AUDITS)
         self.dashboard = Dashboard(
             "gateway", self.requester.host, self.activity, self.requester.offers, self.reputation,
@@ -134,7 +143,7 @@ class Gateway:
         task_status.started()
         async for result, spec, row in self._audits:
             try:
-                checks = await audit(self.requester, result, verifier=self.verifier, payer=self.payer,
+                checks = await audit(self.requester, result, verifier=self.checker, payer=self.payer, trust=self.trust,
                                      spot_check_probability=self.spot_check, query=self._query(spec))  # fmt: skip
             except Exception as err:  # a check that could not run (a chain error paying the verifier, say)
                 log.warning("could not check job %s: %s", result.proof.request.job_id if result.proof else "?", err)
@@ -254,6 +263,7 @@ class Gateway:
             result = await run_job(
                 self.requester.host, self.requester.offers, self._query(spec), spec, reputation=self.reputation,
                 deadline_s=self.deadline_s, payer=self.payer, observer=heard,
+                gate=self.checker.gate if self.checker is not None else None,
             )  # fmt: skip
         except Exception as err:
             self.activity.ended(row.id, FAILED, detail=str(err) or type(err).__name__)
@@ -262,6 +272,8 @@ class Gateway:
         except BaseException:  # cancelled: the client went away (or the gateway stops)
             self.activity.ended(row.id, CANCELLED, detail="cancelled")
             raise
+        if result.overcharges:  # workers that billed more than they used were banned; tell the market
+            await report_overcharges(self.requester, result)
         decode_s = result.elapsed_s - (result.first_token_s or 0.0)
         rate = (result.completion_tokens - 1) / decode_s if result.completion_tokens > 1 and decode_s > 0 else None
         self.activity.ended(row.id, DONE, detail=result.finish_reason, tokens=result.completion_tokens,

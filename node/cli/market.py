@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from node.api.dashboard import DashboardApp, worker_dashboard
 from node.api.http import bind, serve_asgi
 from node.app.config import WorkerConfig
 from node.app.paid import requester_wallet
-from node.app.requester import model_cid_for_request, open_requester
+from node.app.requester import VerifyBeforePaying, model_cid_for_request, open_requester, report_overcharges
 from node.app.worker import serve
 from node.cli.common import (
     bootstrap_flag,
@@ -260,16 +261,27 @@ def _request(args: argparse.Namespace) -> int:
             requester = await stack.enter_async_context(
                 open_requester(Path(args.data_dir), network=network_config(args))
             )
+            checker = VerifyBeforePaying(verifier) if verifier is not None else None
             if verifier is not None:
                 requester.fraud.engines = verifier.engines  # re-check others' fraud reports too
             await requester.wait_for_model(model, args.discovery_timeout)
-            payer = WalletPayer(wallet) if wallet else None
+            payer = (
+                WalletPayer(wallet, usage=requester.checked_usage, credit=requester.trust.credit_tokens)
+                if wallet
+                else None
+            )
+            routed = query
+            if verifier is not None:  # workers whose answers this machine checks exactly come first
+                routed = dataclasses.replace(query, numerics=next(iter(verifier.engines.values())).batch_numerics)
             result = await run_job(
-                requester.host, requester.offers, query, spec, reputation=requester.reputation,
+                requester.host, requester.offers, routed, spec, reputation=requester.reputation,
                 deadline_s=args.timeout, observer=_Terminal(quiet=args.json), payer=payer,
+                gate=checker.gate if checker is not None else None,  # --verify: the last receipt after the verdict
             )  # fmt: skip
-            checks = await audit(requester, result, verifier=verifier, spot_check_probability=args.spot_check,
-                                 payer=payer, query=query)  # fmt: skip
+            checks = await audit(requester, result, verifier=checker, spot_check_probability=args.spot_check,
+                                 payer=payer, query=query, trust=requester.trust)  # fmt: skip
+            if await report_overcharges(requester, result):
+                checks.reported = True
             if checks.reported:
                 await trio.sleep(REPORT_FLUSH_S)  # let the fraud report leave before the node stops
             return result, requester.host.connection_kind(result.workers[-1]) if result.workers else None, checks
@@ -283,7 +295,8 @@ def _request(args: argparse.Namespace) -> int:
             "workers": result.workers, "connection": connection, "cost": result.cost,
             "elapsed_s": round(result.elapsed_s, 3),
             "first_token_s": None if result.first_token_s is None else round(result.first_token_s, 3),
-            "verification": checks.to_dict(),
+            "verification": checks.to_dict(), "withheld": result.withheld,
+            "overcharged_by": [proof.worker for proof in result.overcharges],
         }, indent=2))  # fmt: skip
     else:
         print()
@@ -303,9 +316,13 @@ def _request(args: argparse.Namespace) -> int:
             print(f"[{note}]", file=sys.stderr)
     if args.verify and checks.local is None and not checks.notes:
         print("[not verified: the worker sent no fingerprints]", file=sys.stderr)
+    if result.overcharges and not args.json:
+        for proof in result.overcharges:
+            print(f"[worker {proof.worker[:16]}… billed more than it used: banned and reported]", file=sys.stderr)
     if verdict is not None and not verdict.ok:
         reported = "; reported to the market" if checks.reported else ""
-        raise VerificationFailed(f"worker {result.proof.worker}: {verdict.reason}{reported}")
+        withheld = "; its last receipt was not signed" if result.withheld else ""
+        raise VerificationFailed(f"worker {result.proof.worker}: {verdict.reason}{withheld}{reported}")
     return 0
 
 

@@ -120,10 +120,12 @@ class Recorder:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def packed(self) -> bytes:
-        if not self._rows:
+    def packed(self, start: int = 0, end: int | None = None) -> bytes:
+        """The records of tokens ``start`` to ``end`` (default: all), packed."""
+        rows = self._rows[start:end]
+        if not rows:
             return b""
-        columns = list(zip(*self._rows, strict=True))
+        columns = list(zip(*rows, strict=True))
         return pack(*columns)
 
 
@@ -155,6 +157,9 @@ class Observations:
     seeded: bool  # the draw was replayed with the job's own seed
     text: str  # the answer's tokens as text, end-of-generation excluded
     ends_on_eog: bool  # the last record is an end-of-generation token
+    eog: np.ndarray  # bool, one per record: the worker's token is an end-of-generation token
+    pick_eog: np.ndarray  # bool: the replayed chain's own pick is an end-of-generation token
+    stop_p: np.ndarray  # the chain's probability of an end-of-generation token here (1/0 for greedy's pick)
 
 
 def evidence(observations: Observations) -> bytes:

@@ -160,6 +160,7 @@ class Delta:
     tokens: int
     prompt_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token in ``tokens`` when params.logprobs is set
+    records: bytes = b""  # the fingerprint records of these ``tokens`` (node/inference/fingerprints.py), if recorded
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,8 @@ class TokenStream:
         self.reason = FINISH_LENGTH  # why the job ended, once ``next`` returned None
 
     def _delta(self, chunk: str) -> Delta:
-        event = Delta(chunk, self.produced - self.reported, self._prompt_tokens, tuple(self._logprobs))
+        records = self._recorder.packed(self.reported, self.produced) if self._record else b""
+        event = Delta(chunk, self.produced - self.reported, self._prompt_tokens, tuple(self._logprobs), records)
         self.reported = self.produced
         self._logprobs.clear()
         return event

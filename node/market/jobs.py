@@ -292,7 +292,7 @@ class WorkerService:
         a chunk with no text first tells the requester what is owed (the
         prompt's size, before the first token), then the pump waits for credit.
         """
-        text, tokens, logprobs, sent_first = "", 0, [], False
+        text, tokens, logprobs, records, sent_first = "", 0, [], b"", False
         prompt_tokens = completion_tokens = 0
         flush_at = math.inf
         async with events:
@@ -304,7 +304,7 @@ class WorkerService:
                     except trio.EndOfChannel:
                         return "ended without a result", None
                 if isinstance(event, Delta):
-                    text, tokens = text + event.text, tokens + event.tokens
+                    text, tokens, records = text + event.text, tokens + event.tokens, records + event.records
                     logprobs += logprobs_to_wire(event.logprobs)
                     prompt_tokens, completion_tokens = event.prompt_tokens, completion_tokens + event.tokens
                     self.activity.progress(row, event.tokens, prompt_tokens=prompt_tokens)
@@ -320,8 +320,8 @@ class WorkerService:
                             detail = "stopped: the requester's receipts fell behind"
                             await send(stream, JobError(request.job_id, detail, ERROR_PAYMENT))
                             return f"stopped after {completion_tokens} tokens: receipts fell behind", None
-                    await send(stream, JobChunk(request.job_id, text, tokens, prompt_tokens, logprobs))
-                    text, tokens, logprobs, sent_first, flush_at = "", 0, [], True, math.inf
+                    await send(stream, JobChunk(request.job_id, text, tokens, prompt_tokens, logprobs, records))
+                    text, tokens, logprobs, records, sent_first, flush_at = "", 0, [], b"", True, math.inf
                 if isinstance(event, Finished):
                     receipt = self._receipt(request, event)
                     await send(stream, JobDone(request.job_id, event.finish_reason, receipt, event.fingerprints))

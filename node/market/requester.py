@@ -24,8 +24,14 @@ through a ``JobObserver``.
 
 Paying is the ``Payer``'s concern (node/payments/payer.py): each attempt runs
 inside ``payer.pay(offer, request)``, and every chunk and the final result
-pass through it. Failures are remembered in the requester's ``Reputation``
-(backoff bans), and successes too, with the speed and latency measured here.
+pass through it. A worker that bills more than it used (``Overcharge``) is
+dropped and banned for ``OVERCHARGE_BAN_S``; when its signed receipt says so,
+the result keeps that receipt as evidence (``JobResult.overcharges``). A
+caller that checks answers itself passes a ``gate``: the final receipt is
+signed only once the gate passed the answer, so a worker whose answer fails
+the check keeps at most what the credit window gave it. Failures are
+remembered in the requester's ``Reputation`` (backoff bans), and successes
+too, with the speed and latency measured here.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -42,6 +48,7 @@ from node.errors import (
     DeadlineExceeded,
     InvalidRequest,
     JobFailed,
+    ModelError,
     NoWorker,
     Overcharge,
     PeerUnreachable,
@@ -110,6 +117,8 @@ class JobResult:
     model: str = ""  # the model's CID
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when params.logprobs is set
     proof: Proof | None = None  # the finishing worker's part, for verification
+    withheld: bool = False  # the gate failed the answer: its final receipt was not signed
+    overcharges: list[Proof] = field(default_factory=list)  # signed answers that billed more than they used
 
 
 @dataclass(frozen=True)
@@ -148,8 +157,11 @@ class _WorkerFailed(Exception):
         self.request_fault = request_fault
         self.logprobs: list[TokenLogprob] = []
         self.paid = 0  # what the requester signed to this worker before it failed
+        self.overcharge = False  # it billed more than it used (banned, not only backed off)
+        self.evidence: Proof | None = None  # its signed answer, when the overcharge is in its receipt
 
 
+OVERCHARGE_BAN_S = 24 * 3600.0  # a worker that billed more than it used gets no more jobs (and no more receipts)
 BUSY_RETRY_S = 0.25  # when every usable worker is busy, ask again after this long (until the deadline)
 REQUEST_FAULT_TRIES = 2  # workers that must call the request bad before the job ends as InvalidRequest
 
@@ -165,6 +177,7 @@ class _Finished:
     spent: int  # signed to the worker for this attempt
     first_token_s: float | None  # from sending the request to the first text
     elapsed_s: float
+    withheld: bool = False  # the gate failed the answer: no final receipt
 
 
 class JobObserver:
@@ -188,6 +201,10 @@ class JobObserver:
     def on_failover(self, peer_id: str, reason: str, started: bool) -> None:
         """Worker ``peer_id`` was dropped for ``reason``; ``started``: it had streamed part of the answer, and
         the next worker continues after it."""
+
+
+#: Decides, before the final receipt is signed, whether a finished answer is paid (``run_job``'s ``gate``).
+Gate = Callable[["Proof"], Awaitable[bool]]
 
 
 class _Timed(JobObserver):
@@ -223,12 +240,16 @@ async def _attempt(
     observer: JobObserver,
     timeouts: Timeouts,
     protocol: str = JOB_PROTOCOL,
+    gate: Gate | None = None,
 ) -> _Finished:
     """Run ``request`` on one worker, paid by ``payer`` at ``offer.price_per_1k``."""
-    async with payer.pay(offer, request) as payment:
-        if payment is None:  # as many of our jobs as it has slots run there already
-            raise _WorkerFailed("busy with our other jobs", penalise=False, busy=True)
-        return await _run_attempt(host, offer, payment, observer, timeouts, protocol)
+    try:
+        async with payer.pay(offer, request) as payment:
+            if payment is None:  # as many of our jobs as it has slots run there already
+                raise _WorkerFailed("busy with our other jobs", penalise=False, busy=True)
+            return await _run_attempt(host, offer, payment, observer, timeouts, protocol, gate)
+    except (ModelError, PeerUnreachable) as err:  # the payer could not get the model's tokenizer to check counts
+        raise _WorkerFailed(f"cannot check what it would bill: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -274,7 +295,13 @@ def _rejection(first: JobRejected) -> _WorkerFailed:
 
 
 async def _run_attempt(
-    host: Host, offer: Offer, payment: JobPayment, observer: JobObserver, timeouts: Timeouts, protocol: str
+    host: Host,
+    offer: Offer,
+    payment: JobPayment,
+    observer: JobObserver,
+    timeouts: Timeouts,
+    protocol: str,
+    gate: Gate | None = None,
 ) -> _Finished:
     request = payment.request
     began, first_text_at = time.perf_counter(), None
@@ -283,6 +310,7 @@ async def _run_attempt(
     except PeerUnreachable as err:
         raise _WorkerFailed(str(err)) from None
     text, tokens, logprobs = "", 0, []
+    done: JobDone | None = None
 
     async def reply(message) -> None:
         await send(stream, message)
@@ -320,11 +348,14 @@ async def _run_attempt(
                 problem = check_result_receipt(msg.receipt, payment.request, text, msg.fingerprints)
                 if problem:
                     raise _WorkerFailed(problem, partial=text, tokens=tokens)
-                await payment.on_done(reply, msg)
+                done = msg
+                pay = gate is None or await gate(Proof(payment.request, done, text))
+                if pay:
+                    await payment.on_done(reply, done)
                 await stream.close()
                 now = time.perf_counter()
                 first = first_text_at - began if first_text_at else None
-                return _Finished(request, msg, text, logprobs, payment.spent, first, now - began)
+                return _Finished(request, done, text, logprobs, payment.spent, first, now - began, withheld=not pay)
             elif isinstance(msg, JobError):
                 # A worker that stopped because our receipts fell behind is not at fault.
                 penalise = msg.reason != ERROR_PAYMENT
@@ -342,8 +373,11 @@ async def _run_attempt(
         raise failure from None
     except Overcharge as err:
         await stream.reset()
-        failure = _WorkerFailed(str(err), partial=text, tokens=tokens)
-        failure.paid, failure.logprobs = payment.spent, logprobs
+        partial, kept = err.kept if err.kept is not None else (text, tokens)  # only what checked out is kept
+        failure = _WorkerFailed(f"overcharge: {err}", partial=partial, tokens=kept)
+        failure.paid, failure.logprobs, failure.overcharge = payment.spent, logprobs[:kept], True
+        if done is not None:  # its signed receipt bills what its records do not hold: evidence for others
+            failure.evidence = Proof(payment.request, done, text)
         raise failure from None
     except _WorkerFailed as failure:
         failure.paid, failure.logprobs = payment.spent, logprobs
@@ -423,6 +457,7 @@ class Failover:
     completion_used: int = 0  # and their tokens
     workers: list[str] = field(default_factory=list)  # every worker that produced part of the text, in order
     cost: int = 0  # signed to workers so far
+    overcharges: list[Proof] = field(default_factory=list)  # signed answers that billed more than they used
     tried: set[str] = field(default_factory=set)
     busy: set[str] = field(default_factory=set)  # tried, and turned us away only because all their slots were in use
     request_faults: list[str] = field(default_factory=list)  # workers' words on what is wrong with the request
@@ -467,6 +502,8 @@ class Failover:
             InvalidRequest: ``REQUEST_FAULT_TRIES`` workers called the request itself bad before any answered.
         """
         self.cost += failure.paid
+        if failure.evidence is not None:
+            self.overcharges.append(failure.evidence)
         if failure.busy:
             self.busy.add(peer_id)
         if failure.partial:
@@ -502,6 +539,8 @@ class Failover:
             model=self.spec.model,
             logprobs=self.logprobs + finished.logprobs,
             proof=Proof(finished.request, done, finished.text),
+            withheld=finished.withheld,
+            overcharges=list(self.overcharges),
         )
 
 
@@ -517,6 +556,7 @@ async def run_job(
     observer: JobObserver | None = None,
     clock: Callable[[], float] = time.time,
     payer: Payer | None = None,
+    gate: Gate | None = None,
 ) -> JobResult:
     """Run ``spec`` on the best workers in ``offers()``, failing over as needed.
 
@@ -524,6 +564,8 @@ async def run_job(
         offers: the live offers (called again after each failure).
         observer: told of each attempt, chunk, piece of text and failover (``JobObserver``).
         payer: pays workers that charge (default: ``FreePayer``; the query must then be free only).
+        gate: checks a finished answer before its final receipt is signed (``--verify``); False withholds it
+            (``JobResult.withheld``), and the caller acts on its own verdict.
 
     Raises:
         InvalidRequest: the request cannot run: it does not fit the model's context, or workers rejected it
@@ -555,9 +597,11 @@ async def run_job(
             began = time.perf_counter()
             timed.on_attempt(offer.peer_id)
             try:
-                finished = await _attempt(host, offer, request, payer, timed, timeouts)
+                finished = await _attempt(host, offer, request, payer, timed, timeouts, gate=gate)
             except _WorkerFailed as failure:
-                if failure.penalise:
+                if failure.overcharge:
+                    reputation.ban(offer.peer_id, clock(), OVERCHARGE_BAN_S)
+                elif failure.penalise:
                     reputation.failure(offer.peer_id, clock())
                 job.failed(offer.peer_id, failure)
                 timed.on_failover(offer.peer_id, str(failure), bool(failure.partial))

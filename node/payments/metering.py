@@ -119,6 +119,9 @@ class EscrowMetering:
     max_credit_window: int  # the most a requester may ask this worker to stream ahead of receipts
     min_time_left_s: float = 1800.0  # a channel must outlive this to be served (claims need time)
     receipt_timeout_s: float = 10.0
+    # For the final receipt: a requester that checks an answer itself (``--verify``) signs it only after the
+    # verdict, which re-runs prompt + answer on its machine. The slot is free meanwhile; only the stream waits.
+    settle_timeout_s: float = 180.0
 
     @property
     def payee(self) -> str:
@@ -201,8 +204,8 @@ class EscrowMeter:
         self._changed = trio.Event()
         return True
 
-    async def _wait_until(self, covered) -> bool:
-        with trio.move_on_after(self.metering.receipt_timeout_s):
+    async def _wait_until(self, covered, timeout_s: float | None = None) -> bool:
+        with trio.move_on_after(self.metering.receipt_timeout_s if timeout_s is None else timeout_s):
             while not covered():
                 await self._changed.wait()
             return True
@@ -212,8 +215,9 @@ class EscrowMeter:
         return await self._wait_until(lambda: self.covers(prompt_tokens, completion_tokens))
 
     async def settle(self, prompt_tokens: int, completion_tokens: int) -> str:
-        """Wait briefly for a receipt of exactly the job's cost, then tell the settler a job was paid."""
+        """Wait for a receipt of exactly the job's cost (``settle_timeout_s``: the requester may check the answer
+        first), then tell the settler a job was paid."""
         final = self.owed(prompt_tokens, completion_tokens)
-        paid = await self._wait_until(lambda: self.receipted >= final)
+        paid = await self._wait_until(lambda: self.receipted >= final, self.metering.settle_timeout_s)
         self.metering.settler.job_done(self.channel.channel_id)
         return "paid" if paid else "final receipt missing"

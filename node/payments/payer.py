@@ -20,9 +20,13 @@ Two payers exist:
   opening a channel on a slow chain never holds up another job's stream.
 
 What is signed, and when (docs/payments.md): the prompt once the worker
-announces its size (checked against a bound computed from the prompt's
-bytes), then generated text as it arrives, a receipt every half window, never
-for text not received; the final receipt is exactly usage × price.
+announces its size, then generated text as it arrives, a receipt every half
+window, never for text not received; the final receipt is exactly usage ×
+price. Every count is checked against the model's own tokenizer when the payer
+has a ``usage`` oracle (node/payments/usage.py; the requester app always
+gives one): the prompt's exact token count, the text's tokens while streaming,
+and the worker's fingerprint records at the end. Without one (tests with
+scripted engines), the prompt is bounded by its bytes only.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from eth_utils import to_checksum_address
 
 from node.errors import Overcharge
 from node.payments.policy import job_cost, prompt_token_bound, worst_case_cost
+from node.payments.usage import CheckedUsage
 from node.protocol.messages import JobChunk, JobDone, JobRequest, Offer, PaymentTerms, PayReceipt
 from node.protocol.wire import Message
 
@@ -46,6 +51,9 @@ if TYPE_CHECKING:  # a requester that pays nobody never imports web3
     from node.payments.wallet import Wallet
 
 Send = Callable[[Message], Awaitable[None]]
+#: The checked usage of a request to an offer's worker (node/payments/usage.py). Raises ``ModelError`` or
+#: ``PeerUnreachable`` when the model's tokenizer cannot be had (from that worker or elsewhere).
+UsageOracle = Callable[[Offer, JobRequest], Awaitable[CheckedUsage]]
 
 CREDIT_TOKENS = 64  # a paid worker may stream this many tokens' worth ahead of the last receipt
 
@@ -112,9 +120,11 @@ class EscrowPayment:
     base: int  # what was signed on the channel before this job
     step: int  # sign again once this much more is owed
     prompt_bound: int
+    checked: CheckedUsage | None = None  # the model's own counts; None: the prompt's byte bound only
     prompt_tokens: int = 0
     completion_tokens: int = 0
     signed: int = 0
+    text: str = ""  # received so far
 
     @property
     def channel_id(self) -> bytes:
@@ -139,6 +149,8 @@ class EscrowPayment:
         await send(PayReceipt(self.request.job_id, str(amount), signature))
 
     async def on_chunk(self, send: Send, chunk: JobChunk) -> None:
+        if self.checked is not None:
+            return await self._on_checked_chunk(send, chunk)
         prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
         self._check_usage(prompt_tokens, self.completion_tokens + chunk.tokens)
         self.prompt_tokens, self.completion_tokens = prompt_tokens, self.completion_tokens + chunk.tokens
@@ -149,8 +161,48 @@ class EscrowPayment:
 
     async def on_done(self, send: Send, done: JobDone) -> None:
         usage = done.receipt
+        if self.checked is not None:
+            problem = self.checked.prompt_problem(usage.prompt_tokens) or self.checked.completion_problem(
+                done, self.text, self.request
+            )
+            if problem:
+                await self._refuse(send, problem)
         self._check_usage(usage.prompt_tokens, usage.completion_tokens)
         await self._sign(send, self.owed(usage.prompt_tokens, usage.completion_tokens))
+
+    # ------------------------------------------------- with the model's tokenizer (node/payments/usage.py)
+
+    def _checked_owed(self) -> int:
+        """What the tokens that check out are worth: the prompt as claimed, at most its exact size, and the
+        answer's tokens whose records spell text received."""
+        assert self.checked is not None
+        prompt = min(self.prompt_tokens, self.checked.prompt_tokens)
+        return self.owed(prompt, self.checked.payable(self.text))
+
+    async def _refuse(self, send: Send, problem: str) -> None:
+        """Pay for what checks out, refuse the rest: an overcharging worker is paid exactly its true usage so
+        far, and the attempt ends (``Overcharge``: the requester bans it)."""
+        owed = self._checked_owed()
+        if owed > self.signed:
+            await self._sign(send, owed)
+        raise Overcharge(problem, kept=self.checked.kept(self.text))
+
+    async def _on_checked_chunk(self, send: Send, chunk: JobChunk) -> None:
+        assert self.checked is not None
+        self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
+        self.completion_tokens += chunk.tokens
+        if problem := self.checked.prompt_problem(self.prompt_tokens):
+            await self._refuse(send, problem)
+        problem = self.checked.take(chunk)  # the records of the tokens billed
+        self.text += chunk.text
+        if problem or (problem := self.checked.text_problem(self.text)):
+            await self._refuse(send, problem)
+        if self.completion_tokens > int(self.request.params.get("max_tokens", 0)):
+            await self._refuse(send, f"worker claims {self.completion_tokens} tokens, more than max_tokens")
+        owed = self._checked_owed()
+        # A chunk with no text is the worker asking for what is owed (the prompt, before its first token).
+        if owed > self.signed and (not chunk.text or owed - self.signed >= self.step):
+            await self._sign(send, owed)
 
 
 @dataclass
@@ -159,6 +211,10 @@ class WalletPayer:
 
     wallet: Wallet
     credit_tokens: int = CREDIT_TOKENS
+    usage: UsageOracle | None = None  # the model's own token counts (node/payments/usage.py)
+    # Per worker: the tokens' worth it may stream ahead of our last receipt (the requester's verified history of
+    # it: node/market/trust.py); ``credit_tokens`` for every worker when None.
+    credit: Callable[[str], int] | None = None
     _leased: dict[bytes, str] = field(default_factory=dict)  # channel id → worker address, in use by a job
     _opening: dict[str, int] = field(default_factory=dict)  # worker address → channels being leased now
     # One channel opening at a time: each takes the account's next permit nonce (and its allowance), so two at
@@ -171,18 +227,21 @@ class WalletPayer:
         if price <= 0:
             yield FreePayment(request)
             return
-        bound = prompt_token_bound(request)
+        checked = await self.usage(offer, request) if self.usage is not None else None
+        bound = checked.prompt_tokens if checked is not None else prompt_token_bound(request)
         needed = worst_case_cost(bound, int(request.params["max_tokens"]), price)
         channel = await self._lease(offer, needed)
         if channel is None:
             yield None
             return
         try:
-            window = max(job_cost(0, self.credit_tokens, price), 1)
+            tokens = self.credit(offer.peer_id) if self.credit is not None else self.credit_tokens
+            window = max(job_cost(0, tokens, price), 1)
             terms = PaymentTerms(channel.channel_id, channel.chain_id, channel.escrow, price, str(window))
             yield EscrowPayment(
                 self.wallet, dataclasses.replace(request, payment=terms), price,
-                base=channel.signed, step=max(window // 2, 1), prompt_bound=bound, signed=channel.signed,
+                base=channel.signed, step=max(window // 2, 1), prompt_bound=bound, checked=checked,
+                signed=channel.signed,
             )  # fmt: skip
         finally:
             self._leased.pop(channel.channel_id, None)
