@@ -148,6 +148,9 @@ class JobChunk(Message):
     tokens: int = 0  # sampled tokens this text took
     prompt_tokens: int = 0  # the job's prompt size (what a paid job is billed for besides the tokens)
     logprobs: list[Logprob] = field(default_factory=list)  # one per token, if params asked for logprobs
+    # The fingerprint records of this chunk's ``tokens`` (15 bytes each, node/inference/fingerprints.py): a
+    # paying requester counts them, so it pays for tokens it can check as they arrive (node/payments/usage.py).
+    fingerprints: bytes = b""
 
 
 @dataclass(frozen=True)
