@@ -146,7 +146,8 @@ async def verification(worker, verifier, prompts: list, tokens: int, runs: int) 
             start = time.perf_counter()
             verdict = await verify.check(
                 verifier, request, done.fingerprints, text=done.text, finish_reason=done.finish_reason,
-                completion_tokens=done.usage.completion_tokens,
+                prompt_tokens=done.usage.prompt_tokens, completion_tokens=done.usage.completion_tokens,
+                numerics=worker.numerics or "cpu",
             )  # fmt: skip
             check.append(time.perf_counter() - start)
             assert verdict.ok, f"an honest answer failed verification: {verdict.reason}"
@@ -273,8 +274,9 @@ def table(r: dict, args: argparse.Namespace) -> list[str]:
 
 # ------------------------------------------------------------------ the calibration (--calibrate)
 
-#: Full sizes: 6 * 100 + 4 * 100 = 1,000 honest checks, 4 * 40 = 160 batched ones, 100 jobs per cheater.
-FULL = {"pairs": 100, "singles": 100, "rounds": 40, "jobs": 100}
+#: Full sizes: 6 * 100 + 4 * 100 = 1,000 honest checks, 4 * 40 = 160 batched ones, 200 of a worker with noisy
+#: logits, 100 jobs per cheater.
+FULL = {"pairs": 100, "singles": 100, "rounds": 40, "noisy": 200, "jobs": 100}
 BEGIN = "<!-- calibration: begin (written by bench/verify.py --calibrate) -->"
 END = "<!-- calibration: end -->"
 
@@ -289,23 +291,26 @@ async def calibrate(scale: float) -> tuple:
         print(honest.summary(), flush=True)
         batched = await calibration.batched_checks(model, rounds=size["rounds"])
         print(batched.summary(), flush=True)
+        noisy = await calibration.noisy_checks(model, jobs=size["noisy"])
+        print(noisy.summary(), flush=True)
         cheats = []
         for cheat in calibration.CHEATS:
             cheats.append(await calibration.cheater_checks(cheat, model, Path(tmp), jobs=size["jobs"]))
             print(cheats[-1].summary(), flush=True)
-    return honest, batched, cheats
+    return honest, batched, noisy, cheats
 
 
-def calibration_markdown(honest, batched, cheats, *, machine: str, minutes: float) -> str:
+def calibration_markdown(honest, batched, noisy, cheats, *, machine: str, minutes: float) -> str:
     rows = ["| workload | checks | flagged | max logit error: median / p99 / max | mean error, max | flips, max "
-            "| surprisal z, max |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
-    for tally in (honest, batched):
+            "(per token) | surprisal z, max |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+    for tally in (honest, batched, noisy):
         errors = sorted(v.max_error for v in tally.verdicts)
         p99 = errors[min(len(errors) - 1, int(0.99 * len(errors)))]
         rows.append(
             f"| {tally.what} | {len(tally.verdicts):,} | **{len(tally.failures)}** | {statistics.median(errors):.2f} "
             f"/ {p99:.2f} / {errors[-1]:.2f} | {max(v.mean_error for v in tally.verdicts):.2f} "
-            f"| {max(v.flips for v in tally.verdicts)} | {max(v.surprise_z for v in tally.verdicts):.2f} |"
+            f"| {max(v.flips for v in tally.verdicts)} ({max(v.flips / max(1, v.tokens) for v in tally.verdicts):.2f}) "
+            f"| {max(v.surprise_z for v in tally.verdicts):.2f} |"
         )
     rows += ["", "| cheater | caught | first failing check |", "|---|---|---|"]
     for tally in cheats:
@@ -326,13 +331,16 @@ def write_between_markers(doc: Path, block: str) -> None:
 
 def run_calibration(args: argparse.Namespace) -> None:
     started = time.monotonic()
-    honest, batched, cheats = trio.run(calibrate, args.scale)
+    honest, batched, noisy, cheats = trio.run(calibrate, args.scale)
     machine = f"{cpu_model()}, {os.cpu_count()} cores"
-    block = calibration_markdown(honest, batched, cheats, machine=machine, minutes=(time.monotonic() - started) / 60)
+    minutes = (time.monotonic() - started) / 60
+    block = calibration_markdown(honest, batched, noisy, cheats, machine=machine, minutes=minutes)
     print(block)
     if not args.no_write:
         write_between_markers(Path(__file__).resolve().parents[1] / "docs" / "verification.md", block)
-    flagged = len(honest.failures) + len(batched.failures) + sum(t.checked - t.caught for t in cheats)
+    flagged = (
+        len(honest.failures) + len(batched.failures) + len(noisy.failures) + sum(t.checked - t.caught for t in cheats)
+    )
     if flagged:
         raise SystemExit(f"bench/verify.py: {flagged} wrong verdicts (see above)")
 

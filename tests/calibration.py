@@ -14,6 +14,7 @@ import dataclasses
 import json
 import random
 import re
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -38,15 +39,18 @@ DOCUMENT = " ".join(
 )
 
 
-def job(i: int, *, long_every: int = 0) -> tuple[list[dict], SamplingParams]:
-    """The i-th of a varied set of jobs: topics, temperatures, penalties, top-k/p, min-p, stops, seeds."""
+def job(i: int, *, long_every: int = 0, max_tokens: int = 40, short: bool = False) -> tuple[list[dict], SamplingParams]:
+    """The i-th of a varied set of jobs: topics, temperatures, penalties, top-k/p, min-p, stops, seeds.
+    ``short``: a question most answers end well before ``max_tokens``."""
     rng = random.Random(i)
-    messages = [{"role": "user", "content": f"Write a detailed paragraph about {TOPICS[i % len(TOPICS)]}."}]
+    topic = TOPICS[i % len(TOPICS)]
+    ask = f"In one short sentence: what is {topic}?" if short else f"Write a detailed paragraph about {topic}."
+    messages = [{"role": "user", "content": ask}]
     if long_every and i % long_every == 0:  # a prompt over one 512-token batch
         messages = [{"role": "system", "content": DOCUMENT}, *messages]
     temperature = [0.0, 0.4, 0.7, 1.0, 1.3][i % 5]
     params = SamplingParams(
-        max_tokens=40,
+        max_tokens=max_tokens,
         temperature=temperature,
         seed=rng.randrange(2**31) if temperature else None,
         top_k=rng.choice([40, 0, 10]),
@@ -71,12 +75,21 @@ async def answer(engine, messages, params):
     return done
 
 
+def claim(worker) -> str:
+    """The numerics ``worker``'s receipts name: its own, and "cpu" for a real CPU engine that claims none (a
+    path that is not bit-identical: several threads, a K-quant, a shared batch), as docs/verification.md
+    asks engines to; cheaters and simulated noisy workers claim what they say."""
+    numerics = getattr(worker, "numerics", "")
+    return numerics or ("cpu" if getattr(worker, "gpu_layers", None) == 0 else "")
+
+
 async def check(verifier, messages, params, done, worker=None) -> judge.Verdict:
-    """``verifier``'s verdict on ``done``, the answer of ``worker`` (whose receipt would name its numerics)."""
+    """``verifier``'s verdict on ``done``, the answer of ``worker`` (whose receipt would name its numerics),
+    billed as ``done.usage`` says."""
     return await local.check(
         verifier, as_request(messages, params), done.fingerprints, text=done.text,
-        finish_reason=done.finish_reason, completion_tokens=done.usage.completion_tokens,
-        numerics=getattr(worker, "numerics", ""),
+        finish_reason=done.finish_reason, prompt_tokens=done.usage.prompt_tokens,
+        completion_tokens=done.usage.completion_tokens, numerics=claim(worker),
     )  # fmt: skip
 
 
@@ -97,13 +110,14 @@ class Honest:
     def summary(self) -> str:
         errors = np.array([v.max_error for v in self.verdicts])
         means = np.array([v.mean_error for v in self.verdicts])
-        tolerance = judge.Tolerance()
+        regimes = sorted({v.regime for v in self.verdicts})
         text = (
-            f"{self.what}: {len(self.verdicts)}, flagged: {len(self.failures)}; per-job max logit error: "
-            f"median {np.median(errors):.4f}, p99 {np.quantile(errors, 0.99):.4f}, max {errors.max():.4f} "
-            f"(tolerance {tolerance.logit}); per-job mean error max {means.max():.4f} (tolerance {tolerance.mean}); "
-            f"flips max {max(v.flips for v in self.verdicts)}; surprise z max "
-            f"{max(v.surprise_z for v in self.verdicts):.2f} (tolerance {tolerance.surprise_z})"
+            f"{self.what} ({', '.join(regimes)}): {len(self.verdicts)}, flagged: {len(self.failures)}; per-job max "
+            f"logit error: median {np.median(errors):.4f}, p99 {np.quantile(errors, 0.99):.4f}, max "
+            f"{errors.max():.4f}; per-job mean error max {means.max():.4f}; flips max "
+            f"{max(v.flips for v in self.verdicts)} (per token {max(v.flips / v.tokens for v in self.verdicts):.3f}); "
+            f"outside max {max(v.outside for v in self.verdicts)}; surprise z max "
+            f"{max(v.surprise_z for v in self.verdicts):.2f}"
         )
         return text + (f"; prompt tokens found in a cache: {self.reused_tokens}" if self.reused_tokens else "")
 
@@ -171,13 +185,35 @@ async def batched_checks(model_file: Path, *, rounds: int) -> Honest:
     return tally
 
 
-CHEATS = ["Q4_0", "Q2_K", "hidden-prompt", "hotter", "random-tokens", "truncate-pad"]
+async def noisy_checks(model_file: Path, *, jobs: int, sigma: float = cheaters.NOISE) -> Honest:
+    """``jobs`` honest answers (up to 96 tokens) of a worker whose logits carry Gaussian noise of ``sigma`` at
+    every position (``cheaters.NoisyHonest``, as a GPU's might; it claims no numerics, so it is checked in the
+    widest class), each checked by a one-thread verifier."""
+    tally = Honest(f"honest noisy checks (noise {sigma})")
+    async with (
+        open_engine(model_file, slots=1, threads=1) as own,
+        open_engine(model_file, slots=1, threads=1) as verifier,
+    ):
+        worker = cheaters.NoisyHonest(cheaters.Direct(own), sigma)
+        for i in range(2000, 2000 + jobs):
+            messages, params = job(i, long_every=25, max_tokens=96)
+            done = await answer(worker, messages, params)
+            tally.keep(await check(verifier, messages, params, done, worker), f"noisy job {i}")
+    return tally
+
+
+CHEATS = ["Q4_0", "Q2_K", "hidden-prompt", "hotter", "random-tokens", "truncate-pad", "noisy-hotter", "noisy-Q4_0",
+          "pad-past-eog"]  # fmt: skip
 WRAPPERS = {
     "hidden-prompt": cheaters.HiddenPrompt,
     "hotter": cheaters.HotSampler,
     "random-tokens": cheaters.RandomTokens,
     "truncate-pad": cheaters.TruncatePad,
+    "noisy-hotter": lambda engine: cheaters.NoisyRecords(cheaters.HotSampler(engine)),
 }
+#: The cheats of the noisy regime (no numerics claimed, noise in the records) are counted on jobs of at least 64
+#: tokens (docs/verification.md); the others on jobs of at least 32.
+LONG = {"noisy-hotter": 64, "noisy-Q4_0": 64, "pad-past-eog": 64}
 
 
 @dataclass
@@ -207,26 +243,38 @@ def reason_kind(reason: str) -> str:
 
 
 async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: int) -> Caught:
-    """``jobs`` checked answers of at least 32 tokens from the cheater ``cheat`` (a name in ``CHEATS``)."""
+    """``jobs`` checked answers of at least 32 tokens (64: ``LONG``) from the cheater ``cheat`` (in ``CHEATS``);
+    a padder's answers count only where it padded (the model would have ended before ``max_tokens``)."""
     path = model_file
-    if cheat in cheaters.QUANTIZATIONS:
-        path = cheaters.requantize(model_file, workdir / f"{cheat}.gguf", cheat)
+    quantization = cheat.removeprefix("noisy-")
+    if quantization in cheaters.QUANTIZATIONS:
+        path = cheaters.requantize(model_file, workdir / f"{quantization}.gguf", quantization)
+    least = LONG.get(cheat, 32)
     tally = Caught(cheat)
-    async with (
-        open_engine(path, slots=2, threads=1) as engine,
-        open_engine(model_file, slots=2, threads=1) as verifier,
-    ):
-        worker = WRAPPERS[cheat](engine) if cheat in WRAPPERS else engine
+    async with AsyncExitStack() as stack:
+        engine = await stack.enter_async_context(open_engine(path, slots=2, threads=1))
+        verifier = await stack.enter_async_context(open_engine(model_file, slots=2, threads=1))
+        if cheat in ("noisy-Q4_0", "pad-past-eog"):
+            real = cheaters.Direct(await stack.enter_async_context(open_engine(model_file, slots=1, threads=1)))
+        if cheat == "noisy-Q4_0":
+            worker = cheaters.ForgedTokens(engine, real)
+        elif cheat == "pad-past-eog":
+            worker = cheaters.PadPastEOG(real)
+        else:
+            worker = WRAPPERS[cheat](engine) if cheat in WRAPPERS else engine
 
         async def checked_if_long(messages, params) -> judge.Verdict | None:
             done = await answer(worker, messages, params)
-            if done.usage.completion_tokens < 32:
+            if done.usage.completion_tokens < least:
                 return None
+            if cheat == "pad-past-eog" and worker.honest[done.text] >= done.usage.completion_tokens:
+                return None  # the model would not have ended earlier: nothing was padded
             return await check(verifier, messages, params, done, worker)
 
         i = 1000
         while tally.checked < jobs:
-            pair = [job(i + k, long_every=25) for k in range(2)]
+            pair = [job(i + k, long_every=25, max_tokens=max(40, least + least // 2), short=cheat == "pad-past-eog")
+                    for k in range(2)]  # fmt: skip
             i += 2
             calls = (partial(checked_if_long, m, replace(p, stop=())) for m, p in pair)
             for (_, params), verdict in zip(pair, await gather(*calls), strict=True):

@@ -77,22 +77,70 @@ def made_up(n: int = 4, **changes) -> tuple[Observations, fingerprints.Fingerpri
         at_top2=np.full(n, 14.0, np.float32), at_token=np.full(n, 15.0, np.float32), pick=np.array(tokens),
         allowed=np.ones(n, bool), gap=np.zeros(n), between=np.zeros(n), p=np.full(n, 0.6),
         entropy=np.full(n, 0.67), spread=np.full(n, 0.05), seeded=True, text="abcd"[:n], ends_on_eog=False,
+        eog=np.zeros(n, bool), pick_eog=np.zeros(n, bool), stop_p=np.zeros(n),
     )  # fmt: skip
     base.update(changes)
     return Observations(**base), records
 
 
-def judged(params=SAMPLED, *, said="abcd", finish=FINISH_LENGTH, tokens=4, **changes) -> verify.Verdict:
-    """The verdict on a worker that reported ``said``, ``finish`` and ``tokens``; ``changes`` alter what the
-    verifier observed."""
+def judged(params=SAMPLED, *, said="abcd", finish=FINISH_LENGTH, tokens=4, prompt=9, noise=verify.GPU,
+           **changes) -> verify.Verdict:  # fmt: skip
+    """The verdict on a worker that reported ``said``, ``finish`` and ``prompt`` + ``tokens`` tokens, checked in
+    class ``noise``; ``changes`` alter what the verifier observed."""
     obs, records = made_up(**changes)
-    return verify.judge(obs, records, params, text=said, finish_reason=finish, completion_tokens=tokens)
+    return verify.judge(obs, records, params, text=said, finish_reason=finish, prompt_tokens=prompt,
+                        completion_tokens=tokens, noise=noise)  # fmt: skip
 
 
 def test_identical_logits_pass():
     verdict = judged()
     assert verdict.ok and verdict.reason == "" and verdict.max_error == 0 and verdict.flips == 0
-    assert judged(GREEDY).ok
+    assert verdict.regime == "gpu"
+    assert judged(GREEDY).ok and judged(noise=verify.EXACT).ok and judged(GREEDY, noise=verify.CPU).ok
+
+
+def test_the_noise_class_comes_from_the_claim_and_never_from_the_records():
+    own = "0123456789abcdef"
+    assert verify.noise_class(own, own) is verify.EXACT
+    assert verify.noise_class("fedcba9876543210", own) is verify.CPU  # another CPU's exact class
+    assert verify.noise_class("cpu", own) is verify.CPU and verify.noise_class("cpu:avx2", own) is verify.CPU
+    assert verify.noise_class("", own) is verify.GPU and verify.noise_class("gpu", own) is verify.GPU
+    assert verify.noise_class("", "") is verify.GPU  # claiming nothing never matches "no numerics"
+    for wider, narrower in ((verify.GPU, verify.CPU), (verify.CPU, verify.EXACT)):
+        for limit in ("logit", "mean", "tie", "flips", "outside"):
+            assert getattr(wider, limit) >= getattr(narrower, limit)
+    # noise in the records buys nothing: flips are held to the class's fixed allowance, however far the values are
+    noisy = dict(at_top1=np.full(4, 15.375, np.float32), at_top2=np.full(4, 14.375, np.float32),
+                 at_token=np.full(4, 15.375, np.float32))  # fmt: skip
+    flips = dict(pick=np.array([10, 99, 98, 97]), gap=np.array([0, 0.1, 0.1, 0.1]))
+    assert judged(**noisy).ok and not judged(**noisy, **flips).ok
+    assert "off by 0.375, where this machine's numerics" in judged(noise=verify.EXACT, **noisy).reason
+
+
+def test_the_billed_usage_must_be_the_verifiers_own_count():
+    assert judged(prompt=9).ok
+    assert judged(prompt=12).reason == "12 prompt tokens billed where the prompt has 9"
+    assert judged(tokens=5).reason == "5 completion tokens billed for 4 fingerprints"
+
+
+def test_an_answer_that_goes_on_after_the_model_ended_it_fails():
+    # an end-of-generation record in the middle: the worker went on after sampling it
+    inner = judged(eog=np.array([False, True, False, False]))
+    assert inner.reason == "token 1 ends the answer (end-of-generation), and the answer goes on"
+    # greedy: the argmax was end-of-generation and the worker went on; exact: no near-tie; noisy: within `tie`
+    ended = dict(pick=np.array([10, 11, 99, 13]), pick_eog=np.array([False, False, True, False]))
+    for noise in (verify.EXACT, verify.CPU, verify.GPU):
+        far = judged(GREEDY, noise=noise, gap=np.array([0, 0, 1.5, 0]), **ended)
+        assert far.reason == "token 2: the answer goes on where the model ends it (end-of-generation)", noise
+    assert not judged(GREEDY, noise=verify.EXACT, gap=np.array([0, 0, 0.2, 0]), **ended).ok
+    assert judged(GREEDY, noise=verify.GPU, gap=np.array([0, 0, 0.2, 0]), **ended).ok  # a near-tie, within noise
+    # seeded: the replayed draw ended it (the gap is after temperature: 1.5 / 0.7 raw 1.05 > 1.0)
+    assert "goes on where the model ends it" in judged(gap=np.array([0, 0, 1.5, 0]), **ended).reason
+    # unseeded: the model would have stopped with probability 0.99 at each of three positions where it went on
+    unseeded = dict(seeded=False, pick=np.array([10, 11, 12, 13]))
+    assert judged(stop_p=np.array([0.5, 0.5, 0.5, 0.0]), **unseeded).ok
+    stopped = judged(stop_p=np.array([0.995, 0.995, 0.995, 0.0]), **unseeded)
+    assert stopped.reason.startswith("the answer goes on where the model would have ended it: with probability 1")
 
 
 @pytest.mark.parametrize(
@@ -102,7 +150,7 @@ def test_identical_logits_pass():
         (dict(at_top2=np.full(4, 15.6, np.float32), at_token=np.full(4, 15.6, np.float32)), "on average"),
         (dict(top=np.array([15.0, 19.0, 15.0, 15.0], np.float32)), "token 1: the claimed top token is 4.00 below"),
         (dict(allowed=np.array([False, False, True, True])), "2 of 4 tokens are outside"),
-        (dict(pick=np.array([1, 2, 3, 13])), "3 of 4 tokens differ from the seeded draw's"),
+        (dict(pick=np.array([1, 2, 3, 13]), gap=np.full(4, 0.1)), "3 of 4 tokens differ from the seeded draw's"),
         (dict(p=np.full(4, 0.01)), "too unlikely for temperature 0.7"),
         (dict(broken="token 2 is not allowed by the grammar"), "token 2 is not allowed by the grammar"),
         (dict(text="abce"), "the text is not what the tokens spell"),
@@ -121,7 +169,7 @@ def test_a_greedy_answer_must_take_the_top_token_up_to_near_ties():
 
 
 def test_the_finish_reason_and_the_count_must_be_true():
-    assert "3 tokens" in judged(tokens=3).reason
+    assert "3 completion tokens billed" in judged(tokens=3).reason
     assert "finish 'length' after 4 of max_tokens 8" in judged(dataclasses.replace(SAMPLED, max_tokens=8)).reason
     assert "without an end-of-generation token" in judged(finish=FINISH_STOP).reason
     cut = judged(dataclasses.replace(SAMPLED, stop=("c",)), finish=FINISH_STOP, said="ab")

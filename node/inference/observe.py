@@ -9,6 +9,7 @@ position, and at each the job's sampler (same parameters, same seed) is replayed
 
 from __future__ import annotations
 
+import ctypes
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,9 @@ def observe_answer(
     columns.update(gap=np.full(n, np.inf), between=np.full(n, np.inf), p=np.zeros(n))
     columns.update(entropy=np.zeros(n), spread=np.zeros(n))
     pick, allowed = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
+    vocab = llama._model.vocab
+    is_eog = np.fromiter((llama_cpp.llama_vocab_is_eog(vocab, t) for t in range(n_vocab)), dtype=bool, count=n_vocab)
+    stop_p = np.zeros(n)
     seeded = params.seed is not None or params.temperature == 0
     sampler = Sampler(llama, params, grammar, params.seed if seeded else secrets.randbits(31), said)
     replayed, broken = 0, ""
@@ -66,6 +70,7 @@ def observe_answer(
         for name, token in zip(("at_token", "at_top1", "at_top2"), ids, strict=True):
             columns[name][i] = row[token]
         (pick[i], allowed[i], *measures, accepted) = sampler.replay(row, ids[0])
+        stop_p[i] = _stop_probability(sampler, is_eog, pick[i])
         for name, value in zip(("gap", "between", "p", "entropy", "spread"), measures, strict=True):
             columns[name][i] = value
         replayed = i + 1
@@ -100,8 +105,12 @@ def observe_answer(
     finally:
         sampler.close()
         llama._ctx.set_n_threads(llama.n_threads, llama.n_threads_batch)
-    eog = bool(llama_cpp.llama_vocab_is_eog(llama._model.vocab, int(records.tokens[-1])))
-    answer = [int(t) for t in records.tokens[: n - 1 if eog else n] if 0 <= t < n_vocab]
+    tokens = records.tokens
+    token_eog = np.zeros(n, dtype=bool)
+    known = (tokens >= 0) & (tokens < n_vocab)
+    token_eog[known] = is_eog[tokens[known]]
+    eog = bool(token_eog[-1])
+    answer = [int(t) for t in tokens[: n - 1 if eog else n] if 0 <= t < n_vocab]
     text = b"".join(llama.detokenize([t]) for t in answer).decode(errors="replace")  # as the worker builds it
     return Observations(
         replayed=replayed,
@@ -112,5 +121,25 @@ def observe_answer(
         seeded=seeded,
         text=text,
         ends_on_eog=eog,
+        eog=token_eog,
+        pick_eog=np.where(pick >= 0, is_eog[np.clip(pick, 0, n_vocab - 1)], False),
+        stop_p=stop_p,
         **columns,
     )
+
+
+def _stop_probability(sampler: Sampler, is_eog: Any, pick: int) -> float:
+    """The probability that the chain, as ``sampler.replay`` just ran it, ends the answer here: the final
+    candidates' probability on end-of-generation tokens (greedy: 1 when its pick is one, else 0)."""
+    import numpy as np
+
+    if sampler._greedy:
+        return 1.0 if pick >= 0 and is_eog[pick] else 0.0
+    array = sampler._array  # the chain's final candidates, where replay left them
+    base = ctypes.cast(array.data, ctypes.c_void_p).value
+    if base == sampler._candidates.ctypes.data:
+        final = sampler._candidates[: array.size]
+    else:
+        final = np.frombuffer((sampler._c.llama_token_data * array.size).from_address(base), sampler._candidates.dtype)
+    ids = final["id"]
+    return float(final["p"][is_eog[ids]].astype(np.float64).sum()) if ids.size else 0.0

@@ -46,22 +46,47 @@ from node.protocol.messages import CheckTask, JobRequest, SignedVerdict
 
 
 @dataclass(frozen=True)
-class Tolerance:
-    """How far honest work may differ from the verifier's pass (calibration: docs/verification.md)."""
+class NoiseClass:
+    """How far an honest worker of one class of hardware may differ from this verifier's pass: fixed limits,
+    calibrated on honest work (docs/verification.md), never derived from the worker's own records.
 
-    logit: float = 2.0  # any one fingerprint value against the verifier's logit
-    mean: float = 0.5  # the mean difference over all of a job's fingerprint values
-    tie: float = 1.0  # greedy: how far (penalised logit) a token may sit below the verifier's pick
-    # Where every fingerprint value matched exactly (the same kernels on both sides), replay is exact too: at
-    # most 1 + n/64 picks may flip and 1 + n/32 sampled tokens fall outside the candidates. Elsewhere noise
-    # flips picks in proportion to it: 2 + n·min(1, flips_per_error · mean error) may, and 2 + n/10 outside.
-    flips_per_error: float = 4.0
-    outside_noisy: float = 0.1
-    surprise_z: float = 5.0  # sampled: how unlikely the tokens may be together, in standard deviations
+    Flip and outside allowances are ``slack + per_token × n`` for an answer of n tokens."""
+
+    name: str
+    logit: float  # any one fingerprint value against the verifier's logit (0: must match, f16 rounding aside)
+    mean: float  # the mean difference over all of a job's fingerprint values
+    tie: float  # how far (raw, penalised logits) a differing pick may sit from the verifier's: greedy, EOG
+    flips: float  # replayed picks (greedy or seeded) that may differ, per token
+    outside: float  # sampled tokens outside the chain's top-k/top-p/min-p candidates, per token
+    surprise_z: float  # sampled: how unlikely the tokens may be together, in standard deviations
+    slack: int = 1  # flips and outside tokens allowed whatever the length
+    stop: float = 1e-6  # unseeded: the least probability that the sampler would have gone on where it did
 
 
-#: The calibrated tolerances: every check's default.
-TOLERANCE = Tolerance()
+#: The worker's receipt names the verifier's own numerics: every logit is reproduced to the bit.
+EXACT = NoiseClass("exact", logit=0.0, mean=0.0, tie=0.0, flips=1 / 64, outside=1 / 32, surprise_z=5.0)
+#: Another CPU build or instruction set, or this CPU in a path that is not bit-identical (several threads,
+#: K-quants, a batch shared with other sequences).
+CPU = NoiseClass("cpu", logit=1.5, mean=0.4, tie=1.0, flips=0.25, outside=0.1, surprise_z=5.0)
+#: A GPU, or numerics the worker does not name: the widest.
+GPU = NoiseClass("gpu", logit=2.0, mean=0.5, tie=1.0, flips=0.25, outside=0.1, surprise_z=5.0)
+NOISE_CLASSES = {c.name: c for c in (EXACT, CPU, GPU)}
+
+
+def noise_class(claimed: str, own: str) -> NoiseClass:
+    """The class a worker whose receipt claims numerics ``claimed`` is checked in, by a verifier whose own
+    (``Engine.batch_numerics``) are ``own``: ``EXACT`` when they are the same; ``CPU`` for a "cpu" claim
+    ("cpu" or "cpu:…") or another machine's exact class (a probe hash: 16 hex digits, which only a CPU
+    engine gives); ``GPU`` for anything else, "" included. The claim only ever narrows the allowances: a worker
+    that claims nothing gets the widest class, and that class is calibrated to catch the cheats
+    docs/verification.md lists."""
+    if claimed and claimed == own:
+        return EXACT
+    if claimed == "cpu" or claimed.startswith("cpu:"):
+        return CPU
+    if len(claimed) == 16 and all(c in "0123456789abcdef" for c in claimed):
+        return CPU
+    return GPU
 
 
 @dataclass(frozen=True)
@@ -76,6 +101,7 @@ class Verdict:
     flips: int  # replayed picks that differ from the worker's tokens
     outside: int  # tokens outside the chain's candidates
     surprise_z: float  # 0 for greedy
+    regime: str = ""  # the NoiseClass checked in
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,14 +120,14 @@ def judge(
     *,
     text: str,
     finish_reason: str,
+    prompt_tokens: int,
     completion_tokens: int,
-    tolerance: Tolerance = TOLERANCE,
-    exact: bool = False,
+    noise: NoiseClass = GPU,
 ) -> Verdict:
-    """Whether ``records`` (and the ``text``, ``finish_reason`` and token count the worker reported) pass.
+    """Whether ``records`` (and the ``text``, ``finish_reason`` and usage the worker reported) pass.
 
-    ``exact``: the worker's receipt names the verifier's own class of exact numerics, so every logit must
-    match (f16 rounding aside): any difference fails."""
+    ``noise``: the class the worker is checked in (``noise_class`` of its receipt's claim); ``EXACT`` fails any
+    logit that differs (f16 rounding aside). The checks, in order, are docs/verification.md's table."""
     obs, n = observations, len(records)
     m = obs.replayed
     errors = np.zeros(0, dtype=np.float32)
@@ -110,11 +136,13 @@ def judge(
         seen = _f16(np.stack([obs.at_top1[:m], obs.at_top2[:m], obs.at_token[:m]]))
         errors = np.abs(claimed - seen)
         errors = np.where(np.isnan(errors), np.inf, errors)
-    picks_differ = obs.pick[:m] != records.tokens[:m]
+    tokens = records.tokens[:m]
+    picks_differ = obs.pick[:m] != tokens
     flips = int(picks_differ.sum())
     outside = int((~obs.allowed[:m]).sum())
+    sampled = params.temperature > 0
     z = 0.0
-    if params.temperature > 0 and m:
+    if sampled and m:
         inside = obs.allowed[:m] & (obs.p[:m] > 0)
         surprise = float(-np.log(obs.p[:m][inside]).sum())
         expected, variance = float(obs.entropy[:m][inside].sum()), float(obs.spread[:m][inside].sum())
@@ -130,13 +158,20 @@ def judge(
             flips=flips,
             outside=outside,
             surprise_z=round(z, 3),
+            regime=noise.name,
         )
 
+    # ---- what was billed and said: the usage, the end of the answer, the finish reason, the text
+    if prompt_tokens != obs.prompt_tokens:
+        return verdict(f"{prompt_tokens} prompt tokens billed where the prompt has {obs.prompt_tokens}")
+    inner = np.flatnonzero(obs.eog[: n - 1])
+    if inner.size:
+        return verdict(f"token {int(inner[0])} ends the answer (end-of-generation), and the answer goes on")
     if obs.broken:
         return verdict(obs.broken)
     counted = n - (1 if obs.ends_on_eog else 0)
     if counted != completion_tokens:
-        return verdict(f"{n} fingerprints for {completion_tokens} tokens")
+        return verdict(f"{completion_tokens} completion tokens billed for {n} fingerprints")
     if finish_reason == FINISH_LENGTH:
         if obs.ends_on_eog or completion_tokens != params.max_tokens:
             return verdict(f"finish 'length' after {completion_tokens} of max_tokens {params.max_tokens}")
@@ -154,46 +189,53 @@ def judge(
     else:
         return verdict(f"finish reason {finish_reason!r} is not a finished answer")
 
-    if exact and errors.size and float(errors.max()) > 0:
-        worst = np.unravel_index(int(np.argmax(errors)), errors.shape)
-        return verdict(
-            f"token {worst[1]}: a logit is off by {float(errors[worst]):.3f}, where this machine's numerics, "
-            "which the worker claims, reproduce every logit exactly"
-        )
+    # ---- the fingerprints against the verifier's logits
     if errors.size:
         worst = np.unravel_index(int(np.argmax(errors)), errors.shape)
-        if errors[worst] > tolerance.logit:
-            off = float(errors[worst])
-            return verdict(f"token {worst[1]}: a logit is off by {off:.2f} (at most {tolerance.logit})")
-        if float(errors.mean()) > tolerance.mean:
-            return verdict(f"logits are off by {float(errors.mean()):.3f} on average (at most {tolerance.mean})")
+        off = float(errors[worst])
+        if noise is EXACT and off > 0:
+            return verdict(
+                f"token {worst[1]}: a logit is off by {off:.3f}, where this machine's numerics, "
+                "which the worker claims, reproduce every logit exactly"
+            )
+        if off > noise.logit:
+            return verdict(f"token {worst[1]}: a logit is off by {off:.2f} (at most {noise.logit} for {noise.name})")
+        if float(errors.mean()) > noise.mean:
+            mean = float(errors.mean())
+            return verdict(f"logits are off by {mean:.3f} on average (at most {noise.mean} for {noise.name})")
         above = obs.top[:m] - obs.at_top1[:m]
-        if float(above.max()) > tolerance.logit:
+        if float(above.max()) > max(noise.logit, 0.01):
             i = int(np.argmax(above))
             return verdict(f"token {i}: the claimed top token is {float(above[i]):.2f} below the real top")
-    # A flip needs the draw to land near a boundary that the two runs' logits put in different places. Where
-    # every fingerprint value matched to f16 precision, the logits differ by under ~0.01 (usually not at all:
-    # docs/verification.md), so flips are all but impossible; elsewhere noise may flip a share of them.
-    exact = errors.size > 0 and float(errors.max()) == 0.0
-    if exact:
-        allowed_flips, allowed_outside = 1 + m / 64, 1 + m / 32
+
+    # ---- the picks: went on where the model ends, greedy argmax, candidates, the seeded draw, surprisal
+    raw_gap = obs.gap[:m] * (params.temperature if sampled else 1.0)  # in raw (penalised) logits
+    if sampled and not obs.seeded:
+        going = ~obs.eog[:m]
+        with np.errstate(divide="ignore"):
+            log_going = float(np.log1p(-np.minimum(obs.stop_p[:m][going], 1.0)).sum())
+        if log_going < math.log(noise.stop):
+            going_p = math.exp(log_going)
+            return verdict(f"the answer goes on where the model would have ended it: with probability {going_p:.1e}")
     else:
-        noise = float(errors.mean()) if errors.size else 1.0
-        allowed_flips = 2 + m * min(1.0, tolerance.flips_per_error * noise)
-        allowed_outside = 2 + tolerance.outside_noisy * m
-    if params.temperature == 0:
+        went_on = np.flatnonzero(obs.pick_eog[:m] & picks_differ & (raw_gap > noise.tie))
+        if went_on.size:
+            i = int(went_on[0])
+            return verdict(f"token {i}: the answer goes on where the model ends it (end-of-generation)")
+    allowed_flips = noise.slack + noise.flips * m
+    if not sampled:
         gaps = obs.gap[:m][picks_differ]
-        if gaps.size and float(gaps.max()) > tolerance.tie:
+        if gaps.size and float(gaps.max()) > noise.tie:
             i = int(np.flatnonzero(picks_differ)[int(np.argmax(gaps))])
             return verdict(f"token {i} is not the most likely one (by {float(obs.gap[i]):.2f}) in a greedy answer")
         if flips > allowed_flips:
             return verdict(f"{flips} of {m} tokens are not the most likely one")
         return verdict()
-    if outside > allowed_outside:
+    if outside > noise.slack + noise.outside * m:
         return verdict(f"{outside} of {m} tokens are outside the top-k/top-p/min-p candidates")
     if obs.seeded and flips > allowed_flips:
         return verdict(f"{flips} of {m} tokens differ from the seeded draw's")
-    if z > tolerance.surprise_z:
+    if z > noise.surprise_z:
         return verdict(f"the tokens are too unlikely for temperature {params.temperature} (z = {z:.1f})")
     return verdict()
 

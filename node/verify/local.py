@@ -26,7 +26,7 @@ from node.inference.fingerprints import RECORD_BYTES, Observations, unpack
 from node.inference.sampling import FINISH_STOP, Delta, Finished, Usage
 from node.market.jobs import check_result_receipt
 from node.protocol.messages import CheckTask, JobDone, JobRequest
-from node.verify.judge import TOLERANCE, Tolerance, Verdict, describe, judge, request_params, verdict_text
+from node.verify.judge import Verdict, describe, judge, noise_class, request_params, verdict_text
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,15 @@ async def check(
     *,
     text: str,
     finish_reason: str,
+    prompt_tokens: int,
     completion_tokens: int,
-    tolerance: Tolerance = TOLERANCE,
     numerics: str = "",
 ) -> Verdict:
     """Re-run ``request``'s answer on ``engine`` (which loads the request's model) and judge it.
 
-    ``numerics`` is what the worker's receipt claims; when it is the engine's own, the check is exact.
+    ``prompt_tokens`` and ``completion_tokens`` are the usage the worker billed (its receipt's); ``numerics``
+    is what its receipt claims, which picks the class of honest noise it is checked in (``noise_class``: exact
+    when it is the engine's own).
 
     Raises:
         InvalidRequest: the request or the fingerprints cannot be checked at all.
@@ -56,25 +58,24 @@ async def check(
         fingerprints,
         text=text,
         finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        tolerance=tolerance,
         numerics=numerics,
     )
     return verdict
 
 
-async def examine_answer(
-    engine, request: JobRequest, text: str, done: JobDone, tolerance: Tolerance = TOLERANCE
-) -> tuple[Verdict, Observations]:
-    """``examine`` a worker's answer to ``request``: the ``text`` it streamed and its ``JobDone``."""
+async def examine_answer(engine, request: JobRequest, text: str, done: JobDone) -> tuple[Verdict, Observations]:
+    """``examine`` a worker's answer to ``request``: the ``text`` it streamed and its ``JobDone``, whose signed
+    receipt gives the usage billed and the numerics claimed."""
     return await examine(
         engine,
         request,
         done.fingerprints,
         text=text,
         finish_reason=done.finish_reason,
+        prompt_tokens=done.receipt.prompt_tokens,
         completion_tokens=done.receipt.completion_tokens,
-        tolerance=tolerance,
         numerics=done.receipt.numerics,
     )
 
@@ -86,8 +87,8 @@ async def examine(
     *,
     text: str,
     finish_reason: str,
+    prompt_tokens: int,
     completion_tokens: int,
-    tolerance: Tolerance = TOLERANCE,
     numerics: str = "",
 ) -> tuple[Verdict, Observations]:
     """``check``, with the observations the verdict rests on."""
@@ -109,9 +110,9 @@ async def examine(
         params,
         text=text,
         finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        tolerance=tolerance,
-        exact=bool(numerics) and numerics == getattr(engine, "batch_numerics", ""),
+        noise=noise_class(numerics, getattr(engine, "batch_numerics", "")),
     )
     return verdict, observations
 
@@ -128,7 +129,6 @@ class LocalVerifier:
     """
 
     engines: dict[str, Any]
-    tolerance: Tolerance = TOLERANCE
 
     async def check_result(self, result) -> Verdict | None:
         """The verdict on ``result`` (a ``node.market.requester.JobResult``); None when it cannot be checked here."""
@@ -136,7 +136,7 @@ class LocalVerifier:
         engine = self.engines.get(result.model)
         if proof is None or engine is None or not proof.done.fingerprints:
             return None
-        verdict, _ = await examine_answer(engine, proof.request, proof.text, proof.done, self.tolerance)
+        verdict, _ = await examine_answer(engine, proof.request, proof.text, proof.done)
         log.info("job %s from %s…: %s", proof.request.job_id, proof.worker[:12], describe(verdict))
         return verdict
 
@@ -196,7 +196,6 @@ class CheckingEngine:
     prompt tokens); its output text is ``verdict_text``, so the worker's signed receipt signs the verdict."""
 
     engine: Any
-    tolerance: Tolerance = TOLERANCE
 
     @property
     def free_slots(self) -> int:
@@ -210,9 +209,7 @@ class CheckingEngine:
         async def run() -> None:
             async with send:
                 started = time.perf_counter()
-                verdict, observations = await examine_answer(
-                    self.engine, task.original, task.text, task.done, self.tolerance
-                )
+                verdict, observations = await examine_answer(self.engine, task.original, task.text, task.done)
                 log.info("checked job %s of %s…: %s", task.original.job_id, task.done.receipt.worker[:12],
                          describe(verdict))  # fmt: skip
                 text = verdict_text(task, verdict, observations)
