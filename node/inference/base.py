@@ -26,6 +26,7 @@ from node.inference.fingerprints import Observations, unpack
 from node.inference.grammar import checked_grammar
 from node.inference.hardware import HardwareProfile
 from node.inference.observe import observe_answer
+from node.inference.prompt import chat_prompt, chat_tokens, completion_prompt, text_tokens
 from node.inference.sampling import Finished, SamplingParams, validate_messages, validate_prompt
 from node.inference.slot import Slot
 
@@ -74,20 +75,25 @@ class Engine:
     # ------------------------------------------------------------ prompts
 
     def _chat_tokens(self, llama: Any, messages: list[dict[str, str]]) -> list[int]:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         if not self.chat_template:
             raise InvalidRequest(f"{self.model_path.name} has no chat template; send a plain prompt instead")
-        special = lambda token: llama.detokenize([token], special=True).decode(errors="replace")  # noqa: E731
-        formatter = Jinja2ChatFormatter(
-            template=self.chat_template, eos_token=special(llama.token_eos()), bos_token=special(llama.token_bos())
-        )
-        formatted = formatter(messages=messages)
-        return llama.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
+        return chat_tokens(llama, self.chat_template, messages)
 
     @staticmethod
     def _text_tokens(llama: Any, prompt: str) -> list[int]:
-        return llama.tokenize(prompt.encode(), add_bos=True, special=False)
+        return text_tokens(llama, prompt)
+
+    def _chat_prompt(
+        self, messages: list[dict[str, str]], assistant_prefix: str
+    ) -> Callable[[Any], tuple[list[int], list[int]]]:
+        """``tokenize`` for ``stream``/``observe``: a chat as node/inference/prompt.py tokenizes it."""
+
+        def tokenize(llama: Any) -> tuple[list[int], list[int]]:
+            if not self.chat_template:
+                raise InvalidRequest(f"{self.model_path.name} has no chat template; send a plain prompt instead")
+            return chat_prompt(llama, self.chat_template, messages, assistant_prefix)
+
+        return tokenize
 
     # ---------------------------------------------------------- streaming
 
@@ -98,13 +104,7 @@ class Engine:
         a worker that died mid-answer): generation continues right after it, with
         the repeat penalty and any grammar already past it.
         """
-        clean = validate_messages(messages)
-
-        def tokenize(llama: Any) -> tuple[list[int], list[int]]:
-            said = llama.tokenize(assistant_prefix.encode(), add_bos=False, special=False) if assistant_prefix else []
-            return self._chat_tokens(llama, clean) + said, said
-
-        return self.stream(tokenize, params)
+        return self.stream(self._chat_prompt(validate_messages(messages), assistant_prefix), params)
 
     def stream_completion(self, prompt: str, params: SamplingParams, *, resume_text: str = ""):
         """``async with engine.stream_completion(prompt, params) as events:`` — see ``stream``.
@@ -114,12 +114,7 @@ class Engine:
         with the repeat penalty and any grammar already past it.
         """
         validate_prompt(prompt)
-
-        def tokenize(llama: Any) -> tuple[list[int], list[int]]:
-            said = llama.tokenize(resume_text.encode(), add_bos=False, special=False) if resume_text else []
-            return self._text_tokens(llama, prompt + resume_text), said
-
-        return self.stream(tokenize, params)
+        return self.stream(lambda llama: completion_prompt(llama, prompt, resume_text), params)
 
     async def _grammar(self, params: SamplingParams) -> str | None:
         """The checked GBNF that constrains ``params``' output, or None (in a thread, before a slot is taken)."""
@@ -194,23 +189,12 @@ class Engine:
         self, messages: Sequence[dict[str, str]], params: SamplingParams, fingerprints: bytes, *, assistant_prefix=""
     ):
         """``observe`` for a chat job, as ``stream_chat`` ran it (an awaitable)."""
-        clean = validate_messages(messages)
-
-        def tokenize(llama: Any) -> tuple[list[int], list[int]]:
-            said = llama.tokenize(assistant_prefix.encode(), add_bos=False, special=False) if assistant_prefix else []
-            return self._chat_tokens(llama, clean) + said, said
-
-        return self.observe(tokenize, params, fingerprints)
+        return self.observe(self._chat_prompt(validate_messages(messages), assistant_prefix), params, fingerprints)
 
     def observe_completion(self, prompt: str, params: SamplingParams, fingerprints: bytes, *, resume_text: str = ""):
         """``observe`` for a plain completion, as ``stream_completion`` ran it (an awaitable)."""
         validate_prompt(prompt)
-
-        def tokenize(llama: Any) -> tuple[list[int], list[int]]:
-            said = llama.tokenize(resume_text.encode(), add_bos=False, special=False) if resume_text else []
-            return self._text_tokens(llama, prompt + resume_text), said
-
-        return self.observe(tokenize, params, fingerprints)
+        return self.observe(lambda llama: completion_prompt(llama, prompt, resume_text), params, fingerprints)
 
     async def observe(
         self, tokenize: Callable[[Any], tuple[list[int], list[int]]], params: SamplingParams, fingerprints: bytes

@@ -214,12 +214,14 @@ class _Fetcher:
         self.root, self.source = root, source
         self.version = root.version
         self.meter = _Meter(pace, source.name)
+        self.received = 0  # bytes the source delivered: blocks and file bytes
 
     def fail(self, cid: CID, what: str) -> ModelError:
         return ModelError(f"{self.source.name} sent a bad block {cid} of {self.root}: {what}; nothing was kept")
 
     def block(self, cid: CID) -> bytes:
         block = self.meter.timed(lambda: self.source.get_block(cid), lambda b: max(len(b), CHUNK_SIZE))
+        self.received += len(block)
         if not cid.verify_block(block):
             raise self.fail(cid, "its bytes do not hash to its CID")
         return block
@@ -259,6 +261,40 @@ class _Fetcher:
         ]
         self._check_default_layout(root.filesize, leaves)
         return FilePlan(self.root, root.filesize, leaves, None)
+
+    def leaves_in_order(self, root: FileNode) -> Iterator[Link]:
+        """The file's leaves in order, fetching inner nodes only as the walk reaches them (a prefix needs
+        one path down the DAG, not the whole plan). Every node is checked against the CID its parent
+        names, and what is walked must be laid out as kubo's default import lays it out: inner nodes hold
+        links only, every leaf sits at the depth the file's size gives, and every leaf but the file's last
+        holds a whole chunk. So the bytes cut at these sizes are the file's, at their offsets."""
+        depth = _depth(-(-root.filesize // CHUNK_SIZE))
+        offset = 0
+        stack: list[tuple[int, Iterator[tuple[tuple[CID, int], int]]]] = [
+            (1, iter(zip(root.links, root.blocksizes, strict=True)))
+        ]
+        while stack:
+            level, children = stack[-1]
+            step = next(children, None)
+            if step is None:
+                stack.pop()
+                continue
+            (cid, tsize), size = step
+            if level < depth:
+                node = self.node(cid)
+                if not node.links or node.data or node.filesize != size or len(node.links) > MAX_LINKS:
+                    raise self._not_default()
+                stack.append((level + 1, iter(zip(node.links, node.blocksizes, strict=True))))
+                continue
+            last = offset + size == root.filesize
+            if not (size == CHUNK_SIZE or (last and 0 < size < CHUNK_SIZE)):
+                raise self._not_default()
+            if (cid.codec == CODEC_RAW) != (self.version == 1):
+                raise self._not_default()
+            offset += size
+            yield Link(cid, size, tsize)
+        if offset != root.filesize:
+            raise self._not_default()
 
     def _not_default(self) -> ModelError:
         return ModelError(
@@ -303,6 +339,7 @@ class _Fetcher:
             piece = self.meter.timed(lambda: next(stream, None), lambda p: len(p or b""))
             if piece is None:
                 return
+            self.received += len(piece)
             yield piece
 
     def _check_and_write(self, fd: int, leaf: Link, pieces: list[memoryview], progress: Progress) -> None:
@@ -314,14 +351,21 @@ class _Fetcher:
 
 def _rechunk(stream: Iterator[bytes], plan: FilePlan, fetcher: _Fetcher) -> Iterator[list[memoryview]]:
     """Cut the byte stream at the planned leaf boundaries, as views on what arrived (no copies)."""
+    return (pieces for _, pieces in _cut(stream, plan.leaves, plan.size, fetcher))
+
+
+def _cut(
+    stream: Iterator[bytes], leaves: Iterable[Link], size: int, fetcher: _Fetcher
+) -> Iterator[tuple[Link, list[memoryview]]]:
+    """Each leaf with its bytes cut from the stream; ``leaves`` is read lazily, as the cutting reaches them."""
     pieces: list[memoryview] = []
     have = done = 0
-    for leaf in plan.leaves:
+    for leaf in leaves:
         while have < leaf.filesize:
             more = next(stream, None)
             if more is None:
                 raise ModelError(
-                    f"{fetcher.source.name} ended {fetcher.root} early, after {done + have} of {plan.size} bytes; "
+                    f"{fetcher.source.name} ended {fetcher.root} early, after {done + have} of {size} bytes; "
                     "nothing was kept"
                 )
             pieces.append(memoryview(more))
@@ -330,14 +374,12 @@ def _rechunk(stream: Iterator[bytes], plan: FilePlan, fetcher: _Fetcher) -> Iter
         rest = pieces[-1][len(pieces[-1]) - excess :] if excess else None
         if excess:
             pieces[-1] = pieces[-1][: len(pieces[-1]) - excess]
-        yield pieces
+        yield leaf, pieces
         done += leaf.filesize
         pieces = [rest] if rest is not None else []
         have = excess
     if have or next(stream, None):
-        raise ModelError(
-            f"{fetcher.source.name} sent more than the {plan.size} bytes of {fetcher.root}; nothing was kept"
-        )
+        raise ModelError(f"{fetcher.source.name} sent more than the {size} bytes of {fetcher.root}; nothing was kept")
 
 
 def _write_all(fd: int, pieces: Sequence[bytes | memoryview]) -> None:
@@ -369,3 +411,70 @@ def fetch_verified(
     plan = fetcher.plan()
     fetcher.write(plan, fd, progress)
     return plan.size
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The verified head of a file (``fetch_prefix``)."""
+
+    data: bytes  # the file's first bytes, every one verified; whole leaves, so usually more than was needed
+    size: int  # the whole file's size
+    received: int  # bytes the source delivered (DAG blocks and file bytes), what was read past ``data`` included
+
+
+def fetch_prefix(
+    source: BlockSource,
+    root: CID,
+    enough: Callable[[bytearray], bool],
+    *,
+    max_bytes: int,
+    pace: Pace = DEFAULT_PACE,
+) -> Prefix:
+    """The first bytes of the file ``root`` names, verified leaf by leaf, up to what ``enough`` asks for.
+
+    The DAG is walked down its left edge only as far as the bytes read need
+    (``_Fetcher.leaves_in_order``), the file's bytes come through the source's
+    ``cat``, and each leaf is hashed and compared with its CID before it is
+    added. After each leaf, ``enough(prefix)`` is called with all the verified
+    bytes so far (the same bytearray, grown: it may keep state between calls);
+    once it returns True the ``cat`` is closed (a peer's stream is reset), so a
+    source sends little more than the leaves asked for.
+
+    Returns:
+        The verified prefix: the whole file if it ends before ``enough`` is satisfied.
+
+    Raises:
+        ModelError: the source failed, was slower than ``pace``, sent a block
+            that does not hash to its CID, serves a DAG not laid out as kubo's
+            default, or ``max_bytes`` were read and ``enough`` still wants more.
+            (``enough`` may raise ``ModelError`` itself.)
+    """
+    fetcher = _Fetcher(root, source, pace)
+    prefix = bytearray()
+    if root.codec == CODEC_RAW:  # a one-block CIDv1 file
+        prefix += fetcher.block(root)
+        enough(prefix)
+        return Prefix(bytes(prefix), len(prefix), fetcher.received)
+    node = fetcher.node(root)
+    if not node.links:  # a one-block CIDv0 file
+        prefix += node.data
+        enough(prefix)
+        return Prefix(bytes(prefix), node.filesize, fetcher.received)
+    if node.data or len(node.links) > MAX_LINKS or _depth(-(-node.filesize // CHUNK_SIZE)) == 0:
+        raise fetcher._not_default()
+    stream = iter(source.cat(root))
+    try:
+        for leaf, pieces in _cut(fetcher._metered(stream), fetcher.leaves_in_order(node), node.filesize, fetcher):
+            if leaf_link_of_pieces(pieces, leaf.filesize, fetcher.version).cid != leaf.cid:
+                raise fetcher.fail(leaf.cid, "its bytes do not hash to its CID")
+            for piece in pieces:
+                prefix += piece
+            if enough(prefix):
+                break
+            if len(prefix) >= max_bytes:
+                raise ModelError(f"read {len(prefix):,} bytes of {root} and still not enough; gave up")
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    return Prefix(bytes(prefix), node.filesize, fetcher.received)
