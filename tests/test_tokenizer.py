@@ -244,6 +244,20 @@ async def test_no_source_and_nothing_local_fails_clearly(tmp_path):
     assert not cache.path_of(source.cid).exists()
 
 
+async def test_a_hostile_or_unloadable_header_from_a_source_fails_and_leaves_nothing(tmp_path):
+    huge = gguf([_s("a") + struct.pack("<IIQ", 9, 8, 2**62)])
+    hostile = MemorySource(huge + random.Random(0).randbytes(3 * CHUNK_SIZE))
+    unloadable = MemorySource(_gguf_of(3 * CHUNK_SIZE, tokens=100))  # a valid header llama.cpp cannot load
+    cache = TokenizerCache(tmp_path)
+    with trio.fail_after(30):
+        with pytest.raises(ModelError, match="larger than"):
+            await cache.get(hostile.cid, [hostile])
+        with pytest.raises(ModelError, match="could not load the vocabulary"):
+            await cache.get(unloadable.cid, [unloadable])
+    assert hostile.closed and hostile.sent < 2 * CHUNK_SIZE  # refused at the first leaf
+    assert list(cache.root.iterdir()) == []
+
+
 def test_importing_the_counter_does_not_load_llama_cpp():
     code = "import sys, node.inference.tokenizer; print('llama_cpp' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout == "False\n"
