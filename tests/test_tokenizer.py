@@ -362,8 +362,14 @@ async def test_tokenizers_are_cached_by_cid(tmp_path, default_model_file):
         assert await second.count(request) == await first.count(request)
         with pytest.raises(InvalidRequest, match="not both"):
             second.count_sync(JobRequest("x", DEFAULT_MODEL_CID, {}, messages=CHATS[0], prompt="p"))
+        vocab = first.path.read_bytes()
         cache.close()
         again.close()
+        at = vocab.index(b"tokenizer.ggml.tokens") + 100  # one token's text rots on disk: never loaded, made again
+        first.path.write_bytes(vocab[:at] + bytes([vocab[at] ^ 1]) + vocab[at + 1 :])
+        third = await TokenizerCache(tmp_path).get(DEFAULT_MODEL_CID, [MemorySource(b"never asked")])
+        assert third.source.startswith("file ") and third.path.read_bytes() == vocab
+        third.close()
 
 
 @slow

@@ -15,9 +15,11 @@ metadata at the head of the file, a few MiB of a file of gigabytes
    model store (entries there were verified when added) or, for the default
    model's CID, the embedded SmolLM2 (hashed once against its CID, no network).
 2. ``node.models.gguf.vocab_only_gguf`` writes that metadata with no tensors to
-   ``<data dir>/tokenizers/<cid>.gguf`` (atomically), and llama.cpp loads it with
-   ``vocab_only`` (``Tokenizer``); later requests load that file, and a loaded
-   tokenizer stays in the cache object, which its owner (the requester) keeps.
+   ``<data dir>/tokenizers/<cid>.gguf`` (atomically, its SHA-256 beside it in
+   ``<cid>.sha256``), and llama.cpp loads it with ``vocab_only`` (``Tokenizer``);
+   later requests load that file if it still matches its SHA-256 (else it is made
+   again: a file damaged on disk is never loaded), and a loaded tokenizer stays in
+   the cache object, which its owner (the requester) keeps.
 3. ``Tokenizer.count(request)`` tokenizes a ``JobRequest`` with
    node/inference/prompt.py, the very functions the worker's engine runs
    (chat template, plain prompt, text resumed after a failover), on the same
@@ -31,6 +33,7 @@ threads, one at a time per tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -212,14 +215,32 @@ class TokenizerCache:
     # ------------------------------------------------------------ internals (worker threads)
 
     def _make(self, key: str, sources: list[BlockSource]) -> Tokenizer:
-        cached = self.path_of(key)
-        if cached.exists():
-            return Tokenizer.load(key, cached)
+        cached = self._load_cached(key)
+        if cached is not None:
+            return cached
         local = self._local_copy(key)
         if local is not None:
             path, check = local
             return self._from_local(key, path, check)
         return self._fetch(key, sources)
+
+    def _load_cached(self, key: str) -> Tokenizer | None:
+        """The cached vocabulary, if it is there and still has the SHA-256 written beside it when it was made
+        from verified bytes; a damaged one is removed (and made again), never loaded."""
+        path = self.path_of(key)
+        digest = path.with_suffix(".sha256")
+        if not path.exists():
+            return None
+        try:
+            if hashlib.sha256(path.read_bytes()).hexdigest() == digest.read_text().strip():
+                return Tokenizer.load(key, path)
+            problem = "it no longer matches its SHA-256"
+        except (OSError, ModelError) as err:
+            problem = str(err)
+        log.warning("the cached tokenizer of %s… is damaged (%s); making it again", key[:16], problem)
+        path.unlink(missing_ok=True)
+        digest.unlink(missing_ok=True)
+        return None
 
     def _local_copy(self, key: str) -> tuple[Path, bool] | None:
         """A whole copy of the model here, and whether it must be hashed before it is trusted."""
@@ -287,7 +308,9 @@ class TokenizerCache:
         path = self.path_of(key)
         _write_atomically(path, vocab)
         try:
-            return Tokenizer.load(key, path)
+            tokenizer = Tokenizer.load(key, path)
         except ModelError:
             path.unlink(missing_ok=True)  # never leave a file that cannot load under the CID's name
             raise
+        _write_atomically(path.with_suffix(".sha256"), hashlib.sha256(vocab).hexdigest().encode() + b"\n")
+        return tokenizer
