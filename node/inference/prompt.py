@@ -80,3 +80,9 @@ def chat_prompt(
 def completion_prompt(vocab: Any, prompt: str, resume_text: str = "") -> tuple[list[int], list[int]]:
     """``(tokens, said)`` of a plain completion job (see the module docstring)."""
     return text_tokens(vocab, prompt + resume_text), said_tokens(vocab, resume_text)
+
+
+def answer_bytes(vocab: Any, tokens: Sequence[int]) -> bytes:
+    """The bytes of an answer's tokens as a worker's stream appends them: each token's piece on its own,
+    special tokens as empty text (``TokenStream``, node/inference/stream.py; ``observe_answer`` alike)."""
+    return b"".join(vocab.detokenize([int(token)]) for token in tokens)

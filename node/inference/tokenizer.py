@@ -46,7 +46,7 @@ from typing import Any
 import trio
 
 from node.errors import InvalidRequest, ModelError
-from node.inference.prompt import chat_prompt, completion_prompt
+from node.inference.prompt import answer_bytes, chat_prompt, completion_prompt
 from node.inference.sampling import validate_messages, validate_prompt
 from node.models.cid import CHUNK_SIZE, CID, file_cid, parse_cid
 from node.models.dag import DEFAULT_PACE, BlockSource, Pace, fetch_prefix
@@ -123,7 +123,7 @@ class Tokenizer:
 
     def answer_bytes(self, tokens: Sequence[int]) -> bytes:
         """The bytes of an answer's tokens, as the worker's stream appends them (blocking)."""
-        return b"".join(self._model.detokenize([int(t)]) for t in tokens)
+        return answer_bytes(self._model, tokens)
 
     def answer_text(self, tokens: Sequence[int]) -> str:
         """The text of an answer's tokens, as the worker's stream builds it (blocking)."""
