@@ -9,11 +9,14 @@ ubatch shapes, and whether the floats then agree depends on the CPU (docs/benchm
 from __future__ import annotations
 
 import dataclasses
+import threading
 
+import numpy as np
 import pytest
 import trio
 
 from node.inference.engine import open_engine
+from node.inference.fingerprints import pack
 from node.inference.sampling import Delta, Finished, SamplingParams
 from node.protocol.messages import JobRequest
 from node.verify import local as verify
@@ -192,3 +195,179 @@ async def test_jobs_arriving_together_with_one_system_prompt_compute_it_once(eng
         assert scheduler.reused_tokens - reused > 3 * (prompt - 20)  # all but each one's own question
         for k in range(4):
             await honest(verifier, *jobs[k], results[k])
+
+
+# ------------------------------------------------------------------ the engine's own faults (issue 19, section 4)
+
+
+class FailingDecode:
+    """llama_cpp as the scheduler sees it (``Scheduler._c``), with ``llama_decode`` failing once ``armed`` is set.
+
+    ``before_failing``, when given, runs on the scheduler's thread inside the failing call (``failing`` is set
+    then), just before it fails."""
+
+    def __init__(self, real, before_failing=None) -> None:
+        self._real, self._before = real, before_failing
+        self.armed, self.failing = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def llama_decode(self, ctx, batch) -> int:
+        if not self.armed.is_set():
+            return self._real.llama_decode(ctx, batch)
+        self.failing.set()
+        if self._before is not None:
+            self._before()
+        return -1  # what llama.cpp returns when it cannot place a batch in the cache
+
+
+async def events_until_error(engine, messages, params, *, after: int | None = None, then=None):
+    """A job's events, and what its stream raised (None if nothing); ``then()`` runs after ``after`` events."""
+    seen: list = []
+    try:
+        async with engine.stream_chat(messages, params) as events:
+            async for event in events:
+                seen.append(event)
+                if after is not None and len(seen) == after:
+                    then()
+    except Exception as err:  # noqa: BLE001  (what the consumer gets is what is asserted)
+        return seen, err
+    return seen, None
+
+
+async def test_a_llama_cpp_failure_mid_job_fails_the_job_instead_of_finishing_it(default_model_file, monkeypatch):
+    """A job cut short by llama.cpp must not end with a ``Finished``: the worker would sign a ``JobDone`` and
+    bill the truncated answer. Its stream raises instead, and the dead engine refuses the next job."""
+    async with open_engine(default_model_file, slots=2, kind="batched") as engine:
+        scheduler = engine._scheduler
+        failing = FailingDecode(scheduler._c)
+        monkeypatch.setattr(scheduler, "_c", failing)
+        with trio.fail_after(120):
+            seen, err = await events_until_error(engine, *request(0, max_tokens=64), after=2, then=failing.armed.set)
+            assert len(seen) >= 2 and not any(isinstance(e, Finished) for e in seen), seen[-1]
+            assert isinstance(err, RuntimeError) and "llama.cpp failed" in str(err), repr(err)
+            with pytest.raises(RuntimeError, match="llama.cpp failed"):  # one error, not a group with "no Finished"
+                await engine.complete_chat(*request(1))
+
+
+async def test_a_job_queued_as_the_engine_dies_fails_instead_of_waiting_forever(default_model_file, monkeypatch):
+    """Job B is queued while the scheduler is inside the decode that fails (deterministically: that decode
+    waits until B is queued). B must end with the error; it used to wait in a shielded wait forever."""
+    async with open_engine(default_model_file, slots=2, kind="batched") as engine:
+        scheduler = engine._scheduler
+        queued = threading.Event()
+        failing = FailingDecode(scheduler._c, before_failing=lambda: queued.wait(60))
+        monkeypatch.setattr(scheduler, "_c", failing)
+        submitted = []
+        submit = scheduler.submit
+
+        def submit_and_tell(job) -> None:
+            submit(job)
+            submitted.append(job)
+            if len(submitted) == 2:
+                queued.set()
+
+        monkeypatch.setattr(scheduler, "submit", submit_and_tell)
+        outcome: dict = {}
+        b_done = trio.Event()
+
+        async def job_a() -> None:
+            outcome["a"] = await events_until_error(engine, *request(0, max_tokens=64), after=1, then=failing.armed.set)
+
+        async def job_b() -> None:
+            await trio.to_thread.run_sync(failing.failing.wait)  # the scheduler is in the decode that fails
+            outcome["b"] = await events_until_error(engine, *request(1))
+            b_done.set()
+
+        with trio.fail_after(180):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(job_a)
+                nursery.start_soon(job_b)
+                with trio.move_on_after(60):  # only a regression waits this long
+                    await b_done.wait()
+                if not b_done.is_set():
+                    submitted[1].done()  # release B's shielded wait, or this test would hang instead of failing
+                    await b_done.wait()
+                    pytest.fail("job B, queued as the engine died, was never ended")
+        for name in ("a", "b"):
+            seen, err = outcome[name]
+            assert not any(isinstance(e, Finished) for e in seen), name
+            assert isinstance(err, RuntimeError) and "llama.cpp failed" in str(err), (name, repr(err))
+
+
+def document_tokens(llama, n: int) -> list[int]:
+    """``n`` tokens of plain text (the records of DOCUMENT, repeated)."""
+    tokens = llama.tokenize((DOCUMENT + " ").encode() * 3, add_bos=True, special=False)
+    assert len(tokens) >= n
+    return tokens[:n]
+
+
+def records_of(tokens: list[int]) -> bytes:
+    """Fingerprints that claim ``tokens`` as an answer (``observe`` re-runs any tokens it is given)."""
+    zeros = [0.0] * len(tokens)
+    return pack(tokens, tokens, tokens, zeros, zeros, zeros)
+
+
+def same_observations(a, b) -> bool:
+    """Bit for bit (NaN where the other has the same NaN)."""
+    bits = lambda v: (v.dtype, v.shape, v.tobytes()) if isinstance(v, np.ndarray) else v  # noqa: E731
+    return all(bits(getattr(a, f.name)) == bits(getattr(b, f.name)) for f in dataclasses.fields(a))
+
+
+def counting_evals(monkeypatch, llama, scheduler) -> list[tuple[int, int]]:
+    """Each ``llama.eval`` (a verification pass's prompt) as (tokens evaluated, scheduler steps meanwhile)."""
+    evals: list[tuple[int, int]] = []
+    real = llama.eval
+
+    def evaluate(tokens) -> None:
+        steps = scheduler.steps
+        real(tokens)
+        evals.append((len(tokens), scheduler.steps - steps))
+
+    monkeypatch.setattr(llama, "eval", evaluate)
+    return evals
+
+
+async def test_a_verification_pass_does_not_stall_the_running_jobs(default_model_file, monkeypatch):
+    """A 1,200-token check is three 512-token batches on the model's own context; the running job decodes a
+    step between them (counted with the scheduler's steps: no timing). What the check observes is bit for bit
+    what the same check gives on an idle engine."""
+    async with open_engine(default_model_file, slots=2, kind="batched") as engine:
+        scheduler, llama = engine._scheduler, engine._llamas[0]
+        prompt = document_tokens(llama, 1200)
+        check = (lambda _llama: (prompt, []), SamplingParams(max_tokens=64, temperature=0), records_of(prompt[:40]))
+        evals = counting_evals(monkeypatch, llama, scheduler)
+        # a job that cannot end before 300 characters: it is still decoding when the check ends
+        long = SamplingParams(max_tokens=400, temperature=0, grammar="root ::= [a-z ]{300}")
+        with trio.fail_after(300):
+            async with engine.stream_chat(request(0)[0], long) as events:
+                await events.receive()  # decoding
+                busy = await engine.observe(*check)
+            assert len(evals) == 1 and evals[0][0] == 1200
+            assert evals[0][1] >= 2, f"no step between the check's batches: {evals}"
+            llama.reset()  # the same check again, from an empty cache, with nothing else running
+            idle = await engine.observe(*check)
+            assert evals[1] == (1200, 0)
+        assert same_observations(busy, idle)
+
+
+async def test_what_one_slot_computed_is_what_every_slot_sees(default_model_file, monkeypatch):
+    """Every slot of the batched engine checks on the model's one context. Slot 0's check leaves 1,024 prompt
+    tokens reusable; slot 1's check then rewrites those cells with a short prompt and an answer (computed in
+    answer-sized batches, which a prompt may never reuse). Slot 0's next check must not trust its old value."""
+    async with open_engine(default_model_file, slots=2, kind="batched") as engine:
+        scheduler, llama = engine._scheduler, engine._llamas[0]
+        text = document_tokens(llama, 1100)
+        greedy = SamplingParams(max_tokens=64, temperature=0)
+
+        async def check(prompt: list[int], answer: list[int]):
+            return await engine.observe(lambda _llama: (prompt, []), greedy, records_of(answer))
+
+        evals = counting_evals(monkeypatch, llama, scheduler)
+        with trio.fail_after(300):
+            first = await check(text, text[:8])  # slot 0 (slots are taken in turn)
+            await check(text[:300], text[300:900])  # slot 1: the cache now holds text[:900], 600 of it as an answer
+            again = await check(text, text[:8])  # slot 0 again
+        assert [n for n, _ in evals] == [1100, 300, 1100], evals  # a fresh prompt pass, not 588 tokens on stale cells
+        assert same_observations(first, again)

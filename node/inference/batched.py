@@ -21,17 +21,26 @@ context each. A scheduler thread runs the loop:
 Weights are read once per step for all sequences, which is where the
 throughput comes from on CPUs as on GPUs. Verification (``observe``) runs on
 the engine's own separate context, one check at a time, on the scheduler's
-thread between two steps.
+thread; every batch it decodes there is followed by one step of the running jobs
+(``Scheduler._interleaved``), so a check of thousands of tokens stalls the streams
+for one of its batches at a time, not for the whole pass. What the check computes
+is unchanged: the same batches, in the same order, on its own context.
+
+A llama.cpp failure stops the engine: every job running or queued ends with
+``EngineFailed`` (never a ``Finished``, which a worker would sign and bill), and
+new jobs are refused.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -46,6 +55,10 @@ from node.inference.stream import TokenStream
 
 PREFILL_CHUNK = 128  # prompt tokens a sequence may add to one step (measured: docs/benchmarks.md, "prefill chunk")
 COPY_MIN = 32  # prompt tokens a copy from another sequence must save: it copies that sequence's whole stream
+
+
+class EngineFailed(RuntimeError):
+    """llama.cpp failed under the batched engine: the job did not finish, and the engine takes no more jobs."""
 
 
 def _common(held: list[int], prompt: list[int]) -> int:
@@ -122,7 +135,11 @@ class Scheduler:
         self.prefill_chunk = PREFILL_CHUNK  # benchmarks try others (bench/throughput.py --chunks)
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llmarket-batched", daemon=True)
+        self._lock = threading.Lock()  # ``_failure`` and enqueueing: no job is queued once the loop has died
         self._failure: BaseException | None = None
+        self._calling = False  # a ``call`` is running; the steps between its decodes admit jobs only
+        self._later: collections.deque[_Job | _Call | None] = collections.deque()  # taken during a call, for after it
+        self._broken: BaseException | None = None  # a step between a call's decodes failed: the loop ends after it
         self.steps = 0  # decode calls, for tests and benchmarks
         self.mixed_steps = 0  # of which some sequences decoded while others prefilled
         self._outbox: list[tuple[Any, Callable[..., None], tuple]] = []  # trio calls of this step, in order
@@ -157,10 +174,23 @@ class Scheduler:
         self._c.llama_batch_free(self._batch)
 
     def submit(self, job: _Job | _Call) -> None:
-        if self._failure is not None:
-            raise RuntimeError(f"the batched engine stopped: {self._failure}")
-        self._incoming.put(job)
+        """Queue ``job`` (or a call) for the loop.
+
+        Raises:
+            EngineFailed: the loop has died; nothing was queued. A job queued before that ends with the
+                error instead (``_die``): under the lock, the loop cannot die between the check and the put.
+        """
+        with self._lock:
+            if self._failure is not None:
+                raise self._failed()
+            self._incoming.put(job)
         self._wake.set()
+
+    def _failed(self) -> EngineFailed:
+        """A fresh error for one job (each raises its own, with its own traceback)."""
+        err = EngineFailed(f"the batched engine stopped: llama.cpp failed ({self._failure})")
+        err.__cause__ = self._failure
+        return err
 
     # ------------------------------------------------------------ the loop
 
@@ -191,29 +221,61 @@ class Scheduler:
                     continue
                 self._step()
                 self._flush()
-        except BaseException as err:  # a llama.cpp failure: every running job ends, the engine refuses new ones
-            self._failure = err
-            for job in list(self._running):
-                self._finish(job, FINISH_CANCELLED)
-            self._running.clear()
-            self._flush()
+        except BaseException as err:  # a llama.cpp failure: every job fails, the engine refuses new ones
+            self._die(err)
 
-    def _admit(self) -> bool:
-        """Take the jobs that arrived; False when the engine is stopping."""
+    def _die(self, err: BaseException) -> None:
+        """End every job, running or still queued, with ``EngineFailed``; fail queued calls likewise.
+
+        A job that ended as cancelled here would be billed: the worker signs a ``JobDone`` for any
+        ``Finished``. Once ``_failure`` is set under the lock, ``submit`` queues nothing more, so draining the
+        queue after that reaches every job that will ever be waiting.
+        """
+        with self._lock:
+            self._failure = err
+        for job in list(self._running):
+            self._fail(job, self._failed())
+        self._running.clear()
+        waiting = list(self._later)
+        self._later.clear()
         while True:
             try:
-                job = self._incoming.get_nowait()
+                waiting.append(self._incoming.get_nowait())
             except queue.Empty:
+                break
+        for item in waiting:
+            if isinstance(item, _Call):
+                item.result.set_exception(self._failed())
+            elif item is not None:
+                self._post(item, item.emit, self._failed())
+                self._post(item, item.done)
+        self._flush()
+
+    def _admit(self) -> bool:
+        """Take the jobs that arrived; False when the engine is stopping.
+
+        During a call (``_interleaved``), only jobs are taken: the first call or stop to arrive waits, with
+        whatever came after it, until the call has returned.
+        """
+        while True:
+            if self._later and not self._calling:
+                job = self._later.popleft()
+            elif self._later:
+                return True
+            else:
+                try:
+                    job = self._incoming.get_nowait()
+                except queue.Empty:
+                    return True
+            if self._calling and not isinstance(job, _Job):
+                self._later.append(job)
                 return True
             if job is None:
                 for running in list(self._running):
                     self._finish(running, FINISH_CANCELLED)
                 return False
             if isinstance(job, _Call):
-                try:
-                    job.result.set_result(job.fn())
-                except BaseException as err:
-                    job.result.set_exception(err)
+                self._call(job)
                 continue
             self._place(job)
             seed = job.params.seed if job.params.seed is not None else secrets.randbits(31)
@@ -230,6 +292,56 @@ class Scheduler:
                 ctx=self._ctx,
             )  # fmt: skip
             self._running.append(job)
+
+    def _call(self, call: _Call) -> None:
+        """Run ``call`` with the running jobs stepping between its decodes; a step that failed then ends the loop."""
+        self._calling = True
+        try:
+            with self._interleaved():
+                call.result.set_result(call.fn())
+        except BaseException as err:
+            call.result.set_exception(err)
+        finally:
+            self._calling = False
+        if self._broken is not None:
+            raise self._broken
+
+    @contextmanager
+    def _interleaved(self) -> Iterator[None]:
+        """While a call computes on the model's own context (a verification pass: ``Engine.observe``), each
+        ``decode`` it makes there is followed by one step of the running jobs on the batched context.
+
+        A pass of thousands of tokens thus stalls the streams for one of its batches (at most ``n_batch``
+        tokens of prompt, or ``PROBE_TOKENS`` of answer) at a time instead of for the whole pass. The pass's own
+        batches, positions and order are untouched, and the steps compute on the other context, so its result
+        is bit for bit what it was inline. Both contexts are computed on this one thread (see ``call``).
+        Before ``attach`` (loading, the numerics probe) there are no jobs, and nothing is interleaved.
+        """
+        if self._ctx is None:
+            yield
+            return
+        own = self._llama._ctx  # llama-cpp-python's LlamaContext: Llama.eval and observe decode through it
+        decode = own.decode
+
+        def decode_then_step(batch: Any) -> Any:
+            result = decode(batch)
+            if self._broken is None:
+                try:
+                    self._admit()
+                    self._flush()
+                    if self._running:
+                        self._step()
+                        self._flush()
+                except BaseException as err:  # the batched context failed: the call fails, then the loop
+                    self._broken = err
+                    raise
+            return result
+
+        own.decode = decode_then_step  # on this instance, for this call only
+        try:
+            yield
+        finally:
+            del own.decode
 
     def _place(self, job: _Job) -> None:
         """Put ``job`` on a free sequence whose cache will hold the longest prefix of its prompt to be found.
@@ -360,7 +472,7 @@ class Scheduler:
     def _finish(self, job: _Job, reason: str) -> None:
         if job in self._running:
             self._running.remove(job)
-        self._release(job, keep=self._failure is None)
+        self._release(job, keep=True)
         if job.sampler is not None:
             job.sampler.close()
             job.sampler = None
@@ -401,17 +513,17 @@ class BatchedEngine(Engine):
             prompt=tokens, said=said, params=params, grammar=grammar,
             emit=deliver, cancelled=cancelled, record=record, done=finished.set, trio_token=token,
         )  # fmt: skip
-        async with send:
-            self._scheduler.submit(job)
-            try:
+        self._scheduler.submit(job)  # EngineFailed once the engine has died
+        try:
+            await finished.wait()
+        except BaseException:
+            cancelled.set()  # the scheduler frees the sequence at its next step
+            with trio.CancelScope(shield=True):
                 await finished.wait()
-            except BaseException:
-                cancelled.set()  # the scheduler frees the sequence at its next step
-                with trio.CancelScope(shield=True):
-                    await finished.wait()
-                raise
-        if failure:
+            raise
+        if failure:  # raised with ``send`` still open: the consumer is cancelled, never shown an end of stream
             raise failure[0]
+        await send.aclose()
 
     async def _blocking(self, fn, *args):
         """``fn(*args)`` on the scheduler's thread (see ``Scheduler.call``); a trio worker thread waits."""

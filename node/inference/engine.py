@@ -21,6 +21,7 @@ The names of node/inference/sampling.py are re-exported here, their first home.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,7 +33,7 @@ from node.errors import InvalidRequest, ModelError
 from node.inference.base import Engine
 from node.inference.batched import BatchedEngine, Scheduler, batched_context
 from node.inference.contexts import ContextsEngine
-from node.inference.hardware import HardwareProfile, probe_hardware
+from node.inference.hardware import HardwareProfile, SlotPlan, plan_slots, probe_hardware
 from node.inference.numerics import PROBE_TOKENS, probe_numerics  # noqa: F401  (PROBE_TOKENS: re-exported)
 from node.inference.sampling import (  # noqa: F401  (re-exported: node.inference.engine was their home)
     FINISH_CANCELLED,
@@ -46,8 +47,10 @@ from node.inference.sampling import (  # noqa: F401  (re-exported: node.inferenc
     validate_messages,
     validate_prompt,
 )
-from node.inference.slot import Slot
+from node.inference.slot import Cache, Slot
 from node.models.store import check_gguf
+
+log = logging.getLogger("node.inference.engine")
 
 
 def _check_fits(path: Path, gpu_layers: int, slots: int, n_ctx: int, profile: HardwareProfile) -> None:
@@ -84,11 +87,36 @@ def _plan(
     return profile, gpu_layers, threads
 
 
+def kv_bytes_per_token(llama: Any) -> int:
+    """Bytes of f16 KV cache one token takes in ``llama``'s model (keys and values, every layer), from its
+    GGUF metadata; 0 when the metadata does not say."""
+    meta = llama.metadata
+    arch = meta.get("general.architecture", "")
+    number = lambda key, default=0: int(meta.get(f"{arch}.{key}", default) or default)  # noqa: E731
+    layers, heads, embedding = number("block_count"), number("attention.head_count"), number("embedding_length")
+    kv_heads = number("attention.head_count_kv", heads)
+    head = embedding // heads if heads else 0
+    return 2 * layers * kv_heads * (number("attention.key_length", head) + number("attention.value_length", head))
+
+
+def slot_plan(engine: Engine) -> SlotPlan:
+    """What ``open_engine(slots=None)`` plans for ``engine``'s model and machine (its hardware profile, probed
+    when it opened): the same plan it chose ``engine.slots`` by, with the reason, for the start-up line."""
+    return plan_slots(
+        engine.hardware,
+        batched=isinstance(engine, BatchedEngine),
+        on_gpu=engine.gpu_layers != 0,
+        n_ctx=engine.n_ctx,
+        model_bytes=engine.model_path.stat().st_size,
+        kv_bytes_per_token=kv_bytes_per_token(engine._llamas[0]),
+    )
+
+
 @asynccontextmanager
 async def open_engine(
     model_path: Path,
     *,
-    slots: int = 1,
+    slots: int | None = 1,
     n_ctx: int = 2048,
     threads: int | None = None,
     gpu_layers: int | None = None,
@@ -103,6 +131,8 @@ async def open_engine(
     and kept as ``engine.hardware``.
 
     Args:
+        slots: jobs at once; None chooses from the machine (``plan_slots``: as many sequences as the KV
+            cache has room for, up to 8, with the batched engine; 1 with the per-slot one).
         gpu_layers: layers to offload; None means all of them when llama.cpp
             has a GPU backend and a GPU is present, else 0.
         reuse_prefixes: batched only: a prompt's prefix already in a sequence's
@@ -112,14 +142,17 @@ async def open_engine(
         ModelError: the file is not GGUF, will not fit in RAM/VRAM, or llama.cpp cannot load it.
     """
     model_path = Path(model_path)
-    if slots < 1:
+    if slots is not None and slots < 1:
         raise InvalidRequest("--slots must be at least 1")
     if kind not in ("contexts", "batched"):
         raise InvalidRequest(f"unknown engine {kind!r}: use batched or contexts")
     batched = kind == "batched"
+    auto = slots is None
+    if auto and not batched:
+        slots = 1  # plan_slots: the per-slot engine splits the cores between slots
     profile, gpu_layers, threads = await trio.to_thread.run_sync(
-        _plan, model_path, slots, n_ctx, threads, gpu_layers, batched
-    )
+        _plan, model_path, slots or 1, n_ctx, threads, gpu_layers, batched
+    )  # batched with slots=None: the model checked with one sequence; the plan below fits the rest
 
     def load() -> Any:
         from llama_cpp import Llama
@@ -154,9 +187,17 @@ async def open_engine(
         for _ in range(1 if batched else slots):
             llamas.append(await compute(load))
         batch_numerics = await compute(probe_numerics, llamas[0], gpu_layers)
+        if auto:
+            plan = plan_slots(
+                profile, batched=batched, on_gpu=gpu_layers != 0, n_ctx=n_ctx,
+                model_bytes=model_path.stat().st_size, kv_bytes_per_token=kv_bytes_per_token(llamas[0]),
+            )  # fmt: skip
+            slots = plan.slots
+            log.info("%s", plan.reason)
         free_send, free_recv = trio.open_memory_channel(slots)
-        for index in range(slots):  # batched: every slot is a sequence of the one context, tokenized with llamas[0]
-            free_send.send_nowait(Slot(llamas[0 if batched else index], index))
+        shared = Cache()  # batched: every slot is a sequence of the one context, tokenized and checked with llamas[0]
+        for index in range(slots):
+            free_send.send_nowait(Slot(llamas[0], index, shared) if batched else Slot(llamas[index], index))
         extra: dict[str, Any] = {}
         if batched:
             ctx = await compute(lambda: batched_context(llamas[0], slots=slots, n_ctx=n_ctx, threads=threads))

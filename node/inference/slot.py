@@ -2,13 +2,23 @@
 changing a single float (``cached_prefix``).
 
 In the per-slot engine a slot is a llama.cpp context of its own; in the batched engine it is a sequence of the
-shared context, and its ``llama`` (the model's own context) tokenizes and runs verification passes.
+shared context, and its ``llama`` (the model's own context) tokenizes and runs verification passes. What a
+context's cache may reuse is a fact about the context, not the slot (``Cache``): the batched engine's slots
+all wrap the model's one context, so they share one ``Cache``, and a pass on one slot tells every other what
+the cells now hold.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass
+class Cache:
+    """A llama.cpp context's KV cache as ``cached_prefix`` sees it; one per context, shared by its slots."""
+
+    reusable: int = 0  # leading cache tokens computed exactly as a fresh evaluation would (see cached_prefix)
 
 
 @dataclass
@@ -17,7 +27,17 @@ class Slot:
 
     llama: Any  # llama_cpp.Llama
     index: int
-    reusable: int = 0  # leading cache tokens computed exactly as a fresh evaluation would (see cached_prefix)
+    cache: Cache = field(default_factory=Cache)  # of ``llama``'s context: pass the same one to slots that share it
+
+    @property
+    def reusable(self) -> int:
+        """Leading tokens of ``llama``'s cache that a prompt may reuse (``cached_prefix``), whichever slot
+        computed them."""
+        return self.cache.reusable
+
+    @reusable.setter
+    def reusable(self, value: int) -> None:
+        self.cache.reusable = value
 
 
 def cached_prefix(llama: Any, prompt: list[int], reusable: int) -> list[int]:
