@@ -15,7 +15,7 @@ class WorkerConfig:
     network: HostConfig = HostConfig()  # listen, bootstrap, announce, mDNS, relaying
     price_per_1k: int = 0
     verify_price_per_1k: int | None = None  # verification jobs; default: price_per_1k // 10
-    slots: int = 1
+    slots: int | None = None  # None: chosen from the machine (node/inference/hardware.py plan_slots)
     ctx_size: int = 2048
     threads: int | None = None
     gpu_layers: int | None = None

@@ -111,6 +111,58 @@ def probe_hardware() -> HardwareProfile:
     )
 
 
+MAX_AUTO_SLOTS = 8  # the batched engine's default ceiling (docs/benchmarks.md, "How many slots by default")
+KV_SHARE = 0.5  # of the memory left beside the model, what the default lets the KV cache take
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """How many jobs an engine serves at once when ``--slots`` is not given, and why (printed at start)."""
+
+    slots: int
+    reason: str
+
+
+def plan_slots(
+    profile: HardwareProfile,
+    *,
+    batched: bool,
+    on_gpu: bool,
+    n_ctx: int,
+    model_bytes: int,
+    kv_bytes_per_token: int,
+) -> SlotPlan:
+    """The default number of slots for this machine; pure.
+
+    The batched engine takes as many sequences as the KV cache has room for, up to ``MAX_AUTO_SLOTS``: each
+    sequence owns ``n_ctx`` cells of ``kv_bytes_per_token`` (its stream is allocated when the engine opens),
+    and the cache may take ``KV_SHARE`` of the memory the model leaves free (VRAM when layers are offloaded,
+    else RAM), the rest staying for compute buffers and everything else on the machine. More sequences cost
+    a single stream nothing measurable and add aggregate throughput on every CPU measured (docs/benchmarks.md);
+    past 8 the time to first token grows with little more throughput on CPUs. The per-slot engine gives every
+    slot its own context and a share of the cores, so it defaults to one.
+    """
+    if not batched:
+        return SlotPlan(1, "1 slot: --engine contexts splits the cores between its slots (--slots N for more)")
+    per_sequence = max(1, n_ctx * kv_bytes_per_token)
+    if on_gpu and profile.gpus:
+        where, free = "the GPU's free memory", max(g.vram_free for g in profile.gpus)
+    else:
+        where, free = "free RAM", profile.ram_available
+    room = int(max(0, free - model_bytes) * KV_SHARE)
+    fits = room // per_sequence
+    slots = max(1, min(MAX_AUTO_SLOTS, fits))
+    why = (
+        f"{slots} slot(s): a sequence of {n_ctx} tokens takes {per_sequence / 2**20:.0f} MiB of KV cache, and "
+        f"{KV_SHARE:.0%} of {where} beside the model ({room / 2**20:,.0f} MiB) holds {fits}"
+    )
+    if fits > MAX_AUTO_SLOTS:
+        why += f"; at most {MAX_AUTO_SLOTS} by default"
+    elif fits < 1:
+        why += "; one all the same"
+    return SlotPlan(slots, why + " (--slots N to choose)")
+
+
 @dataclass(frozen=True)
 class SpeedProfile:
     """The loaded model's measured speed on this machine (what an offer advertises)."""
