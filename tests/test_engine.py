@@ -12,8 +12,19 @@ import pytest
 import trio
 
 from node.errors import InvalidRequest, ModelError
-from node.inference.engine import FINISH_LENGTH, FINISH_STOP, Delta, Finished, SamplingParams, open_engine
+from node.inference.engine import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Delta,
+    Finished,
+    SamplingParams,
+    kv_bytes_per_token,
+    open_engine,
+    slot_plan,
+)
 from node.inference.grammar import MAX_SCHEMA_REPEAT, schema_problem
+from node.inference.hardware import MAX_AUTO_SLOTS, Gpu, HardwareProfile, plan_slots
+from tests.factories import gather
 
 slow = pytest.mark.slow  # the real model through llama.cpp
 
@@ -405,3 +416,49 @@ async def test_the_same_request_gives_the_same_tokens_cold_warm_and_beside_anoth
             nursery.start_soon(run, 1, short, seeded)
     assert (beside[0].text, beside[0].usage) == (cold["long"].text, cold["long"].usage)
     assert (beside[1].text, beside[1].usage) == (cold["seeded"].text, cold["seeded"].usage)
+
+
+# ------------------------------------------------------------------ the default number of slots
+
+MIB = 2**20
+SMOLLM_KV = 23_040  # bytes of f16 KV a token takes in SmolLM2-135M: 30 layers × 3 KV heads × (64 + 64) × 2
+
+
+def machine(ram_mib: int, vram_mib: int | None = None) -> HardwareProfile:
+    gpus = () if vram_mib is None else (Gpu("a GPU", 80 * 1024 * MIB, vram_mib * MIB),)
+    return HardwareProfile("a CPU", 2, 64 * 1024 * MIB, ram_mib * MIB, gpus, vram_mib is not None)
+
+
+def test_the_default_slots_follow_the_room_for_the_kv_cache():
+    """A 2,048-token sequence of SmolLM2 takes 45 MiB of KV; half the memory beside a 100 MiB model is the budget."""
+    plan = lambda profile, **kw: plan_slots(  # noqa: E731
+        profile, **{"batched": True, "on_gpu": False, "n_ctx": 2048, "model_bytes": 100 * MIB,
+                    "kv_bytes_per_token": SMOLLM_KV, **kw}
+    )  # fmt: skip
+    roomy = plan(machine(8192))
+    assert roomy.slots == MAX_AUTO_SLOTS == 8 and "at most 8" in roomy.reason and "45 MiB" in roomy.reason
+    assert plan(machine(300)).slots == 2  # (300 - 100) / 2 = 100 MiB: two sequences
+    tight = plan(machine(150))
+    assert tight.slots == 1 and "one all the same" in tight.reason
+    assert plan(machine(8192), n_ctx=16384).slots == 8  # 360 MiB a sequence: 11 fit in 4 GiB
+    assert plan(machine(8192), n_ctx=65536).slots == 2  # 1,440 MiB a sequence
+    # offloaded: the GPU's free memory decides, not the RAM
+    assert plan(machine(8192, vram_mib=300), on_gpu=True).slots == 2
+    assert "GPU" in plan(machine(8192, vram_mib=300), on_gpu=True).reason
+    assert plan(machine(150, vram_mib=8192), on_gpu=True).slots == 8
+    # the per-slot engine splits the cores between its contexts: one unless asked
+    assert plan(machine(8192), batched=False).slots == 1
+
+
+@slow
+async def test_a_batched_engine_without_slots_chooses_them_from_the_machine(default_model_file):
+    async with open_engine(default_model_file, slots=None, n_ctx=1024, kind="batched") as engine:
+        assert kv_bytes_per_token(engine._llamas[0]) == SMOLLM_KV
+        plan = slot_plan(engine)
+        assert engine.slots == plan.slots == engine.free_slots
+        assert engine.slots >= 2, plan.reason  # any machine that runs the tests has room for two 22 MiB caches
+        with trio.fail_after(60):  # every sequence serves
+            results = await gather(*(lambda: engine.complete_chat(QUESTION, GREEDY) for _ in range(engine.slots)))
+        assert all(r.usage.completion_tokens > 0 for r in results)
+    async with open_engine(default_model_file, slots=None, n_ctx=1024, kind="contexts") as engine:
+        assert engine.slots == 1
