@@ -61,7 +61,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     srv.add_argument("--verify-price", type=int, default=None, metavar="UNITS",
                      help="price per 1,000 tokens checked (prompt + answer) for verification jobs: other "
                           "requesters' spot checks of other workers (default: --price / 10)")  # fmt: skip
-    srv.add_argument("--slots", type=int, default=1, metavar="N", help="jobs served at once (default: %(default)s)")
+    srv.add_argument("--slots", type=int, default=None, metavar="N",
+                     help="jobs served at once (default: with --engine batched, as many as the KV cache has room "
+                          "for in memory, up to 8; with --engine contexts, 1; the choice and why are printed at "
+                          "start)")  # fmt: skip
     pay = srv.add_argument_group("payment (with --price > 0)")
     wallet_flags(pay)
     pay.add_argument("--settle-every", type=int, default=1, metavar="N",
@@ -175,6 +178,10 @@ def _serve(args: argparse.Namespace) -> int:
                 for url in await nursery.start(partial(serve_asgi, DashboardApp(dashboard), *http)):
                     print(f"web page at {url}/", file=sys.stderr, flush=True)
             print(f"serving {worker.model.name} ({worker.model.cid})", file=sys.stderr)
+            if config.slots is None:
+                from node.inference.engine import slot_plan
+
+                print(slot_plan(worker.engine).reason, file=sys.stderr)
             print(
                 f"{worker.engine.slots} slot(s), {worker.speed.tokens_per_s:.0f} tokens/s, first token "
                 f"{1000 * worker.speed.first_token_s:.0f} ms, gpu layers {worker.engine.gpu_layers}",
