@@ -156,7 +156,8 @@ class Scheduler:
         self._free = set(range(slots))
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the scheduler's thread between steps; its result (blocking the calling thread).
+        """Run ``fn`` on the scheduler's thread, the running jobs stepping between its decodes (``_interleaved``);
+        its result (blocking the calling thread).
 
         Everything that computes with llama.cpp runs on this one thread: loading, the numerics probe,
         verification passes. llama.cpp's CPU backend runs on OpenMP, whose worker teams belong to the thread
