@@ -138,13 +138,13 @@ def plan_slots(
     sequence owns ``n_ctx`` cells of ``kv_bytes_per_token`` (its stream is allocated when the engine opens),
     and the cache may take ``KV_SHARE`` of the memory the model leaves free (VRAM when layers are offloaded,
     else RAM), the rest staying for compute buffers and everything else on the machine. More sequences cost
-    a single stream nothing measurable and add aggregate throughput on every CPU measured (docs/benchmarks.md);
-    past 8 the time to first token grows with little more throughput on CPUs. The per-slot engine gives every
-    slot its own context and a share of the cores, so it defaults to one.
+    a single stream nothing measurable and add aggregate throughput under load (docs/benchmarks.md, "How many
+    slots by default"). The per-slot engine gives every slot its own context and a share of the cores, so it
+    defaults to one. ``kv_bytes_per_token`` 0 (unknown) counts 64 KiB a token, as ``open_engine``'s fit check.
     """
     if not batched:
         return SlotPlan(1, "1 slot: --engine contexts splits the cores between its slots (--slots N for more)")
-    per_sequence = max(1, n_ctx * kv_bytes_per_token)
+    per_sequence = n_ctx * (kv_bytes_per_token or 64 * 1024)  # unknown: the engine's rough 64 KiB a token
     if on_gpu and profile.gpus:
         where, free = "the GPU's free memory", max(g.vram_free for g in profile.gpus)
     else:
