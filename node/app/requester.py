@@ -28,7 +28,7 @@ from node.market.requester import JobResult, Proof
 from node.market.routing import Reputation
 from node.market.trust import Trust
 from node.models.cid import parse_cid
-from node.models.default import DEFAULT_MODEL_CID, default_model_file
+from node.models.default import DEFAULT_MODEL_CID
 from node.models.peers import PeerSource
 from node.net.host import HostConfig
 from node.net.identity import Identity
@@ -68,10 +68,11 @@ class RequesterNode:
         tokenizers = self.tokenizers
         if tokenizers is None:
             raise ModelError("this requester keeps no tokenizers (open it with open_requester)")
-        if request.model == DEFAULT_MODEL_CID:
-            tokenizer = await tokenizers.from_file(request.model, default_model_file())
-        else:
-            tokenizer = await tokenizers.get(request.model, [PeerSource(self.host, offer.peer_id, offer.addrs)])
+        # A tokenizer in memory or cached by CID, or the embedded default model's, is used first; the worker is
+        # asked only for a model this machine has never seen.
+        tokenizer = await tokenizers.get(request.model, [PeerSource(self.host, offer.peer_id, offer.addrs)])
+        if request.check is not None:  # a verification job: the checked prompt, and one per record checked
+            return CheckedUsage(tokenizer, await trio.to_thread.run_sync(tokenizer.count_check, request), answer=False)
         return CheckedUsage(tokenizer, await trio.to_thread.run_sync(tokenizer.count_sync, request))
 
     async def wait_for_model(self, model: str, timeout_s: float, *, providers_after_s: float = 1.0) -> list[Offer]:

@@ -46,6 +46,7 @@ from typing import Any
 import trio
 
 from node.errors import InvalidRequest, ModelError
+from node.inference.fingerprints import RECORD_BYTES
 from node.inference.prompt import answer_bytes, chat_prompt, completion_prompt
 from node.inference.sampling import validate_messages, validate_prompt
 from node.models.cid import CHUNK_SIZE, CID, file_cid, parse_cid
@@ -120,6 +121,21 @@ class Tokenizer:
     def count_sync(self, request: JobRequest) -> int:
         """The prompt tokens an honest worker bills for ``request`` (blocking)."""
         return len(self.prompt(request)[0])
+
+    def count_check(self, request: JobRequest) -> int:
+        """The prompt tokens an honest verifier bills for verification job ``request`` (blocking): the checked
+        job's prompt, and one per fingerprint record of its answer (node/verify/local.py ``CheckingEngine``).
+        The answer is not re-tokenized from its text, which need not give back the answer's own tokens."""
+        task = request.check
+        if task is None:
+            raise InvalidRequest("not a verification job")
+        return self.count_sync(task.original) + len(task.done.fingerprints) // RECORD_BYTES
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (llama.cpp's own test, as the worker's stream makes it)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, int(token)))
 
     def answer_bytes(self, tokens: Sequence[int]) -> bytes:
         """The bytes of an answer's tokens, as the worker's stream appends them (blocking)."""

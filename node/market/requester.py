@@ -372,6 +372,14 @@ async def _run_attempt(
         failure.paid, failure.logprobs = payment.spent, logprobs
         raise failure from None
     except Overcharge as err:
+        # The worker is paid what checked out (the payer has just signed for it): the receipt is delivered, then
+        # the job is cancelled, before the stream goes.
+        with trio.move_on_after(1):
+            try:
+                await send(stream, JobCancel(request.job_id))
+                await stream.close()
+            except (EOFError, ConnectionError, WireError):
+                pass
         await stream.reset()
         partial, kept = err.kept if err.kept is not None else (text, tokens)  # only what checked out is kept
         failure = _WorkerFailed(f"overcharge: {err}", partial=partial, tokens=kept)

@@ -62,6 +62,9 @@ class CheckedUsage:
 
     tokenizer: Tokenizer
     prompt_tokens: int  # exact
+    # A verification job's answer is its verdict (node/verify/), billed as prompt tokens only: it has no tokens
+    # and no records, and its text is not spelled by any.
+    answer: bool = True
     tokens: list[int] = field(default_factory=list)  # the answer's tokens, from the records streamed
     spelled: str = ""  # what they spell, built as the worker builds its text (node/inference/stream.py)
     ends: list[int] = field(default_factory=list)  # len(spelled) after each token
@@ -83,6 +86,8 @@ class CheckedUsage:
             return f"bad fingerprint records: {err}"
         if len(tokens) != chunk.tokens:
             return f"a chunk bills {chunk.tokens} tokens with {len(tokens)} fingerprint records"
+        if tokens and not self.answer:
+            return f"a verdict bills {len(tokens)} tokens"
         for token in tokens:
             if self.tokenizer.is_eog(token):  # the tokens before it still count
                 return "the answer goes on after the model's end-of-generation token"
@@ -103,12 +108,15 @@ class CheckedUsage:
         return (self.spelled[: self.ends[n - 1]] if n else ""), n
 
     def text_problem(self, text: str) -> str | None:
-        if not self.spelled.startswith(text):
+        if self.answer and not self.spelled.startswith(text):
             return "the text received is not what the records' tokens spell"
         return None
 
     def completion_problem(self, done: JobDone, text: str, request: JobRequest) -> str | None:
         """Why ``done`` does not bill exactly the records streamed, or says a false finish reason; or None."""
+        if not self.answer:
+            billed = done.receipt.completion_tokens
+            return f"a verdict bills {billed} completion tokens" if billed or done.fingerprints else None
         try:
             tokens = [int(t) for t in unpack(done.fingerprints).tokens] if done.fingerprints else []
         except ValueError as err:
