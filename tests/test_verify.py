@@ -109,12 +109,48 @@ def test_the_noise_class_comes_from_the_claim_and_never_from_the_records():
     for wider, narrower in ((verify.GPU, verify.CPU), (verify.CPU, verify.EXACT)):
         for limit in ("logit", "mean", "tie", "flips", "outside"):
             assert getattr(wider, limit) >= getattr(narrower, limit)
-    # noise in the records buys nothing: flips are held to the class's fixed allowance, however far the values are
+    # the values are judged against the class's fixed limits
     noisy = dict(at_top1=np.full(4, 15.375, np.float32), at_top2=np.full(4, 14.375, np.float32),
                  at_token=np.full(4, 15.375, np.float32))  # fmt: skip
-    flips = dict(pick=np.array([10, 99, 98, 97]), gap=np.array([0, 0.1, 0.1, 0.1]))
-    assert judged(**noisy).ok and not judged(**noisy, **flips).ok
+    assert judged(**noisy).ok and judged(noise=verify.CPU, **noisy).ok
     assert "off by 0.375, where this machine's numerics" in judged(noise=verify.EXACT, **noisy).reason
+
+
+def seeded_flips(down: int, up: int = 0, n: int = 64, error: float = 0.0) -> verify.Verdict:
+    """A seeded sampled answer of ``n`` tokens, checked in the GPU class, where ``down`` replayed picks differ
+    toward a less likely token and ``up`` toward a more likely one; every record value off by ``error``."""
+    gap = np.zeros(n)
+    gap[:down], gap[down : down + up] = 0.3, -0.3
+    pick = np.arange(10, 10 + n)
+    pick[: down + up] = 999
+    obs, records = made_up(
+        n,
+        pick=pick,
+        gap=gap,
+        text="x" * n,
+        at_top1=np.full(n, 15 + error, np.float32),
+        at_top2=np.full(n, 14 + error, np.float32),
+        at_token=np.full(n, 15 + error, np.float32),
+    )
+    params = dataclasses.replace(SAMPLED, max_tokens=n)
+    return verify.judge(obs, records, params, text="x" * n, finish_reason=FINISH_LENGTH, prompt_tokens=9,
+                        completion_tokens=n, noise=verify.GPU)  # fmt: skip
+
+
+def test_noisy_picks_are_held_to_fixed_allowances_and_must_flip_both_ways():
+    """Honest noise flips seeded draws toward a less likely token as often as toward a more likely one; a hotter
+    sampler's flips all go down. The allowances are the class's, whatever noise the records show."""
+    for error in (0.0, 0.375):  # noise in the records buys nothing
+        assert seeded_flips(8, 8, error=error).ok and seeded_flips(16, error=error).ok  # 2^-16 > 1e-5
+        assert (
+            "17 of 17 tokens that differ from the seeded draw's are less likely" in seeded_flips(17, error=error).reason
+        )
+        assert (
+            seeded_flips(19, error=error).reason
+            == "19 of 64 tokens differ from the seeded draw's toward less likely ones"
+        )
+        assert seeded_flips(18, 17, error=error).reason == "35 of 64 tokens differ from the seeded draw's"  # 2 + 64/2
+    assert seeded_flips(17, 17).ok
 
 
 def test_the_billed_usage_must_be_the_verifiers_own_count():
@@ -149,8 +185,8 @@ def test_an_answer_that_goes_on_after_the_model_ended_it_fails():
         (dict(at_token=np.array([15.0, 15.0, 11.0, 15.0], np.float32)), "token 2: a logit is off by 4.00"),
         (dict(at_top2=np.full(4, 15.6, np.float32), at_token=np.full(4, 15.6, np.float32)), "on average"),
         (dict(top=np.array([15.0, 19.0, 15.0, 15.0], np.float32)), "token 1: the claimed top token is 4.00 below"),
-        (dict(allowed=np.array([False, False, True, True])), "2 of 4 tokens are outside"),
-        (dict(pick=np.array([1, 2, 3, 13]), gap=np.full(4, 0.1)), "3 of 4 tokens differ from the seeded draw's"),
+        (dict(allowed=np.array([False, False, True, True]), noise=verify.EXACT), "2 of 4 tokens are outside"),
+        (dict(pick=np.array([1, 2, 3, 13]), noise=verify.EXACT), "3 of 4 tokens differ from the seeded draw's"),
         (dict(p=np.full(4, 0.01)), "too unlikely for temperature 0.7"),
         (dict(broken="token 2 is not allowed by the grammar"), "token 2 is not allowed by the grammar"),
         (dict(text="abce"), "the text is not what the tokens spell"),
@@ -238,11 +274,23 @@ async def test_honest_batched_work_is_never_flagged(default_model_file, capsys):
 
 
 @slow
+async def test_honest_noisy_work_is_never_flagged(default_model_file, capsys):
+    """8 honest answers of up to 96 tokens from a worker whose logits carry Gaussian noise at every position (as
+    a GPU's might) and that claims no numerics, so it is checked in the widest class: none flagged. The
+    calibration runs 200."""
+    with trio.fail_after(900):
+        tally = await calibration.noisy_checks(default_model_file, jobs=8)
+    report(capsys, tally.summary())
+    assert not tally.failures, tally.failures[:5]
+    assert len(tally.verdicts) == 8 and {v.regime for v in tally.verdicts} == {"gpu"}
+
+
+@slow
 @pytest.mark.parametrize("cheat", calibration.CHEATS)
 async def test_every_cheater_is_caught(cheat, default_model_file, tmp_path, capsys):
-    """10 checked jobs of at least 32 tokens from each cheater of tests/cheaters.py: every one must fail
-    verification. The calibration runs 100 per cheater."""
-    with trio.fail_after(600):
+    """10 checked jobs of at least 32 tokens (64 for the noisy-regime cheaters and the padder) from each cheater
+    of tests/cheaters.py: every one must fail verification. The calibration runs 100 per cheater."""
+    with trio.fail_after(900):
         tally = await calibration.cheater_checks(cheat, default_model_file, tmp_path, jobs=10)
     report(capsys, tally.summary())
     assert tally.checked == 10 and tally.caught == 10, tally.passed

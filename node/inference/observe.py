@@ -129,17 +129,16 @@ def observe_answer(
 
 
 def _stop_probability(sampler: Sampler, is_eog: Any, pick: int) -> float:
-    """The probability that the chain, as ``sampler.replay`` just ran it, ends the answer here: the final
+    """The probability that the chain, as ``sampler.replay`` just ran it, ends the answer here: its final
     candidates' probability on end-of-generation tokens (greedy: 1 when its pick is one, else 0)."""
     import numpy as np
 
     if sampler._greedy:
         return 1.0 if pick >= 0 and is_eog[pick] else 0.0
-    array = sampler._array  # the chain's final candidates, where replay left them
+    array = sampler._array  # the final candidates, where replay left them (read as replay reads them)
     base = ctypes.cast(array.data, ctypes.c_void_p).value
     if base == sampler._candidates.ctypes.data:
         final = sampler._candidates[: array.size]
-    else:
+    else:  # a sampler moved the candidates (llama.cpp may): read them where they are
         final = np.frombuffer((sampler._c.llama_token_data * array.size).from_address(base), sampler._candidates.dtype)
-    ids = final["id"]
-    return float(final["p"][is_eog[ids]].astype(np.float64).sum()) if ids.size else 0.0
+    return float(final["p"][is_eog[final["id"]]].astype(np.float64).sum()) if array.size else 0.0

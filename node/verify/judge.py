@@ -57,19 +57,21 @@ class NoiseClass:
     mean: float  # the mean difference over all of a job's fingerprint values
     tie: float  # how far (raw, penalised logits) a differing pick may sit from the verifier's: greedy, EOG
     flips: float  # replayed picks (greedy or seeded) that may differ, per token
+    lower: float  # seeded: picks that may differ toward a token the verifier finds less likely, per token
     outside: float  # sampled tokens outside the chain's top-k/top-p/min-p candidates, per token
     surprise_z: float  # sampled: how unlikely the tokens may be together, in standard deviations
-    slack: int = 1  # flips and outside tokens allowed whatever the length
+    slack: int  # flips, lower flips and outside tokens allowed whatever the length
+    sign: float = 1e-5  # seeded: the least probability that honest, symmetric noise gives so many lower flips
     stop: float = 1e-6  # unseeded: the least probability that the sampler would have gone on where it did
 
 
 #: The worker's receipt names the verifier's own numerics: every logit is reproduced to the bit.
-EXACT = NoiseClass("exact", logit=0.0, mean=0.0, tie=0.0, flips=1 / 64, outside=1 / 32, surprise_z=5.0)
+EXACT = NoiseClass("exact", logit=0, mean=0, tie=0, flips=1 / 64, lower=1 / 64, outside=1 / 32, surprise_z=5, slack=1)
 #: Another CPU build or instruction set, or this CPU in a path that is not bit-identical (several threads,
 #: K-quants, a batch shared with other sequences).
-CPU = NoiseClass("cpu", logit=1.5, mean=0.4, tie=1.0, flips=0.25, outside=0.1, surprise_z=5.0)
+CPU = NoiseClass("cpu", logit=1.5, mean=0.4, tie=1.0, flips=0.5, lower=0.25, outside=0.1, surprise_z=5, slack=2)
 #: A GPU, or numerics the worker does not name: the widest.
-GPU = NoiseClass("gpu", logit=2.0, mean=0.5, tie=1.0, flips=0.25, outside=0.1, surprise_z=5.0)
+GPU = NoiseClass("gpu", logit=2.0, mean=0.5, tie=1.0, flips=0.5, lower=0.25, outside=0.1, surprise_z=5, slack=2)
 NOISE_CLASSES = {c.name: c for c in (EXACT, CPU, GPU)}
 
 
@@ -102,6 +104,7 @@ class Verdict:
     outside: int  # tokens outside the chain's candidates
     surprise_z: float  # 0 for greedy
     regime: str = ""  # the NoiseClass checked in
+    lower: int = 0  # sampled: flips to a token the verifier's chain finds less likely than its own pick
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,6 +151,8 @@ def judge(
         expected, variance = float(obs.entropy[:m][inside].sum()), float(obs.spread[:m][inside].sum())
         z = (surprise - expected) / math.sqrt(variance) if variance > 1e-9 else 0.0
 
+    lower = int((picks_differ & (obs.gap[:m] > 0)).sum()) if sampled else 0
+
     def verdict(reason: str = "") -> Verdict:
         return Verdict(
             ok=not reason,
@@ -159,6 +164,7 @@ def judge(
             outside=outside,
             surprise_z=round(z, 3),
             regime=noise.name,
+            lower=lower,
         )
 
     # ---- what was billed and said: the usage, the end of the answer, the finish reason, the text
@@ -233,11 +239,28 @@ def judge(
         return verdict()
     if outside > noise.slack + noise.outside * m:
         return verdict(f"{outside} of {m} tokens are outside the top-k/top-p/min-p candidates")
-    if obs.seeded and flips > allowed_flips:
-        return verdict(f"{flips} of {m} tokens differ from the seeded draw's")
+    if obs.seeded:
+        # Honest noise moves the draw's boundaries both ways alike, so its flips go to a less likely token as
+        # often as to a more likely one; a hotter sampler's all go down, and a cheaper model's mostly do.
+        if flips > allowed_flips:
+            return verdict(f"{flips} of {m} tokens differ from the seeded draw's")
+        if lower > noise.slack + noise.lower * m:
+            return verdict(f"{lower} of {m} tokens differ from the seeded draw's toward less likely ones")
+        if noise is not EXACT and one_sided(lower, flips) < noise.sign:
+            return verdict(
+                f"{lower} of {flips} tokens that differ from the seeded draw's are less likely than its own "
+                f"(as likely as honest noise with probability {one_sided(lower, flips):.1e})"
+            )
     if z > noise.surprise_z:
         return verdict(f"the tokens are too unlikely for temperature {params.temperature} (z = {z:.1f})")
     return verdict()
+
+
+def one_sided(successes: int, trials: int) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, 1/2)."""
+    if successes <= 0:
+        return 1.0
+    return sum(math.comb(trials, k) for k in range(successes, trials + 1)) / 2.0**trials
 
 
 def request_params(request: JobRequest) -> SamplingParams:
