@@ -176,7 +176,7 @@ class VerifyBeforePaying:
         if engine is None or not proof.done.fingerprints:
             return True
         try:
-            verdict, _ = await examine_answer(engine, proof.request, proof.text, proof.done, self.verifier.tolerance)
+            verdict, _ = await examine_answer(engine, proof.request, proof.text, proof.done)
         except InvalidRequest as err:  # ContextTooLong included: the answer does not fit the local context
             log.info("job %s: not checked before paying: %s", proof.request.job_id, err)
             return True
