@@ -53,8 +53,7 @@ def observe_answer(
     columns.update(gap=np.full(n, np.inf), between=np.full(n, np.inf), p=np.zeros(n))
     columns.update(entropy=np.zeros(n), spread=np.zeros(n))
     pick, allowed = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
-    vocab = llama._model.vocab
-    is_eog = np.fromiter((llama_cpp.llama_vocab_is_eog(vocab, t) for t in range(n_vocab)), dtype=bool, count=n_vocab)
+    is_eog = eog_mask(llama)
     stop_p = np.zeros(n)
     seeded = params.seed is not None or params.temperature == 0
     sampler = Sampler(llama, params, grammar, params.seed if seeded else secrets.randbits(31), said)
@@ -126,6 +125,21 @@ def observe_answer(
         stop_p=stop_p,
         **columns,
     )
+
+
+def eog_mask(llama: Any) -> Any:
+    """A bool per token id: end-of-generation or not. Computed once per ``Llama`` (a pass over the vocabulary
+    takes ~50 ms) and kept on it; read-only afterwards."""
+    import llama_cpp
+    import numpy as np
+
+    mask = getattr(llama, "_llmarket_eog", None)
+    if mask is None:
+        vocab, n_vocab = llama._model.vocab, llama.n_vocab()
+        mask = np.fromiter((llama_cpp.llama_vocab_is_eog(vocab, t) for t in range(n_vocab)), bool, count=n_vocab)
+        mask.flags.writeable = False
+        llama._llmarket_eog = mask
+    return mask
 
 
 def _stop_probability(sampler: Sampler, is_eog: Any, pick: int) -> float:
