@@ -8,14 +8,23 @@ the job's sampler chain on them with the job's seed. ``judge`` then decides,
 from those observations alone, whether the answer is what the model, asked
 this, would have produced:
 
+- the usage the worker billed is the verifier's own count: the prompt's tokens and
+  the answer's (one record per token, an end-of-generation record last);
+- the answer does not go on past the model's end: no end-of-generation record
+  before the last, no position where the verifier's greedy or seeded pick is
+  end-of-generation and the worker went on, and (unseeded) a plausible chance
+  that the asked sampler would have gone on as far;
 - every fingerprint value matches the verifier's logit for that token, one by
-  one within ``Tolerance.logit`` and on average within ``Tolerance.mean``
-  (a different model, quantization or prompt moves them all);
+  one and on average, within the limits of the worker's ``NoiseClass`` (exact:
+  to the bit; cpu, gpu: fixed, calibrated limits). The class comes from the
+  receipt's claim (``noise_class``), never from the records: a worker that claims
+  nothing gets the widest, and that class is calibrated against the cheats;
 - greedy: each token is the (penalised) argmax, up to near-ties;
 - sampled: each token is among the chain's top-k/top-p/min-p candidates;
   with the job's seed the replayed draw picks the same token, up to a few
-  flips near a boundary; and the tokens are not, taken together, less likely
-  than the asked temperature makes them (a surprisal z-score);
+  flips, and in a noisy class the flips do not lean toward less likely tokens
+  (honest noise flips both ways alike); and the tokens are not, taken together,
+  less likely than the asked temperature makes them (a surprisal z-score);
 - the text is what the tokens spell, and the finish reason is true (an
   end-of-generation token, a stop string, or max_tokens).
 
