@@ -4,7 +4,11 @@ prefixes found in a sequence's cache (its own or another's) instead of computed 
 must pass verification against the model (node/verify/local.py, a one-thread per-slot verifier): greedy answers are
 the argmax at each token up to near-ties, sampled ones the seeded draws of their own parameters. Bitwise
 equality with a solo run is not asserted: a prompt prefilled beside other sequences is computed in other
-ubatch shapes, and whether the floats then agree depends on the CPU (docs/benchmarks.md)."""
+ubatch shapes, and whether the floats then agree depends on the CPU (docs/benchmarks.md).
+
+The engine's own faults (issue 19, section 4): a llama.cpp failure fails every job, running or queued, instead of
+finishing it; a verification pass lets the running jobs decode between its batches; what one slot's check
+computed is what every slot sees."""
 
 from __future__ import annotations
 
