@@ -300,7 +300,7 @@ async def calibrate(scale: float) -> tuple:
     return honest, batched, noisy, cheats
 
 
-def calibration_markdown(honest, batched, noisy, cheats, *, machine: str, minutes: float) -> str:
+def calibration_markdown(honest, batched, noisy, cheats, *, machine: str, minutes: float, scale: float = 1) -> str:
     rows = ["| workload | checks | flagged | max logit error: median / p99 / max | mean error, max | flips, max "
             "(per token) | surprisal z, max |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
     for tally in (honest, batched, noisy):
@@ -316,7 +316,8 @@ def calibration_markdown(honest, batched, noisy, cheats, *, machine: str, minute
     for tally in cheats:
         reasons = "; ".join(f"{reason}: {count}" for reason, count in sorted(tally.reasons.items()))
         rows.append(f"| {tally.cheat} | {tally.caught} of {tally.checked} | {reasons} |")
-    head = f"Last calibration: {time.strftime('%Y-%m-%d')}, {machine}, {minutes:.0f} min."
+    sizes = "" if scale == 1 else f" (--scale {scale})"
+    head = f"Last calibration{sizes}: {time.strftime('%Y-%m-%d')}, {machine}, {minutes:.0f} min."
     extra = f" The batched engine found {batched.reused_tokens:,} prompt tokens in a cache." if batched else ""
     return "\n".join([BEGIN, head + extra, "", *rows, END])
 
@@ -334,7 +335,7 @@ def run_calibration(args: argparse.Namespace) -> None:
     honest, batched, noisy, cheats = trio.run(calibrate, args.scale)
     machine = f"{cpu_model()}, {os.cpu_count()} cores"
     minutes = (time.monotonic() - started) / 60
-    block = calibration_markdown(honest, batched, noisy, cheats, machine=machine, minutes=minutes)
+    block = calibration_markdown(honest, batched, noisy, cheats, machine=machine, minutes=minutes, scale=args.scale)
     print(block)
     if not args.no_write:
         write_between_markers(Path(__file__).resolve().parents[1] / "docs" / "verification.md", block)

@@ -221,6 +221,7 @@ class Caught:
     """One cheater's tally: jobs checked, jobs caught, the first failing check of each, what passed."""
 
     cheat: str
+    least: int = 32  # the shortest answer counted (tokens)
     checked: int = 0
     caught: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
@@ -228,7 +229,7 @@ class Caught:
 
     def summary(self) -> str:
         return (
-            f"{self.cheat}: caught {self.caught} of {self.checked} jobs of >= 32 tokens; "
+            f"{self.cheat}: caught {self.caught} of {self.checked} jobs of >= {self.least} tokens; "
             f"failed checks: {json.dumps(self.reasons)}"
         )
 
@@ -250,7 +251,7 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
     if quantization in cheaters.QUANTIZATIONS:
         path = cheaters.requantize(model_file, workdir / f"{quantization}.gguf", quantization)
     least = LONG.get(cheat, 32)
-    tally = Caught(cheat)
+    tally = Caught(cheat, least)
     async with AsyncExitStack() as stack:
         engine = await stack.enter_async_context(open_engine(path, slots=2, threads=1))
         verifier = await stack.enter_async_context(open_engine(model_file, slots=2, threads=1))

@@ -9,7 +9,7 @@ model, not a bookkeeping slip:
 - ``requantize``: the default model requantized (Q4_0, Q2_K) with
   ``llama_model_quantize``; served as is by a real engine, under the
   original's CID.
-- ``HiddenPrompt``: prepends a system prompt the requester never sent.
+- ``HiddenPrompt``: prepends a system prompt the requester never sent (and bills the prompt it was sent).
 - ``HotSampler``: samples at a higher temperature than asked (same seed).
 - ``RandomTokens``: random tokens, with fingerprints made up to look right.
 - ``TruncatePad``: answers half honestly, then pads with copies of its last token and record.
@@ -97,13 +97,15 @@ class _Wrapper:
         return done
 
     @asynccontextmanager
-    async def _stream(self, start, params: SamplingParams):
+    async def _stream(self, start, params: SamplingParams, billed: int | None = None):
         async with start(self.params(params)) as events:
             done = None
             async for event in events:
                 if isinstance(event, Finished):
                     done = event
         done = self.rewrite(done, params)
+        if billed is not None:  # bills the prompt the requester sent, not the one it ran
+            done = replace(done, usage=Usage(billed, done.usage.completion_tokens))
         send, recv = trio.open_memory_channel(2)
         send.send_nowait(Delta(done.text, done.usage.completion_tokens, done.usage.prompt_tokens))
         send.send_nowait(done)
@@ -122,6 +124,15 @@ class HiddenPrompt(_Wrapper):
 
     def messages(self, messages):
         return [{"role": "system", "content": self.system}, *messages]
+
+    def stream_chat(self, messages, params: SamplingParams, *, assistant_prefix: str = ""):
+        """Bills the requester's own prompt tokens, so that only the logits can give it away."""
+        billed = len(self.engine._chat_tokens(self.llama, list(messages)))
+
+        def start(p):
+            return self.engine.stream_chat(self.messages(messages), p, assistant_prefix=assistant_prefix)
+
+        return self._stream(start, params, billed)
 
 
 class HotSampler(_Wrapper):
