@@ -233,7 +233,12 @@ def judge(
             going_p = math.exp(log_going)
             return verdict(f"the answer goes on where the model would have ended it: with probability {going_p:.1e}")
     else:
-        went_on = np.flatnonzero(obs.pick_eog[:m] & picks_differ & (raw_gap > noise.tie))
+        passed = obs.pick_eog[:m] & picks_differ  # the verifier's pick ends the answer; the worker's does not
+        went_on = np.flatnonzero(passed if noise is EXACT else passed & (raw_gap > noise.tie))
+        if sampled and noise is not EXACT:
+            # A seeded draw near the boundary of end-of-generation's share flips with honest noise however far
+            # the next token's logit is: one such flip is allowed; a second is padding.
+            went_on = np.flatnonzero(passed)[1:]
         if went_on.size:
             i = int(went_on[0])
             return verdict(f"token {i}: the answer goes on where the model ends it (end-of-generation)")
