@@ -76,7 +76,8 @@ async def honest(verifier, messages, params: SamplingParams, done) -> None:
     fields["stop"] = list(fields["stop"])
     verdict = await verify.check(
         verifier, JobRequest(job_id="j", model="m", params=fields, messages=messages), done.fingerprints,
-        text=done.text, finish_reason=done.finish_reason, completion_tokens=done.usage.completion_tokens,
+        text=done.text, finish_reason=done.finish_reason, prompt_tokens=done.usage.prompt_tokens,
+        completion_tokens=done.usage.completion_tokens,
     )  # fmt: skip
     assert verdict.ok, verdict.reason
     records = len(done.fingerprints) // 15
