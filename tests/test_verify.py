@@ -239,7 +239,7 @@ async def test_where_the_probe_says_exact_every_logit_matches_and_the_budget_is_
         open_engine(default_model_file, slots=1, threads=2) as verifier,
     ):
         with trio.fail_after(300):
-            assert verifier.numerics == "" and worker.batch_numerics == verifier.batch_numerics  # one machine
+            assert verifier.numerics == "cpu" and worker.batch_numerics == verifier.batch_numerics  # one machine
             messages, params = job(0, long_every=25)  # greedy, with the long system document
             params = replace(params, max_tokens=2 * PROBE_TOKENS + 2, stop=())
             done = await answer(worker, messages, params)
@@ -247,7 +247,7 @@ async def test_where_the_probe_says_exact_every_logit_matches_and_the_budget_is_
             assert tokens == 0 and done.usage.completion_tokens <= records <= done.usage.completion_tokens + 1
             verdict = await check(verifier, messages, params, done, worker)
             assert verdict.ok, verdict
-            if worker.numerics:
+            if worker.batch_numerics:
                 assert verdict.max_error == 0.0 and verdict.flips == 0
             with pytest.raises(InvalidRequest, match="not a multiple of 15"):
                 await check(verifier, messages, params, replace(done, fingerprints=done.fingerprints[:-1]))

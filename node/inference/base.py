@@ -25,6 +25,7 @@ from node.errors import ContextTooLong, InvalidRequest
 from node.inference.fingerprints import Observations, unpack
 from node.inference.grammar import checked_grammar
 from node.inference.hardware import HardwareProfile
+from node.inference.numerics import CPU_CLAIM
 from node.inference.observe import observe_answer
 from node.inference.prompt import chat_prompt, chat_tokens, completion_prompt, text_tokens
 from node.inference.sampling import Finished, SamplingParams, validate_messages, validate_prompt
@@ -56,14 +57,20 @@ class Engine:
 
     @property
     def numerics(self) -> str:
-        """What receipts claim: "" or the class of machines whose batched pass gives these very logits.
+        """What receipts claim: the class of machines whose batched pass gives these very logits; else "cpu" on
+        CPUs (a verifier checks it in its cpu noise class, node/verify/judge.py), "" with GPU offload (the
+        widest class).
 
         With more than one thread, ggml splits a single token's attention over the KV cells among the threads
         once the cache view reaches 512 cells (ggml-cpu ops.cpp, ``use_split_kv_path``): the partial sums are
-        reduced in another order than a batched pass computes them, and logits move by up to ~0.5. Only a
-        one-thread decoder's answers are therefore claimed exact (docs/verification.md).
+        reduced in another order than a batched pass computes them, and logits move by up to ~0.5. So a
+        per-slot engine's answers are claimed exact only with one thread; the batched engine avoids the split
+        (node/inference/batched.py) and is exact at any thread count (docs/verification.md).
         """
-        return self.batch_numerics if self.threads == 1 else ""
+        return self._claim(self.batch_numerics if self.threads == 1 else "")
+
+    def _claim(self, exact: str) -> str:
+        return exact or (CPU_CLAIM if self.gpu_layers == 0 else "")
 
     @property
     def reproducible(self) -> bool:

@@ -48,12 +48,15 @@ from typing import Any
 import trio
 
 from node.inference.base import Engine
+from node.inference.numerics import PROBE_TOKENS
 from node.inference.sampler import Sampler
 from node.inference.sampling import FINISH_CANCELLED, SamplingParams
 from node.inference.slot import Slot
 from node.inference.stream import TokenStream
 
-PREFILL_CHUNK = 128  # prompt tokens a sequence may add to one step (measured: docs/benchmarks.md, "prefill chunk")
+PREFILL_CHUNK = PROBE_TOKENS  # prompt tokens a sequence may add to one step: under 64, so that flash attention
+# computes every row one at a time, as a decoded token's (batch invariance: ``batched_context``)
+SPLIT_FROM = 256  # cells a sequence may hold before a single token's attention view reaches 512 (``_step``)
 COPY_MIN = 32  # prompt tokens a copy from another sequence must save: it copies that sequence's whole stream
 
 
@@ -411,39 +414,48 @@ class Scheduler:
             if job.leader is not None and (job.leader.fed >= job.promised or job.leader not in self._running):
                 job.leader = None
                 self._fill(job)
-        rows: list[tuple[_Job, int]] = []  # (job, batch row holding its logits)
-        n = 0
-
-        def add(job: _Job, token: int, logits: bool) -> None:
-            nonlocal n
-            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, len(job.kv), 1
-            batch.seq_id[n][0], batch.logits[n] = job.seq, logits
-            job.kv.append(token)
-            n += 1
-
+        plan: list[tuple[_Job, list[int], bool]] = []  # (job, its tokens this step, whether its logits are due)
+        room = self._n_batch
         for job in self._running:  # decoding sequences first: one token each
             if job.next_token is not None:
-                add(job, job.next_token, True)
-                rows.append((job, n - 1))
-        decoding = n
+                plan.append((job, [job.next_token], True))
+                room -= 1
+        decoding = len(plan)
         for job in self._running:  # then prompts, a chunk each, while the batch has room
             left = len(job.prompt) - job.fed
             if left <= 0 or job.next_token is not None or job.leader is not None:
                 continue
-            take = min(left, self.prefill_chunk, self._n_batch - n)
+            take = min(left, self.prefill_chunk, room)
             if take <= 0:
                 break
-            for k in range(take):
-                add(job, job.prompt[job.fed + k], job.fed + k == len(job.prompt) - 1)
+            plan.append((job, job.prompt[job.fed : job.fed + take], job.fed + take == len(job.prompt)))
             job.fed += take
-            if job.fed == len(job.prompt):
-                rows.append((job, n - 1))
-        if n == 0:
+            room -= take
+        if not plan:
             return
+        # In sequence order: llama.cpp cuts a batch of several streams into ubatches of consecutive sequence ids
+        # (split_equal), so ordered rows share ubatches and fewer sequences decode alone.
+        rows: list[tuple[_Job, int]] = []  # (job, batch row holding its logits)
+        n = 0
+        for job, tokens, due in sorted(plan, key=lambda entry: entry[0].seq):
+            for k, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, len(job.kv), 1
+                batch.seq_id[n][0], batch.logits[n] = job.seq, due and k == len(tokens) - 1
+                job.kv.append(token)
+                n += 1
+            if due:
+                rows.append((job, n - 1))
         batch.n_tokens = n
+        # A single-token ubatch runs on ``n_threads``. Its flash attention splits the KV cells among them once the
+        # view (the sequence's cells, padded to 256) reaches 512 cells, and reduces the parts in another order than
+        # the row path: there, one thread (``batched_context``); below, every core, as no split happens.
+        far = any(len(job.kv) > SPLIT_FROM for job, _, _ in plan)
+        c.llama_set_n_threads(
+            self._ctx, 1 if far else c.llama_n_threads_batch(self._ctx), c.llama_n_threads_batch(self._ctx)
+        )
         status = c.llama_decode(self._ctx, batch)
         self.steps += 1
-        self.mixed_steps += 0 < decoding < n
+        self.mixed_steps += 0 < decoding < len(plan)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         for job, row in rows:
@@ -489,12 +501,10 @@ class BatchedEngine(Engine):
     _observing: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1), repr=False)
 
     @property
-    def reproducible(self) -> bool:
-        return False  # not claimed until measured with other sequences in the batch (docs/benchmarks.md)
-
-    @property
     def numerics(self) -> str:
-        return ""  # a sequence's logits depend on what shares its batch: never claimed exact
+        """Whatever its threads: a single-token ubatch runs on one thread (``batched_context``), so a sequence's
+        logits are those of the verification pass, whatever shares its batch (docs/verification.md)."""
+        return self._claim(self.batch_numerics)
 
     async def _run(self, slot: Slot, tokens, said, params, grammar, send, cancelled, record: bool) -> None:
         token = trio.lowlevel.current_trio_token()
@@ -536,15 +546,25 @@ class BatchedEngine(Engine):
 
 
 def batched_context(llama: Any, *, slots: int, n_ctx: int, threads: int, n_batch: int = 512) -> Any:
-    """A context for ``slots`` sequences of ``n_ctx`` tokens each (non-unified KV: one stream per sequence),
-    with flash attention as the engine's own context has."""
+    """A context for ``slots`` sequences of ``n_ctx`` tokens each, with flash attention as the engine's own context
+    has, in which a sequence's logits do not depend on what shares its batch (batch invariance).
+
+    ggml's CPU flash attention takes one of three paths per ubatch (ggml-cpu ops.cpp), and their floats differ:
+    rows one at a time over the KV cells in order (the verification pass's path); a tiled path once a ubatch
+    holds 64 rows of one stream; and, for a ubatch of a single token, a split of the KV cells among the threads
+    once the view reaches 512 cells. So: one stream per sequence (non-unified KV), whose cells then hold its
+    positions in order, whatever was freed and reused or copied (``llama_memory_seq_cp`` copies cell for cell);
+    prefill chunks under 64 tokens (``PREFILL_CHUNK``); and single-token ubatches on one thread (``n_threads``;
+    ``n_threads_batch`` for the rest), where the split is one chunk, the rows' path. Q4_0/Q4_1/Q8_0 matrix
+    products are per row whatever the batch (``probe_numerics`` checks the model's).
+    """
     import llama_cpp
 
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = n_ctx * slots
     params.n_batch = params.n_ubatch = n_batch
     params.n_seq_max = slots
-    params.n_threads = params.n_threads_batch = threads
+    params.n_threads, params.n_threads_batch = 1, threads  # single-token ubatches: see ``Scheduler._step``
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     params.kv_unified = False
     ctx = llama_cpp.llama_init_from_model(llama._model.model, params)

@@ -167,6 +167,7 @@ async def open_engine(
                 n_threads=threads,
                 n_gpu_layers=gpu_layers,
                 flash_attn=True,
+                n_ubatch=PROBE_TOKENS,  # under 64 rows: flash attention's row-at-a-time path, the batched engine's
                 verbose=False,
                 seed=0,
             )

@@ -9,7 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 PROBE_TOKENS = 48  # over 32, where llama.cpp's CPU matrix kernels may switch to a batched path; also the
-# size of the batches in which ``observe`` evaluates an answer, so that the probe covers what it runs
+# size of the batches in which ``observe`` evaluates an answer, so that the probe covers what it runs, and the
+# most rows of one sequence in a ubatch (every engine's ``n_ubatch``, the batched engine's prefill chunk): under
+# ggml's flash-attention tile (64 rows), so every row is computed one at a time, whatever was batched with it
+PATHS = b"fa-rows-singly:ubatch<=48:single-token-ubatch-1-thread"  # part of the class: a change of path changes it
+
+CPU_CLAIM = "cpu"  # what a CPU engine's receipts claim when its answers are not exactly reproducible
+
+
+def claims_exact(numerics: str) -> bool:
+    """Whether a receipt's or an offer's ``numerics`` names a class of exact numerics (a ``probe_numerics`` hash:
+    16 hex digits), rather than "cpu" or "" (noisy: node/verify/judge.py's noise classes)."""
+    return len(numerics) == 16 and all(c in "0123456789abcdef" for c in numerics)
 
 
 def probe_numerics(llama: Any, gpu_layers: int) -> str:
@@ -53,5 +64,5 @@ def probe_numerics(llama: Any, gpu_layers: int) -> str:
         llama._ctx.kv_cache_seq_rm(-1, 0, -1)
     if not same:
         return ""
-    build = llama_cpp.llama_print_system_info() + llama_cpp.__version__.encode()
+    build = llama_cpp.llama_print_system_info() + llama_cpp.__version__.encode() + PATHS
     return hashlib.sha256(build).hexdigest()[:16]

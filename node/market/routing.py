@@ -59,6 +59,7 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from node.inference.numerics import claims_exact
 from node.protocol.messages import Offer
 
 WEIGHT_PRICE = 0.4
@@ -209,7 +210,7 @@ REGIME_HERE, REGIME_EXACT, REGIME_NOISY = 0, 1, 2
 def regime(offer: Offer, query: RouteQuery) -> int:
     """How exactly ``offer``'s answers can be checked: ``REGIME_HERE`` (in the requester's own class of exact
     numerics), ``REGIME_EXACT`` (in another class: by a verifier of that class) or ``REGIME_NOISY`` (no claim)."""
-    if not offer.numerics:
+    if not claims_exact(offer.numerics):  # "" or "cpu"
         return REGIME_NOISY
     return REGIME_HERE if offer.numerics == query.numerics else REGIME_EXACT
 

@@ -42,6 +42,7 @@ import trio
 from libp2p.peer.id import ID
 
 from node.errors import InvalidRequest, PaymentError, WireError
+from node.inference.numerics import claims_exact
 from node.market.jobs import check_result_receipt, request_hash
 from node.market.routing import Reputation, RouteQuery
 from node.market.trust import Trust
@@ -276,7 +277,7 @@ async def audit(
     proof = result.proof
     probability = spot_check_probability
     if trust is not None and checks.local is None and proof is not None:
-        probability = trust.spot_probability(proof.worker, probability, exact=bool(proof.done.receipt.numerics))
+        probability = trust.spot_probability(proof.worker, probability, exact=claims_exact(proof.done.receipt.numerics))
     if probability > 0 and draw() < probability:
         try:
             checks.spot = await spot_check(requester.host, requester.offers, result,

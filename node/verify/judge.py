@@ -50,6 +50,7 @@ import numpy as np
 
 from node.errors import InvalidRequest
 from node.inference.fingerprints import Fingerprints, Observations, evidence
+from node.inference.numerics import CPU_CLAIM, claims_exact
 from node.inference.sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams
 from node.protocol.messages import CheckTask, JobRequest, SignedVerdict
 
@@ -93,9 +94,7 @@ def noise_class(claimed: str, own: str) -> NoiseClass:
     docs/verification.md lists."""
     if claimed and claimed == own:
         return EXACT
-    if claimed == "cpu" or claimed.startswith("cpu:"):
-        return CPU
-    if len(claimed) == 16 and all(c in "0123456789abcdef" for c in claimed):
+    if claimed == CPU_CLAIM or claimed.startswith(CPU_CLAIM + ":") or claims_exact(claimed):
         return CPU
     return GPU
 
