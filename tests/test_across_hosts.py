@@ -46,7 +46,8 @@ from .scripted_worker import scripted_model_cid, scripted_text
 
 pytestmark = pytest.mark.netns
 
-SERVE = ("--ctx-size", "1024", "--no-mdns")  # a real-model worker, as every test here starts it
+# A real-model worker, as every test here starts it; one slot, so that a worker with a job is busy (failover tests).
+SERVE = ("--ctx-size", "1024", "--no-mdns", "--slots", "1")
 PORT_4001 = ("--listen", "/ip4/0.0.0.0/tcp/4001")
 GREEDY = ("--temperature", "0")
 SCRIPTED = scripted_model_cid()  # what scripted workers offer (the relays offer another made-up model)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
+from node.concurrency import open_service_nursery
 from node.errors import InvalidRequest, JobFailed, NoWorker
-from node.inference.sampling import TokenLogprob
+from node.inference.batched import EngineFailed
+from node.inference.sampling import Delta, TokenLogprob
 from node.market.requester import Failover, Timeouts, _WorkerFailed, context_problem, run_job
 from node.market.routing import Reputation
 from node.net.identity import Identity
@@ -320,3 +324,38 @@ def test_a_sampled_job_always_carries_a_seed_and_a_greedy_one_keeps_its_own():
     assert Failover(dataclasses.replace(sampled, params=dataclasses.replace(sampled.params, seed=5))).seed == 5
     greedy = dataclasses.replace(SPEC, params=dataclasses.replace(SPEC.params, temperature=0, seed=None))
     assert Failover(greedy).seed is None
+
+
+class FailingEngine(ScriptedEngine):
+    """Streams two words, then its engine fails (as the batched engine's does when llama.cpp does)."""
+
+    @asynccontextmanager
+    async def _stream(self, params):
+        send, recv = trio.open_memory_channel(math.inf)
+
+        async def produce():  # as BatchedEngine._run: the failure escapes the job's nursery, the channel stays open
+            for word in WORDS[:2]:
+                send.send_nowait(Delta(word, 1, self.prompt_tokens))
+            await trio.sleep(0.2)
+            raise EngineFailed("llama_decode returned -1")
+
+        async with open_service_nursery() as nursery:
+            nursery.start_soon(produce)
+            yield recv
+
+
+async def test_an_engine_failure_mid_job_is_a_job_error_never_a_billable_result(tmp_path):
+    heard = Recorder()
+    with trio.fail_after(20):
+        async with (
+            worker(tmp_path, "failing", FailingEngine(), tokens_per_s=1000) as (_, failing_offer, _),
+            worker(tmp_path, "backup", ScriptedEngine()) as (_, backup_offer, _),
+            requester(tmp_path) as host,
+        ):
+            result = await run_job(host, lambda: [failing_offer, backup_offer], QUERY, SPEC, reputation=Reputation(),
+                                   observer=heard)  # fmt: skip
+    ((peer, reason, started),) = heard.failovers
+    assert peer == failing_offer.peer_id and started
+    assert reason == "worker error: the worker's engine failed: llama_decode returned -1"
+    assert result.workers == [failing_offer.peer_id, backup_offer.peer_id]  # the backup continued after its text
+    assert [r.worker for r in result.receipts] == [backup_offer.peer_id]  # the failed part signed nothing

@@ -30,6 +30,7 @@ import trio
 
 from node.concurrency import open_service_nursery
 from node.errors import ContextTooLong, InvalidReceipt, InvalidRequest, PaymentRefused, WireError
+from node.inference.batched import EngineFailed
 from node.inference.fingerprints import digest as fingerprint_digest
 from node.inference.sampling import Delta, Finished, SamplingParams, TokenLogprob
 from node.market.activity import CANCELLED, DONE, FAILED, REJECTED, RUNNING, SERVED, VERIFY, Activity
@@ -38,6 +39,7 @@ from node.net.identity import Identity, verify_peer_signature
 from node.payments.metering import FreeMetering, JobMeter, Metering
 from node.payments.policy import job_cost
 from node.protocol.messages import (
+    ERROR_ENGINE,
     ERROR_PAYMENT,
     REJECT_BUSY,
     REJECT_MALFORMED,
@@ -271,6 +273,9 @@ class WorkerService:
             except InvalidRequest as err:
                 outcome = "rejected: malformed"
                 await send(stream, JobRejected(request.job_id, REJECT_MALFORMED, str(err)))
+            except EngineFailed as err:  # never a JobDone: nothing of a failed job is billed
+                outcome = f"failed: {err}"
+                await send(stream, JobError(request.job_id, f"the worker's engine failed: {err}", ERROR_ENGINE))
             finally:
                 self.on_slots_changed()
                 log.info("job %s: %s", request.job_id, outcome)

@@ -212,6 +212,7 @@ class FraudReport(Message):
 
 
 ERROR_PAYMENT = "payment"  # the requester's receipts fell behind the credit window
+ERROR_ENGINE = "engine"  # the worker's engine failed mid-job (nothing is billed; the worker takes no more jobs)
 
 
 @message("job.error/1")
