@@ -22,7 +22,7 @@ class WorkerConfig:
     engine: str = "batched"  # node/inference/batched.py; or "contexts": one llama.cpp context per slot
     ipfs_api: str | None = None
     advertise_interval_s: float = 10.0
-    offer_ttl_s: float = 30.0  # three refreshes: a stopped worker's offer is gone within 30 s (spot checks count on them)
+    offer_ttl_s: float = 30.0  # three refreshes: a stopped worker's offer is gone within 30 s (spot checks use them)
     peer_discovery_s: float = 15.0  # how long to look for peers holding a model no other source has
     # paid serving (price_per_1k > 0)
     rpc_url: str | None = None
