@@ -12,7 +12,7 @@ checked; after that the chance falls with each pass, as
 ``DECAY / (passed - FIRST_CHECKS + DECAY)``: 1 at ``FIRST_CHECKS`` passes,
 ½ after ``DECAY`` more, ⅓ after twice that, and so on, never below the
 requester's ``base`` (``--spot-check``). A noisy worker (its receipts claim no
-exact numerics, so only the loose tolerances apply to it) is checked at least
+exact numerics, so it is checked in a noisy class: node/verify/judge.py) is checked at least
 ``NOISY_FACTOR × base``. ``base`` 0 turns checks off: the requester asked for none.
 A worker caught once is always checked (it is banned anyway, node/verify/fraud.py).
 
