@@ -336,7 +336,8 @@ class FailingEngine(ScriptedEngine):
         async def produce():  # as BatchedEngine._run: the failure escapes the job's nursery, the channel stays open
             for word in WORDS[:2]:
                 send.send_nowait(Delta(word, 1, self.prompt_tokens))
-            await trio.sleep(0.2)
+            while send.statistics().current_buffer_used:  # the worker has taken the text: then the failure
+                await trio.sleep(0.01)  # polling interval
             raise EngineFailed("llama_decode returned -1")
 
         async with open_service_nursery() as nursery:
