@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import trio
 
+from node.inference.batched import EngineFailed, Scheduler, _Call
 from node.inference.engine import open_engine
 from node.inference.fingerprints import pack
 from node.inference.sampling import Delta, Finished, SamplingParams
@@ -299,6 +300,21 @@ async def test_a_job_queued_as_the_engine_dies_fails_instead_of_waiting_forever(
             seen, err = outcome[name]
             assert not any(isinstance(e, Finished) for e in seen), name
             assert isinstance(err, RuntimeError) and "llama.cpp failed" in str(err), (name, repr(err))
+
+
+def test_a_call_queued_behind_a_stop_fails_instead_of_waiting_forever():
+    """A verification pass (a ``call``) queued just after ``stop`` used to wait forever in its trio thread, and
+    with it the worker's shutdown on Ctrl-C. Both are queued before the loop starts, so the order is certain."""
+    scheduler = Scheduler(64)
+    scheduler._incoming.put(None)  # what ``stop`` queues
+    queued = _Call(lambda: "computed")
+    scheduler.submit(queued)
+    scheduler.start()
+    with pytest.raises(EngineFailed, match="was stopped"):
+        queued.result.result(timeout=60)
+    with pytest.raises(EngineFailed, match="was stopped"):  # and nothing is queued after that
+        scheduler.call(lambda: "computed")
+    scheduler.stop()
 
 
 def document_tokens(llama, n: int) -> list[int]:

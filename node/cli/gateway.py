@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from contextlib import AsyncExitStack
 from functools import partial
@@ -18,6 +17,7 @@ from node.api.http import bind, serve_asgi
 from node.app.paid import requester_wallet
 from node.app.requester import open_requester
 from node.cli.common import bootstrap_flag, network_config, probability, wallet_flags
+from node.cli.interrupt import run_until_interrupted
 from node.concurrency import open_service_nursery
 from node.models.default import DEFAULT_MODEL_CID
 from node.verify.local import open_local_verifier
@@ -61,43 +61,30 @@ def _gateway(args: argparse.Namespace) -> int:
         )
     config, sockets = bind(args.listen)
 
-    async def main() -> bool:
-        """Serve until Ctrl-C (then True: every job is cancelled, the workers told) or a failure."""
-        interrupted = False
-        with trio.open_signal_receiver(signal.SIGINT) as signals:
-            async with open_service_nursery() as nursery:
-
-                async def on_interrupt() -> None:
-                    nonlocal interrupted
-                    async for _ in signals:
-                        interrupted = True
-                        nursery.cancel_scope.cancel()
-                        return
-
-                nursery.start_soon(on_interrupt)
-                async with AsyncExitStack() as stack:
-                    verifier = None
-                    if args.verify:
-                        verifier = await stack.enter_async_context(
-                            open_local_verifier(Path(args.data_dir), DEFAULT_MODEL_CID)
-                        )
-                    requester = await stack.enter_async_context(
-                        open_requester(Path(args.data_dir), network=network_config(args))
+    async def main() -> None:
+        """Serve until Ctrl-C (every job is cancelled, the workers told) or a failure."""
+        async with open_service_nursery() as nursery:
+            async with AsyncExitStack() as stack:
+                verifier = None
+                if args.verify:
+                    verifier = await stack.enter_async_context(
+                        open_local_verifier(Path(args.data_dir), DEFAULT_MODEL_CID)
                     )
-                    if verifier is not None:
-                        requester.fraud.engines = verifier.engines  # re-check others' fraud reports too
-                    app = Gateway(requester, wallet=wallet, max_price_per_1k=args.max_price, api_key=args.api_key,
-                                  deadline_s=args.timeout, verifier=verifier, spot_check=args.spot_check)  # fmt: skip
-                    await nursery.start(app.run_audits)
-                    await nursery.start(app.dashboard.run)
-                    binds = await nursery.start(partial(serve_asgi, app, config, sockets))
-                    for url in binds:
-                        print(f"OpenAI-compatible API at {url}/v1", flush=True)
-                        print(f"web page at {url}/", flush=True)
-                    print(f"market: {len(requester.offers())} offer(s) so far", file=sys.stderr)
-                    await trio.sleep_forever()
-        return interrupted
+                requester = await stack.enter_async_context(
+                    open_requester(Path(args.data_dir), network=network_config(args))
+                )
+                if verifier is not None:
+                    requester.fraud.engines = verifier.engines  # re-check others' fraud reports too
+                app = Gateway(requester, wallet=wallet, max_price_per_1k=args.max_price, api_key=args.api_key,
+                              deadline_s=args.timeout, verifier=verifier, spot_check=args.spot_check)  # fmt: skip
+                await nursery.start(app.run_audits)
+                await nursery.start(app.dashboard.run)
+                binds = await nursery.start(partial(serve_asgi, app, config, sockets))
+                for url in binds:
+                    print(f"OpenAI-compatible API at {url}/v1", flush=True)
+                    print(f"web page at {url}/", flush=True)
+                print(f"market: {len(requester.offers())} offer(s) so far", file=sys.stderr)
+                await trio.sleep_forever()
 
-    if trio.run(main):
-        raise KeyboardInterrupt  # the CLI's one line, exit 130
+    run_until_interrupted(main)
     return 0

@@ -33,6 +33,7 @@ from node.cli.common import (
     sampling_params,
     wallet_flags,
 )
+from node.cli.interrupt import run_until_interrupted
 from node.errors import NodeError, VerificationFailed
 from node.inference.sampling import SamplingParams
 from node.market.requester import JobObserver, JobSpec, run_job
@@ -192,7 +193,7 @@ def _serve(args: argparse.Namespace) -> int:
                 print(addr, flush=True)
             nursery.start_soon(report_reachability, worker.host)
 
-    trio.run(main)
+    run_until_interrupted(main)
     return 0
 
 

@@ -64,6 +64,10 @@ class EngineFailed(RuntimeError):
     """llama.cpp failed under the batched engine: the job did not finish, and the engine takes no more jobs."""
 
 
+class _Stopped(Exception):
+    """``Scheduler.stop`` was called: the loop ended, and whatever is queued behind the stop is refused."""
+
+
 def _common(held: list[int], prompt: list[int]) -> int:
     """How many leading tokens ``held`` and ``prompt`` share."""
     n = min(len(held), len(prompt))
@@ -192,6 +196,8 @@ class Scheduler:
 
     def _failed(self) -> EngineFailed:
         """A fresh error for one job (each raises its own, with its own traceback)."""
+        if isinstance(self._failure, _Stopped):
+            return EngineFailed("the batched engine was stopped")
         err = EngineFailed(f"the batched engine stopped: llama.cpp failed ({self._failure})")
         err.__cause__ = self._failure
         return err
@@ -217,7 +223,8 @@ class Scheduler:
             while True:
                 admitted = self._admit()
                 self._flush()
-                if not admitted:
+                if not admitted:  # stopped: a job or call queued behind the stop must fail, not wait forever
+                    self._die(_Stopped())
                     return
                 if not self._running:
                     self._wake.wait()
