@@ -1,23 +1,29 @@
-"""Deploy LLMToken and InferenceEscrow, and record where they live.
+"""Deploy LLMToken, InferenceEscrow and DepositEscrow, and record where they live.
 
     brownie run scripts/deploy.py --network development    # anvil, started and stopped by brownie
     DEPLOYER_PRIVATE_KEY=0x… brownie run scripts/deploy.py --network sepolia
 
 brownie compiles the project and connects; the deployment itself goes through
 ``node.payments.deployment.deploy_contracts``, the same code the local testnet
-uses. The record is written to ``deployments/<chainId>.json`` (or to
+uses. ``$LLMARKET_UNLOCK_PERIOD_S`` sets DepositEscrow's unlock period (default:
+a day). The record is written to ``deployments/<chainId>.json`` (or to
 ``$LLMARKET_DEPLOYMENTS_DIR``), where nodes read it.
 """
 
 import os
 from pathlib import Path
 
-from brownie import InferenceEscrow, LLMToken, accounts, network, web3
+from brownie import DepositEscrow, InferenceEscrow, LLMToken, accounts, network, web3
 from eth_account import Account
 from web3.middleware import SignAndSendRawMiddlewareBuilder
 
 from node.payments.artifacts import Artifact
-from node.payments.deployment import DEFAULT_INITIAL_SUPPLY, deploy_contracts, write_deployment
+from node.payments.deployment import (
+    DEFAULT_INITIAL_SUPPLY,
+    DEFAULT_UNLOCK_PERIOD_S,
+    deploy_contracts,
+    write_deployment,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,10 +51,13 @@ def main() -> None:
         initial_supply=int(os.environ.get("LLMARKET_INITIAL_SUPPLY", DEFAULT_INITIAL_SUPPLY)),
         token_artifact=Artifact("LLMToken", LLMToken.abi, LLMToken.bytecode),
         escrow_artifact=Artifact("InferenceEscrow", InferenceEscrow.abi, InferenceEscrow.bytecode),
+        deposits_artifact=Artifact("DepositEscrow", DepositEscrow.abi, DepositEscrow.bytecode),
+        unlock_period=int(os.environ.get("LLMARKET_UNLOCK_PERIOD_S", DEFAULT_UNLOCK_PERIOD_S)),
     )
     out_dir = Path(os.environ.get("LLMARKET_DEPLOYMENTS_DIR", PROJECT_ROOT / "deployments"))
     path = write_deployment(deployment, out_dir)
     print(f"LLMToken        {deployment.token}")
     print(f"InferenceEscrow {deployment.escrow}")
+    print(f"DepositEscrow   {deployment.deposits}")
     print(f"chain {deployment.chain_id}, block {deployment.block}, deployer {deployment.deployer}")
     print(f"wrote {path}")

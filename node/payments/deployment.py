@@ -2,11 +2,14 @@
 
 A deployment record is ``deployments/<chainId>.json``::
 
-    {"chainId": 31337, "token": "0x…", "escrow": "0x…", "block": 2, "deployer": "0x…"}
+    {"chainId": 31337, "token": "0x…", "escrow": "0x…", "deposits": "0x…", "block": 2, "deployer": "0x…"}
 
-``block`` is the block the escrow was deployed in (where to start reading its
-events). ``scripts/deploy.py`` (``brownie run``) and the local testnet both
-deploy through ``deploy_contracts`` here, so there is one deployment path.
+``escrow`` is the channel contract (``InferenceEscrow``), ``deposits`` the
+deposit contract (``DepositEscrow``; records written before it existed have
+none: ``None``). ``block`` is the block the escrow was deployed in (where to
+start reading the contracts' events; the deposit contract comes after it).
+``scripts/deploy.py`` (``brownie run``) and the local testnet both deploy
+through ``deploy_contracts`` here, so there is one deployment path.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ from node.payments.artifacts import Artifact, load_artifact
 #: 1 billion tokens with 18 decimals, all to the deployer.
 DEFAULT_INITIAL_SUPPLY = 10**9 * 10**18
 
+#: ``DepositEscrow``'s unlock period: seconds between a requester's ``unlock`` and
+#: its ``withdraw``, during which workers can still claim. A day leaves a worker
+#: that claims within minutes a wide margin, even on a congested chain.
+DEFAULT_UNLOCK_PERIOD_S = 86_400
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -37,15 +45,13 @@ class Deployment:
     escrow: str
     block: int
     deployer: str
+    deposits: str | None = None  # the DepositEscrow; None in records from before it
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "chainId": self.chain_id,
-            "token": self.token,
-            "escrow": self.escrow,
-            "block": self.block,
-            "deployer": self.deployer,
-        }
+        data = {"chainId": self.chain_id, "token": self.token, "escrow": self.escrow}
+        if self.deposits is not None:
+            data["deposits"] = self.deposits
+        return {**data, "block": self.block, "deployer": self.deployer}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, source: str = "deployment record") -> Deployment:
@@ -56,12 +62,15 @@ class Deployment:
                 "escrow": data["escrow"],
                 "block": int(data["block"]),
                 "deployer": data["deployer"],
+                "deposits": data.get("deposits"),
             }
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise DeploymentNotFound(
                 f"{source} is malformed ({err!r}); redeploy with `brownie run scripts/deploy.py`"
             ) from None
-        for key in ("token", "escrow", "deployer"):
+        for key in ("token", "escrow", "deployer", "deposits"):
+            if key == "deposits" and fields[key] is None:
+                continue
             if not isinstance(fields[key], str) or not is_address(fields[key]):
                 raise DeploymentNotFound(
                     f"{source}: {key} is not an address; redeploy with `brownie run scripts/deploy.py`"
@@ -128,8 +137,11 @@ def deploy_contracts(
     initial_supply: int = DEFAULT_INITIAL_SUPPLY,
     token_artifact: Artifact | None = None,
     escrow_artifact: Artifact | None = None,
+    deposits_artifact: Artifact | None = None,
+    unlock_period: int = DEFAULT_UNLOCK_PERIOD_S,
 ) -> Deployment:
-    """Deploy ``LLMToken`` (premint to ``deployer``) and an ``InferenceEscrow`` over it.
+    """Deploy ``LLMToken`` (premint to ``deployer``), and an ``InferenceEscrow`` and a
+    ``DepositEscrow`` (with ``unlock_period`` seconds) over it.
 
     ``deployer`` must be able to send through ``w3``: an account the node
     unlocks (anvil's dev accounts) or one whose key a signing middleware holds.
@@ -138,7 +150,11 @@ def deploy_contracts(
     """
     token_artifact = token_artifact or load_artifact("LLMToken")
     escrow_artifact = escrow_artifact or load_artifact("InferenceEscrow")
+    deposits_artifact = deposits_artifact or load_artifact("DepositEscrow")
     deployer = to_checksum_address(deployer)
     token, _ = _deploy(w3, token_artifact, deployer, initial_supply)
     escrow, block = _deploy(w3, escrow_artifact, deployer, token)
-    return Deployment(chain_id=w3.eth.chain_id, token=token, escrow=escrow, block=block, deployer=deployer)
+    deposits, _ = _deploy(w3, deposits_artifact, deployer, token, unlock_period)
+    return Deployment(
+        chain_id=w3.eth.chain_id, token=token, escrow=escrow, block=block, deployer=deployer, deposits=deposits
+    )
