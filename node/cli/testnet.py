@@ -32,6 +32,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "requester account, then print how to send a paid request. Example: llmarket testnet up --workers 2",
     )
     up.add_argument("--workers", type=int, default=2, metavar="N", help="how many workers (default: %(default)s)")
+    up.add_argument(
+        "--threads",
+        type=int,
+        metavar="T",
+        help="llama.cpp threads per worker (default: the cores divided among the workers, at least 1)",
+    )
     dir_flag(up)
     json_flag(up)
     up.set_defaults(handler=_up)
@@ -66,7 +72,9 @@ def _testnet():
 
 def _up(args: argparse.Namespace) -> None:
     testnet = _testnet()
-    net = testnet.up(_dir(args), workers=args.workers, say=lambda line: print(line, file=sys.stderr))
+    net = testnet.up(
+        _dir(args), workers=args.workers, threads=args.threads, say=lambda line: print(line, file=sys.stderr)
+    )
     if args.json:
         print(json.dumps({**net.__dict__, "request_command": net.request_command()}, indent=2))
         return
@@ -77,6 +85,7 @@ def _up(args: argparse.Namespace) -> None:
     print(f"  escrow    {net.escrow}")
     print(f"  ipfs      {net.ipfs_api}")
     print(f"  requester {net.requester['address']} (data dir {net.requester['data_dir']})")
+    print(f"  threads   {net.threads} llama.cpp thread(s) per worker, {len(net.workers)} worker(s) on this machine")
     for w in net.workers:
         print(f"  {w['name']:<9} {w['multiaddr']}")
         print(f"            paid at {w['address']}, price {w['price']} per 1k tokens")

@@ -11,6 +11,11 @@
   IPFS daemon;
 - one funded requester account (1,000 tokens and ETH).
 
+The workers share this machine's cores: each gets ``max(1, cores // workers)``
+llama.cpp threads (``--threads``), since workers that each take every core
+oversubscribe them once they decode at the same time (libgomp's threads spin),
+and all of them crawl.
+
 Everything it started is recorded in ``<dir>/testnet.json`` (pids included);
 ``down`` stops exactly those processes, so nothing leaks and a second ``up``
 works. Logs are in ``<dir>/logs``.
@@ -59,6 +64,7 @@ class Testnet:
     requester: dict
     workers: list[dict] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)
+    threads: int = 0  # llama.cpp threads per worker (0: a testnet.json written before this was recorded)
 
     def save(self) -> None:
         Path(self.dir, STATE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -112,8 +118,18 @@ def _wait_for_line(path: Path, proc: subprocess.Popen, what: str, timeout_s: flo
     raise NodeError(f"{what} did not start within {timeout_s:.0f}s; see {path.with_suffix('.err')}")
 
 
-def up(directory: Path, *, workers: int = 2, say=print) -> Testnet:
-    """Start a testnet in ``directory`` (blocking, a minute or so)."""
+def threads_per_worker(cores: int, workers: int) -> int:
+    """The llama.cpp threads each of ``workers`` workers on one machine of ``cores`` cores gets."""
+    return max(1, cores // max(1, workers))
+
+
+def up(directory: Path, *, workers: int = 2, threads: int | None = None, say=print) -> Testnet:
+    """Start a testnet in ``directory`` (blocking, a minute or so).
+
+    Args:
+        threads: llama.cpp threads per worker; None divides the cores among the workers
+            (``threads_per_worker``).
+    """
     directory = Path(directory).resolve()
     if (directory / STATE).exists():
         existing = Testnet.load(directory)
@@ -123,6 +139,14 @@ def up(directory: Path, *, workers: int = 2, say=print) -> Testnet:
             )
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
+    if threads is not None and threads < 1:
+        raise ConfigError("--threads must be at least 1")
+    cores = os.cpu_count() or 1
+    if threads is None:
+        threads = threads_per_worker(cores, workers)
+        share = f"{cores} core(s) divided among {workers} worker(s)"
+    else:
+        share = f"as asked; this machine has {cores} core(s)"
     logs = directory / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     pids: dict[str, int] = {}
@@ -148,6 +172,7 @@ def up(directory: Path, *, workers: int = 2, say=print) -> Testnet:
         chain.rpc("anvil_setBalance", requester.address, hex(ETH_EACH))
         owner.send(owner.token.functions.transfer(requester.address, REQUESTER_TOKENS), "fund the requester")
 
+        say(f"each worker gets {threads} llama.cpp thread(s) ({share})")
         started: list[dict] = []
         for i in range(workers):
             name = f"worker-{i + 1}"
@@ -161,6 +186,7 @@ def up(directory: Path, *, workers: int = 2, say=print) -> Testnet:
                 "--deployments", str(directory / "deployments"), "--insecure-dev-key",
                 "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns",  # a market on this machine only
                 "--http", "127.0.0.1:0",  # its web page, on a free port
+                "--threads", str(threads),  # its share of the cores
             ]  # fmt: skip
             if i == 0:
                 cmd += ["--model", "default"]  # holds the model locally (the embedded wheel)
@@ -197,6 +223,7 @@ def up(directory: Path, *, workers: int = 2, say=print) -> Testnet:
             requester={"data_dir": str(requester_dir), "address": requester.address},
             workers=started,
             pids=pids,
+            threads=threads,
         )
         net.save()
         return net
