@@ -40,7 +40,7 @@ import trio
 from node.errors import InvalidReceipt, PaymentError, PaymentRefused
 from node.payments.policy import channel_problem, job_cost, prompt_token_bound, worst_case_cost
 from node.payments.receipts import check_pay_receipt
-from node.protocol.messages import JobRequest, PayReceipt
+from node.protocol.messages import JobRequest, PaymentTerms, PayReceipt
 from node.protocol.wire import Message
 
 if TYPE_CHECKING:  # a free worker never imports web3
@@ -133,6 +133,8 @@ class EscrowMetering:
         deployment = self.client.deployment
         if terms is None:
             raise PaymentRefused(f"this worker charges {price} per 1k tokens: send payment terms (a channel)")
+        if not isinstance(terms, PaymentTerms):
+            raise PaymentRefused(f"this worker is paid through escrow channels, not the {terms.scheme} scheme")
         if terms.chain_id != deployment.chain_id or terms.escrow.lower() != deployment.escrow.lower():
             raise PaymentRefused(f"this worker is paid on chain {deployment.chain_id}, escrow {deployment.escrow}")
         if terms.price_per_1k < price:

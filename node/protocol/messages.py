@@ -83,6 +83,26 @@ class PaymentTerms:
     credit_window: str  # how far (in base units) the worker may stream ahead of the last receipt
 
 
+SCHEME_DEPOSIT = "deposit"
+
+
+@dataclass(frozen=True)
+class DepositTerms:
+    """How a paid job is paid from the requester's deposit in a ``DepositEscrow`` (docs/payments.md).
+
+    The worker reads ``requester``'s deposit, reserve and unlock from the chain (never from these terms), and
+    takes ``deposit.receipt/1`` messages signed by ``requester``. Amounts are uint256 base units, as decimal
+    strings.
+    """
+
+    requester: str  # the address whose deposit pays, and whose key signs the receipts
+    chain_id: int
+    escrow: str  # the DepositEscrow's address
+    price_per_1k: int
+    credit_window: str  # how far (in base units) the worker may stream ahead of the last receipt
+    scheme: str = SCHEME_DEPOSIT
+
+
 @message("job.request/1")
 @dataclass(frozen=True)
 class JobRequest(Message):
@@ -93,7 +113,8 @@ class JobRequest(Message):
     prompt: str | None = None  # …or a plain completion
     max_price_per_1k: int = 0
     resume_text: str = ""  # output already streamed by a worker that died: continue from it
-    payment: PaymentTerms | None = None  # None: a free job
+    # None: a free job. A channel's terms, or a deposit's (told apart by their fields: a channel's have an id).
+    payment: PaymentTerms | DepositTerms | None = None
     # A verification job (/llmarket/verify/1.0.0): check another worker's answer instead of generating. Its
     # messages/prompt are the checked job's, and resume_text is the checked job's resume_text + answer, so
     # the prompt-size bound a requester pays against covers everything the verifier evaluates.
@@ -230,6 +251,22 @@ class PayReceipt(Message):
 
     job_id: str
     cumulative: str  # uint256, decimal
+    signature: bytes
+
+
+@message("deposit.receipt/1")
+@dataclass(frozen=True)
+class DepositReceipt(Message):
+    """Requester → worker: an EIP-712 ``Receipt(worker, cumulativeAmount)`` on the (requester, worker) pair of a
+    ``DepositEscrow``, and how much of the pair's total is this job's (node/payments/deposit_metering.py).
+
+    ``cumulative`` is what the requester owes the worker in all, ever (every job, concurrent ones included);
+    ``job_amount`` is this job's cost so far. Both are uint256, decimal.
+    """
+
+    job_id: str
+    cumulative: str
+    job_amount: str
     signature: bytes
 
 
