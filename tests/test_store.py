@@ -226,3 +226,15 @@ def test_resolve_model_names(tmp_path, default_model_file):
         resolve_model(store, "gpt-4")
     with pytest.raises(ModelError, match="invalid CID"):
         resolve_model(store, "bafyNOTACID")
+
+
+def test_rename_gives_a_cached_model_another_name_and_keeps_its_bytes(tmp_path):
+    store = ModelStore(tmp_path / "models")
+    entry = store.add_file(fake_gguf(tmp_path / "a.gguf"))
+    renamed = store.rename(entry.cid, "SmolLM2-135M-Instruct.Q4_1")
+    assert renamed == store.get(entry.cid) and renamed.name == "SmolLM2-135M-Instruct.Q4_1"
+    assert (renamed.path, renamed.size, renamed.source) == (entry.path, entry.size, entry.source)
+    assert store.verify(entry.cid) == renamed
+    assert list((tmp_path / "models" / ".staging").iterdir()) == []  # nothing left behind
+    with pytest.raises(ModelNotFound):
+        store.rename("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku", "x")

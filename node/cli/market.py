@@ -179,6 +179,8 @@ def _serve(args: argparse.Namespace) -> int:
                 for url in await nursery.start(partial(serve_asgi, DashboardApp(dashboard), *http)):
                     print(f"web page at {url}/", file=sys.stderr, flush=True)
             print(f"serving {worker.model.name} ({worker.model.cid})", file=sys.stderr)
+            if worker.crowding:  # other llama.cpp workers on this machine: one line, with the --threads to use
+                print(worker.crowding, file=sys.stderr)
             if config.slots is None:
                 from node.inference.engine import slot_plan
 

@@ -204,6 +204,22 @@ class ModelStore:
                 failures.append(str(err))
         raise ModelError(f"could not fetch {parsed}: " + "; ".join(failures))
 
+    def rename(self, cid: str | CID, name: str) -> StoredModel:
+        """Give a cached model another name (a fetched model learns the one its holders advertise).
+
+        The entry's ``meta.json`` is replaced in one atomic step; the bytes are untouched.
+        """
+        entry = self.require(cid)
+        meta = entry.path.parent / "meta.json"
+        data = json.loads(meta.read_text())
+        data["name"] = name
+        with self._staged() as staging:
+            (staging / "meta.json").write_text(json.dumps(data, indent=1) + "\n")
+            os.replace(staging / "meta.json", meta)
+        renamed = self.get(entry.cid)
+        assert renamed is not None
+        return renamed
+
     def remove(self, cid: str | CID) -> StoredModel:
         """Delete a cached model; returns what was removed."""
         entry = self.require(cid)
