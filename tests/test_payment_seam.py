@@ -6,6 +6,8 @@ ledgers are real SQLite files; only the chain and the stream are stand-ins.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -17,13 +19,27 @@ from eth_account import Account
 
 from node.errors import InvalidReceipt, Overcharge, PaymentRefused
 from node.payments.chainio import ChainIO
+from node.payments.deposit_metering import DepositMetering
+from node.payments.deposit_receipts import DepositDomain
+from node.payments.deposit_receipts import check_receipt as check_deposit_receipt
+from node.payments.deposit_receipts import sign_receipt as sign_deposit_receipt
+from node.payments.deposits import DepositAccount, PairState
 from node.payments.escrow import ChannelState, ChannelStatus
 from node.payments.ledger import WalletChannel, WalletLedger, WorkerLedger
 from node.payments.metering import EscrowMetering, FreeMetering
-from node.payments.payer import CREDIT_TOKENS, FreePayer, WalletPayer
+from node.payments.payer import CREDIT_TOKENS, DepositPayer, FreePayer, WalletPayer
 from node.payments.policy import job_cost, prompt_token_bound
 from node.payments.receipts import ReceiptDomain, sign_receipt
-from node.protocol.messages import JobChunk, JobDone, JobRequest, PaymentTerms, PayReceipt, ResultReceipt
+from node.protocol.messages import (
+    DepositReceipt,
+    DepositTerms,
+    JobChunk,
+    JobDone,
+    JobRequest,
+    PaymentTerms,
+    PayReceipt,
+    ResultReceipt,
+)
 
 from .factories import MODEL, offer
 
@@ -334,8 +350,14 @@ def checked_done(text: str, prompt_tokens: int, completion_tokens: int | None = 
     return JobDone("job", "stop" if eog else "length", receipt, records(text, eog=eog))
 
 
+@pytest.fixture(params=["channel", "deposit"])
+def scheme(request) -> str:
+    """Both payers share the checked-usage code (``CheckedPayment``): every billing test runs on each."""
+    return request.param
+
+
 @asynccontextmanager
-async def checked_payment(tmp_path, prompt_words: int = 300, max_tokens: int = 200):
+async def checked_payment(tmp_path, prompt_words: int = 300, max_tokens: int = 200, *, scheme: str = "channel"):
     from node.payments.usage import CheckedUsage
 
     async def usage(offer, request):
@@ -347,12 +369,16 @@ async def checked_payment(tmp_path, prompt_words: int = 300, max_tokens: int = 2
         sent.append(message)
 
     request = JobRequest("job", MODEL, {"max_tokens": max_tokens}, prompt="word " * prompt_words)
-    async with WalletPayer(FakeWallet(tmp_path), usage=usage).pay(paid_offer(), request) as payment:
+    if scheme == "channel":
+        payer = WalletPayer(FakeWallet(tmp_path), usage=usage)
+    else:
+        payer = DepositPayer(FakeDeposits(REQUESTER), WalletLedger(tmp_path / "wallet.db"), usage=usage)
+    async with payer.pay(paid_offer(), request) as payment:
         yield payment, send, sent
 
 
-async def test_with_the_tokenizer_an_honest_answer_is_paid_exactly_as_its_records_arrive(tmp_path):
-    async with checked_payment(tmp_path) as (payment, send, sent):
+async def test_with_the_tokenizer_an_honest_answer_is_paid_exactly_as_its_records_arrive(tmp_path, scheme):
+    async with checked_payment(tmp_path, scheme=scheme) as (payment, send, sent):
         await payment.on_chunk(send, chunk("", 300))
         assert int(sent[-1].cumulative) == job_cost(300, 0, PRICE)
         answer = "a plain answer, " * 8
@@ -364,15 +390,15 @@ async def test_with_the_tokenizer_an_honest_answer_is_paid_exactly_as_its_record
 
 
 @pytest.mark.parametrize("claimed", [301, 390, 2_000])  # one more, 30% more, and what the byte bound allowed
-async def test_a_worker_claiming_more_prompt_tokens_is_paid_the_true_count_and_dropped(tmp_path, claimed):
-    async with checked_payment(tmp_path) as (payment, send, sent):
+async def test_a_worker_claiming_more_prompt_tokens_is_paid_the_true_count_and_dropped(tmp_path, claimed, scheme):
+    async with checked_payment(tmp_path, scheme=scheme) as (payment, send, sent):
         with pytest.raises(Overcharge, match=f"claims {claimed} prompt tokens; the model's tokenizer gives 300"):
             await payment.on_chunk(send, chunk("", claimed))
         assert payment.spent == job_cost(300, 0, PRICE)
 
 
-async def test_a_chunk_billing_more_tokens_than_its_records_is_paid_only_its_records(tmp_path):
-    async with checked_payment(tmp_path) as (payment, send, sent):
+async def test_a_chunk_billing_more_tokens_than_its_records_is_paid_only_its_records(tmp_path, scheme):
+    async with checked_payment(tmp_path, scheme=scheme) as (payment, send, sent):
         await payment.on_chunk(send, chunk("", 300))
         await payment.on_chunk(send, chunk("honest", 300))
         with pytest.raises(Overcharge, match="bills 13 tokens with 10 fingerprint records") as caught:
@@ -381,8 +407,8 @@ async def test_a_chunk_billing_more_tokens_than_its_records_is_paid_only_its_rec
         assert caught.value.kept == ("honest", 6)
 
 
-async def test_an_answer_that_goes_on_after_end_of_generation_is_paid_up_to_it(tmp_path):
-    async with checked_payment(tmp_path) as (payment, send, sent):
+async def test_an_answer_that_goes_on_after_end_of_generation_is_paid_up_to_it(tmp_path, scheme):
+    async with checked_payment(tmp_path, scheme=scheme) as (payment, send, sent):
         await payment.on_chunk(send, chunk("", 300))
         await payment.on_chunk(send, chunk("The answer", 300))
         with pytest.raises(Overcharge, match="goes on after the model's end-of-generation") as caught:
@@ -391,8 +417,8 @@ async def test_an_answer_that_goes_on_after_end_of_generation_is_paid_up_to_it(t
         assert payment.spent == job_cost(300, 16, PRICE)
 
 
-async def test_a_final_receipt_that_bills_more_than_its_records_is_paid_for_the_records(tmp_path):
-    async with checked_payment(tmp_path) as (payment, send, sent):
+async def test_a_final_receipt_that_bills_more_than_its_records_is_paid_for_the_records(tmp_path, scheme):
+    async with checked_payment(tmp_path, scheme=scheme) as (payment, send, sent):
         await payment.on_chunk(send, chunk("", 300))
         await payment.on_chunk(send, chunk("forty characters of a well-made answer..", 300))
         with pytest.raises(Overcharge, match="bills 52 completion tokens; its records hold 40"):
@@ -403,8 +429,8 @@ async def test_a_final_receipt_that_bills_more_than_its_records_is_paid_for_the_
         assert payment.spent == job_cost(300, 40, PRICE)
 
 
-async def test_text_that_the_records_do_not_spell_is_not_paid(tmp_path):
-    async with checked_payment(tmp_path) as (payment, send, sent):
+async def test_text_that_the_records_do_not_spell_is_not_paid(tmp_path, scheme):
+    async with checked_payment(tmp_path, scheme=scheme) as (payment, send, sent):
         await payment.on_chunk(send, chunk("", 300))
         forged = JobChunk("job", "other words", 11, 300, [], records("eleven char"))
         with pytest.raises(Overcharge, match="not what the records' tokens spell"):
@@ -412,10 +438,216 @@ async def test_text_that_the_records_do_not_spell_is_not_paid(tmp_path):
         assert payment.spent == job_cost(300, 0, PRICE)
 
 
-async def test_false_finish_reasons_are_refused(tmp_path):
-    async with checked_payment(tmp_path, max_tokens=200) as (payment, send, sent):
+async def test_false_finish_reasons_are_refused(tmp_path, scheme):
+    async with checked_payment(tmp_path, max_tokens=200, scheme=scheme) as (payment, send, sent):
         await payment.on_chunk(send, chunk("", 300))
         await payment.on_chunk(send, chunk("cut short", 300))
         with pytest.raises(Overcharge, match="finish 'length' after 9 of max_tokens 200"):
             await payment.on_done(send, checked_done("cut short", 300, eog=False))
         assert payment.spent == job_cost(300, 9, PRICE)
+
+
+# --------------------------------------------------------- the deposit scheme (DepositEscrow), against fakes
+
+DEPOSITS = DepositDomain(31337, "0x" + "dd" * 20)
+
+
+@dataclass
+class FakeDeposits:
+    """What ``DepositMetering`` and ``DepositPayer`` ask of a ``DepositClient``: one requester's account on a chain
+    that pays claims from it (first come, first served), counting the reads."""
+
+    account: object
+    state: DepositAccount = field(default_factory=lambda: DepositAccount(10**18, 0, 0, 0, 0, 0))
+    paid: dict = field(default_factory=dict)  # worker → paid
+    deployment: FakeDeployment = field(default_factory=lambda: FakeDeployment(escrow=DEPOSITS.escrow))
+    domain: DepositDomain = DEPOSITS
+    address: str = DEPOSITS.escrow
+    io: ChainIO = field(default_factory=ChainIO)
+    reads: int = 0
+    batches: list = field(default_factory=list)
+
+    def account_of(self, requester: str) -> DepositAccount:
+        self.reads += 1
+        return self.state
+
+    def pair_of(self, requester: str, worker: str) -> PairState:
+        return PairState(self.paid.get(worker, 0), 0, False)
+
+    def guarantee_of(self, requester: str, worker: str) -> int:
+        return 0
+
+    def sign_receipt(self, worker: str, cumulative: int) -> bytes:
+        return sign_deposit_receipt(self.account, DEPOSITS, worker, cumulative)
+
+    def claim_batch(self, claims) -> dict:
+        self.batches.append(list(claims))
+        for requester, cumulative, signature in claims:
+            check_deposit_receipt(DEPOSITS, requester, self.account.address, cumulative, signature)
+            owed = min(cumulative - self.paid.get(self.account.address, 0), self.state.deposit)
+            self.paid[self.account.address] = self.paid.get(self.account.address, 0) + max(owed, 0)
+            self.state = dataclasses.replace(self.state, deposit=self.state.deposit - max(owed, 0))
+        return {}
+
+
+def deposit_request(job_id: str = "job", max_tokens: int = 100, window: int = 64 * 10**12, **terms) -> JobRequest:
+    fields = dict(requester=REQUESTER.address, chain_id=DEPOSITS.chain_id, escrow=DEPOSITS.escrow,
+                  price_per_1k=PRICE, credit_window=str(window)) | terms  # fmt: skip
+    return JobRequest(job_id, MODEL, {"max_tokens": max_tokens}, prompt="hi", payment=DepositTerms(**fields))
+
+
+def deposit_metering(tmp_path, **changes) -> DepositMetering:
+    fields = dict(max_credit_window=10**18, receipt_timeout_s=0.5) | changes
+    return DepositMetering(FakeDeposits(WORKER), WorkerLedger(tmp_path / "worker.db"), PRICE, **fields)
+
+
+def deposit_receipt(cumulative: int, job_amount: int, job_id: str = "job", signer=REQUESTER, worker=WORKER):
+    signature = sign_deposit_receipt(signer, DEPOSITS, worker.address, cumulative)
+    return DepositReceipt(job_id, str(cumulative), str(job_amount), signature)
+
+
+async def test_a_deposit_meter_credits_each_job_its_part_of_the_pairs_receipts_in_any_order(tmp_path):
+    """Two concurrent jobs: the requester allocated A 100 (total 100), then B 50 (total 150), then A 30 more
+    (total 180). B's receipt comes first, A's second receipt before its first."""
+    metering = deposit_metering(tmp_path)
+    a = await metering.admit(deposit_request("a"))
+    b = await metering.admit(deposit_request("b"))
+    assert await b.take(deposit_receipt(150, 50, "b"))
+    assert await a.take(deposit_receipt(180, 130, "a"))
+    assert await a.take(deposit_receipt(100, 100, "a"))  # older: nothing new
+    assert (a.credited, b.credited) == (130, 50)
+    held = metering.ledger.get_pair(DEPOSITS.chain_id, DEPOSITS.escrow, REQUESTER.address)
+    assert (held.best, held.credited) == (180, 180)  # persisted before use; credits add up to the best receipt
+    assert not await a.take(deposit_receipt(200, 150, "b"))  # another job's receipt is not this meter's
+
+
+async def test_a_deposit_meter_refuses_receipts_that_do_not_back_the_credit(tmp_path):
+    metering = deposit_metering(tmp_path)
+    a = await metering.admit(deposit_request("a"))
+    b = await metering.admit(deposit_request("b"))
+    assert await a.take(deposit_receipt(100, 100, "a"))
+    with pytest.raises(InvalidReceipt, match="does not back"):  # the same total again, claimed for another job
+        await b.take(deposit_receipt(100, 100, "b"))
+    with pytest.raises(InvalidReceipt, match="not the requester"):
+        await b.take(deposit_receipt(300, 200, "b", signer=WORKER))
+    with pytest.raises(InvalidReceipt, match="not the requester"):  # signed to another worker
+        await b.take(deposit_receipt(300, 200, "b", worker=REQUESTER))
+    with pytest.raises(InvalidReceipt, match="more than the pair's total"):
+        await b.take(deposit_receipt(300, 301, "b"))
+    with pytest.raises(InvalidReceipt, match="not numbers"):
+        await b.take(DepositReceipt("b", "lots", "1", b""))
+    assert b.credited == 0
+    assert metering.ledger.get_pair(DEPOSITS.chain_id, DEPOSITS.escrow, REQUESTER.address).credited == 100
+
+
+async def test_deposit_admission_refuses_unlocking_and_overcommitted_requesters(tmp_path):
+    metering = deposit_metering(tmp_path, cache_ttl_s=0)
+    worst = job_cost(prompt_token_bound(deposit_request()), 100, PRICE)
+    metering.allowance = 2 * worst
+    first = await metering.admit(deposit_request("a"))
+    second = await metering.admit(deposit_request("b"))  # held: a running job
+    with pytest.raises(PaymentRefused, match="exposure to the requester would pass its bound"):
+        await metering.admit(deposit_request("c"))  # two worst cases reserved: the allowance is full
+    await first.take(deposit_receipt(worst, worst, "a"))
+    assert await first.settle(prompt_token_bound(deposit_request()), 100) == "paid"
+    with pytest.raises(PaymentRefused, match="exposure"):  # a finished job's receipt is owed until claimed
+        await metering.admit(deposit_request("c"))
+    assert await trio.to_thread.run_sync(metering.settler.settle_once) == (1, 0)
+    assert second.credited == 0
+    await metering.admit(deposit_request("c"))  # claimed: room again
+    metering.client.state = dataclasses.replace(metering.client.state, deposit=worst - 1)
+    with pytest.raises(PaymentRefused, match="cannot cover"):
+        await metering.admit(deposit_request("d"))
+    metering.client.state = dataclasses.replace(metering.client.state, deposit=10**18, unlock_at=12_345)
+    with pytest.raises(PaymentRefused, match="unlocking"):
+        await metering.admit(deposit_request("d"))
+    for terms, reason in [
+        (dict(escrow="0x" + "ee" * 20), "deposit escrow"),
+        (dict(price_per_1k=PRICE - 1), "offered"),
+        (dict(requester="nobody"), "not an address"),
+    ]:
+        with pytest.raises(PaymentRefused, match=reason):
+            await metering.admit(deposit_request("e", **terms))
+    with pytest.raises(PaymentRefused, match="not channels"):
+        await metering.admit(paid_request())
+    with pytest.raises(PaymentRefused, match="not the deposit scheme"):
+        await metering_for_channels(tmp_path).admit(deposit_request())
+
+
+def metering_for_channels(tmp_path) -> EscrowMetering:
+    return metering(tmp_path / "channels")
+
+
+async def test_a_cancelled_job_frees_its_reservation(tmp_path):
+    metering = deposit_metering(tmp_path)
+    worst = job_cost(prompt_token_bound(deposit_request()), 100, PRICE)
+    metering.allowance = worst
+    meter = await metering.admit(deposit_request("a"))
+    with pytest.raises(PaymentRefused, match="exposure"):
+        await metering.admit(deposit_request("b"))
+    del meter  # the job service drops its meter when the job ends, settled or not
+    gc.collect()
+    assert await metering.admit(deposit_request("b"))
+
+
+async def test_chain_reads_are_cached_per_requester(tmp_path):
+    metering = deposit_metering(tmp_path)
+    for job in "abc":
+        await metering.admit(deposit_request(job))
+    assert metering.client.reads == 1
+    metering.forget(REQUESTER.address)  # an event named the requester
+    await metering.admit(deposit_request("d"))
+    assert metering.client.reads == 2
+
+
+def deposit_payer(tmp_path, **changes) -> DepositPayer:
+    return DepositPayer(FakeDeposits(REQUESTER), WalletLedger(tmp_path / "wallet.db"), **changes)
+
+
+async def test_a_deposit_payer_pays_a_new_worker_with_no_chain_step_and_concurrent_jobs_add_up(tmp_path):
+    payer = deposit_payer(tmp_path)
+    sent: list[DepositReceipt] = []
+
+    async def send(message):
+        sent.append(message)
+
+    requests = [JobRequest(f"job{i}", MODEL, {"max_tokens": 100}, prompt="x") for i in range(3)]
+    async with trio.open_nursery() as nursery:
+        for request in requests:
+
+            async def job(request=request):
+                async with payer.pay(paid_offer(), request) as payment:
+                    assert payment.request.payment.requester == REQUESTER.address
+                    await payment.on_chunk(send, JobChunk(request.job_id, "", 0, 50))
+                    await payment.on_done(send, done(50, 10))
+                    assert payment.spent == job_cost(50, 10, PRICE)
+
+            nursery.start_soon(job)
+    assert payer.client.reads == 0  # not one chain call
+    totals = sorted(int(r.cumulative) for r in sent)
+    assert totals[-1] == 3 * job_cost(50, 10, PRICE) and len(set(totals)) == len(totals)  # increments add up
+    for r in sent:
+        check_deposit_receipt(DEPOSITS, REQUESTER.address, WORKER.address, int(r.cumulative), r.signature)
+    again = deposit_payer(tmp_path)  # a restarted requester goes on from the total it committed
+    async with again.pay(paid_offer(), requests[0]) as payment:
+        await payment.on_chunk(send, JobChunk("job0", "", 0, 50))
+    assert int(sent[-1].cumulative) == 3 * job_cost(50, 10, PRICE) + job_cost(50, 0, PRICE)
+
+
+async def test_a_deposit_meter_and_payer_settle_a_job_between_them(tmp_path):
+    """The two sides of the deposit scheme against each other: what the payer signs the meter credits."""
+    metering = deposit_metering(tmp_path / "w")
+    payer = deposit_payer(tmp_path / "r")
+    request = JobRequest("job", MODEL, {"max_tokens": 100}, prompt="word " * 1500)
+    async with payer.pay(paid_offer(), request) as payment:
+        meter = await metering.admit(payment.request)
+
+        async def send(message):
+            assert await meter.take(message)
+
+        await payment.on_chunk(send, JobChunk("job", "", 0, 1500))
+        assert meter.covers(1500, 1)
+        await payment.on_done(send, done(1500, 40))
+        assert await meter.settle(1500, 40) == "paid"
+    assert await trio.to_thread.run_sync(metering.settler.settle_once) == (1, 0)
+    assert metering.client.paid[WORKER.address] == job_cost(1500, 40, PRICE)

@@ -33,7 +33,7 @@ prompt that fits the context can be paid for.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -161,8 +161,36 @@ class EscrowMetering:
         return EscrowMeter(self, request.job_id, channel, max(window, 1), receipted, receipted)
 
 
+class WaitsForReceipts:
+    """What the paid meters share: waiting until the receipts taken cover something.
+
+    A subclass has ``metering`` (with ``receipt_timeout_s``), a ``_changed`` event and ``covers``, and calls
+    ``_receipt_taken`` after each new receipt.
+    """
+
+    metering: Any  # the job's metering: ``receipt_timeout_s``
+    _changed: trio.Event
+
+    def covers(self, prompt_tokens: int, completion_tokens: int) -> bool:
+        raise NotImplementedError
+
+    def _receipt_taken(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_until(self, covered, timeout_s: float | None = None) -> bool:
+        with trio.move_on_after(self.metering.receipt_timeout_s if timeout_s is None else timeout_s):
+            while not covered():
+                await self._changed.wait()
+            return True
+        return False
+
+    async def wait_for_credit(self, prompt_tokens: int, completion_tokens: int) -> bool:
+        return await self._wait_until(lambda: self.covers(prompt_tokens, completion_tokens))
+
+
 @dataclass
-class EscrowMeter:
+class EscrowMeter(WaitsForReceipts):
     """One paid job's account: what it costs so far, and what the requester has receipted."""
 
     metering: EscrowMetering
@@ -202,19 +230,8 @@ class EscrowMeter:
             )
         )  # fmt: skip
         self.receipted = amount
-        self._changed.set()
-        self._changed = trio.Event()
+        self._receipt_taken()
         return True
-
-    async def _wait_until(self, covered, timeout_s: float | None = None) -> bool:
-        with trio.move_on_after(self.metering.receipt_timeout_s if timeout_s is None else timeout_s):
-            while not covered():
-                await self._changed.wait()
-            return True
-        return False
-
-    async def wait_for_credit(self, prompt_tokens: int, completion_tokens: int) -> bool:
-        return await self._wait_until(lambda: self.covers(prompt_tokens, completion_tokens))
 
     async def settle(self, prompt_tokens: int, completion_tokens: int) -> str:
         """Wait for a receipt of exactly the job's cost (``settle_timeout_s``: the requester may check the answer

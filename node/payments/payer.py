@@ -44,10 +44,21 @@ from eth_utils import to_checksum_address
 from node.errors import Overcharge
 from node.payments.policy import job_cost, prompt_token_bound, worst_case_cost
 from node.payments.usage import CheckedUsage
-from node.protocol.messages import JobChunk, JobDone, JobRequest, Offer, PaymentTerms, PayReceipt
+from node.protocol.messages import (
+    DepositReceipt,
+    DepositTerms,
+    JobChunk,
+    JobDone,
+    JobRequest,
+    Offer,
+    PaymentTerms,
+    PayReceipt,
+)
 from node.protocol.wire import Message
 
 if TYPE_CHECKING:  # a requester that pays nobody never imports web3
+    from node.payments.deposits import DepositClient
+    from node.payments.ledger import WalletLedger
     from node.payments.wallet import Wallet
 
 Send = Callable[[Message], Awaitable[None]]
@@ -110,43 +121,40 @@ class FreePayer:
 # -------------------------------------------------------------------- wallet
 
 
-@dataclass
-class EscrowPayment:
-    """One paid attempt: signs cumulative receipts on the leased channel as the worker's text arrives."""
+@dataclass(kw_only=True)
+class CheckedPayment:
+    """What every paid attempt shares, whatever the scheme: what is owed for what checks out, and when to sign.
 
-    wallet: Wallet
+    Amounts here are this attempt's own (its cost so far); a scheme's subclass turns one into a signed receipt
+    and sends it (``_pay``), and sets ``paid`` to what it signed for this attempt.
+    """
+
     request: JobRequest  # with payment terms
     price: int
-    base: int  # what was signed on the channel before this job
     step: int  # sign again once this much more is owed
     prompt_bound: int
     checked: CheckedUsage | None = None  # the model's own counts; None: the prompt's byte bound only
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    signed: int = 0
+    paid: int = 0  # signed for this attempt so far
     text: str = ""  # received so far
 
     @property
-    def channel_id(self) -> bytes:
-        return self.request.payment.channel_id
-
-    @property
     def spent(self) -> int:
-        return self.signed - self.base
+        return self.paid
 
     def owed(self, prompt_tokens: int, completion_tokens: int) -> int:
-        return self.base + job_cost(prompt_tokens, completion_tokens, self.price)
+        return job_cost(prompt_tokens, completion_tokens, self.price)
+
+    async def _pay(self, send: Send, amount: int) -> None:
+        """Sign for ``amount`` (this attempt's cost so far, more than ``paid``) and send the receipt."""
+        raise NotImplementedError
 
     def _check_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
         if prompt_tokens > self.prompt_bound:
             raise Overcharge(f"worker claims {prompt_tokens} prompt tokens for a prompt of at most {self.prompt_bound}")
         if completion_tokens > int(self.request.params.get("max_tokens", 0)):
             raise Overcharge(f"worker claims {completion_tokens} tokens, more than max_tokens")
-
-    async def _sign(self, send: Send, amount: int) -> None:
-        amount, signature = await trio.to_thread.run_sync(self.wallet.sign, self.channel_id, amount)
-        self.signed = amount
-        await send(PayReceipt(self.request.job_id, str(amount), signature))
 
     async def on_chunk(self, send: Send, chunk: JobChunk) -> None:
         if self.checked is not None:
@@ -156,8 +164,8 @@ class EscrowPayment:
         self.prompt_tokens, self.completion_tokens = prompt_tokens, self.completion_tokens + chunk.tokens
         owed = self.owed(self.prompt_tokens, self.completion_tokens)
         # A chunk with no text is the worker asking for what is owed (the prompt, before its first token).
-        if owed > self.signed and (not chunk.text or owed - self.signed >= self.step):
-            await self._sign(send, owed)
+        if owed > self.paid and (not chunk.text or owed - self.paid >= self.step):
+            await self._pay(send, owed)
 
     async def on_done(self, send: Send, done: JobDone) -> None:
         usage = done.receipt
@@ -168,7 +176,9 @@ class EscrowPayment:
             if problem:
                 await self._refuse(send, problem)
         self._check_usage(usage.prompt_tokens, usage.completion_tokens)
-        await self._sign(send, self.owed(usage.prompt_tokens, usage.completion_tokens))
+        owed = self.owed(usage.prompt_tokens, usage.completion_tokens)
+        if owed > self.paid:
+            await self._pay(send, owed)
 
     # ------------------------------------------------- with the model's tokenizer (node/payments/usage.py)
 
@@ -183,8 +193,8 @@ class EscrowPayment:
         """Pay for what checks out, refuse the rest: an overcharging worker is paid exactly its true usage so
         far, and the attempt ends (``Overcharge``: the requester bans it)."""
         owed = self._checked_owed()
-        if owed > self.signed:
-            await self._sign(send, owed)
+        if owed > self.paid:
+            await self._pay(send, owed)
         raise Overcharge(problem, kept=self.checked.kept(self.text))
 
     async def _on_checked_chunk(self, send: Send, chunk: JobChunk) -> None:
@@ -201,8 +211,25 @@ class EscrowPayment:
             await self._refuse(send, f"worker claims {self.completion_tokens} tokens, more than max_tokens")
         owed = self._checked_owed()
         # A chunk with no text is the worker asking for what is owed (the prompt, before its first token).
-        if owed > self.signed and (not chunk.text or owed - self.signed >= self.step):
-            await self._sign(send, owed)
+        if owed > self.paid and (not chunk.text or owed - self.paid >= self.step):
+            await self._pay(send, owed)
+
+
+@dataclass(kw_only=True)
+class EscrowPayment(CheckedPayment):
+    """One paid attempt on a leased channel: cumulative receipts for the channel, ``base`` + this job's cost."""
+
+    wallet: Wallet
+    base: int  # what was signed on the channel before this job
+
+    @property
+    def channel_id(self) -> bytes:
+        return self.request.payment.channel_id
+
+    async def _pay(self, send: Send, amount: int) -> None:
+        cumulative, signature = await trio.to_thread.run_sync(self.wallet.sign, self.channel_id, self.base + amount)
+        self.paid = cumulative - self.base
+        await send(PayReceipt(self.request.job_id, str(cumulative), signature))
 
 
 @dataclass
@@ -239,9 +266,8 @@ class WalletPayer:
             window = max(job_cost(0, tokens, price), 1)
             terms = PaymentTerms(channel.channel_id, channel.chain_id, channel.escrow, price, str(window))
             yield EscrowPayment(
-                self.wallet, dataclasses.replace(request, payment=terms), price,
+                wallet=self.wallet, request=dataclasses.replace(request, payment=terms), price=price,
                 base=channel.signed, step=max(window // 2, 1), prompt_bound=bound, checked=checked,
-                signed=channel.signed,
             )  # fmt: skip
         finally:
             self._leased.pop(channel.channel_id, None)
@@ -266,3 +292,73 @@ class WalletPayer:
                     return channel
         finally:
             self._opening[worker] -= 1
+
+
+# ------------------------------------------------------------------- deposit
+
+
+@dataclass(kw_only=True)
+class DepositPayment(CheckedPayment):
+    """One paid attempt from the requester's deposit: each receipt raises the (requester, worker) pair's total by
+    what this attempt owes since its last one, and says how much of the total is this job's."""
+
+    payer: DepositPayer
+    worker: str  # the payee's checksummed address
+    peer_id: str = ""
+
+    async def _pay(self, send: Send, amount: int) -> None:
+        cumulative, signature = await self.payer.allocate(self.worker, amount - self.paid, peer_id=self.peer_id)
+        self.paid = amount
+        await send(DepositReceipt(self.request.job_id, str(cumulative), str(amount), signature))
+
+
+@dataclass
+class DepositPayer:
+    """Pays workers that charge from the requester's deposit in a ``DepositEscrow``; free workers stay free.
+
+    No chain call at all: a worker never met before is paid at once (its first receipt raises a pair total of
+    0). The pair's total lives in ``ledger`` (the wallet's SQLite), raised and committed before the signature
+    leaves the process, under a per-worker lock, so the increments of concurrent jobs to one worker add up and
+    the worker can credit each job its own part (node/payments/deposit_metering.py).
+    """
+
+    client: DepositClient  # with the requester's key
+    ledger: WalletLedger
+    usage: UsageOracle | None = None  # the model's own token counts (node/payments/usage.py)
+    # Per worker: the tokens' worth it may stream ahead of our last receipt (node/market/trust.py);
+    # ``credit_tokens`` for every worker when None.
+    credit: Callable[[str], int] | None = None
+    credit_tokens: int = CREDIT_TOKENS
+    _locks: dict[str, trio.Lock] = field(default_factory=dict)  # worker address → its pair's lock
+
+    @property
+    def requester(self) -> str:
+        return self.client.account.address
+
+    @asynccontextmanager
+    async def pay(self, offer: Offer, request: JobRequest) -> AsyncIterator[JobPayment | None]:
+        price = offer.price_per_1k
+        if price <= 0:
+            yield FreePayment(request)
+            return
+        checked = await self.usage(offer, request) if self.usage is not None else None
+        bound = checked.prompt_tokens if checked is not None else prompt_token_bound(request)
+        tokens = self.credit(offer.peer_id) if self.credit is not None else self.credit_tokens
+        window = max(job_cost(0, tokens, price), 1)
+        escrow = self.client.address
+        terms = DepositTerms(self.requester, self.client.deployment.chain_id, escrow, price, str(window))
+        yield DepositPayment(
+            request=dataclasses.replace(request, payment=terms), price=price, step=max(window // 2, 1),
+            prompt_bound=bound, checked=checked, payer=self, worker=to_checksum_address(offer.payee),
+            peer_id=offer.peer_id,
+        )  # fmt: skip
+
+    async def allocate(self, worker: str, increment: int, *, peer_id: str = "") -> tuple[int, bytes]:
+        """Raise the pair's total by ``increment``, committed, and sign it: ``(total, signature)``."""
+        async with self._locks.setdefault(worker, trio.Lock()):
+            return await trio.to_thread.run_sync(functools.partial(self._allocate, worker, increment, peer_id))
+
+    def _allocate(self, worker: str, increment: int, peer_id: str) -> tuple[int, bytes]:
+        deployment = self.client.deployment
+        total = self.ledger.allocate(deployment.chain_id, self.client.address, worker, increment, peer_id=peer_id)
+        return total, self.client.sign_receipt(worker, total)

@@ -19,6 +19,7 @@ from node.inference.sampling import prompt_bytes
 from node.protocol.messages import JobRequest
 
 if TYPE_CHECKING:  # pure arithmetic: no web3 for callers that only price jobs (the requester)
+    from node.payments.deposits import DepositAccount
     from node.payments.escrow import ChannelState
 
 PROMPT_TOKEN_OVERHEAD = 64  # chat-template tokens, on top of one token per prompt byte at most…
@@ -79,6 +80,39 @@ def channel_problem(
     owed = max(signed_total, channel.paid)
     if channel.deposit - owed < needed:
         return f"channel has {channel.deposit - owed} base units left; this job may cost {needed}"
+    return None
+
+
+def deposit_problem(
+    account: DepositAccount, *, guarantee: int, has_slot: bool, exposure: int, needed: int, allowance: int
+) -> str | None:
+    """Why a worker must not serve a job paid from ``account`` (a ``DepositEscrow`` requester), or None if it may.
+
+    Args:
+        guarantee: what the reserve guarantees this worker (``guaranteeOf``; 0 without a slot).
+        has_slot: whether this worker holds one of the requester's reserve slots.
+        exposure: what the requester owes this worker that is not paid on chain: the best receipt held above
+            what the chain paid, plus what the jobs running now may still add (their worst cases).
+        needed: the job's worst-case cost.
+        allowance: the most this worker lets a requester owe it unsecured (no slot).
+    """
+    if account.unlocking:
+        return f"the requester is unlocking its deposit (it may withdraw at {account.unlock_at}): no new jobs"
+    # What claims could draw now: the deposit (first come, first served) and this worker's reserve share
+    # (its guarantee, or a whole share if a slot is free for its first claim to take).
+    potential = guarantee if has_slot else (min(account.share, account.reserve_left) if account.free_slots else 0)
+    if account.deposit + potential < exposure + needed:
+        return (
+            f"the requester's deposit and reserve ({account.deposit + potential} base units for this worker) cannot "
+            f"cover what it may owe this worker ({exposure}) and this job's worst case ({needed})"
+        )
+    bound = guarantee if has_slot else allowance
+    if exposure + needed > bound:
+        what = "what the requester's reserve guarantees it" if has_slot else "its allowance while no slot backs it"
+        return (
+            f"this worker's unclaimed exposure to the requester would pass its bound: {exposure} owed + {needed} "
+            f"for this job > {bound} ({what}); try again once its claims land"
+        )
     return None
 
 

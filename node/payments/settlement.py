@@ -40,6 +40,23 @@ if TYPE_CHECKING:  # web3 loads only where a client is made (node.app.paid)
 log = logging.getLogger(__name__)
 
 
+async def wait_until_idle(busy: Callable[[], bool], idle_s: float, max_defer_s: float) -> None:
+    """Return once ``busy()`` has been False for ``idle_s``, or after ``max_defer_s`` at most."""
+    with trio.move_on_after(max_defer_s):
+        idle_since = None
+        while idle_since is None or trio.current_time() - idle_since < idle_s:
+            if busy():
+                idle_since = None
+            elif idle_since is None:
+                idle_since = trio.current_time()
+            await trio.sleep(0.05)  # polling interval
+
+
+def backoff(failures: int, poll_s: float) -> float:
+    """How long to wait before the next round: ``poll_s``, or 1 s doubling to 60 s after failed rounds."""
+    return min(60.0, 2.0 ** (failures - 1)) if failures else poll_s
+
+
 @dataclass(frozen=True)
 class SettlementPolicy:
     settle_every: int = 1
@@ -133,17 +150,9 @@ class Settler:
         """Settle until cancelled: at start-up, when poked, and every ``poll_s``; back off while the chain is down."""
         task_status.started(self)
         while True:
-            with trio.move_on_after(self.max_defer_s):  # claim once the worker has been idle a moment
-                idle_since = None
-                while idle_since is None or trio.current_time() - idle_since < self.idle_s:
-                    if self.busy():
-                        idle_since = None
-                    elif idle_since is None:
-                        idle_since = trio.current_time()
-                    await trio.sleep(0.05)  # polling interval
+            await wait_until_idle(self.busy, self.idle_s, self.max_defer_s)
             _, failed = await self.client.io(self.settle_once)
             self._failures = self._failures + 1 if failed else 0
-            wait = min(60.0, 2.0 ** (self._failures - 1)) if failed else poll_s
-            with trio.move_on_after(wait):
+            with trio.move_on_after(backoff(self._failures, poll_s)):
                 await self._poke.wait()
             self._poke = trio.Event()
