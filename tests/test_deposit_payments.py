@@ -256,3 +256,20 @@ async def test_one_batch_claim_settles_many_requesters(chain, tmp_path):
     for account in requesters:
         assert client.pair_of(account.address, chain.worker.address).paid == PER_JOB
     assert metering.ledger.pending_pairs(metering.chain_id, metering.escrow) == []
+
+
+async def test_a_cached_read_is_dropped_when_an_event_names_the_requester(chain, tmp_path):
+    client = fund(chain, chain.requester)
+    payer = payer_for(chain, tmp_path)
+    metering = metering_for(chain, tmp_path, chain.worker, cache_ttl_s=3600, events_poll_s=0.05)
+    offer = unsigned_offer(payee=chain.worker.address, price_per_1k=PRICE)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(metering.watch_events)
+            await admit(metering, payer, offer, "a")  # read once, cached for an hour…
+            await trio.to_thread.run_sync(client.unlock)
+            while chain.requester.address in metering._views:  # …until the UnlockStarted event is seen
+                await trio.sleep(0.01)  # polling interval
+            with pytest.raises(PaymentRefused, match="unlocking"):
+                await admit(metering, payer, offer, "b")
+            nursery.cancel_scope.cancel()
