@@ -55,6 +55,8 @@ from node.payments.deployment import Deployment, load_deployment
 from node.payments.deposit_receipts import MAX_AMOUNT, DepositDomain, check_receipt, sign_receipt
 
 TX_TIMEOUT_S = 120
+#: The gas limit sent, in percent of the estimate.
+GAS_MARGIN_PERCENT = 130
 
 
 @dataclass(frozen=True)
@@ -461,6 +463,10 @@ class DepositClient:
                         "chainId": self.deployment.chain_id,
                     }
                 )
+                # The estimate is exact for the state and clock it ran on; the block the
+                # transaction lands in may differ (another worker's claim, a later second for
+                # `unlock`'s new unlockAt), and an exact limit then runs out of gas.
+                tx["gas"] = tx["gas"] * GAS_MARGIN_PERCENT // 100
                 tx_hash = self.w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
             try:
                 receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=TX_TIMEOUT_S)
