@@ -8,7 +8,7 @@ sends (``take``), asks it whether the text produced so far is covered
 (``covers``) and waits for credit when it is not (``wait_for_credit``). After
 the job it asks the meter to ``settle`` the final amount.
 
-Two meters exist:
+Two meters exist here (a third, ``DepositMetering``, is in deposit_metering.py):
 
 - ``FreeMetering``: the no-op meter of a free worker (everything is covered).
 - ``EscrowMetering``: payment through an ``InferenceEscrow`` channel. Before

@@ -8,9 +8,11 @@ streams, the requester hands every chunk to ``on_chunk`` and the final
 ``JobDone`` to ``on_done``; either may send a payment message back through
 ``send``. Leaving the block gives back whatever the payment held.
 
-Two payers exist:
+Three payers exist:
 
 - ``FreePayer``: pays nothing; for free workers.
+- ``DepositPayer``: pays any worker from the requester's one deposit in a
+  ``DepositEscrow``, with no chain step (docs/payments.md, "The deposit scheme").
 - ``WalletPayer``: pays workers that charge from a ``Wallet`` of escrow
   channels (free workers are still free). A channel carries one job at a
   time: receipts are cumulative, so two jobs signing on one channel would have
@@ -19,14 +21,16 @@ Two payers exist:
   leasing runs on the trio thread, and only the chain calls go to threads, so
   opening a channel on a slow chain never holds up another job's stream.
 
-What is signed, and when (docs/payments.md): the prompt once the worker
-announces its size, then generated text as it arrives, a receipt every half
-window, never for text not received; the final receipt is exactly usage ×
-price. Every count is checked against the model's own tokenizer when the payer
-has a ``usage`` oracle (node/payments/usage.py; the requester app always
-gives one): the prompt's exact token count, the text's tokens while streaming,
-and the worker's fingerprint records at the end. Without one (tests with
-scripted engines), the prompt is bounded by its bytes only.
+Both paid schemes share ``CheckedPayment``: what is owed for what checks out,
+and when to sign; each says only how a receipt is made. What is signed, and
+when (docs/payments.md): the prompt once the worker announces its size, then
+generated text as it arrives, a receipt every half window, never for text not
+received; the final receipt is exactly usage × price. Every count is checked
+against the model's own tokenizer when the payer has a ``usage`` oracle
+(node/payments/usage.py; the requester app always gives one): the prompt's
+exact token count, the text's tokens while streaming, and the worker's
+fingerprint records at the end. Without one (tests with scripted engines), the
+prompt is bounded by its bytes only.
 """
 
 from __future__ import annotations
