@@ -6,15 +6,20 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from node.app.worker import running_workers
 from node.dev import testnet
+from node.models.default import DEFAULT_MODEL_CID, DEFAULT_MODEL_NAME
+from node.models.store import ModelStore
 from node.services import pid_alive
 
 from .conftest import REPO_ROOT
+from .factories import start_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +41,47 @@ def test_up_status_down_leaves_nothing_running_and_up_works_again(tmp_path):
     again = testnet.up(tmp_path / "net", workers=1, say=lambda line: None)
     testnet.down(tmp_path / "net")
     assert not any(pid_alive(pid) for pid in again.pids.values())
+
+
+def test_two_workers_share_the_cores_and_the_one_that_fetched_the_model_keeps_its_name(tmp_path, monkeypatch):
+    """Issue 22: `testnet up` divides the cores among its workers (each notes its threads in the runtime dir), and
+    worker-2, which fetched the model by CID from IPFS, serves it under the market's name: in its store, its log
+    line and the gateway's /v1/models."""
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))  # the workers note their threads here, not in the real one
+    cores = os.cpu_count() or 1
+    said: list[str] = []
+    net = testnet.up(tmp_path / "net", workers=2, say=said.append)
+    gateway = None
+    try:
+        share = max(1, cores // 2)
+        assert net.threads == share and testnet.Testnet.load(tmp_path / "net").threads == share
+        assert f"each worker gets {share} llama.cpp thread(s) ({cores} core(s) divided among 2 worker(s))" in said
+        noted = {w.pid: w.threads for w in running_workers(run / "llmarket" / "workers")}
+        assert noted == {net.pids["worker-1"]: share, net.pids["worker-2"]: share}
+        logs = {w["name"]: (Path(net.dir) / "logs" / f"{w['name']}.err").read_text() for w in net.workers}
+        if cores >= 2:
+            assert not any("oversubscribe" in log or "warning: " in log for log in logs.values()), logs
+
+        fetched = ModelStore.in_data_dir(Path(net.workers[1]["data_dir"])).get(DEFAULT_MODEL_CID)
+        assert fetched.source.startswith("IPFS daemon") and fetched.name == DEFAULT_MODEL_NAME, fetched
+        assert f"serving {DEFAULT_MODEL_NAME} ({DEFAULT_MODEL_CID})" in logs["worker-2"], logs["worker-2"]
+
+        gateway, base_url = start_gateway(net, Path(net.requester["data_dir"]))
+        deadline = time.monotonic() + 60
+        while True:  # the gateway sees both workers' offers within a few seconds of starting
+            (model,) = httpx.get(f"{base_url}/models", timeout=10).json()["data"]
+            if model["workers"] == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)  # polling interval
+        assert (model["id"], model["name"], model["workers"]) == (DEFAULT_MODEL_CID, DEFAULT_MODEL_NAME, 2), model
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait()
+        testnet.down(tmp_path / "net")
+    assert running_workers(run / "llmarket" / "workers") == []  # each removed its note when it stopped
 
 
 @pytest.mark.long

@@ -300,8 +300,10 @@ def model_not_found(name: str) -> ApiError:
 
 
 def served_name(offers: Iterable[Offer], cid: str) -> str:
-    """How responses name model ``cid``: the friendly name its workers advertise (the most common), else the CID."""
-    names = Counter(m.name for o in offers for m in o.models if m.cid == cid and m.name)
+    """How responses name model ``cid``: the friendly name its workers advertise (the most common), else the CID.
+
+    A CID given as a name (a worker that fetched the model before it learnt its name) is no name."""
+    names = Counter(m.name for o in offers for m in o.models if m.cid == cid and m.name and m.name != cid)
     return min(names, key=lambda n: (-names[n], n)) if names else cid
 
 
@@ -418,7 +420,8 @@ def usage_chunk_json(call: ApiCall, completion_id: str, created: int, results: S
 
 
 def models_json(offers: Iterable[Offer], created: int) -> dict:
-    """``/v1/models``: one entry per CID on the market."""
+    """``/v1/models``: one entry per CID on the market, named as ``served_name`` names it."""
+    offers = list(offers)
     entries: dict[str, dict] = {}
     for offer in offers:
         for model in offer.models:
@@ -431,6 +434,8 @@ def models_json(offers: Iterable[Offer], created: int) -> dict:
             price = offer.price_per_1k
             if entry["cheapest_price_per_1k"] is None or price < entry["cheapest_price_per_1k"]:
                 entry["cheapest_price_per_1k"] = price
+    for entry in entries.values():
+        entry["name"] = served_name(offers, entry["id"])
     return {"object": "list", "data": sorted(entries.values(), key=lambda e: e["id"])}
 
 
