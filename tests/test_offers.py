@@ -314,3 +314,58 @@ def test_a_restarted_worker_advertises_above_its_old_offers():
     before.seq += 1_000  # a thousand offers published, at most one a second (min_gap_s)…
     gossip.now += 1_000 * before.min_gap_s + 1.0  # …then a crash and a restart a second later
     assert Advertiser(gossip, lambda seq, expires: None).seq > before.seq
+
+
+def test_a_full_model_keeps_the_best_the_cheapest_and_the_fastest_not_the_first():
+    """Issue 21: with more workers on a model than its share of the book, a newcomer takes the place of the worst
+    stranger when it is better (sample_key: price, speed, first token), or among the cheapest or fastest eighth."""
+    book = OfferBook(max_per_model=16, new_peer_burst=3.0, new_peers_per_s=0.001, valued={"m0"}.__contains__)
+
+    def worker(name, price=100, tps=50.0, ftt=500.0):
+        return dataclasses.replace(book_offer(name), price_per_1k=price, tokens_per_s=tps, first_token_ms=ftt)
+
+    for i in range(16):
+        assert book.admit(worker(f"m{i}", price=100 + i)) is None
+    assert book.admit(worker("worse", price=300)) == REFUSED_MODEL_FULL
+    # refused strangers spend none of the new-peer budget (3 here): a better newcomer still gets in
+    for i in range(10):
+        assert book.admit(worker(f"worse{i}", price=300), rate_limited=True) == REFUSED_MODEL_FULL
+    assert book.admit(worker("better", price=50), rate_limited=True) is None
+    assert "m15" not in book.offers  # the worst went (the dearest of equals)
+    # cheap but slow, and fast but dear: worse overall than what is held, but kept for their price or speed
+    assert book.admit(worker("cheap", price=1, tps=1.0, ftt=60_000.0)) is None
+    assert book.admit(worker("fast", price=10_000, tps=5_000.0)) is None
+    # a claim past the plausible bounds counts as the worst, so it buys no place
+    assert book.admit(worker("liar", price=100, tps=1e6, ftt=0.5)) == REFUSED_MODEL_FULL
+    # strangers never displace a peer we value, however good they are
+    for i in range(40):
+        book.admit(worker(f"best{i}", price=1, tps=1000.0, ftt=50.0))
+    assert "m0" in book.offers and len(book) == 16
+
+
+def test_a_capped_book_routes_like_a_full_one():
+    """1,000 workers on one model arrive in random order into a book capped at 256: the book's first choice is the
+    full market's, and it holds the full market's best tenth."""
+    import random
+
+    from node.market.routing import Reputation, RouteQuery, rank
+
+    rng = random.Random(21)
+    workers = [
+        dataclasses.replace(
+            book_offer(f"w{i:04d}"),
+            price_per_1k=rng.randint(10, 1000),
+            tokens_per_s=rng.uniform(5, 120),
+            first_token_ms=rng.uniform(50, 2000),
+        )
+        for i in range(1000)
+    ]
+    capped, full = OfferBook(), OfferBook(max_offers=10_000, max_per_model=10_000)
+    for offer in workers:
+        capped.add(offer)
+        full.add(offer)
+    assert len(capped) == 256 and len(full) == 1000
+    query, reputation = RouteQuery(model=MODEL), Reputation()
+    best = [o.peer_id for o in rank(full.live(0.0), query, reputation, 0.0)]
+    assert rank(capped.live(0.0), query, reputation, 0.0, limit=1)[0].peer_id == best[0]
+    assert set(best[:100]) <= set(capped.offers)

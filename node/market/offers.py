@@ -16,19 +16,26 @@ against the sender in GossipSub's scoring). The validator also files the offer
 in the book, so each gossiped offer is checked once.
 
 The ``OfferBook`` keeps the newest offer (highest ``seq``) per peer, within
-caps: ``max_offers`` in all and ``max_per_model`` per model. A full book keeps
-the peers it has (they refresh their offers) and refuses strangers, except that
-a peer we value (one that has done jobs for us, ``valued``) displaces the
-stranger admitted last. New peers from gossip are rate-limited (a token bucket),
-so a flood of fresh keys fills the book slowly and cannot churn it.
+caps: ``max_offers`` in all and ``max_per_model`` per model. When a model's
+share is full, the book keeps a sample worth routing on rather than the first
+comers: a new stranger takes the place of the stranger worst by
+``node.market.routing.sample_key`` (price, speed, time to first token, as
+routing weighs them) if it is better, or if it is among the cheapest or the
+fastest eighth, which are kept whatever their other terms (``_displaced_by``).
+A peer we value (one that has done jobs for us, ``valued``) is never displaced,
+and displaces the stranger admitted last. When the total is full, strangers
+are refused. New peers from gossip are rate-limited (a token bucket) and only
+an admission spends a token, so a flood of fresh keys fills the book slowly,
+and strangers a full book turns away at every refresh do not use up the budget
+of a better newcomer.
 
 Gossip only carries what is published after a node joins, so a joining node
-also asks its bootstrap peers for the offers they hold
-(``/llmarket/offers/1.0.0``); every offer in the answer is checked exactly like
-a gossiped one, so a peer can withhold offers but not forge them. The answer is
-built once per change of the book (at most once a second) and shared by every
-stream that asks; it goes out as ``offers.batch/1`` frames of at most
-``SYNC_PIECE_BYTES``, then the stream ends. Each peer may hold
+also asks the peers it is connected to at start (its bootstrap peers; at most
+``SYNC_PEERS``, at once) for the offers they hold (``/llmarket/offers/1.0.0``);
+every offer in the answer is checked exactly like a gossiped one, so a peer
+can withhold offers but not forge them. The answer is built once per change of
+the book (at most once a second) and shared by every stream that asks; it goes
+out as ``offers.batch/1`` frames of at most ``SYNC_PIECE_BYTES``, then the stream ends. Each peer may hold
 ``SYNC_STREAMS_PER_PEER`` sync streams at once and fetch ``SYNC_BYTES_PER_PEER``
 per minute; beyond that its streams are reset.
 """
@@ -36,6 +43,7 @@ per minute; beyond that its streams are reset.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import math
 import re
@@ -48,6 +56,7 @@ from libp2p.peer.id import ID
 
 from node.concurrency import TokenBucket
 from node.errors import NodeError, WireError
+from node.market.routing import MAX_PLAUSIBLE_TOKENS_PER_S, plausible, sample_key
 from node.net.addresses import address_problem
 from node.net.identity import Identity, verify_binding, verify_peer_signature
 from node.net.network import Network
@@ -75,6 +84,10 @@ SYNC_STREAMS_PER_PEER = 2
 SYNC_STREAMS_TOTAL = 32
 SYNC_BYTES_PER_PEER = 32 * 1024 * 1024
 SYNC_WINDOW_S = 60.0
+#: How many of the peers it is connected to when it starts (its bootstrap peers) a node asks for offers, at once.
+#: Each answer holds up to a whole book; at scale a node is connected to dozens of peers, and asking each of them
+#: in turn made a start take tens of seconds (bench/scale.py).
+SYNC_PEERS = 3
 #: How often the shared sync answer may be rebuilt while the book keeps changing.
 SYNC_REBUILD_S = 1.0
 
@@ -226,6 +239,10 @@ def _never_valued(peer_id: str) -> bool:
     return False
 
 
+def _speed(offer: Offer) -> float:
+    return plausible(offer.tokens_per_s, MAX_PLAUSIBLE_TOKENS_PER_S) or 0.0
+
+
 @dataclasses.dataclass
 class OfferBook:
     """The newest live offer of each peer, within caps (see the module docstring).
@@ -245,6 +262,7 @@ class OfferBook:
         self._data: dict[str, bytes] = {}  # the encoded offer, as sync answers carry it
         self._admitted: dict[str, int] = {}  # peer → admission order (higher is later)
         self._per_model: Counter[str] = Counter()
+        self._keys: dict[str, float] = {}  # peer → sample_key of its offer (lower is better)
         self._arrivals = TokenBucket(self.new_peers_per_s, self.new_peer_burst)
         self._admissions = 0
         self.version = 0  # changes whenever the set of offers changes
@@ -275,19 +293,36 @@ class OfferBook:
             self._store(offer, data, self._admitted[peer])
             return None
         valued = self.valued(peer)
-        if rate_limited and not valued and not self._arrivals.take(self.clock()):
-            return REFUSED_RATE
         cids = {m.cid for m in offer.models}
         if len(self.offers) >= self.max_offers or any(self._per_model[c] >= self.max_per_model for c in cids):
             self._drop_expired(self.clock())
-        while True:
-            full_models = {c for c in cids if self._per_model[c] >= self.max_per_model}
-            if len(self.offers) < self.max_offers and not full_models:
-                break
-            victim = self._victim(full_models) if valued else None
-            if victim is None:
-                return REFUSED_MODEL_FULL if full_models else REFUSED_FULL
-            self._remove(victim)
+        if valued:
+            while True:
+                full_models = {c for c in cids if self._per_model[c] >= self.max_per_model}
+                if len(self.offers) < self.max_offers and not full_models:
+                    break
+                victim = self._victim(full_models)
+                if victim is None:
+                    return REFUSED_MODEL_FULL if full_models else REFUSED_FULL
+                self._remove(victim)
+        else:
+            evicted: set[str] = set()
+            for cid in sorted(cids):
+                held = self._per_model[cid] - sum(1 for p in evicted if cid in self._cids(p))
+                if held < self.max_per_model:
+                    continue
+                victim = self._displaced_by(offer, cid, evicted)
+                if victim is None:
+                    return REFUSED_MODEL_FULL
+                evicted.add(victim)
+            if len(self.offers) - len(evicted) >= self.max_offers:
+                return REFUSED_FULL
+            # only an offer that gets in spends the new-peer budget: strangers a full book turns away come back
+            # with every refresh, and must not starve a better newcomer of its place
+            if rate_limited and not self._arrivals.take(self.clock()):
+                return REFUSED_RATE
+            for victim in evicted:
+                self._remove(victim)
         self._admissions += 1
         self._store(offer, data, self._admissions)
         return None
@@ -334,18 +369,57 @@ class OfferBook:
         self.offers[peer] = offer
         self._data[peer] = data if data is not None else encode(offer)
         self._admitted[peer] = admitted
+        self._keys[peer] = sample_key(offer)
         self._per_model.update({m.cid for m in offer.models})
         self.version += 1
 
     def _remove(self, peer: str) -> None:
         offer = self.offers.pop(peer)
-        del self._data[peer], self._admitted[peer]
+        del self._data[peer], self._admitted[peer], self._keys[peer]
         self._per_model.subtract({m.cid for m in offer.models})
         self.version += 1
 
     def _drop_expired(self, now: float) -> None:
         for peer in [p for p, o in self.offers.items() if not o.expires_at > now]:
             self._remove(peer)
+
+    def _cids(self, peer: str) -> set[str]:
+        return {m.cid for m in self.offers[peer].models}
+
+    def _displaced_by(self, offer: Offer, cid: str, evicted: set[str]) -> str | None:
+        """The stranger holding a place for ``cid`` that ``offer`` (a stranger too) should take, or None.
+
+        The book keeps a sample of the model's workers that is useful to route on:
+        the best by ``sample_key`` (the routing score's weights on price, speed and
+        time to first token), and besides them the cheapest and the fastest eighth
+        whatever their other terms, so that a requester with a tight price cap or in a
+        hurry still finds workers. ``offer`` gets in if it would be among those kept,
+        in place of the stranger that is worst by ``sample_key`` and not kept for its
+        price or speed. Peers we value are never displaced; ties keep the incumbent.
+        """
+        rivals = [
+            p for p, o in self.offers.items()
+            if p not in evicted and not self.valued(p) and any(m.cid == cid for m in o.models)
+        ]  # fmt: skip
+        if not rivals:
+            return None
+        k = max(1, self.max_per_model // 8)
+        offers = self.offers
+        cheapest = heapq.nsmallest(k, rivals, key=lambda p: (offers[p].price_per_1k, self._keys[p]))
+        fastest = heapq.nsmallest(k, rivals, key=lambda p: (-_speed(offers[p]), self._keys[p]))
+        protected = set(cheapest) | set(fastest)
+        candidates = [p for p in rivals if p not in protected]
+        if not candidates:
+            return None
+        victim = max(candidates, key=lambda p: (self._keys[p], self._admitted[p]))
+        key = sample_key(offer)
+        if key < self._keys[victim]:
+            return victim
+        if (offer.price_per_1k, key) < (offers[cheapest[-1]].price_per_1k, self._keys[cheapest[-1]]):
+            return victim  # among the cheapest: it displaces the worst overall, not a cheap one
+        if (-_speed(offer), key) < (-_speed(offers[fastest[-1]]), self._keys[fastest[-1]]):
+            return victim
+        return None
 
     def _victim(self, full_models: set[str]) -> str | None:
         """The stranger admitted last among those that hold a place we need; None if there is none."""
@@ -433,8 +507,9 @@ class OfferGossip:
         self.host.set_handler(SYNC_PROTOCOL, self._serve_sync)
         subscription = await self.host.pubsub.subscribe(TOPIC)
         self.host.greet_lan_peers(self.sync_from)  # peers found on the LAN later: ask them too
-        for peer in self.host.connected_peers():
-            await self.sync_from(peer)
+        async with trio.open_nursery() as nursery:  # a few peers at once, not every peer one after the other
+            for peer in self.host.connected_peers()[:SYNC_PEERS]:
+                nursery.start_soon(self.sync_from, peer)
         task_status.started(self)
         while True:
             await subscription.get()  # the validator has filed it already

@@ -215,6 +215,27 @@ def regime(offer: Offer, query: RouteQuery) -> int:
     return REGIME_HERE if offer.numerics == query.numerics else REGIME_EXACT
 
 
+def sample_key(offer: Offer) -> float:
+    """How much a capped offer book wants to keep ``offer`` among its model's offers: lower is better.
+
+    The routing score's weights on the offer's own claims (price 0.4, time to first
+    token 0.2, slowness 0.2; a book knows no reputation), on a log scale instead of
+    ``rank``'s min-max scaling, so that a key does not change with the other offers
+    held: halving the price gains 0.4 × ln 2 whatever the prices are. A claim that is
+    absent or implausible counts as the worst plausible one, so lying does not buy a place.
+    """
+    tokens_per_s = plausible(offer.tokens_per_s, MAX_PLAUSIBLE_TOKENS_PER_S) or 0.01
+    first_token_ms = (
+        plausible(offer.first_token_ms, MAX_PLAUSIBLE_FIRST_TOKEN_MS, MIN_PLAUSIBLE_FIRST_TOKEN_MS)
+        or MAX_PLAUSIBLE_FIRST_TOKEN_MS
+    )
+    return (
+        WEIGHT_PRICE * math.log1p(offer.price_per_1k)
+        + WEIGHT_LATENCY * math.log(first_token_ms)
+        - WEIGHT_SPEED * math.log(tokens_per_s)
+    )
+
+
 def _scaled(values: list[float]) -> list[float]:
     low, high = min(values), max(values)
     span = high - low
