@@ -586,6 +586,38 @@ def print_table(rows: list[dict]) -> None:
             print(f"|   | requester errors: {'; '.join(r['requester_errors'])} |||||||| ")
 
 
+def routing(sizes: tuple[int, ...] = (1_000, 10_000), repeats: int = 50) -> list[tuple[int, float, float]]:
+    """A routing decision (``rank(..., limit=1)``, what ``run_job`` asks before each attempt) over n live offers
+    for one model, a third of the peers with a measured round trip: (n, median ms, p90 ms)."""
+    from node.market.routing import Reputation, RouteQuery, rank
+    from node.protocol.messages import ModelInfo, Offer
+
+    model = MODELS[0][0]
+    rows = []
+    for n in sizes:
+        base = Offer(
+            peer_id="", addrs=[], payee="", binding=b"", models=[ModelInfo(model, "m", 4096)], price_per_1k=0,
+            chain_id=CHAIN_ID, escrow=ESCROW, slots_total=4, slots_free=1, tokens_per_s=100.0, first_token_ms=10.0,
+            hardware="", version="", seq=1, expires_at=time.time() + 3600,
+        )  # fmt: skip
+        offers = [
+            dataclasses.replace(base, peer_id=f"peer{i:05d}", price_per_1k=1 + i % 17, tokens_per_s=50.0 + i % 90,
+                                first_token_ms=50.0 + i % 300, slots_free=i % 3)
+            for i in range(n)
+        ]  # fmt: skip
+        reputation = Reputation()
+        for i in range(0, n, 3):
+            reputation.latency(f"peer{i:05d}", float(i % 40))
+        query = RouteQuery(model=model, chain_id=CHAIN_ID, escrow=ESCROW)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            rank(offers, query, reputation, time.time(), limit=1)
+            times.append(1000 * (time.perf_counter() - started))
+        rows.append((n, statistics.median(times), percentile(times, 0.9)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,300,1000", help="comma-separated node counts")
@@ -595,6 +627,7 @@ def main() -> None:
     parser.add_argument("--steady", type=float, default=60.0, help="seconds of steady state measured")
     parser.add_argument("--json", action="store_true", help="also print each row as JSON")
     parser.add_argument("--verbose", action="store_true", help="show the node processes' errors")
+    parser.add_argument("--routing", action="store_true", help="only time routing at 1,000 and 10,000 offers")
     # passed to the processes that run the nodes
     parser.add_argument("--change-every", type=float, default=60.0, help="mean seconds between a worker's changes")
     parser.add_argument("--churn", type=float, default=0.05, help="share of workers replaced per minute")
@@ -624,6 +657,11 @@ def main() -> None:
         ["--no-ip-relief"] if args.no_ip_relief else []
     )  # fmt: skip
     print(f"# {os.cpu_count()} CPUs, load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.routing:
+        print("| live offers | routing decision, median (p90) of 50 | target |\n|---:|---|---|")
+        for n, median, p90 in routing():
+            print(f"| {n:,} | {median:.2f} ms ({p90:.2f} ms) | < 1 ms |")
+        return
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         started = time.time()
