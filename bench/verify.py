@@ -276,7 +276,7 @@ def table(r: dict, args: argparse.Namespace) -> list[str]:
 
 #: Full sizes: 6 * 100 + 4 * 100 = 1,000 honest checks, 4 * 40 = 160 batched ones, 200 of a worker with noisy
 #: logits, 100 jobs per cheater.
-FULL = {"pairs": 100, "singles": 100, "rounds": 40, "noisy": 200, "jobs": 100}
+FULL = {"pairs": 100, "singles": 100, "rounds": 250, "noisy": 200, "jobs": 100}  # rounds: 1,000 default jobs
 BEGIN = "<!-- calibration: begin (written by bench/verify.py --calibrate) -->"
 END = "<!-- calibration: end -->"
 
@@ -287,16 +287,17 @@ async def calibrate(scale: float) -> tuple:
     size = {key: max(1, round(value * scale)) for key, value in FULL.items()}
     model = default_model_file()
     with tempfile.TemporaryDirectory() as tmp:
-        honest = await calibration.honest_checks(model, Path(tmp), pairs=size["pairs"], singles=size["singles"])
-        print(honest.summary(), flush=True)
+        # The default engine's workloads first: each tally is printed as it completes.
         batched = await calibration.batched_checks(model, rounds=size["rounds"])
         print(batched.summary(), flush=True)
-        noisy = await calibration.noisy_checks(model, jobs=size["noisy"])
-        print(noisy.summary(), flush=True)
         cheats = []
         for cheat in calibration.CHEATS:
             cheats.append(await calibration.cheater_checks(cheat, model, Path(tmp), jobs=size["jobs"]))
             print(cheats[-1].summary(), flush=True)
+        honest = await calibration.honest_checks(model, Path(tmp), pairs=size["pairs"], singles=size["singles"])
+        print(honest.summary(), flush=True)
+        noisy = await calibration.noisy_checks(model, jobs=size["noisy"])
+        print(noisy.summary(), flush=True)
     return honest, batched, noisy, cheats
 
 

@@ -253,7 +253,7 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
     least = LONG.get(cheat, 32)
     tally = Caught(cheat, least)
     async with AsyncExitStack() as stack:
-        engine = await stack.enter_async_context(open_engine(path, slots=2, threads=1))
+        engine = await stack.enter_async_context(open_engine(path, slots=2, kind="batched"))  # the default engine
         verifier = await stack.enter_async_context(open_engine(model_file, slots=2, threads=1))
         if cheat in ("noisy-Q4_0", "pad-past-eog"):
             real = cheaters.Direct(await stack.enter_async_context(open_engine(model_file, slots=1, threads=1)))
