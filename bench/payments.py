@@ -1,20 +1,27 @@
-"""What paying costs: speed, time to first token with a new channel, and gas per job as really settled.
+"""What paying costs on the deposit scheme: decode speed, first token from a never-seen worker, capital locked.
 
-    .venv/bin/python bench/payments.py [--runs 5] [--tokens 128]
+    .venv/bin/python bench/payments.py [--runs 5] [--tokens 128] [--trials 3]
 
 On a fresh anvil with the contracts, real `llmarket serve` processes (the default
 SmolLM2, greedy) and an in-process requester (`run_job`, the code behind
-`llmarket request`):
+`llmarket request`) that pays from one deposit in the DepositEscrow:
 
 1. Payment overhead: a free worker and a paid worker (same machine, one at a time,
-   fresh processes), the paid one with its channel already open; decode tokens/s and
-   time to first token, medians of --runs jobs each. Target: paid ≥ 95% of free tokens/s.
-2. Time to first token of a paid job whose wallet has no channel yet (the open
-   transaction with a permit, on anvil, is part of it). Median of 3 fresh wallets.
-3. Gas per job for 1, 10 and 100 jobs on one channel, as the worker really settles
-   them with its default policy (claim after every job) and batched (--settle-every
-   1000, so only the close settles): the requester's open plus every transaction of
-   the worker, plus the close, divided by the jobs.
+   fresh processes); decode tokens/s and time to first token, medians of --runs jobs
+   each. Target: paid ≥ 99% of free tokens/s.
+2. First token from a never-seen worker against a known one: two paid workers; each
+   trial is a fresh requester (its own deposit) that runs a job on worker A (its
+   first contact: warm-up), one more on A (known), then one on B (never seen: no
+   pair, no slot; the worker reads the requester's account from chain before
+   admitting it), and one more on A (known). Time to first token of the B job
+   against the mean of the two known ones, medians over --trials; the requester's
+   nonce is checked not to move (no transaction before the first token, nor after).
+   Target: within +20 ms.
+3. Capital a gateway locks for 8 concurrent streams on 8 workers, computed (no
+   chain): one deposit + a reserve on the deposit scheme, against the channels the
+   removed channel scheme opened (a deposit of the worst case × 11 per channel, one
+   channel per concurrent job on a worker: 8 channels, and 8 more when the 8
+   streams pile on one worker).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from web3 import HTTPProvider, Web3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.app.paid import requester_wallet  # noqa: E402
+from node.app.paid import payer_for, requester_wallet  # noqa: E402
 from node.app.requester import open_requester  # noqa: E402
 from node.dev.devchain import DevChain  # noqa: E402
 from node.inference.sampling import SamplingParams  # noqa: E402
@@ -42,10 +49,9 @@ from node.market.requester import JobObserver, JobSpec, run_job  # noqa: E402
 from node.market.routing import Reputation, RouteQuery  # noqa: E402
 from node.models.default import DEFAULT_MODEL_CID  # noqa: E402
 from node.net.identity import load_or_create_account  # noqa: E402
-from node.payments.close import ask_to_close  # noqa: E402
 from node.payments.deployment import deploy_contracts, write_deployment  # noqa: E402
-from node.payments.escrow import EscrowClient  # noqa: E402
-from node.payments.payer import WalletPayer  # noqa: E402
+from node.payments.deposits import DepositClient  # noqa: E402
+from node.payments.policy import worst_case_cost  # noqa: E402
 
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 PRICE = 10**15
@@ -67,15 +73,6 @@ def worker(root: Path, name: str, chain: DevChain, price: int, *extra: str):
         proc.wait()
 
 
-def gas_of(w3: Web3, sender: str, first_block: int) -> int:
-    total = 0
-    for number in range(first_block, w3.eth.block_number + 1):
-        for tx in w3.eth.get_block(number, full_transactions=True)["transactions"]:
-            if tx["from"].lower() == sender.lower():
-                total += w3.eth.get_transaction_receipt(tx["hash"])["gasUsed"]
-    return total
-
-
 PROMPT = "Write a long, detailed story about the sea."
 
 
@@ -89,109 +86,134 @@ class TextTimes(JobObserver):
         self.stamps.append(time.perf_counter())
 
 
-async def jobs(root, chain, addr, n, *, paid, wallet_dir, tokens) -> tuple[list, object]:
-    """Run ``n`` jobs from one requester; returns [(ttft, decode tokens/s)] and its wallet."""
+async def jobs(root, chain, addrs, plan, *, paid, wallet_dir, tokens) -> list[tuple[float, float]]:
+    """Run one job per peer id in ``plan`` (None: any worker), in order, from one requester; returns
+    [(time to first token, decode tokens/s)]."""
     wallet = requester_wallet(wallet_dir, chain.rpc_url, root / "deployments", insecure_dev_key=True) if paid else None
-    query = RouteQuery(
-        model=DEFAULT_MODEL_CID,
-        max_price_per_1k=PRICE if paid else 0,
-        free_only=not paid,
-        chain_id=31337 if paid else 0,
-        escrow=wallet.client.deployment.escrow if paid else "",
-    )
     params = SamplingParams(max_tokens=tokens, temperature=0, repeat_penalty=1.0)
     out = []
-    async with open_requester(wallet_dir, (addr,)) as requester:
+    async with open_requester(wallet_dir, tuple(addrs)) as requester:
         await requester.wait_for_model(DEFAULT_MODEL_CID, 30)
-        for i in range(n):
+        want = {a.rsplit("/p2p/", 1)[1] for a in addrs}
+        while {o.peer_id for o in requester.offers()} < want:
+            await trio.sleep(0.1)  # polling interval: every worker's offer, before timing anything
+        payer = payer_for(wallet) if paid else None
+        for i, peer in enumerate(plan):
+            query = RouteQuery(
+                model=DEFAULT_MODEL_CID, max_price_per_1k=PRICE if paid else 0, free_only=not paid,
+                chain_id=31337 if paid else 0, escrow=wallet.escrow if paid else "", pinned_peer=peer,
+            )  # fmt: skip
             stamps: list[float] = []
             messages = [{"role": "user", "content": f"{PROMPT} ({i})"}]
             spec = JobSpec(DEFAULT_MODEL_CID, params, messages=messages, max_price_per_1k=query.max_price_per_1k)
             began = time.perf_counter()
             result = await run_job(
-                requester.host, requester.offers, query, spec, reputation=Reputation(),
-                payer=WalletPayer(wallet) if paid else None, observer=TextTimes(stamps),
+                requester.host, requester.offers, query, spec, reputation=Reputation(), payer=payer,
+                observer=TextTimes(stamps),
             )  # fmt: skip
             n_tok = result.completion_tokens
             out.append((stamps[0] - began, (n_tok - 1) / (stamps[-1] - stamps[0]) if n_tok > 1 else 0.0))
-        if paid:
-            for channel in wallet.ledger.channels(status="open"):
-                await ask_to_close(requester.host, channel.peer_id, [], wallet.client.account, channel.channel_id)
-                wallet.ledger.update(channel.channel_id, status="closed")
-    return out, wallet
+    return out
+
+
+def capital(prompt_tokens: int = 1000, max_tokens: int = 256, streams: int = 8) -> list[tuple[str, int]]:
+    """Capital locked for ``streams`` concurrent streams of this size on ``streams`` workers, in worst cases."""
+    worst = worst_case_cost(prompt_tokens, max_tokens, PRICE)
+    channel = worst * (1 + CHANNEL_MARGIN)  # the channel payer's deposit_for(worst, margin=10)
+    return [
+        ("deposit scheme: one deposit (every stream's worst case at once)", streams * worst),
+        ("deposit scheme: + a reserve of one worst case per slot, 8 slots", streams * worst + streams * worst),
+        ("channels: one per worker (8 channels)", streams * channel),
+        ("channels: + 8 streams piled on one worker (8 more channels)", 2 * streams * channel),
+    ]
+
+
+#: The removed channel scheme's deposit margin: a channel held the job's worst case × (1 + 10), so that later jobs
+#: could reuse it (node/payments/policy.py ``deposit_for`` before issue 20).
+CHANNEL_MARGIN = 10
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--trials", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, DevChain.start() as chain:
         root = Path(tmp)
         w3 = Web3(HTTPProvider(chain.rpc_url))
         deployment = deploy_contracts(w3, chain.accounts[0].address)
         write_deployment(deployment, root / "deployments")
-        owner = EscrowClient(w3, deployment, chain.accounts[0])
+        owner = DepositClient(w3, deployment, chain.accounts[0])
 
-        def fund(wallet_dir: Path) -> None:
+        def fund(wallet_dir: Path) -> str:
             account = load_or_create_account(wallet_dir, insecure_dev_key=True, chain_id=31337)
             chain.rpc("anvil_setBalance", account.address, hex(10**20))
             owner.send(owner.token.functions.transfer(account.address, 1000 * 10**18), "fund")
+            DepositClient(w3, deployment, account).deposit(100 * 10**18, permit=True)  # its one transaction
+            return account.address
 
-        # 1. overhead: free, then paid with an open channel (a warm-up job opens it)
+        # 1. overhead: free, then paid from a deposit (a warm-up job first)
         with worker(root, "free", chain, 0) as (addr, _):
-            free, _ = trio.run(
-                lambda: jobs(root, chain, addr, args.runs, paid=False, wallet_dir=root / "r-free", tokens=args.tokens)
+            free = trio.run(
+                lambda: jobs(
+                    root, chain, [addr], [None] * args.runs, paid=False, wallet_dir=root / "r-free", tokens=args.tokens
+                )  # fmt: skip
             )
         fund(root / "r-paid")
         with worker(root, "paid", chain, PRICE) as (addr, _):
-            trio.run(lambda: jobs(root, chain, addr, 1, paid=True, wallet_dir=root / "r-paid", tokens=8))
-            paid, _ = trio.run(
-                lambda: jobs(root, chain, addr, args.runs, paid=True, wallet_dir=root / "r-paid", tokens=args.tokens)
-            )
-            # 2. a new channel each time
-            new_channel = []
-            for k in range(3):
-                fund(root / f"r-new-{k}")
-                first, _ = trio.run(
-                    lambda k=k: jobs(root, chain, addr, 1, paid=True, wallet_dir=root / f"r-new-{k}", tokens=8)
+            paid = trio.run(
+                lambda: jobs(
+                    root,
+                    chain,
+                    [addr],
+                    [None] * (args.runs + 1),
+                    paid=True,
+                    wallet_dir=root / "r-paid",
+                    tokens=args.tokens,
+                )  # fmt: skip
+            )[1:]
+        # 2. a never-seen worker against a known one
+        new_ms, known_ms, moved = [], [], 0
+        with worker(root, "a", chain, PRICE) as (a, _), worker(root, "b", chain, PRICE) as (b, _):
+            pa, pb = a.rsplit("/p2p/", 1)[1], b.rsplit("/p2p/", 1)[1]
+            for k in range(args.trials):
+                address = fund(root / f"r-new-{k}")
+                nonce = w3.eth.get_transaction_count(address)
+                times = trio.run(
+                    lambda k=k: jobs(
+                        root, chain, [a, b], [pa, pa, pb, pa], paid=True, wallet_dir=root / f"r-new-{k}", tokens=8
+                    )  # fmt: skip
                 )
-                new_channel.append(first[0][0])
-        # 3. gas per job, default and batched settlement
-        gas_rows = []
-        for label, extra in (
-            ("claim after every job (default)", ()),
-            ("batched (--settle-every 1000)", ("--settle-every", "1000")),
-        ):
-            for n in (1, 10, 100):
-                name = f"gas-{n}-{len(extra)}"
-                fund(root / f"r-{name}")
-                with worker(root, name, chain, PRICE, *extra) as (addr, worker_address):
-                    start = w3.eth.block_number + 1
-                    _, wallet = trio.run(
-                        lambda n=n, name=name: jobs(
-                            root, chain, addr, n, paid=True, wallet_dir=root / f"r-{name}", tokens=8
-                        )
-                    )
-                    total = gas_of(w3, wallet.address, start) + gas_of(w3, worker_address, start)
-                gas_rows.append((label, n, total / n))
+                moved += w3.eth.get_transaction_count(address) - nonce
+                new_ms.append(1000 * times[2][0])
+                known_ms.append(1000 * (times[1][0] + times[3][0]) / 2)
 
     def med(rows, k):
         return statistics.median(r[k] for r in rows)
 
     ratio = med(paid, 1) / med(free, 1)
-    print("| measurement | free | paid |")
+    print("| measurement | free | paid (deposit) |")
     print("|---|---:|---:|")
-    label = f"decode tokens/s (channel open), median of {args.runs}"
+    label = f"decode tokens/s, median of {args.runs}"
     print(f"| {label} | {med(free, 1):.1f} | {med(paid, 1):.1f} ({ratio:.1%}) |")
     print(f"| time to first token, ms | {1000 * med(free, 0):.0f} | {1000 * med(paid, 0):.0f} |")
-    new = 1000 * statistics.median(new_channel)
-    print(f"| time to first token with a new channel (open with permit), ms, median of 3 | | {new:.0f} |")
     print()
-    print("| settlement | jobs per channel | gas per job (open + worker's claims + close) |")
+    new, known = statistics.median(new_ms), statistics.median(known_ms)
+    print(f"| first token, median of {args.trials} fresh requesters | ms |")
+    print("|---|---:|")
+    print(f"| a known worker (pair exists) | {known:.0f} |")
+    print(f"| a never-seen worker (no pair, no slot) | {new:.0f} ({new - known:+.0f}) |")
+    print(f"| transactions by the requester during the jobs | {moved} |")
+    trials = ", ".join(f"{n:.0f}/{k:.0f}" for n, k in zip(new_ms, known_ms, strict=True))
+    print(f"| per trial: never-seen / known, ms | {trials} |")
+    print()
+    print(f"| capital for 8 concurrent streams on 8 workers (1,000-token prompts, 256 max tokens, {PRICE} per 1k) "
+          "| base units | worst cases |")  # fmt: skip
     print("|---|---:|---:|")
-    for label, n, per_job in gas_rows:
-        print(f"| {label} | {n} | {per_job:,.0f} |")
+    worst = worst_case_cost(1000, 256, PRICE)
+    for label, amount in capital():
+        print(f"| {label} | {amount:,} | {amount // worst} |")
 
 
 if __name__ == "__main__":

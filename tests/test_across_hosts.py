@@ -351,6 +351,8 @@ def test_a_paid_job_to_a_worker_behind_nat_is_paid_on_chain(lab: Lab, tmp_path):
     offer = circuit_offer(lab, relay, worker)
     assert offer["price_per_1k"] == PRICE, explain(lab, str(offer))
 
+    deposit = llmarket(client_host, client_dir, "wallet", "deposit", str(10 * TOKEN), *pay, label="deposit")
+    assert deposit.returncode == 0, explain(lab, "the requester's deposit failed")  # its one transaction
     result = request_json(lab, client_host, client_dir, "--bootstrap", relay.multiaddr, "--peer", worker.peer_id,
                           "--max-price", str(PRICE), *pay, "--max-tokens", "32", *GREEDY, QUESTION)  # fmt: skip
     usage = result["usage"]
@@ -360,7 +362,7 @@ def test_a_paid_job_to_a_worker_behind_nat_is_paid_on_chain(lab: Lab, tmp_path):
         worker_account.address, client_account.address, at_least={worker_account.address: owed}, timeout=60
     )
     assert balances[worker_account.address] == owed, explain(lab, f"the worker's claim: {balances}, owed {owed}")
-    assert balances[client_account.address] <= 1000 * TOKEN - owed, explain(lab, f"the requester paid: {balances}")
+    assert balances[client_account.address] == 990 * TOKEN, explain(lab, f"paid from the deposit: {balances}")
     worker.proc.wait_for_line(r"job \w+: done, .*paid", 10)
 
 

@@ -4,7 +4,8 @@ A paid market of two workers on the default model: an overcharger, the cheaper
 one (so the requester tries it first), and an honest one. The requester counts
 with the model's own tokenizer (verified against its CID) and pays for records
 it can check; the overcharger is dropped and banned, the honest worker finishes
-the job, and on chain each worker earns exactly what it truly used × its price.
+the job, and on chain each worker earns exactly what it truly used × its price, paid from the requester's one
+deposit in the DepositEscrow.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ from node.market.routing import Reputation, RouteQuery
 from node.models.default import DEFAULT_MODEL_CID
 from node.net.identity import Identity
 from node.net.network import Network
+from node.payments.deposit_metering import DepositMetering
+from node.payments.deposits import DepositClient
 from node.payments.ledger import WalletLedger, WorkerLedger
-from node.payments.metering import EscrowMetering
-from node.payments.payer import WalletPayer
+from node.payments.payer import DepositPayer
 from node.payments.policy import job_cost
-from node.payments.settlement import Settler
-from node.payments.wallet import Wallet
 from node.protocol.messages import JobRequest, ModelInfo
 
 from . import overchargers
@@ -54,20 +54,23 @@ SPEC = JobSpec(
 )
 
 
+def deposits(chain, account=None) -> DepositClient:
+    return DepositClient.connect(chain.chain.rpc_url, deployment=chain.deployment, account=account)
+
+
 @asynccontextmanager
 async def paid_worker(chain, tmp_path, name, engine, account, price):
     identity = Identity.load(tmp_path / name, account=account)
     ledger = WorkerLedger.in_data_dir(tmp_path / name)
-    client = chain.client(account)
-    metering = EscrowMetering(client, ledger, Settler(ledger, client), price, max_credit_window=TOKEN,
-                              receipt_timeout_s=5.0)  # fmt: skip
+    metering = DepositMetering(deposits(chain, account), ledger, price, max_credit_window=TOKEN,
+                               receipt_timeout_s=5.0)  # fmt: skip
     host = Network(identity)
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
         WorkerService(host, identity, {DEFAULT_MODEL_CID: engine}, metering=metering).install()
         offer = signed_offer(
             identity, 1, time.time() + 600, addrs=host.addrs(), price_per_1k=price, payee=account.address,
-            chain_id=chain.deployment.chain_id, escrow=chain.deployment.escrow,
+            chain_id=chain.deployment.chain_id, escrow=chain.deployment.deposits,
             models=[ModelInfo(DEFAULT_MODEL_CID, "default", 2048, "Q4_1")],
         )  # fmt: skip
         yield offer, metering
@@ -91,10 +94,11 @@ async def run_against(chain, tmp_path, default_model_file, make_cheater):
             )
             host = await stack.enter_async_context(requester(tmp_path))
             node = RequesterNode(host, None, tokenizers=tokenizers)
-            wallet = Wallet(chain.client(chain.requester), WalletLedger.in_data_dir(tmp_path / "requester"))
-            payer = WalletPayer(wallet, usage=node.checked_usage)
+            client = deposits(chain, chain.requester)
+            await trio.to_thread.run_sync(client.deposit, TOKEN)  # the one deposit both workers are paid from
+            payer = DepositPayer(client, WalletLedger.in_data_dir(tmp_path / "requester"), usage=node.checked_usage)
             query = RouteQuery(DEFAULT_MODEL_CID, max_price_per_1k=2 * PRICE, chain_id=chain.deployment.chain_id,
-                               escrow=chain.deployment.escrow)  # fmt: skip
+                               escrow=chain.deployment.deposits)  # fmt: skip
             reputation, heard = Reputation(), Recorder()
             result = await run_job(host, lambda: [cheat, honest], query, SPEC, reputation=reputation, payer=payer,
                                    observer=heard)  # fmt: skip
@@ -102,7 +106,7 @@ async def run_against(chain, tmp_path, default_model_file, make_cheater):
             exact = tokenizer.count_sync(JobRequest("x", DEFAULT_MODEL_CID, {}, messages=SPEC.messages))
             for meter in (cheat_meter, honest_meter):  # every receipt the worker holds, claimed on chain
                 await trio.to_thread.run_sync(meter.settler.settle_once)
-    earned = {name: chain.client().token_balance(acct.address) for name, acct in
+    earned = {name: deposits(chain).token_balance(acct.address) for name, acct in
               (("cheat", chain.worker), ("honest", chain.other_worker))}  # fmt: skip
     return result, heard, reputation, exact, earned, cheat.peer_id
 

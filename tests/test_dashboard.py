@@ -18,7 +18,9 @@ from node.market.requester import JobObserver, run_job
 from node.market.routing import Reputation
 from node.net.identity import Identity
 from node.payments.chainio import ChainIO
-from node.payments.ledger import WalletChannel, WalletLedger, WorkerLedger
+from node.payments.deposits import DepositAccount
+from node.payments.ledger import WalletLedger, WorkerLedger
+from node.payments.wallet import Pending
 from node.protocol.messages import ModelInfo
 
 from .factories import MODEL, QUERY, SPEC, WORDS, ScriptedEngine, requester, signed_offer, worker
@@ -117,12 +119,13 @@ async def test_the_feed_delivers_events_and_drops_a_subscriber_that_falls_behind
 
 
 class FakeClient:
-    """An EscrowClient as far as the page reads it."""
+    """A DepositClient as far as the page reads it."""
 
     def __init__(self, address: str, balance: int, *, io_limit: int = 4) -> None:
-        self.io = ChainIO(io_limit)  # the client's threads for blocking chain calls, as EscrowClient.io
+        self.io = ChainIO(io_limit)  # the client's threads for blocking chain calls, as DepositClient.io
         self.account = SimpleNamespace(address=address)
-        self.deployment = SimpleNamespace(token="0xT0ken")
+        self.address = "0xE"  # the DepositEscrow
+        self.deployment = SimpleNamespace(token="0xT0ken", chain_id=31337)
         self.balance = balance
         reads = {"symbol": "LLM", "decimals": 18}  # the token contract's views
         functions = {name: (lambda v=value: SimpleNamespace(call=lambda: v)) for name, value in reads.items()}
@@ -207,11 +210,12 @@ async def test_api_market_groups_offers_by_model_with_what_routing_knows(market)
     assert ages == {market.ids[0].peer_id: 0.0, market.ids[1].peer_id: 12.5}
 
 
-async def test_api_node_jobs_series_and_channels_of_a_paid_worker(tmp_path, market):
+async def test_api_node_jobs_series_and_payments_of_a_paid_worker(tmp_path, market):
     ledger = WorkerLedger(tmp_path / "worker.db")
-    ledger.record_receipt(b"\x01" * 32, 700, b"sig", chain_id=31337, escrow="0xE", requester="0xR1", expiry=2_000_000)
-    ledger.record_receipt(b"\x02" * 32, 300, b"sig", chain_id=31337, escrow="0xE", requester="0xR2", expiry=2_000_000)
-    ledger.mark_claimed(b"\x01" * 32, 700)
+    ledger.credit_pair(31337, "0xE", "0xR1", 700, b"sig", 700, floor=0)
+    ledger.credit_pair(31337, "0xE", "0xR2", 300, b"sig", 300, floor=0)
+    ledger.credit_pair(31337, "0xOther", "0xR3", 999, b"sig", 999, floor=0)  # another escrow: not this worker's
+    ledger.update_pair(31337, "0xE", "0xR1", claimed=700, has_slot=True)
     activity = Activity(clock=market.clock, model_names={MODEL: "test model"})
     job = activity.started(SERVED, "j1", MODEL, market.ids[0].peer_id)
     activity.ended(job.id, DONE, tokens=40, prompt_tokens=900, cost=9)
@@ -225,8 +229,9 @@ async def test_api_node_jobs_series_and_channels_of_a_paid_worker(tmp_path, mark
     assert node["worker"] == {"model": {"cid": MODEL, "name": "test model"}, "slots_total": 2, "slots_free": 1,
                               "tokens_per_s": 91.3, "price_per_1k": "10", "verify_price_per_1k": "1",
                               "reproducible": True, "numerics": "8ecb"}  # fmt: skip
-    assert node["wallet"] == {"address": "0xW", "token": "0xT0ken", "token_symbol": "LLM", "token_decimals": 18,
-                              "token_balance": "5000", "receipted": "1000", "claimed": "700"}  # fmt: skip
+    assert node["wallet"] == {"address": "0xW", "token": "0xT0ken", "escrow": "0xE", "token_symbol": "LLM",
+                              "token_decimals": 18, "token_balance": "5000", "receipted": "1000",
+                              "claimed": "700"}  # fmt: skip
     assert node["totals"] == {"jobs": 1, "tokens": 40, "failovers": 0, "checks": 0, "checks_failed": 0, "earned": "9"}
     jobs = await get_json(app, "/api/jobs?limit=5")
     assert [(j["id"], j["kind"], j["tokens"], j["prompt_tokens"], j["cost"]) for j in jobs["jobs"]] == [
@@ -235,34 +240,42 @@ async def test_api_node_jobs_series_and_channels_of_a_paid_worker(tmp_path, mark
     series = await get_json(app, "/api/series")
     assert set(series) == {"bucket_s", "start", "t", "tokens_per_s", "jobs_per_min", "amount_per_min", "amount_label"}
     assert len(series["t"]) == len(series["tokens_per_s"]) == 360 and max(series["amount_per_min"]) == 9 * 6
-    channels = await get_json(app, "/api/channels")
-    assert channels["role"] == "worker"
-    assert sorted((c["counterparty"], c["signed"], c["claimed"], c["status"]) for c in channels["channels"]) == [
-        ("0xR1", "700", "700", "claimed"), ("0xR2", "300", "0", "open")
+    payments = await get_json(app, "/api/payments")
+    assert payments["role"] == "worker"
+    assert sorted((p["counterparty"], p["signed"], p["claimed"], p["pending"], p["slot"], p["status"])
+                  for p in payments["pairs"]) == [
+        ("0xR1", "700", "700", "0", True, "claimed"), ("0xR2", "300", "0", "300", False, "pending")
     ]  # fmt: skip
-    assert channels["channels"][0]["channel_id"].startswith("0x") and channels["channels"][0]["deposit"] is None
 
 
-async def test_api_node_and_channels_of_a_paying_gateway_and_of_a_free_one(tmp_path, market):
+async def test_api_node_and_payments_of_a_paying_gateway_and_of_a_free_one(tmp_path, market):
     ledger = WalletLedger(tmp_path / "wallet.db")
-    ledger.add(WalletChannel(b"\x03" * 32, 31337, "0xE", "0xW1", 5_000, 1_200, 2_000_000, "open", "12D3KooWw1"))
-    ledger.add(WalletChannel(b"\x04" * 32, 31337, "0xE", "0xW2", 800, 800, 2_000_000, "closed", ""))
-    wallet = SimpleNamespace(address="0xReq", client=FakeClient("0xReq", 42), ledger=ledger)
+    ledger.allocate(31337, "0xE", "0xW1", 1_200, peer_id="12D3KooWw1")
+    ledger.allocate(31337, "0xE", "0xW2", 800)
+    paid = {"0xW1": 1_000, "0xW2": 800}
+    account = DepositAccount(deposit=5_000, reserve_left=900, reserve_total=1_000, slots=4, slots_used=1, unlock_at=0)
+    wallet = SimpleNamespace(
+        address="0xReq", escrow="0xE", client=FakeClient("0xReq", 42), ledger=ledger, account=lambda: account,
+        pending=lambda: [Pending(p.worker, p.peer_id, p.signed, paid[p.worker], p.worker == "0xW1")
+                         for p in ledger.pairs(31337, "0xE")],
+    )  # fmt: skip
     activity = Activity(amount_label="spent", clock=market.clock)
     dash = Dashboard("gateway", market.host, activity, lambda: [], payments=RequesterPayments(wallet),
                      clock=market.clock)  # fmt: skip
     node = await get_json(DashboardApp(dash), "/api/node")
     assert node["worker"] is None and node["totals"]["spent"] == "0" and "earned" not in node["totals"]
-    assert node["wallet"] == {"address": "0xReq", "token": "0xT0ken", "token_symbol": "LLM", "token_decimals": 18,
-                              "token_balance": "42", "deposited": "5000", "signed": "2000"}  # fmt: skip
-    channels = await get_json(DashboardApp(dash), "/api/channels")
-    assert channels["role"] == "requester"
-    assert sorted((c["counterparty"], c["deposit"], c["signed"], c["status"], c["peer_id"])
-                  for c in channels["channels"]) == [("0xW1", "5000", "1200", "open", "12D3KooWw1"),
-                                                     ("0xW2", "800", "800", "closed", "")]  # fmt: skip
+    assert node["wallet"] == {"address": "0xReq", "token": "0xT0ken", "escrow": "0xE", "token_symbol": "LLM",
+                              "token_decimals": 18, "token_balance": "42", "signed": "2000", "deposit": "5000",
+                              "reserve_left": "900", "reserve_total": "1000", "slots": 4, "slots_used": 1,
+                              "unlock_at": 0}  # fmt: skip
+    payments = await get_json(DashboardApp(dash), "/api/payments")
+    assert payments["role"] == "requester"
+    assert sorted((p["counterparty"], p["signed"], p["claimed"], p["pending"], p["slot"], p["status"], p["peer_id"])
+                  for p in payments["pairs"]) == [("0xW1", "1200", "1000", "200", True, "pending", "12D3KooWw1"),
+                                                  ("0xW2", "800", "800", "0", False, "claimed", "")]  # fmt: skip
     free = Dashboard("gateway", market.host, Activity(), lambda: [])
     assert (await get_json(DashboardApp(free), "/api/node"))["wallet"] is None
-    assert await get_json(DashboardApp(free), "/api/channels") == {"role": "requester", "channels": []}
+    assert await get_json(DashboardApp(free), "/api/payments") == {"role": "requester", "pairs": []}
     assert (await get_json(DashboardApp(free), "/api/market")) == {"now": pytest.approx(free.clock(), abs=5),
                                                                  "models": []}  # fmt: skip
 
@@ -290,7 +303,7 @@ async def test_chain_reads_wait_for_the_clients_limiter_and_a_reload_storm_reads
 
     client = SlowClient("0xW", 7, io_limit=1)
     ledger = WorkerLedger(tmp_path / "w.db")
-    ledger.all()  # made once, as a running worker's is: a new SQLite file's first opens can race (WAL switch)
+    ledger.pairs()  # made once, as a running worker's is: a new SQLite file's first opens can race (WAL switch)
     app = DashboardApp(Dashboard("worker", market.host, Activity(), lambda: [],
                                  payments=WorkerPayments(client, ledger)))  # fmt: skip
     answers = []

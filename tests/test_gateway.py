@@ -15,7 +15,7 @@ import pytest
 
 from node.models.default import DEFAULT_MODEL_CID, DEFAULT_MODEL_CID_V0
 from node.net.identity import load_or_create_account
-from node.payments.escrow import EscrowClient
+from node.payments.deposits import DepositClient
 from node.payments.policy import job_cost
 
 from .factories import paid_market, start_gateway
@@ -95,7 +95,7 @@ def test_a_seeded_greedy_call_equals_llmarket_request(market):
 
 def test_request_verify_and_a_paid_spot_check_pass_an_honest_sampled_answer(market):
     """`request --verify --spot-check 1` on the paid testnet: checked here, and by the other worker, paid at its
-    verify price through its own channel."""
+    verify price from the same deposit."""
     net, _ = market
     result = subprocess.run(
         [sys.executable, "-m", "node", "--data-dir", net.requester["data_dir"], "request", "--spot-check", "0",
@@ -159,13 +159,14 @@ def test_eight_concurrent_streams_across_two_paid_workers_reconcile(market, tmp_
     net, base_url = market
     requester_dir = tmp_path / "concurrent"
     account = load_or_create_account(requester_dir, insecure_dev_key=True, chain_id=net.chain_id)
-    chain = EscrowClient.connect(net.rpc_url, deployments_dir=net.deployments)
+    chain = DepositClient.connect(net.rpc_url, deployments_dir=net.deployments)
     owner_key = json.loads((Path(net.dir) / "anvil" / "anvil-accounts.json").read_text())["private_keys"][0]
     from eth_account import Account
 
-    owner = EscrowClient(chain.w3, chain.deployment, Account.from_key(owner_key))
+    owner = DepositClient(chain.w3, chain.deployment, Account.from_key(owner_key))
     owner.send(owner.token.functions.transfer(account.address, 100 * 10**18), "fund")
     chain.w3.provider.make_request("anvil_setBalance", [account.address, hex(10**20)])
+    DepositClient(chain.w3, chain.deployment, account).deposit(10 * 10**18)  # one deposit pays every stream
     gateway, url = start_gateway(net, requester_dir)
     workers_before = sum(chain.token_balance(w["address"]) for w in net.workers)
     try:
@@ -187,15 +188,14 @@ def test_eight_concurrent_streams_across_two_paid_workers_reconcile(market, tmp_
     finally:
         gateway.terminate()
         gateway.wait()
-    close = subprocess.run(
-        [sys.executable, "-m", "node", "--data-dir", str(requester_dir), "wallet", "close",
-         "--bootstrap", net.workers[0]["multiaddr"], "--rpc-url", net.rpc_url, "--deployments", net.deployments,
-         "--insecure-dev-key", "--no-mdns"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert close.returncode == 0, close.stdout + close.stderr
-    earned = sum(chain.token_balance(w["address"]) for w in net.workers) - workers_before
-    assert spend > 0 and earned == spend == 100 * 10**18 - chain.token_balance(account.address)
+    deadline = time.monotonic() + 120
+    while chain.account_of(account.address).deposit > 10 * 10**18 - spend:  # the workers claim once idle
+        assert time.monotonic() < deadline, chain.account_of(account.address)
+        time.sleep(0.2)  # polling interval: claims are chain transactions
+    earned = sum(chain.pair_of(account.address, w["address"]).paid for w in net.workers)  # this requester's pay
+    assert spend > 0 and earned == spend == 10 * 10**18 - chain.account_of(account.address).deposit
+    assert sum(chain.token_balance(w["address"]) for w in net.workers) - workers_before >= earned
+    assert chain.w3.eth.get_transaction_count(account.address) == 2  # approve + deposit: none per worker or stream
 
 
 def test_a_client_that_disconnects_frees_the_worker_slot(market):

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from node.dev import testnet
-from node.payments.escrow import EscrowClient
+from node.payments.deposits import DepositClient
 from node.payments.policy import job_cost
 
 from .factories import start_gateway
@@ -56,7 +56,7 @@ def net(tmp_path_factory):
         testnet.down(root / "net")
 
 
-def earned_once_settled(chain: EscrowClient, address: str, before: int, expected: int, timeout_s: float = 60) -> int:
+def earned_once_settled(chain: DepositClient, address: str, before: int, expected: int, timeout_s: float = 60) -> int:
     """The worker's earnings, polled until its claims for ``expected`` are mined (claims follow each job)."""
     deadline = time.monotonic() + timeout_s
     while (earned := chain.token_balance(address) - before) < expected and time.monotonic() < deadline:
@@ -66,7 +66,7 @@ def earned_once_settled(chain: EscrowClient, address: str, before: int, expected
 
 def test_a_1500_token_paid_prompt_through_request_and_the_gateway_is_paid_exactly(net, tmp_path):
     worker = net.workers[0]
-    chain = EscrowClient.connect(net.rpc_url, deployments_dir=Path(net.deployments))
+    chain = DepositClient.connect(net.rpc_url, deployments_dir=Path(net.deployments))
     before = chain.token_balance(worker["address"])
 
     request = subprocess.run(

@@ -84,6 +84,87 @@ def test_two_workers_share_the_cores_and_the_one_that_fetched_the_model_keeps_it
     assert running_workers(run / "llmarket" / "workers") == []  # each removed its note when it stopped
 
 
+async def _one_job_on_every_worker(net) -> dict[str, object]:
+    """One paid job pinned to each worker of ``net``, all at once, from the testnet requester's deposit."""
+    import trio
+
+    from node.app.paid import payer_for, paying_wallet
+    from node.app.requester import open_requester
+    from node.inference.sampling import SamplingParams
+    from node.market.requester import JobSpec, run_job
+    from node.market.routing import RouteQuery
+    from node.net.host import HostConfig
+
+    data_dir = Path(net.requester["data_dir"])
+    wallet = await trio.to_thread.run_sync(
+        lambda: paying_wallet(data_dir, net.rpc_url, Path(net.deployments), insecure_dev_key=True)
+    )
+    max_price = max(w["price"] for w in net.workers)
+    config = HostConfig(listen=("/ip4/127.0.0.1/tcp/0",), bootstrap=(net.workers[0]["multiaddr"],), mdns=False)
+    results = {}
+    with trio.fail_after(300):
+        async with open_requester(data_dir, network=config) as node:
+            while {o.peer_id for o in node.offers()} < {w["peer_id"] for w in net.workers}:
+                await trio.sleep(0.2)  # polling interval: the offers come by gossip
+            payer = payer_for(wallet, usage=node.checked_usage)
+
+            async def job(w: dict) -> None:
+                spec = JobSpec(model=DEFAULT_MODEL_CID, params=SamplingParams(max_tokens=12, temperature=0.0),
+                               messages=[{"role": "user", "content": f"Count to {w['name'][-1]}."}],
+                               max_price_per_1k=max_price)  # fmt: skip
+                query = RouteQuery(model=DEFAULT_MODEL_CID, max_price_per_1k=max_price, pinned_peer=w["peer_id"],
+                                   chain_id=net.chain_id, escrow=net.escrow)  # fmt: skip
+                results[w["address"]] = await run_job(node.host, node.offers, query, spec, reputation=node.reputation,
+                                                      payer=payer)  # fmt: skip
+
+            async with trio.open_nursery() as nursery:
+                for w in net.workers:
+                    nursery.start_soon(job, w)
+    return results
+
+
+def test_a_paid_four_worker_testnet_pays_every_worker_exactly_from_one_deposit(tmp_path):
+    """Issue 20's "done when": jobs spread over all four workers, each paid exactly usage × price on chain (pairOf,
+    the Claimed events, its balance), from the requester's one deposit, and not one transaction by the requester."""
+    import trio
+
+    from node.payments.deposits import DepositClient
+    from node.payments.policy import job_cost
+
+    net = testnet.up(tmp_path / "net", workers=4, say=lambda line: None)
+    try:
+        client = DepositClient.connect(net.rpc_url, deployments_dir=net.deployments)
+        requester = net.requester["address"]
+        start_block = client.block_number()
+        account = client.account_of(requester)
+        assert account.deposit > 0 and account.slots == 4 and client.address == net.escrow
+        nonce = client.w3.eth.get_transaction_count(requester)
+        before = {w["address"]: client.token_balance(w["address"]) for w in net.workers}
+
+        results = trio.run(_one_job_on_every_worker, net)
+
+        assert {a: r.workers for a, r in results.items()} == {w["address"]: [w["peer_id"]] for w in net.workers}
+        owed = {}
+        for w in net.workers:
+            (receipt,) = results[w["address"]].receipts
+            owed[w["address"]] = job_cost(receipt.prompt_tokens, receipt.completion_tokens, w["price"])
+            assert owed[w["address"]] == results[w["address"]].cost > 0
+        deadline = time.monotonic() + 120
+        while any(client.pair_of(requester, a).paid < owed[a] for a in owed):
+            assert time.monotonic() < deadline, {a: client.pair_of(requester, a) for a in owed}
+            time.sleep(0.2)  # polling interval: each worker claims on its own, once idle
+        logs = client.escrow.events.Claimed().get_logs(from_block=start_block)
+        claimed = {a: sum(e["args"]["fromDeposit"] + e["args"]["fromReserve"] for e in logs
+                          if e["args"]["worker"] == a) for a in owed}  # fmt: skip
+        for a, amount in owed.items():
+            assert client.pair_of(requester, a).paid == claimed[a] == amount  # exactly usage × price
+            assert client.token_balance(a) - before[a] == amount  # and the worker holds it
+        assert client.account_of(requester).deposit == account.deposit - sum(owed.values())  # from the one deposit
+        assert client.w3.eth.get_transaction_count(requester) == nonce  # no transaction by the requester
+    finally:
+        testnet.down(tmp_path / "net")
+
+
 @pytest.mark.long
 def test_the_demo_pays_exactly_usage_times_price():
     result = subprocess.run(
@@ -107,10 +188,9 @@ def test_the_demo_refuses_an_unknown_option_in_one_line():
 
 def test_wallet_shows_exact_tokens_and_keeps_base_units_in_json(chain, tmp_path, capsys):
     """``llmarket wallet``: base units and the exact token amount (it was a float rounded to 6 places)."""
-    from node.app.paid import requester_wallet
     from node.cli.main import main
     from node.payments.deployment import write_deployment
-    from node.payments.units import format_amount, format_units
+    from node.payments.units import format_units
 
     write_deployment(chain.deployment, tmp_path / "deployments")
     chain_flags = ["--rpc-url", chain.chain.rpc_url, "--deployments", str(tmp_path / "deployments")]
@@ -125,23 +205,71 @@ def test_wallet_shows_exact_tokens_and_keeps_base_units_in_json(chain, tmp_path,
     assert main(wallet_cmd) == 0
     shown = capsys.readouterr().out
     assert "balance   12345678901234567890123 (12345.678901234567890123 LLM), 1.00005 ETH\n" in shown
+    assert "deposit   0 (0 LLM)" in shown and "reserve   none" in shown
 
-    wallet = requester_wallet(
-        tmp_path / "requester", chain.chain.rpc_url, tmp_path / "deployments", insecure_dev_key=True
-    )
-    channel = wallet.open_channel(chain.worker.address, 102_000_000_000_000)
-    wallet.sign(channel.channel_id, 102_000_000_000_000)
-    assert main(wallet_cmd) == 0
-    shown = capsys.readouterr().out
-    assert f"deposit {format_amount(channel.deposit)}, signed 102000000000000 (0.000102 LLM), paid 0 (0 LLM)" in shown
+    assert main([*wallet_cmd[:2], "wallet", "deposit", "1.5LLM", *wallet_cmd[3:]]) == 0
+    assert "deposited 1500000000000000000 (1.5 LLM)" in capsys.readouterr().out
+    assert main([*wallet_cmd[:2], "wallet", "reserve", "102000000000000", "--slots", "4", *wallet_cmd[3:]]) == 0
+    assert "4 slot(s) of 25500000000000 (0.0000255 LLM)" in capsys.readouterr().out
 
     assert main([*wallet_cmd, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)  # machine-readable: every amount an int of base units
-    assert info["tokens"] == funds - channel.deposit and info["eth"] < 10**18 + 5 * 10**13
+    locked = 1_500_000_000_000_000_000 + 102_000_000_000_000
+    assert info["tokens"] == funds - locked and info["eth"] < 10**18 + 5 * 10**13
     assert info["token"] == {"address": chain.deployment.token, "symbol": "LLM", "decimals": 18}
-    assert info["display"]["tokens"] == format_units(funds - channel.deposit, 18, "LLM")
-    (c,) = info["channels"]
-    assert (c["deposit"], c["signed"], c["paid"]) == (channel.deposit, 102_000_000_000_000, 0)
+    assert info["display"]["tokens"] == format_units(funds - locked, 18, "LLM")
+    assert info["deposit"] == 1_500_000_000_000_000_000
+    assert info["reserve"] == {"total": 102_000_000_000_000, "left": 102_000_000_000_000, "slots": 4, "used": 0,
+                               "share": 25_500_000_000_000}  # fmt: skip
+    assert info["unlock"]["unlocking"] is False and info["pending"] == []
+
+
+def test_wallet_shows_what_is_pending_per_worker_and_unlocks_and_withdraws(chain, tmp_path, capsys):
+    from node.app.paid import requester_wallet
+    from node.cli.main import main
+    from node.payments.deployment import write_deployment
+    from node.payments.deposits import DepositClient
+
+    write_deployment(chain.deployment, tmp_path / "deployments")
+    flags = ["--rpc-url", chain.chain.rpc_url, "--deployments", str(tmp_path / "deployments"), "--insecure-dev-key"]
+    data = ["--data-dir", str(tmp_path / "requester")]
+    wallet = requester_wallet(tmp_path / "requester", chain.chain.rpc_url, tmp_path / "deployments",
+                              insecure_dev_key=True)  # fmt: skip
+    owner = chain.client(chain.deployer)
+    owner.send(owner.token.functions.transfer(wallet.address, 10**18), "fund")
+    chain.chain.rpc("anvil_setBalance", wallet.address, hex(10**18))
+    with pytest.raises(Exception, match="wallet deposit AMOUNT"):
+        wallet.require_funded()  # the one line a request or the gateway prints
+    assert main([*data, "wallet", "deposit", "1000000", *flags]) == 0
+    capsys.readouterr()
+    d = chain.deployment
+    total = wallet.ledger.allocate(d.chain_id, wallet.escrow, chain.worker.address, 700, peer_id="12D3KooWw")
+    signature = wallet.client.sign_receipt(chain.worker.address, total)
+    DepositClient.connect(chain.chain.rpc_url, deployment=d, account=chain.worker).claim_batch(
+        [(wallet.address, total, signature)]
+    )
+    wallet.ledger.allocate(d.chain_id, wallet.escrow, chain.worker.address, 300)  # signed, not claimed yet
+    assert main([*data, "wallet", *flags, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["deposit"] == 1_000_000 - 700
+    assert info["pending"] == [{"worker": chain.worker.address, "peer_id": "12D3KooWw", "signed": 1000, "paid": 700,
+                                "pending": 300, "has_slot": False}]  # fmt: skip
+    assert main([*data, "wallet", *flags]) == 0
+    assert f"  {chain.worker.address}  pending 300 (0.0000000000000003 LLM)" in capsys.readouterr().out
+
+    assert main([*data, "wallet", "unlock", *flags]) == 0
+    assert "unlocking: `llmarket wallet withdraw` works from" in capsys.readouterr().out
+    with pytest.raises(Exception, match="is unlocking"):
+        wallet.require_funded()
+    assert main([*data, "wallet", "withdraw", *flags]) == 1  # not yet: one line, the contract's reason
+    assert "UnlockPending" in capsys.readouterr().err
+    assert main([*data, "wallet", "cancel-unlock", *flags]) == 0
+    assert main([*data, "wallet", "unlock", *flags]) == 0
+    chain.advance(wallet.client.unlock_period())
+    capsys.readouterr()
+    assert main([*data, "wallet", "withdraw", *flags]) == 0
+    assert "withdrew 999300 (" in capsys.readouterr().out
+    assert wallet.account().deposit == 0
 
 
 @pytest.mark.long
@@ -151,7 +279,7 @@ def test_a_paid_worker_killed_mid_stream_is_paid_only_what_it_was_signed(tmp_pat
     import sys
     import time
 
-    from node.payments.escrow import EscrowClient
+    from node.payments.deposits import DepositClient
     from node.payments.ledger import WalletLedger, WorkerLedger
 
     net = testnet.up(tmp_path / "net", workers=2, say=lambda line: None)
@@ -168,8 +296,8 @@ def test_a_paid_worker_killed_mid_stream_is_paid_only_what_it_was_signed(tmp_pat
         deadline = time.monotonic() + 120
         victim = None
         while victim is None and time.monotonic() < deadline:  # the first receipt means tokens are flowing
-            paying = [c for c in wallet.channels()] if wallet.path.exists() else []
-            victim = next((w for w in net.workers for c in paying if c.worker == w["address"] and c.signed > 0), None)
+            paying = wallet.pairs() if wallet.path.exists() else []
+            victim = next((w for w in net.workers for p in paying if p.worker == w["address"] and p.signed > 0), None)
             time.sleep(0.02)  # polling interval
         assert victim is not None, (tmp_path / "req.err").read_text()
         os.killpg(net.pids[victim["name"]], signal.SIGKILL)
@@ -179,12 +307,12 @@ def test_a_paid_worker_killed_mid_stream_is_paid_only_what_it_was_signed(tmp_pat
         assert answer["workers"] == [victim["peer_id"], survivor["peer_id"]]
         assert "continuing on another worker" in (tmp_path / "req.err").read_text()
 
-        channels = {c.worker: c for c in wallet.channels()}
-        signed_victim, signed_survivor = channels[victim["address"]].signed, channels[survivor["address"]].signed
+        pairs = {p.worker: p for p in wallet.pairs()}
+        signed_victim, signed_survivor = pairs[victim["address"]].signed, pairs[survivor["address"]].signed
         assert answer["cost"] == signed_victim + signed_survivor
-        held = WorkerLedger.in_data_dir(Path(victim["data_dir"])).all()
-        assert 0 < held[0].receipted <= signed_victim  # the dead worker holds only what it was signed
-        client = EscrowClient.connect(net.rpc_url, deployments_dir=net.deployments)
+        held = WorkerLedger.in_data_dir(Path(victim["data_dir"])).pairs()
+        assert 0 < held[0].best <= signed_victim  # the dead worker holds only what it was signed
+        client = DepositClient.connect(net.rpc_url, deployments_dir=net.deployments)
         deadline = time.monotonic() + 60
         while client.token_balance(survivor["address"]) < signed_survivor and time.monotonic() < deadline:
             time.sleep(0.2)  # the survivor claims once idle

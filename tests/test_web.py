@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from node.models.default import DEFAULT_MODEL_CID
-from node.payments.escrow import EscrowClient
+from node.payments.deposits import DepositClient
 
 from .factories import paid_market
 
@@ -58,7 +58,7 @@ def browser():
 def market(tmp_path_factory):
     """A paid testnet with its workers' pages, a gateway with an API key, and the workers' balances at the start."""
     with paid_market(tmp_path_factory.mktemp("web"), "--api-key", KEY) as (net, base_url):
-        chain = EscrowClient.connect(net.rpc_url, deployments_dir=net.deployments)
+        chain = DepositClient.connect(net.rpc_url, deployments_dir=net.deployments)
         before = {w["peer_id"]: chain.token_balance(w["address"]) for w in net.workers}
         yield net, base_url.removesuffix("/v1"), chain, before
 
@@ -164,9 +164,9 @@ def test_a_workers_page_shows_its_jobs_and_earned_equals_its_balance_change_on_c
             assert time.monotonic() < deadline, (earned, change, wallet)
             time.sleep(0.5)  # polling interval: the claim is a chain transaction
         assert (earned > 0) == bool(jobs), (earned, jobs)
-        balance = chain.token_balance(w["address"])  # the header and the channels follow the claim, live
+        balance = chain.token_balance(w["address"])  # the header and the payments table follow the claim, live
         page.wait_for_function(f"document.querySelector('#balance').dataset.value === '{balance}'", timeout=15_000)
-        cells = "[...document.querySelectorAll('#channels td[data-field=claimed]')]"
+        cells = "[...document.querySelectorAll('#payments td[data-field=claimed]')]"
         claimed = f"{cells}.map(td => BigInt(td.dataset.value || 0))"
         page.wait_for_function(f"{claimed}.reduce((a, b) => a + b, 0n) === {earned}n", timeout=15_000)
         page.screenshot(path=str(shots / f"{w['name']}.png"), full_page=True)

@@ -9,11 +9,12 @@ copied from npm by ``scripts/setup``); everything it shows comes from
 - ``/api/node``: who this node is, its slots (a worker), wallet and totals;
 - ``/api/market``: the offers it sees, by model, with what routing knows of each worker;
 - ``/api/jobs``, ``/api/series``: its jobs and an hour of sums (``node.market.activity``);
-- ``/api/channels``: its payment channels, from its ledger;
+- ``/api/payments``: what it was paid (a worker) or paid (a requester) per counterparty on the
+  ``DepositEscrow``: signed, claimed on chain, pending, reserve slot;
 - ``/api/events``: server-sent events (``job``, ``market``, ``node``) that keep the page live.
 
 The payment side is one concern here too: a ``WorkerPayments`` or
-``RequesterPayments`` reads balances and channels, and a free node has none.
+``RequesterPayments`` reads balances, the deposit and the pairs, and a free node has none.
 With an API key, ``/api/…`` needs ``Authorization: Bearer KEY`` (or ``?key=KEY``,
 since a browser's EventSource cannot send headers); the page's static files are
 open, and hold no data.
@@ -61,11 +62,11 @@ PING_TIMEOUT_S = 5.0
 class Payments(Protocol):
     """A node's money, as the page shows it."""
 
-    role: str  # "worker" (paid through claims) or "requester" (pays through channels)
+    role: str  # "worker" (paid through claims) or "requester" (pays from its deposit)
 
     async def wallet(self) -> dict: ...
 
-    async def channels(self) -> list[dict]: ...
+    async def payments(self) -> list[dict]: ...
 
 
 def _token_info(client: Any) -> tuple[str, int]:
@@ -120,9 +121,10 @@ class _Cached:
 
 @dataclass
 class WorkerPayments:
-    """A paid worker's wallet: its token balance and the receipts it holds and claimed (``WorkerLedger``)."""
+    """A paid worker's wallet: its token balance and the requesters' receipts it holds and claimed (the
+    ``WorkerLedger``'s pairs on its ``DepositEscrow``)."""
 
-    client: Any  # EscrowClient, with the worker's account
+    client: Any  # DepositClient, with the worker's account
     ledger: Any  # WorkerLedger
     role: str = "worker"
 
@@ -130,76 +132,94 @@ class WorkerPayments:
         self._balance = _Cached(lambda: self.client.token_balance(self.client.account.address), self.client.io)
         self._token = _Cached(lambda: _token_info(self.client), self.client.io, ttl_s=3600.0)
 
+    def _pairs(self) -> list:
+        where = (self.client.deployment.chain_id, self.client.address)
+        return [p for p in self.ledger.pairs() if (p.chain_id, p.escrow) == where]
+
     async def wallet(self) -> dict:
-        channels = await trio.to_thread.run_sync(self.ledger.all)
-        self._balance.refresh_on(sum(c.claimed for c in channels))  # a claim moves the balance: read it again
+        pairs = await trio.to_thread.run_sync(self._pairs)
+        self._balance.refresh_on(sum(p.claimed for p in pairs))  # a claim moves the balance: read it again
         symbol, decimals = await self._token.get() or ("", None)
         return {
             "address": self.client.account.address,
             "token": self.client.deployment.token,
+            "escrow": self.client.address,
             "token_symbol": symbol,
             "token_decimals": decimals,
             "token_balance": _amount(await self._balance.get()),
-            "receipted": str(sum(c.receipted for c in channels)),
-            "claimed": str(sum(c.claimed for c in channels)),
+            "receipted": str(sum(p.best for p in pairs)),
+            "claimed": str(sum(p.claimed for p in pairs)),
         }
 
-    async def channels(self) -> list[dict]:
-        channels = await trio.to_thread.run_sync(self.ledger.all)
+    async def payments(self) -> list[dict]:
+        pairs = await trio.to_thread.run_sync(self._pairs)
         return [
             {
-                "channel_id": _hex(c.channel_id),
-                "counterparty": c.requester,
+                "counterparty": p.requester,
                 "peer_id": "",
-                "deposit": None,
-                "signed": str(c.receipted),
-                "claimed": str(c.claimed),
-                "expiry": c.expiry,
-                "status": "closed" if c.closed else "claimed" if c.receipted and c.claimed >= c.receipted else "open",
+                "signed": str(p.best),
+                "claimed": str(p.claimed),
+                "pending": str(p.claimable),
+                "slot": p.has_slot,
+                "status": "unlocking" if p.unlock_at else "pending" if p.claimable > 0 else "claimed",
+                "error": p.last_error,
             }
-            for c in channels
+            for p in pairs
         ]
 
 
 @dataclass
 class RequesterPayments:
-    """A paying requester's wallet (a gateway's): its token balance, deposits and what it signed (``Wallet``)."""
+    """A paying requester's wallet (a gateway's): its token balance, its deposit and reserve in the
+    ``DepositEscrow``, and what it signed to each worker against what the chain paid (``DepositWallet``)."""
 
-    wallet_: Any  # Wallet
+    wallet_: Any  # DepositWallet
     role: str = "requester"
 
     def __post_init__(self) -> None:
-        self._balance = _Cached(lambda: self.wallet_.client.token_balance(self.wallet_.address), self.wallet_.client.io)
-        self._token = _Cached(lambda: _token_info(self.wallet_.client), self.wallet_.client.io, ttl_s=3600.0)
+        io = self.wallet_.client.io
+        self._balance = _Cached(lambda: self.wallet_.client.token_balance(self.wallet_.address), io)
+        self._token = _Cached(lambda: _token_info(self.wallet_.client), io, ttl_s=3600.0)
+        self._account = _Cached(self.wallet_.account, io)
+        self._pending = _Cached(self.wallet_.pending, io)  # one chain read per worker: at most every TTL
 
     async def wallet(self) -> dict:
-        channels = await trio.to_thread.run_sync(self.wallet_.ledger.channels)
-        self._balance.refresh_on(tuple((c.deposit, c.status) for c in channels))  # deposits and refunds move it
+        d = self.wallet_.client.deployment
+        pairs = await trio.to_thread.run_sync(self.wallet_.ledger.pairs, d.chain_id, self.wallet_.escrow)
+        signed = sum(p.signed for p in pairs)
+        self._pending.refresh_on(signed)  # a new receipt: read the pairs again
         symbol, decimals = await self._token.get() or ("", None)
+        account = await self._account.get()
         return {
             "address": self.wallet_.address,
-            "token": self.wallet_.client.deployment.token,
+            "token": d.token,
+            "escrow": self.wallet_.escrow,
             "token_symbol": symbol,
             "token_decimals": decimals,
             "token_balance": _amount(await self._balance.get()),
-            "deposited": str(sum(c.deposit for c in channels if c.status == "open")),
-            "signed": str(sum(c.signed for c in channels)),
+            "signed": str(signed),
+            "deposit": _amount(account.deposit if account else None),
+            "reserve_left": _amount(account.reserve_left if account else None),
+            "reserve_total": _amount(account.reserve_total if account else None),
+            "slots": account.slots if account else None,
+            "slots_used": account.slots_used if account else None,
+            "unlock_at": account.unlock_at if account else None,
         }
 
-    async def channels(self) -> list[dict]:
-        channels = await trio.to_thread.run_sync(self.wallet_.ledger.channels)
+    async def payments(self) -> list[dict]:
+        rows = await self._pending.get() or []
         return [
             {
-                "channel_id": _hex(c.channel_id),
-                "counterparty": c.worker,
-                "peer_id": c.peer_id,
-                "deposit": str(c.deposit),
-                "signed": str(c.signed),
-                "claimed": None,
-                "expiry": c.expiry,
-                "status": c.status,
+                "counterparty": p.worker,
+                "peer_id": p.peer_id,
+                "signed": str(p.signed),
+                "claimed": str(p.paid),
+                "pending": str(p.pending),
+                "slot": p.has_slot,
+                "status": "pending" if p.pending > 0 else "claimed",
+                "error": None,
             }
-            for c in channels
+            for p in rows
         ]
 
 
@@ -332,9 +352,9 @@ class Dashboard:
             "totals": totals,
         }
 
-    async def channels(self) -> dict:
+    async def pairs(self) -> dict:
         role = self.payments.role if self.payments else ("worker" if self.role == "worker" else "requester")
-        return {"role": role, "channels": await self.payments.channels() if self.payments else []}
+        return {"role": role, "pairs": await self.payments.payments() if self.payments else []}
 
     # ------------------------------------------------------------ live feed
 
@@ -410,8 +430,8 @@ class Dashboard:
                 await _json(send, 400, _error("limit must be a whole number, e.g. ?limit=50", "invalid_limit"))
                 return
             await _json(send, 200, {"jobs": self.jobs(limit)})
-        elif route == "/api/channels":
-            await _json(send, 200, await self.channels())
+        elif route == "/api/payments":
+            await _json(send, 200, await self.pairs())
         elif route == "/api/series":
             await _json(send, 200, self.activity.series())
         elif route == "/api/events":

@@ -4,9 +4,10 @@ A raw ASGI application served by Hypercorn's trio worker, inside the node's
 trio world (no asyncio). It is a requester node: it keeps the offer book,
 routes, fails over and pays exactly as ``llmarket request`` does
 (``run_job``), one job per prompt of each HTTP request, all sharing one
-``WalletPayer`` (a channel carries one job at a time, so concurrent requests
-never double-spend a channel). A client that disconnects, streaming or not, cancels its jobs,
-and the workers free their slots. A stream's response starts with its first
+``DepositPayer``: every worker is paid from the wallet's one deposit, with no
+chain step, and concurrent jobs to one worker add up on its pair. A client
+that disconnects, streaming or not, cancels its jobs, and the workers free
+their slots. A stream's response starts with its first
 text (or when its jobs end), so a request that fails before that gets a plain
 error with the real HTTP status. Request and response shapes:
 ``node.api.openai_api``.
@@ -44,12 +45,12 @@ from node.market.activity import CANCELLED, DONE, FAILED, REQUESTED, Activity, J
 from node.market.requester import JobObserver, JobResult, JobSpec, run_job
 from node.market.routing import Reputation, RouteQuery
 from node.market.trust import Trust
-from node.payments.payer import FreePayer, WalletPayer
+from node.payments.payer import DepositPayer, FreePayer
 from node.verify.fraud import audit
 from node.verify.local import LocalVerifier
 
 if TYPE_CHECKING:
-    from node.payments.wallet import Wallet
+    from node.payments.wallet import DepositWallet
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class _JobEvents(JobObserver):
 @dataclass
 class Gateway:
     requester: RequesterNode
-    wallet: Wallet | None = None
+    wallet: DepositWallet | None = None  # funded (node.app.paid.paying_wallet)
     max_price_per_1k: int = 0
     api_key: str | None = None
     deadline_s: float = 120.0
@@ -117,10 +118,15 @@ class Gateway:
     def __post_init__(self) -> None:
         # Remember workers across requests with the node's reputation (its offer book keeps the ones that served us).
         self.reputation = getattr(self.requester, "reputation", None) or self.reputation
-        # One payer for every request: it decides which channel each job leases (one job per channel).
+        # One payer for every request: concurrent jobs to one worker add up on the pair's one counter.
         self.trust: Trust = getattr(self.requester, "trust", None) or Trust()
         self.payer = (
-            WalletPayer(self.wallet, usage=self.requester.checked_usage, credit=self.trust.credit_tokens)
+            DepositPayer(
+                self.wallet.client,
+                self.wallet.ledger,
+                usage=self.requester.checked_usage,
+                credit=self.trust.credit_tokens,
+            )  # fmt: skip
             if self.wallet
             else FreePayer()
         )
@@ -243,7 +249,7 @@ class Gateway:
             model=spec.model,
             max_price_per_1k=self.max_price_per_1k,
             chain_id=deployment.chain_id if deployment else 0,
-            escrow=deployment.escrow if deployment else "",
+            escrow=self.wallet.escrow if self.wallet else "",
             free_only=self.wallet is None,
         )
 

@@ -1,6 +1,10 @@
 """Connecting a node to the chain: a paid worker's metering, a requester's wallet.
 
-These are the only places an ``EscrowClient`` is made, and so the only place web3 is
+Both use the deposit scheme (docs/payments.md): the worker meters jobs with a
+``DepositMetering`` and claims from requesters' deposits in the ``DepositEscrow``;
+the requester pays any worker from its one deposit with a ``DepositPayer``.
+
+These are the only places a ``DepositClient`` is made, and so the only place web3 is
 imported: inside the functions, when a node is paid. A free worker, a requester without
 a wallet and the whole command line load without web3 (tests/test_layers.py checks it).
 """
@@ -13,37 +17,70 @@ from typing import TYPE_CHECKING
 from node.app.config import WorkerConfig
 from node.errors import ConfigError
 from node.net.identity import load_or_create_account
+from node.payments.deposit_metering import DepositMetering
+from node.payments.deposit_settlement import DepositSettler
 from node.payments.ledger import WalletLedger, WorkerLedger
-from node.payments.metering import EscrowMetering
+from node.payments.payer import DepositPayer, UsageOracle
 from node.payments.policy import job_cost
-from node.payments.settlement import SettlementPolicy, Settler
-from node.payments.wallet import Wallet
+from node.payments.settlement import SettlementPolicy
+from node.payments.wallet import DepositWallet
 
 if TYPE_CHECKING:
-    from node.payments.escrow import EscrowClient
+    from collections.abc import Callable
+
+    from node.payments.deposits import DepositClient
 
 
-def _client(rpc_url: str, deployments_dir: Path, data_dir: Path, insecure_dev_key: bool) -> EscrowClient:
-    """An escrow client as this node's account, on the chain at ``rpc_url`` (blocking)."""
-    from node.payments.escrow import EscrowClient  # web3: here, not at the top (see the module's docstring)
+def _client(rpc_url: str, deployments_dir: Path, data_dir: Path, insecure_dev_key: bool) -> DepositClient:
+    """A deposit escrow client as this node's account, on the chain at ``rpc_url`` (blocking)."""
+    from node.payments.deposits import DepositClient  # web3: here, not at the top (see the module's docstring)
 
-    probe = EscrowClient.connect(rpc_url, deployments_dir=deployments_dir)
+    probe = DepositClient.connect(rpc_url, deployments_dir=deployments_dir)
     account = load_or_create_account(data_dir, insecure_dev_key=insecure_dev_key, chain_id=probe.deployment.chain_id)
-    return EscrowClient(probe.w3, probe.deployment, account)
+    return DepositClient(probe.w3, probe.deployment, account)
 
 
-def escrow_metering(config: WorkerConfig) -> EscrowMetering:
-    """Connect to the chain as the worker's account (blocking): client, ledger, settler."""
+def deposit_metering(config: WorkerConfig) -> DepositMetering:
+    """Connect to the chain as the worker's account (blocking): client, ledger, settler.
+
+    The caller runs ``metering.run`` (events and batch claims) in its nursery.
+    """
     if not config.rpc_url or config.deployments_dir is None:
         raise ConfigError("a paid worker (--price > 0) needs --rpc-url and --deployments")
     client = _client(config.rpc_url, config.deployments_dir, config.data_dir, config.insecure_dev_key)
     ledger = WorkerLedger.in_data_dir(config.data_dir)
     policy = SettlementPolicy(settle_every=config.settle_every, settle_interval_s=config.settle_interval_s)
     window = config.max_credit_window or job_cost(0, 256, config.price_per_1k)
-    settler = Settler(ledger, client, policy)
-    return EscrowMetering(client, ledger, settler, config.price_per_1k, max_credit_window=max(window, 1))
+    return DepositMetering(
+        client, ledger, config.price_per_1k, max_credit_window=max(window, 1),
+        settler=DepositSettler(ledger, client, policy),
+    )  # fmt: skip
 
 
-def requester_wallet(data_dir: Path, rpc_url: str, deployments_dir: Path, *, insecure_dev_key: bool = False) -> Wallet:
-    """The requester's wallet on the chain at ``rpc_url`` (blocking)."""
-    return Wallet(_client(rpc_url, deployments_dir, data_dir, insecure_dev_key), WalletLedger.in_data_dir(data_dir))
+def requester_wallet(
+    data_dir: Path, rpc_url: str, deployments_dir: Path, *, insecure_dev_key: bool = False
+) -> DepositWallet:
+    """The requester's deposit wallet on the chain at ``rpc_url`` (blocking); it may be unfunded."""
+    return DepositWallet(
+        _client(rpc_url, deployments_dir, data_dir, insecure_dev_key), WalletLedger.in_data_dir(data_dir)
+    )
+
+
+def paying_wallet(
+    data_dir: Path, rpc_url: str, deployments_dir: Path, *, insecure_dev_key: bool = False
+) -> DepositWallet:
+    """``requester_wallet``, refused unless its deposit can pay workers (blocking).
+
+    Raises:
+        PaymentError: no deposit (the one line names the command that funds it), or it is unlocking.
+    """
+    wallet = requester_wallet(data_dir, rpc_url, deployments_dir, insecure_dev_key=insecure_dev_key)
+    wallet.require_funded()
+    return wallet
+
+
+def payer_for(
+    wallet: DepositWallet, *, usage: UsageOracle | None = None, credit: Callable[[str], int] | None = None
+) -> DepositPayer:
+    """The payer that pays any worker from ``wallet``'s deposit, with no chain step."""
+    return DepositPayer(wallet.client, wallet.ledger, usage=usage, credit=credit)

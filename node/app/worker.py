@@ -44,7 +44,7 @@ import trio
 
 from node import __version__
 from node.app.config import WorkerConfig
-from node.app.paid import escrow_metering
+from node.app.paid import deposit_metering
 from node.concurrency import open_service_nursery
 from node.errors import ModelError, NodeError
 from node.market.activity import Activity
@@ -58,8 +58,8 @@ from node.models.resolve import resolve_model
 from node.models.store import ModelStore, StoredModel
 from node.net.identity import Identity
 from node.net.network import Network
-from node.payments.close import CloseService
-from node.payments.metering import EscrowMetering, FreeMetering, Metering
+from node.payments.deposit_metering import DepositMetering
+from node.payments.metering import FreeMetering, Metering
 from node.progress import NO_PROGRESS, Progress
 from node.protocol.messages import ModelInfo, Offer
 from node.services import pid_alive
@@ -74,7 +74,9 @@ log = logging.getLogger(__name__)
 
 
 def _priced(metering: Metering, price_per_1k: int) -> Metering:
-    """The same payment channels at another price (verification jobs); free when that price is 0."""
+    """The same payment scheme at another price (verification jobs); free when that price is 0.
+
+    The copy shares the original's chain reads, pairs and settler: the requester's exposure is counted once."""
     if price_per_1k == 0 or isinstance(metering, FreeMetering):
         return FreeMetering()
     return dataclasses.replace(metering, price_per_1k=price_per_1k)
@@ -92,7 +94,7 @@ class WorkerNode:
     advertiser: Advertiser
     service: WorkerService = field(repr=False)
     activity: Activity = field(default_factory=Activity, repr=False)  # its jobs, for the web page
-    payments: EscrowMetering | None = field(default=None, repr=False)  # a paid worker's chain and ledger
+    payments: DepositMetering | None = field(default=None, repr=False)  # a paid worker's chain and ledger
     verify_price_per_1k: int = 0
     crowding: str = ""  # one line when its threads and other workers' on this machine exceed the cores
 
@@ -115,14 +117,14 @@ async def serve(
     from node.inference.engine import open_engine
     from node.inference.hardware import self_benchmark
 
-    payments = await trio.to_thread.run_sync(escrow_metering, config) if config.price_per_1k > 0 else None
+    payments = await trio.to_thread.run_sync(deposit_metering, config) if config.price_per_1k > 0 else None
     metering: Metering = payments or FreeMetering()
     identity = Identity.load(config.data_dir, account=payments.client.account if payments else None)
     host = Network(identity, config.network)
     async with open_service_nursery() as nursery:
         await nursery.start(host.run)
         if payments is not None:
-            await nursery.start(payments.settler.run)
+            await nursery.start(payments.run)  # escrow events and batch claims
         gossip = OfferGossip(host, OfferBook())
         await nursery.start(gossip.run)
         store = ModelStore.in_data_dir(config.data_dir, [IpfsSource(config.ipfs_api)] if config.ipfs_api else [])
@@ -159,7 +161,7 @@ async def serve(
                         models=[model],
                         price_per_1k=config.price_per_1k,
                         chain_id=payments.client.deployment.chain_id if payments else 0,
-                        escrow=payments.client.deployment.escrow if payments else "",
+                        escrow=payments.escrow if payments else "",  # the DepositEscrow
                         slots_total=engine.slots,
                         slots_free=service.free_slots,
                         tokens_per_s=round(speed.tokens_per_s, 1),
@@ -181,7 +183,6 @@ async def serve(
             service.install()
             checking.install()
             if payments is not None:
-                CloseService(payments.client, payments.ledger).install(host)
                 payments.settler.busy = lambda: service.free_slots < engine.slots
             await nursery.start(advertiser.run)
             nursery.start_soon(publish_net_status, host, config.data_dir)

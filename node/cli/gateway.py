@@ -14,7 +14,7 @@ import trio
 
 from node.api.gateway import Gateway
 from node.api.http import bind, serve_asgi
-from node.app.paid import requester_wallet
+from node.app.paid import paying_wallet
 from node.app.requester import open_requester
 from node.cli.common import bootstrap_flag, network_config, probability, wallet_flags
 from node.cli.interrupt import run_until_interrupted
@@ -56,7 +56,7 @@ def _gateway(args: argparse.Namespace) -> int:
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     wallet = None
     if args.max_price > 0:
-        wallet = requester_wallet(
+        wallet = paying_wallet(
             Path(args.data_dir), args.rpc_url, Path(args.deployments), insecure_dev_key=args.insecure_dev_key
         )
     config, sockets = bind(args.listen)

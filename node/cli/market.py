@@ -18,7 +18,7 @@ import trio
 from node.api.dashboard import DashboardApp, worker_dashboard
 from node.api.http import bind, serve_asgi
 from node.app.config import WorkerConfig
-from node.app.paid import requester_wallet
+from node.app.paid import payer_for, paying_wallet
 from node.app.requester import VerifyBeforePaying, model_cid_for_request, open_requester, report_overcharges
 from node.app.worker import serve
 from node.cli.common import (
@@ -38,7 +38,6 @@ from node.errors import NodeError, VerificationFailed
 from node.inference.sampling import SamplingParams
 from node.market.requester import JobObserver, JobSpec, run_job
 from node.market.routing import RouteQuery
-from node.payments.payer import WalletPayer
 from node.payments.units import format_amount
 from node.progress import TerminalProgress
 from node.verify.fraud import audit
@@ -69,9 +68,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     pay = srv.add_argument_group("payment (with --price > 0)")
     wallet_flags(pay)
     pay.add_argument("--settle-every", type=int, default=1, metavar="N",
-                     help="claim on chain after every N paid jobs on a channel (default: %(default)s)")  # fmt: skip
+                     help="claim on chain after every N paid jobs of a requester (default: %(default)s; a "
+                          "requester whose reserve does not back this worker yet, or that unlocks, is claimed "
+                          "at once)")  # fmt: skip
     pay.add_argument("--settle-interval", type=float, default=None, metavar="S",
-                     help="also claim a channel's receipts at least every S seconds")  # fmt: skip
+                     help="also claim a requester's receipts at least every S seconds")  # fmt: skip
     engine_flags(srv)
     ipfs_flag(srv)
     web = srv.add_argument_group("web page (off by default)")
@@ -100,7 +101,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     bootstrap_flag(req)
     req.add_argument("--max-price", type=int, default=0, metavar="UNITS",
                      help="highest price per 1,000 tokens to pay (default: 0, free workers only); above 0 the "
-                          "wallet pays through the escrow (see the payment flags)")  # fmt: skip
+                          "wallet pays from its deposit in the escrow, funded with `llmarket wallet deposit` "
+                          "(see the payment flags)")  # fmt: skip
     req.add_argument("--peer", metavar="PEER_ID", help="use this worker and no other")
     req.add_argument("--spot-check", type=probability, default=0.05, metavar="P",
                      help="with probability P, pay another worker serving the model to check the answer "
@@ -111,9 +113,6 @@ def register(commands: argparse._SubParsersAction) -> None:
                           "exits 1")  # fmt: skip
     pay = req.add_argument_group("payment (with --max-price > 0)")
     wallet_flags(pay)
-    pay.add_argument("--deposit-margin", type=float, default=10.0, metavar="M",
-                     help="a new channel holds the job's worst case × (1 + M), so later jobs reuse it "
-                          "(default: %(default)s)")  # fmt: skip
     req.add_argument(
         "--timeout", type=float, default=120.0, metavar="S", help="deadline for the whole job (default: %(default)s)"
     )
@@ -247,17 +246,16 @@ def _request(args: argparse.Namespace) -> int:
     spec = JobSpec(model=model, params=params, messages=messages, max_price_per_1k=args.max_price)
     wallet = None
     if args.max_price > 0:
-        wallet = requester_wallet(
+        wallet = paying_wallet(
             Path(args.data_dir), args.rpc_url, Path(args.deployments), insecure_dev_key=args.insecure_dev_key
         )
-        wallet.margin = args.deposit_margin
     deployment = wallet.client.deployment if wallet else None
     query = RouteQuery(
         model=model,
         max_price_per_1k=args.max_price,
         pinned_peer=args.peer,
         chain_id=deployment.chain_id if deployment else 0,
-        escrow=deployment.escrow if deployment else "",
+        escrow=wallet.escrow if wallet else "",
         free_only=wallet is None,
     )
 
@@ -276,7 +274,7 @@ def _request(args: argparse.Namespace) -> int:
                 requester.fraud.engines = verifier.engines  # re-check others' fraud reports too
             await requester.wait_for_model(model, args.discovery_timeout)
             payer = (
-                WalletPayer(wallet, usage=requester.checked_usage, credit=requester.trust.credit_tokens)
+                payer_for(wallet, usage=requester.checked_usage, credit=requester.trust.credit_tokens)
                 if wallet
                 else None
             )

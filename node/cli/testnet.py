@@ -13,7 +13,7 @@ from node.cli.common import json_flag
 def register(commands: argparse._SubParsersAction) -> None:
     net = commands.add_parser(
         "testnet",
-        help="run a local multi-node testnet: anvil, the contracts, IPFS and paid workers",
+        help="run a local multi-node testnet: anvil, the contracts, IPFS, paid workers and a funded requester",
         description="A whole market on this machine, for trying llmarket and for tests. Every process it starts "
         "outlives the command and is stopped by `testnet down`.",
     )
@@ -27,9 +27,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     up = sub.add_parser(
         "up",
         help="start anvil, deploy, fund accounts, start IPFS and N workers",
-        description="Start anvil (chain 31337) with LLMToken and InferenceEscrow deployed, a js-ipfs daemon with the "
-        "default model, N paid workers (the first holds the model; the others fetch it by CID) and a funded "
-        "requester account, then print how to send a paid request. Example: llmarket testnet up --workers 2",
+        description="Start anvil (chain 31337) with LLMToken and the DepositEscrow deployed, a js-ipfs daemon with "
+        "the default model, N paid workers (the first holds the model; the others fetch it by CID) and a requester "
+        "account that has made one deposit and a reserve of N slots (it pays every worker from them, with no "
+        "transaction per worker), then print how to send a paid request. Example: llmarket testnet up --workers 2",
     )
     up.add_argument("--workers", type=int, default=2, metavar="N", help="how many workers (default: %(default)s)")
     up.add_argument(
@@ -82,9 +83,11 @@ def _up(args: argparse.Namespace) -> None:
     print(f"testnet up in {net.dir}")
     print(f"  chain     {net.rpc_url} (chain id {net.chain_id})")
     print(f"  token     {net.token}")
-    print(f"  escrow    {net.escrow}")
+    print(f"  escrow    {net.escrow} (DepositEscrow)")
     print(f"  ipfs      {net.ipfs_api}")
-    print(f"  requester {net.requester['address']} (data dir {net.requester['data_dir']})")
+    print(f"  requester {net.requester['address']} (data dir {net.requester['data_dir']}), its deposit and reserve "
+          f"funded: `llmarket --data-dir {net.requester['data_dir']} wallet --rpc-url {net.rpc_url} "
+          f"--deployments {net.deployments} --insecure-dev-key` shows them")  # fmt: skip
     print(f"  threads   {net.threads} llama.cpp thread(s) per worker, {len(net.workers)} worker(s) on this machine")
     for w in net.workers:
         print(f"  {w['name']:<9} {w['multiaddr']}")

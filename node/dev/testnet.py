@@ -2,14 +2,16 @@
 
 ``up`` starts, each as its own process that outlives the command:
 
-- anvil (chain 31337), with LLMToken and InferenceEscrow deployed through
+- anvil (chain 31337), with LLMToken and the DepositEscrow deployed through
   ``deploy_contracts`` (the code ``scripts/deploy.py`` runs);
 - a js-ipfs daemon with the default model added;
 - N workers (``llmarket serve``), each with its own data dir, dev key, price and
   ETH for gas, bootstrapped to the first, and its web page (``--http``) on a free
   port. Only the first holds the model locally; the others fetch it by CID from the
   IPFS daemon;
-- one funded requester account (1,000 tokens and ETH).
+- one funded requester account (1,000 tokens and ETH) that has made its one
+  deposit (100 tokens) and funded a reserve (100 tokens, one slot per worker):
+  it pays every worker from them, with no transaction per worker or per job.
 
 The workers share this machine's cores: each gets ``max(1, cores // workers)``
 llama.cpp threads (``--threads``), since workers that each take every core
@@ -42,13 +44,15 @@ from node.models.default import DEFAULT_MODEL_CID, default_model_file
 from node.models.ipfs import IpfsSource
 from node.net.identity import load_or_create_account
 from node.payments.deployment import deploy_contracts, write_deployment
-from node.payments.escrow import EscrowClient
+from node.payments.deposits import DepositClient
 from node.services import pid_alive
 
 STATE = "testnet.json"
 TOKEN = 10**18
 BASE_PRICE = 10**15  # per 1,000 tokens: 0.001 token; worker i charges (i + 1) × this
 REQUESTER_TOKENS = 1_000 * TOKEN
+REQUESTER_DEPOSIT = 100 * TOKEN  # the one deposit every worker is paid from
+REQUESTER_RESERVE = 100 * TOKEN  # cut into one slot per worker
 ETH_EACH = 100 * 10**18
 
 
@@ -59,7 +63,7 @@ class Testnet:
     chain_id: int
     deployments: str
     token: str
-    escrow: str
+    escrow: str  # the DepositEscrow
     ipfs_api: str
     requester: dict
     workers: list[dict] = field(default_factory=list)
@@ -155,10 +159,10 @@ def up(directory: Path, *, workers: int = 2, threads: int | None = None, say=pri
         chain = DevChain.start(workdir=directory / "anvil", detach=True)
         pids["anvil"] = chain.process.pid
         w3 = Web3(HTTPProvider(chain.rpc_url))
-        say("deploying LLMToken and InferenceEscrow…")
+        say("deploying LLMToken and DepositEscrow…")
         deployment = deploy_contracts(w3, chain.accounts[0].address)
         write_deployment(deployment, directory / "deployments")
-        owner = EscrowClient(w3, deployment, chain.accounts[0])
+        owner = DepositClient(w3, deployment, chain.accounts[0])
 
         say("starting the IPFS daemon and adding the default model…")
         ipfs = IpfsDaemon.start(repo=directory / "ipfs", detach=True)
@@ -171,6 +175,11 @@ def up(directory: Path, *, workers: int = 2, threads: int | None = None, say=pri
         requester = load_or_create_account(requester_dir, insecure_dev_key=True, chain_id=deployment.chain_id)
         chain.rpc("anvil_setBalance", requester.address, hex(ETH_EACH))
         owner.send(owner.token.functions.transfer(requester.address, REQUESTER_TOKENS), "fund the requester")
+        say(f"the requester deposits {REQUESTER_DEPOSIT // TOKEN} tokens and a reserve of "
+            f"{REQUESTER_RESERVE // TOKEN} in {workers} slot(s)…")  # fmt: skip
+        payer = DepositClient(w3, deployment, requester)
+        payer.deposit(REQUESTER_DEPOSIT, permit=True)
+        payer.fund_reserve(REQUESTER_RESERVE, workers, permit=True)
 
         say(f"each worker gets {threads} llama.cpp thread(s) ({share})")
         started: list[dict] = []
@@ -218,7 +227,7 @@ def up(directory: Path, *, workers: int = 2, threads: int | None = None, say=pri
             chain_id=deployment.chain_id,
             deployments=str(directory / "deployments"),
             token=deployment.token,
-            escrow=deployment.escrow,
+            escrow=owner.address,
             ipfs_api=ipfs.api_url,
             requester={"data_dir": str(requester_dir), "address": requester.address},
             workers=started,

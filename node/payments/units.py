@@ -41,3 +41,26 @@ def format_units(amount: int, decimals: int = DEFAULT_DECIMALS, symbol: str | No
 def format_amount(amount: int, decimals: int = DEFAULT_DECIMALS, symbol: str = DEFAULT_SYMBOL) -> str:
     """Base units with tokens after them, as wallets show: ``"102000000000000 (0.000102 LLM)"``."""
     return f"{amount} ({format_units(amount, decimals, symbol)})"
+
+
+def parse_amount(text: str, decimals: int = DEFAULT_DECIMALS, symbol: str = DEFAULT_SYMBOL) -> int:
+    """An amount as a person types it: base units (``"2500000000000000000"``), or tokens followed by the token's
+    symbol (``"2.5LLM"``, ``"2.5 LLM"``), exactly; returns base units.
+
+    Raises:
+        ValueError: not a whole number of base units nor a token amount, negative, or finer than a base unit.
+    """
+    raw = text.strip().replace("_", "").replace(",", "")
+    if symbol and raw.upper().endswith(symbol.upper()):
+        number = raw[: -len(symbol)].strip()
+        whole, _, fraction = number.partition(".")
+        if not (whole or fraction) or not (whole or "0").isdigit() or (fraction and not fraction.isdigit()):
+            raise ValueError(f"{text!r} is not an amount of {symbol}: write e.g. 2.5{symbol}")
+        if len(fraction.rstrip("0")) > decimals:
+            raise ValueError(f"{text!r} is finer than one base unit ({decimals} decimals)")
+        return int(whole or "0") * 10**decimals + int(fraction.ljust(decimals, "0")[:decimals] or "0")
+    if not raw.isdigit():
+        raise ValueError(
+            f"{text!r} is not an amount: give base units (a whole number) or tokens with the symbol, e.g. 2.5{symbol}"
+        )
+    return int(raw)

@@ -1,11 +1,11 @@
 // llmarket node dashboard: reads the node's JSON API (/api/node, /api/market, /api/jobs,
-// /api/channels, /api/series) and keeps up to date from the /api/events stream.
+// /api/payments, /api/series) and keeps up to date from the /api/events stream.
 // Plain browser JavaScript, no build step; uPlot (global `uPlot`) draws the charts.
 "use strict";
 (() => {
   const KEY_STORE = "llmarket.apiKey";
   const MAX_JOBS = 200;          // rows kept in the jobs table
-  const POLL_MS = 10000;         // node, channels, series and market refresh
+  const POLL_MS = 10000;         // node, payments, series and market refresh
   const CHART_HEIGHT = 170;
 
   const state = {
@@ -80,8 +80,6 @@
     return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
   }
   const clock = (t) => new Date(t * 1000).toLocaleTimeString("en-GB", { hour12: false });
-  const dateTime = (t) =>
-    new Date(t * 1000).toLocaleString("en-GB", { day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" });
   const fullDate = (t) => new Date(t * 1000).toString();
 
   function setText(sel, content, value) {
@@ -92,7 +90,7 @@
   }
 
   const badge = (text, kind, title) => h("span", { class: `badge ${kind || text}`, title }, text);
-  // Status cells (job state, reachability, channel status) hold their text directly, so the
+  // Status cells (job state, reachability, payment status) hold their text directly, so the
   // cell's own text is exactly the value; CSS adds a coloured dot before it.
   const peerCode = (id) => h("code", { class: "mono peer", title: id || null }, shortId(id));
 
@@ -166,7 +164,13 @@
     setText("#unclaimed", w ? amountNode(unclaimed) : "—", unclaimed);
     setText("#receipted", w ? amountNode(w.receipted) : "—", w ? w.receipted : null);
     setText("#signed", w ? amountNode(w.signed) : "—", w ? w.signed : null);
-    setText("#deposited", w ? amountNode(w.deposited) : "—", w ? w.deposited : null);
+    setText("#deposit", w ? amountNode(w.deposit) : "—", w ? w.deposit : null);
+    setText("#reserve", w && w.reserve_total != null
+      ? `${tokens(w.reserve_left)} left of ${tokens(w.reserve_total)}, ${int(w.slots_used || 0)}/${int(w.slots || 0)} slots used`
+      : "—", w ? w.reserve_left : null);
+    setText("#unlock", !w || !w.unlock_at ? "not unlocking"
+      : w.unlock_at > nowServer() ? `unlocking: withdraw in ${duration(w.unlock_at - nowServer())}` : "unlocked: can withdraw",
+      w ? w.unlock_at : null);
 
     const t = node.totals || {};
     setText("#spent", amountNode(t.spent || "0"), t.spent || "0");
@@ -311,29 +315,24 @@
     $("#jobs-empty").hidden = state.jobs.size > 0;
   }
 
-  // ------------------------------------------------------------------ channels
-  function renderChannels(data) {
+  // ------------------------------------------------------------------ payments
+  function renderPayments(data) {
     const worker = data.role === "worker";
-    $("#deposit-head").textContent = withUnit("Deposit");
     $("#signed-head").textContent = withUnit(worker ? "Receipted" : "Signed");
     $("#claimed-head").textContent = withUnit("Claimed");
+    $("#pending-head").textContent = withUnit("Pending");
     const td = (field, content, extra = {}) => h("td", { "data-field": field, ...extra }, content);
     const amountCell = (field, n) => td(field, tokens(n), { class: `num ${n == null ? "muted" : ""}`, "data-value": n });
-    const rows = (data.channels || []).map((c) => {
-      const left = c.expiry - nowServer();
-      return h("tr", { "data-channel": c.channel_id },
-        td("channel_id", h("code", { class: "mono", title: c.channel_id }, shortId(c.channel_id))),
-        td("counterparty", [h("code", { class: "mono", title: c.counterparty }, shortId(c.counterparty)),
-          c.peer_id && h("span", { class: "muted small" }, " · ", peerCode(c.peer_id))]),
-        amountCell("deposit", c.deposit), amountCell("signed", c.signed), amountCell("claimed", c.claimed),
-        td("expiry", [h("span", { class: left < 0 ? "muted" : left < 3600 ? "warn-text" : "" },
-          left < 0 ? `expired ${duration(-left)} ago` : `in ${duration(left)}`), " ",
-          h("span", { class: "muted small" }, dateTime(c.expiry))], { title: fullDate(c.expiry), "data-value": c.expiry }),
-        td("status", c.status, { class: `status ch-${c.status}` }));
-    });
-    $("#channels tbody").replaceChildren(...rows);
-    $("#channels").hidden = !rows.length;
-    $("#channels-empty").hidden = rows.length > 0;
+    const rows = (data.pairs || []).map((p) =>
+      h("tr", { "data-counterparty": p.counterparty },
+        td("counterparty", [h("code", { class: "mono", title: p.counterparty }, shortId(p.counterparty)),
+          p.peer_id && h("span", { class: "muted small" }, " · ", peerCode(p.peer_id))]),
+        amountCell("signed", p.signed), amountCell("claimed", p.claimed), amountCell("pending", p.pending),
+        td("slot", p.slot ? "held" : "none", { class: p.slot ? "" : "muted" }),
+        td("status", p.status, { class: `status pay-${p.status}`, title: p.error || "" })));
+    $("#payments tbody").replaceChildren(...rows);
+    $("#payments").hidden = !rows.length;
+    $("#payments-empty").hidden = rows.length > 0;
   }
 
   // -------------------------------------------------------------------- charts
@@ -395,7 +394,7 @@
     node: () => api("/api/node").then(renderNode),
     market: () => api("/api/market").then(renderMarket),
     jobs: () => api("/api/jobs?limit=100").then((d) => renderJobs(d.jobs || [])),
-    channels: () => api("/api/channels").then(renderChannels),
+    payments: () => api("/api/payments").then(renderPayments),
     series: () => api("/api/series").then(renderSeries),
   };
 
@@ -414,7 +413,7 @@
   }
 
   async function loadAll() {
-    const ok = await load(["node", "market", "jobs", "channels", "series"]);
+    const ok = await load(["node", "market", "jobs", "payments", "series"]);
     if (ok || state.node) app.ready = true;
   }
 
@@ -463,10 +462,10 @@
     }));
     es.addEventListener("market", parse(renderMarket));
     es.addEventListener("node", parse((node) => {
-      // Receipts or claims moved: the channels table follows at once, not at the next poll.
+      // Receipts or claims moved: the payments table follows at once, not at the next poll.
       const wallet = JSON.stringify(node.wallet && { ...node.wallet, token_balance: null });
       if (state.node && wallet !== JSON.stringify(state.node.wallet && { ...state.node.wallet, token_balance: null })) {
-        load(["channels"]);
+        load(["payments"]);
       }
       renderNode(node);
     }));
@@ -495,7 +494,7 @@
       openEvents();
     });
     setInterval(tick, 1000);
-    setInterval(() => { if (!state.authNeeded) load(["node", "market", "channels", "series"]); }, POLL_MS);
+    setInterval(() => { if (!state.authNeeded) load(["node", "market", "payments", "series"]); }, POLL_MS);
     loadAll();
     openEvents();
   }
