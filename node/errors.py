@@ -20,10 +20,10 @@ class ConfigError(NodeError):
 
 
 class PaymentError(NodeError):
-    """Something about the chain, the contracts or a payment channel.
+    """Something about the chain, the contracts or a payment.
 
     When a contract refused a call, ``error`` is the Solidity custom error's
-    name (``"ChannelExpired"``, ``"ERC20InsufficientAllowance"``, ...) and
+    name (``"UnlockPending"``, ``"ERC20InsufficientAllowance"``, ...) and
     ``error_args`` its decoded arguments; otherwise ``error`` is None.
     """
 
@@ -53,16 +53,8 @@ class InsufficientAllowance(PaymentError):
     """The escrow may not move as many of the account's tokens as the action needs."""
 
 
-class ChannelExpired(PaymentError):
-    """The channel is past its expiry: receipts can no longer be redeemed."""
-
-
-class ChannelNotOpen(PaymentError):
-    """The channel does not exist, or was closed or refunded already."""
-
-
 class InvalidReceipt(PaymentError):
-    """A receipt signature does not verify against the channel's requester."""
+    """A receipt does not verify: not signed by the requester, to this worker, for this chain and escrow."""
 
 
 class ContractReverted(PaymentError):

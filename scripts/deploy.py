@@ -1,4 +1,4 @@
-"""Deploy LLMToken, InferenceEscrow and DepositEscrow, and record where they live.
+"""Deploy LLMToken and DepositEscrow, and record where they live.
 
     brownie run scripts/deploy.py --network development    # anvil, started and stopped by brownie
     DEPLOYER_PRIVATE_KEY=0x… brownie run scripts/deploy.py --network sepolia
@@ -13,7 +13,7 @@ a day). The record is written to ``deployments/<chainId>.json`` (or to
 import os
 from pathlib import Path
 
-from brownie import DepositEscrow, InferenceEscrow, LLMToken, accounts, network, web3
+from brownie import DepositEscrow, LLMToken, accounts, network, web3
 from eth_account import Account
 from web3.middleware import SignAndSendRawMiddlewareBuilder
 
@@ -50,14 +50,12 @@ def main() -> None:
         deployer,
         initial_supply=int(os.environ.get("LLMARKET_INITIAL_SUPPLY", DEFAULT_INITIAL_SUPPLY)),
         token_artifact=Artifact("LLMToken", LLMToken.abi, LLMToken.bytecode),
-        escrow_artifact=Artifact("InferenceEscrow", InferenceEscrow.abi, InferenceEscrow.bytecode),
         deposits_artifact=Artifact("DepositEscrow", DepositEscrow.abi, DepositEscrow.bytecode),
         unlock_period=int(os.environ.get("LLMARKET_UNLOCK_PERIOD_S", DEFAULT_UNLOCK_PERIOD_S)),
     )
     out_dir = Path(os.environ.get("LLMARKET_DEPLOYMENTS_DIR", PROJECT_ROOT / "deployments"))
     path = write_deployment(deployment, out_dir)
     print(f"LLMToken        {deployment.token}")
-    print(f"InferenceEscrow {deployment.escrow}")
     print(f"DepositEscrow   {deployment.deposits}")
     print(f"chain {deployment.chain_id}, block {deployment.block}, deployer {deployment.deployer}")
     print(f"wrote {path}")

@@ -20,7 +20,7 @@ from eth_account.signers.local import LocalAccount
 
 from node.dev.devchain import DevChain
 from node.payments.deployment import Deployment, deploy_contracts
-from node.payments.escrow import EscrowClient
+from node.payments.deposits import DepositClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = 10**18  # one whole token in base units
@@ -54,8 +54,8 @@ class Deployed:
     other_requester: LocalAccount
     other_worker: LocalAccount
 
-    def client(self, account: LocalAccount | None = None) -> EscrowClient:
-        return EscrowClient.connect(self.chain.rpc_url, deployment=self.deployment, account=account)
+    def client(self, account: LocalAccount | None = None) -> DepositClient:
+        return DepositClient.connect(self.chain.rpc_url, deployment=self.deployment, account=account)
 
     def now(self) -> int:
         return self.client().chain_time()
@@ -73,7 +73,7 @@ def deployed(devchain) -> Deployed:
 
     w3 = Web3(HTTPProvider(devchain.rpc_url))
     deployment = deploy_contracts(w3, deployer.address)  # anvil's dev accounts are unlocked
-    token = EscrowClient(w3, deployment, deployer).token
+    token = DepositClient(w3, deployment, deployer).token
     for account in (requester, stranger, other_requester):
         tx = token.functions.transfer(account.address, REQUESTER_FUNDS).transact({"from": deployer.address})
         w3.eth.wait_for_transaction_receipt(tx)

@@ -724,7 +724,7 @@ from pathlib import Path
 from eth_account import Account
 from web3 import HTTPProvider, Web3
 from node.payments.deployment import deploy_contracts, write_deployment
-from node.payments.escrow import EscrowClient
+from node.payments.deposits import DepositClient
 
 cmd = json.loads(sys.argv[1])
 w3 = Web3(HTTPProvider(cmd["rpc_url"]))
@@ -734,7 +734,7 @@ if cmd["op"] == "deploy":
     deployer = Account.from_key(keys[0])
     deployment = deploy_contracts(w3, deployer.address)  # anvil's dev accounts are unlocked
     write_deployment(deployment, Path(cmd["deployments"]))
-    owner = EscrowClient(w3, deployment, deployer)
+    owner = DepositClient(w3, deployment, deployer)
     for address, tokens, wei in cmd["fund"]:
         if wei:
             w3.provider.make_request("anvil_setBalance", [address, hex(wei)])
@@ -742,7 +742,7 @@ if cmd["op"] == "deploy":
             owner.send(owner.token.functions.transfer(address, tokens), "fund " + address)
     out = deployment.to_json()
 else:
-    client = EscrowClient.connect(cmd["rpc_url"], deployments_dir=Path(cmd["deployments"]))
+    client = DepositClient.connect(cmd["rpc_url"], deployments_dir=Path(cmd["deployments"]))
     deadline = time.monotonic() + cmd.get("timeout", 0)
     while True:
         out = {a: client.token_balance(a) for a in cmd["addresses"]}
@@ -756,7 +756,7 @@ print(json.dumps(out))
 
 @dataclass
 class LabChain:
-    """anvil in a public host, bound to the host's address, with LLMToken and InferenceEscrow deployed.
+    """anvil in a public host, bound to the host's address, with LLMToken and the DepositEscrow deployed.
 
     Every host reaches ``rpc_url`` (home hosts through their NAT); the deployment record is in
     ``deployments`` (the filesystem is shared), as ``--deployments DIR`` wants it. Calls to the chain from
@@ -768,7 +768,7 @@ class LabChain:
     proc: Proc
     rpc_url: str
     deployments: Path
-    deployment: dict  # the deployment record: chainId, token, escrow, block, deployer
+    deployment: dict  # the deployment record: chainId, token, deposits, block, deployer
     chain_id: int = 31337
 
     def _tool(self, command: dict, timeout: float) -> Any:

@@ -12,8 +12,6 @@ import pytest
 from node.cli.main import build_parser, main
 from node.payments.deployment import write_deployment
 
-from .conftest import TOKEN
-
 
 def _all_commands(parser, prefix=()):
     yield prefix
@@ -39,9 +37,9 @@ def test_python_dash_m_node_is_the_same_program():
 
 
 def test_errors_are_one_line_and_exit_non_zero(capsys, tmp_path):
-    assert main(["chain", "channel", "0x1234", "--deployments", str(tmp_path)]) == 1
+    assert main(["wallet", "deposit", "1LLM", "--rpc-url", "http://127.0.0.1:9", "--deployments", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("llmarket: error: channel id '0x1234' is not 32 bytes")
+    assert err.count("\n") == 1 and err.startswith("llmarket: error: no Ethereum JSON-RPC endpoint answers")
 
 
 def test_unreachable_chain_is_one_line(capsys, tmp_path):
@@ -51,22 +49,16 @@ def test_unreachable_chain_is_one_line(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_chain_status_and_channel(chain, tmp_path, capsys):
+def test_chain_status(chain, tmp_path, capsys):
     write_deployment(chain.deployment, tmp_path)
     flags = ["--rpc-url", chain.chain.rpc_url, "--deployments", str(tmp_path), "--json"]
     assert main(["chain", "status", *flags]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["chain_id"] == 31337 and status["escrow"]["address"] == chain.deployment.escrow
+    assert status["chain_id"] == 31337 and status["escrow"]["address"] == chain.deployment.deposits
+    assert status["escrow"]["contract"] == "DepositEscrow" and status["escrow"]["unlock_period_s"] == 86_400
     assert status["token"]["symbol"] == "LLM"
-
-    requester = chain.client(chain.requester)
-    channel_id = requester.open_channel(chain.worker.address, 3 * TOKEN, requester.chain_time() + 600)
-    assert main(["chain", "channel", "0x" + channel_id.hex(), *flags]) == 0
-    shown = json.loads(capsys.readouterr().out)
-    assert shown["status"] == "open" and shown["deposit"] == 3 * TOKEN and shown["worker"] == chain.worker.address
-
-    assert main(["chain", "channel", "0x" + channel_id.hex(), *flags[:-1]]) == 0  # the text form
-    assert "remaining   3000000000000000000" in capsys.readouterr().out
+    assert main(["chain", "status", *flags[:-1]]) == 0  # the text form
+    assert "DepositEscrow, unlock period 86400 s" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -34,23 +34,23 @@ def test_brownie_deploys_to_its_development_network(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads((tmp_path / "31337.json").read_text())
     assert record["chainId"] == 31337
-    assert is_checksum_address(record["token"]) and is_checksum_address(record["escrow"])
-    assert record["token"] != record["escrow"] and record["block"] >= 1
-    assert f"InferenceEscrow {record['escrow']}" in result.stdout
-    assert is_checksum_address(record["deposits"]) and record["deposits"] not in (record["token"], record["escrow"])
+    assert is_checksum_address(record["token"]) and is_checksum_address(record["deposits"])
+    assert record["token"] != record["deposits"] and record["block"] >= 1 and "escrow" not in record
     assert f"DepositEscrow   {record['deposits']}" in result.stdout
     assert "Terminating local RPC client" in result.stdout  # brownie stopped the anvil it started
 
 
-def test_a_record_from_before_the_deposit_escrow_reads_as_none(tmp_path):
+def test_a_record_of_the_old_channel_escrow_says_to_redeploy_and_one_naming_both_loads(tmp_path):
     addresses = {"token": "0x" + "11" * 20, "escrow": "0x" + "22" * 20, "deployer": "0x" + "33" * 20}
     old = {"chainId": 31337, "block": 2, **addresses}
     (tmp_path / "31337.json").write_text(json.dumps(old))
+    with pytest.raises(DeploymentNotFound, match="old channel escrow .* redeploy"):
+        load_deployment(tmp_path, 31337)
+    (tmp_path / "31337.json").write_text(json.dumps({**old, "deposits": "0x" + "44" * 20}))
     deployment = load_deployment(tmp_path, 31337)
-    assert deployment.deposits is None and deployment.escrow == to_checksum_address(old["escrow"])
-    assert "deposits" not in deployment.to_json()
-    write_deployment(replace(deployment, deposits="0x" + "44" * 20), tmp_path)
-    assert load_deployment(tmp_path, 31337).deposits == to_checksum_address("0x" + "44" * 20)
+    assert deployment.deposits == to_checksum_address("0x" + "44" * 20) and "escrow" not in deployment.to_json()
+    write_deployment(replace(deployment, block=3), tmp_path)
+    assert load_deployment(tmp_path, 31337).block == 3
     (tmp_path / "31337.json").write_text(json.dumps({**old, "deposits": "nope"}))
     with pytest.raises(DeploymentNotFound, match="deposits is not an address"):
         load_deployment(tmp_path, 31337)

@@ -296,8 +296,7 @@ def test_receipts_do_not_replay_across_escrows_chains_or_pairs(chain):
     _funded(chain, deposit=50 * TOKEN, account=chain.other_requester)
     w3 = requester.w3
     second, block = _deploy(w3, load_artifact("DepositEscrow"), chain.deployer.address, chain.deployment.token, 3600)
-    other = Deployment(chain.deployment.chain_id, chain.deployment.token, chain.deployment.escrow, block,
-                       chain.deployer.address, deposits=second)  # fmt: skip
+    other = Deployment(chain.deployment.chain_id, chain.deployment.token, second, block, chain.deployer.address)
     _client(chain, chain.requester, other).deposit(50 * TOKEN)
     worker, worker2 = _client(chain, chain.worker, other), _client(chain, chain.other_worker)
     signature = requester.sign_receipt(w, 10 * TOKEN)
@@ -381,8 +380,7 @@ def test_reentrant_token_cannot_reenter(chain, brownie_build):
     evil = Artifact.from_json(load_build_artifact(brownie_build, "ReentrantToken"))
     evil_address, _ = _deploy(w3, evil, chain.requester.address, 1000 * TOKEN)
     escrow, block = _deploy(w3, load_artifact("DepositEscrow"), chain.deployer.address, evil_address, 3600)
-    deployment = Deployment(chain.deployment.chain_id, evil_address, chain.deployment.escrow, block,
-                            chain.deployer.address, deposits=escrow)  # fmt: skip
+    deployment = Deployment(chain.deployment.chain_id, evil_address, escrow, block, chain.deployer.address)
     r, w = chain.requester.address, chain.worker.address
     requester, worker = DepositClient(w3, deployment, chain.requester), DepositClient(w3, deployment, chain.worker)
     evil_token = w3.eth.contract(address=evil_address, abi=evil.abi)

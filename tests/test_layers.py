@@ -147,7 +147,7 @@ def test_a_requester_and_a_free_worker_never_import_web3_and_the_cli_never_loads
         "import sys\n"
         "import node.app.requester, node.app.worker, node.api.gateway, node.api.dashboard, node.cli.main\n"
         "node.cli.main.build_parser()\n"
-        "print([m for m in ('web3', 'llama_cpp', 'node.payments.escrow') if m in sys.modules])\n"
+        "print([m for m in ('web3', 'llama_cpp', 'node.payments.deposits') if m in sys.modules])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"

@@ -18,11 +18,10 @@ from node.app.config import WorkerConfig
 from node.errors import ConfigError
 from node.net.identity import load_or_create_account
 from node.payments.deposit_metering import DepositMetering
-from node.payments.deposit_settlement import DepositSettler
+from node.payments.deposit_settlement import DepositSettler, SettlementPolicy
 from node.payments.ledger import WalletLedger, WorkerLedger
 from node.payments.payer import DepositPayer, UsageOracle
 from node.payments.policy import job_cost
-from node.payments.settlement import SettlementPolicy
 from node.payments.wallet import DepositWallet
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """Compiled contracts shipped inside the package.
 
 A worker installed with pip has no Solidity compiler, so the ABI and creation
-bytecode of ``LLMToken``, ``InferenceEscrow`` and ``DepositEscrow`` live in
+bytecode of ``LLMToken`` and ``DepositEscrow`` live in
 ``node/payments/artifacts/*.json``. They are exported from brownie's build
 output by ``scripts/export-artifacts`` and must match a fresh compile exactly;
 ``tests/test_artifacts.py`` recompiles with real solc and compares.
@@ -18,7 +18,7 @@ from typing import Any
 from node.errors import ConfigError
 
 #: The contracts the node talks to, in deployment order.
-CONTRACTS = ("LLMToken", "InferenceEscrow", "DepositEscrow")
+CONTRACTS = ("LLMToken", "DepositEscrow")
 
 # Fields copied from a brownie build artifact; everything else there (AST,
 # source maps, coverage data) is brownie's business.

@@ -1,6 +1,6 @@
 """Blocking chain calls from trio: in a thread, a few at a time.
 
-web3.py over HTTP blocks. Every async caller of an ``EscrowClient`` goes
+web3.py over HTTP blocks. Every async caller of a ``DepositClient`` goes
 through its ``io``, so the node never waits on the chain on the event loop, and
 a slow chain ties up at most ``limit`` threads however many jobs wait on it.
 """

@@ -2,12 +2,13 @@
 
 A deployment record is ``deployments/<chainId>.json``::
 
-    {"chainId": 31337, "token": "0x…", "escrow": "0x…", "deposits": "0x…", "block": 2, "deployer": "0x…"}
+    {"chainId": 31337, "token": "0x…", "deposits": "0x…", "block": 2, "deployer": "0x…"}
 
-``escrow`` is the channel contract (``InferenceEscrow``), ``deposits`` the
-deposit contract (``DepositEscrow``; records written before it existed have
-none: ``None``). ``block`` is the block the escrow was deployed in (where to
-start reading the contracts' events; the deposit contract comes after it).
+``deposits`` is the escrow every payment goes through (``DepositEscrow``).
+``block`` is the block it was deployed in (where to start reading its events).
+A record written before it existed (only the removed channel contract, under
+``escrow``) is refused with what to do: redeploy. A record that still names
+that old contract next to ``deposits`` loads, and the old address is ignored.
 ``scripts/deploy.py`` (``brownie run``) and the local testnet both deploy
 through ``deploy_contracts`` here, so there is one deployment path.
 """
@@ -42,35 +43,34 @@ class Deployment:
 
     chain_id: int
     token: str
-    escrow: str
+    deposits: str  # the DepositEscrow
     block: int
     deployer: str
-    deposits: str | None = None  # the DepositEscrow; None in records from before it
 
     def to_json(self) -> dict[str, Any]:
-        data = {"chainId": self.chain_id, "token": self.token, "escrow": self.escrow}
-        if self.deposits is not None:
-            data["deposits"] = self.deposits
-        return {**data, "block": self.block, "deployer": self.deployer}
+        return {"chainId": self.chain_id, "token": self.token, "deposits": self.deposits, "block": self.block,
+                "deployer": self.deployer}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, source: str = "deployment record") -> Deployment:
+        if isinstance(data, dict) and "deposits" not in data and "escrow" in data:
+            raise DeploymentNotFound(
+                f"{source} names only the old channel escrow (InferenceEscrow), which llmarket no longer uses; "
+                "redeploy with `brownie run scripts/deploy.py` to get a DepositEscrow"
+            )
         try:
             fields = {
                 "chain_id": int(data["chainId"]),
                 "token": data["token"],
-                "escrow": data["escrow"],
+                "deposits": data["deposits"],
                 "block": int(data["block"]),
                 "deployer": data["deployer"],
-                "deposits": data.get("deposits"),
             }
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise DeploymentNotFound(
                 f"{source} is malformed ({err!r}); redeploy with `brownie run scripts/deploy.py`"
             ) from None
-        for key in ("token", "escrow", "deployer", "deposits"):
-            if key == "deposits" and fields[key] is None:
-                continue
+        for key in ("token", "deposits", "deployer"):
             if not isinstance(fields[key], str) or not is_address(fields[key]):
                 raise DeploymentNotFound(
                     f"{source}: {key} is not an address; redeploy with `brownie run scripts/deploy.py`"
@@ -136,12 +136,11 @@ def deploy_contracts(
     *,
     initial_supply: int = DEFAULT_INITIAL_SUPPLY,
     token_artifact: Artifact | None = None,
-    escrow_artifact: Artifact | None = None,
     deposits_artifact: Artifact | None = None,
     unlock_period: int = DEFAULT_UNLOCK_PERIOD_S,
 ) -> Deployment:
-    """Deploy ``LLMToken`` (premint to ``deployer``), and an ``InferenceEscrow`` and a
-    ``DepositEscrow`` (with ``unlock_period`` seconds) over it.
+    """Deploy ``LLMToken`` (premint to ``deployer``), and a ``DepositEscrow`` (with
+    ``unlock_period`` seconds) over it.
 
     ``deployer`` must be able to send through ``w3``: an account the node
     unlocks (anvil's dev accounts) or one whose key a signing middleware holds.
@@ -149,12 +148,8 @@ def deploy_contracts(
     its fresh build instead.
     """
     token_artifact = token_artifact or load_artifact("LLMToken")
-    escrow_artifact = escrow_artifact or load_artifact("InferenceEscrow")
     deposits_artifact = deposits_artifact or load_artifact("DepositEscrow")
     deployer = to_checksum_address(deployer)
     token, _ = _deploy(w3, token_artifact, deployer, initial_supply)
-    escrow, block = _deploy(w3, escrow_artifact, deployer, token)
-    deposits, _ = _deploy(w3, deposits_artifact, deployer, token, unlock_period)
-    return Deployment(
-        chain_id=w3.eth.chain_id, token=token, escrow=escrow, block=block, deployer=deployer, deposits=deposits
-    )
+    deposits, block = _deploy(w3, deposits_artifact, deployer, token, unlock_period)
+    return Deployment(chain_id=w3.eth.chain_id, token=token, deposits=deposits, block=block, deployer=deployer)

@@ -53,7 +53,7 @@ from node.payments.deposit_receipts import check_receipt
 from node.payments.deposit_settlement import DepositSettler
 from node.payments.metering import WaitsForReceipts
 from node.payments.policy import deposit_problem, job_cost, prompt_token_bound, worst_case_cost
-from node.protocol.messages import DepositReceipt, DepositTerms, JobRequest
+from node.protocol.messages import DepositReceipt, JobRequest
 from node.protocol.wire import Message
 
 if TYPE_CHECKING:  # web3 loads only where a client is made (node.app.paid)
@@ -205,8 +205,6 @@ class DepositMetering:
         terms, price = request.payment, self.price_per_1k
         if terms is None:
             raise PaymentRefused(f"this worker charges {price} per 1k tokens: send payment terms (a deposit)")
-        if not isinstance(terms, DepositTerms):
-            raise PaymentRefused("this worker is paid from deposits (DepositEscrow), not channels")
         if terms.chain_id != self.chain_id or terms.escrow.lower() != self.escrow.lower():
             raise PaymentRefused(f"this worker is paid on chain {self.chain_id}, deposit escrow {self.escrow}")
         if terms.price_per_1k < price:

@@ -13,7 +13,7 @@ A pair is due:
 - at once when the requester is unlocking: withdrawal is possible at
   ``unlockAt``, so every receipt held is claimed before it;
 - after ``settle_every`` jobs (1 by default), or ``settle_interval_s`` after its
-  last claim, like the channel settler (node/payments/settlement.py);
+  last claim (``SettlementPolicy``);
 - at start-up: a restarted worker claims everything it holds.
 
 A claim that paid less than the receipt (the requester's deposit ran out and the
@@ -37,7 +37,6 @@ import trio
 
 from node.errors import ChainUnreachable, PaymentError
 from node.payments.ledger import WorkerLedger, WorkerPair
-from node.payments.settlement import SettlementPolicy, backoff, wait_until_idle
 
 if TYPE_CHECKING:  # web3 loads only where a client is made (node.app.paid)
     from node.payments.deposits import DepositClient
@@ -45,6 +44,32 @@ if TYPE_CHECKING:  # web3 loads only where a client is made (node.app.paid)
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 100  # receipts per claimBatch: the gas target's size (docs/contracts.md)
+
+
+async def wait_until_idle(busy: Callable[[], bool], idle_s: float, max_defer_s: float) -> None:
+    """Return once ``busy()`` has been False for ``idle_s``, or after ``max_defer_s`` at most."""
+    with trio.move_on_after(max_defer_s):
+        idle_since = None
+        while idle_since is None or trio.current_time() - idle_since < idle_s:
+            if busy():
+                idle_since = None
+            elif idle_since is None:
+                idle_since = trio.current_time()
+            await trio.sleep(0.05)  # polling interval
+
+
+def backoff(failures: int, poll_s: float) -> float:
+    """How long to wait before the next round: ``poll_s``, or 1 s doubling to 60 s after failed rounds."""
+    return min(60.0, 2.0 ** (failures - 1)) if failures else poll_s
+
+
+@dataclass(frozen=True)
+class SettlementPolicy:
+    """When a worker claims a requester's receipts that are not due at once: every ``settle_every`` jobs, and at
+    least every ``settle_interval_s`` (None: no interval)."""
+
+    settle_every: int = 1
+    settle_interval_s: float | None = None
 
 
 @dataclass

@@ -7,7 +7,7 @@ its own pair from chain, checks receipts as the contract will, and claims,
 many requesters at once with ``claim_batch``.
 
 ``DepositClient.connect`` checks the endpoint, the chain and the deployment
-before any money moves, like ``EscrowClient.connect``. Every transaction is
+before any money moves. Every transaction is
 gas-estimated first (a call the contract would refuse fails before it is
 sent), signed locally and sent raw; a refusal becomes a ``PaymentError``
 subclass whose ``error`` attribute names the Solidity custom error.

@@ -1,19 +1,20 @@
 """What a node must not forget about payments, in SQLite in the data directory.
 
-- The **worker's ledger** (``worker-ledger.sqlite``) holds, per channel, the
-  highest cumulative receipt it was given and how much of it was claimed on
-  chain. A receipt is committed (``synchronous=FULL``) before the worker relies
-  on it, so a worker killed at any point still claims everything it was owed
-  after a restart.
-- The **requester's ledger** (``wallet.sqlite``) holds its channels and the
-  highest amount it signed on each, so it never signs less than it already did
-  and reuses channels across jobs and restarts.
-- For the deposit scheme (``DepositEscrow``), both hold a **pair table**, one
-  row per (requester, worker) pair of an escrow: the worker keeps the best
-  receipt it was given, how much of it was credited to jobs and how much the
-  chain paid; the requester keeps the pair's cumulative amount, raised (and
-  committed) before each signature leaves the process, so concurrent jobs'
-  increments add up and a restart never signs a total twice for different work.
+Both hold a **pair table**, one row per (requester, worker) pair of a
+``DepositEscrow``:
+
+- The **worker's ledger** (``worker-ledger.sqlite``) keeps, per requester, the
+  best receipt it was given, how much of it was credited to jobs and how much
+  the chain paid. A receipt is committed (``synchronous=FULL``) before the
+  worker relies on it, so a worker killed at any point still claims everything
+  it was owed after a restart.
+- The **requester's ledger** (``wallet.sqlite``) keeps, per worker, the pair's
+  cumulative amount, raised (and committed) before each signature leaves the
+  process, so concurrent jobs' increments add up and a restart never signs a
+  total twice for different work.
+
+Files written before the channel scheme was removed still hold a ``channels``
+table; it is left alone.
 
 Amounts are uint256 values and are stored as decimal text. Every call opens its
 own connection, so the ledgers can be used from any thread (the async layer
@@ -50,19 +51,6 @@ def _db(path: Path, schema: str) -> Iterator[sqlite3.Connection]:
 
 
 _WORKER_SCHEMA = """
-CREATE TABLE IF NOT EXISTS channels (
-    channel_id BLOB PRIMARY KEY,
-    chain_id INTEGER NOT NULL,
-    escrow TEXT NOT NULL,
-    requester TEXT NOT NULL,
-    expiry INTEGER NOT NULL,
-    receipted TEXT NOT NULL DEFAULT '0',
-    signature BLOB,
-    claimed TEXT NOT NULL DEFAULT '0',
-    closed INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT,
-    updated_at REAL NOT NULL
-);
 CREATE TABLE IF NOT EXISTS pairs (
     chain_id INTEGER NOT NULL,
     escrow TEXT NOT NULL,
@@ -80,43 +68,8 @@ CREATE TABLE IF NOT EXISTS pairs (
 """
 
 
-@dataclass(frozen=True)
-class WorkerChannel:
-    channel_id: bytes
-    chain_id: int
-    escrow: str
-    requester: str
-    expiry: int
-    receipted: int  # highest cumulative amount signed by the requester
-    signature: bytes | None
-    claimed: int  # cumulative amount already paid out on chain
-    closed: bool
-    last_error: str | None
-
-    @property
-    def claimable(self) -> int:
-        """Receipted by the requester but not yet paid out on chain."""
-        return self.receipted - self.claimed
-
-
-def _worker_row(row: tuple) -> WorkerChannel:
-    cid, chain_id, escrow, requester, expiry, receipted, signature, claimed, closed, last_error, _ = row
-    return WorkerChannel(
-        bytes(cid),
-        chain_id,
-        escrow,
-        requester,
-        expiry,
-        int(receipted),
-        signature,
-        int(claimed),
-        bool(closed),
-        last_error,
-    )
-
-
 class WorkerLedger:
-    """A worker's receipts and claims, per channel."""
+    """A worker's receipts and claims, per requester."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -127,67 +80,6 @@ class WorkerLedger:
 
     def _db(self):
         return _db(self.path, _WORKER_SCHEMA)
-
-    def get(self, channel_id: bytes) -> WorkerChannel | None:
-        with self._db() as db:
-            row = db.execute("SELECT * FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
-        return _worker_row(row) if row else None
-
-    def record_receipt(
-        self,
-        channel_id: bytes,
-        cumulative: int,
-        signature: bytes,
-        *,
-        chain_id: int,
-        escrow: str,
-        requester: str,
-        expiry: int,
-    ) -> bool:
-        """Keep a verified receipt if it is higher than the one held; returns whether it was kept."""
-        with self._db() as db:
-            row = db.execute("SELECT receipted FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
-            if row is not None and int(row[0]) >= cumulative:
-                return False
-            if row is None:
-                db.execute(
-                    "INSERT INTO channels (channel_id, chain_id, escrow, requester, expiry, receipted, signature,"
-                    " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (channel_id, chain_id, escrow, requester, expiry, str(cumulative), signature, time.time()),
-                )
-            else:
-                db.execute(
-                    "UPDATE channels SET receipted = ?, signature = ?, expiry = ?, updated_at = ? WHERE channel_id = ?",
-                    (str(cumulative), signature, expiry, time.time(), channel_id),
-                )
-        return True
-
-    def pending_claims(self) -> list[WorkerChannel]:
-        """Open channels holding receipts not yet claimed, soonest expiry first."""
-        with self._db() as db:
-            rows = db.execute("SELECT * FROM channels WHERE closed = 0 ORDER BY expiry").fetchall()
-        return [c for c in map(_worker_row, rows) if c.claimable > 0]
-
-    def mark_claimed(self, channel_id: bytes, cumulative: int, *, closed: bool = False) -> None:
-        with self._db() as db:
-            db.execute(
-                "UPDATE channels SET claimed = ?, closed = ?, last_error = NULL, updated_at = ? WHERE channel_id = ?",
-                (str(cumulative), int(closed), time.time(), channel_id),
-            )
-
-    def mark_failed(self, channel_id: bytes, error: str, *, give_up: bool = False) -> None:
-        """Remember why a claim failed; ``give_up`` when it never can succeed (closed or expired on chain)."""
-        with self._db() as db:
-            db.execute(
-                "UPDATE channels SET last_error = ?, closed = closed OR ?, updated_at = ? WHERE channel_id = ?",
-                (error, int(give_up), time.time(), channel_id),
-            )
-
-    def all(self) -> list[WorkerChannel]:
-        with self._db() as db:
-            return [_worker_row(r) for r in db.execute("SELECT * FROM channels ORDER BY updated_at").fetchall()]
-
-    # ------------------------------------------------------------ deposit pairs
 
     def get_pair(self, chain_id: int, escrow: str, requester: str) -> WorkerPair | None:
         with self._db() as db:
@@ -295,18 +187,6 @@ def _pair_row(row: tuple) -> WorkerPair:
 
 
 _WALLET_SCHEMA = """
-CREATE TABLE IF NOT EXISTS channels (
-    channel_id BLOB PRIMARY KEY,
-    chain_id INTEGER NOT NULL,
-    escrow TEXT NOT NULL,
-    worker TEXT NOT NULL,
-    deposit TEXT NOT NULL,
-    signed TEXT NOT NULL DEFAULT '0',
-    expiry INTEGER NOT NULL,
-    status TEXT NOT NULL DEFAULT 'open',
-    opened_at REAL NOT NULL,
-    peer_id TEXT NOT NULL DEFAULT ''
-);
 CREATE TABLE IF NOT EXISTS pairs (
     chain_id INTEGER NOT NULL,
     escrow TEXT NOT NULL,
@@ -319,30 +199,8 @@ CREATE TABLE IF NOT EXISTS pairs (
 """
 
 
-@dataclass(frozen=True)
-class WalletChannel:
-    channel_id: bytes
-    chain_id: int
-    escrow: str
-    worker: str  # the payee address
-    deposit: int
-    signed: int  # highest cumulative amount signed so far
-    expiry: int
-    status: str  # open | closed | refunded
-    peer_id: str = ""  # the worker's libp2p peer id, to ask it to close
-
-    @property
-    def unsigned(self) -> int:
-        return self.deposit - self.signed
-
-
-def _wallet_row(row: tuple) -> WalletChannel:
-    cid, chain_id, escrow, worker, deposit, signed, expiry, status, _, peer_id = row
-    return WalletChannel(bytes(cid), chain_id, escrow, worker, int(deposit), int(signed), expiry, status, peer_id)
-
-
 class WalletLedger:
-    """A requester's channels and what it signed on each."""
+    """What a requester signed to each worker."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -353,54 +211,6 @@ class WalletLedger:
 
     def _db(self):
         return _db(self.path, _WALLET_SCHEMA)
-
-    def add(self, channel: WalletChannel) -> None:
-        with self._db() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO channels VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (channel.channel_id, channel.chain_id, channel.escrow, channel.worker, str(channel.deposit),
-                 str(channel.signed), channel.expiry, channel.status, time.time(), channel.peer_id),
-            )  # fmt: skip
-
-    def get(self, channel_id: bytes) -> WalletChannel | None:
-        with self._db() as db:
-            row = db.execute("SELECT * FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
-        return _wallet_row(row) if row else None
-
-    def reserve(self, channel_id: bytes, cumulative: int) -> int:
-        """Record that we are about to sign ``cumulative`` (never less than before); returns what to sign.
-
-        Committed before the signature leaves the process, so a crash can only make
-        the wallet remember more than it signed, never less.
-        """
-        with self._db() as db:
-            row = db.execute("SELECT signed, deposit FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
-            if row is None:
-                raise KeyError(channel_id.hex())
-            signed, deposit = int(row[0]), int(row[1])
-            target = max(signed, cumulative)
-            if target > deposit:
-                raise ValueError(f"cannot sign {target}: the channel holds {deposit}")
-            db.execute("UPDATE channels SET signed = ? WHERE channel_id = ?", (str(target), channel_id))
-        return target
-
-    def update(self, channel_id: bytes, **fields) -> None:
-        allowed = {"deposit", "expiry", "status"}
-        if not fields or set(fields) - allowed:
-            raise ValueError(f"can update only {sorted(allowed)}")
-        values = [str(v) if k == "deposit" else v for k, v in fields.items()]
-        with self._db() as db:
-            db.execute(
-                f"UPDATE channels SET {', '.join(f'{k} = ?' for k in fields)} WHERE channel_id = ?",
-                (*values, channel_id),
-            )
-
-    def channels(self, *, status: str | None = None) -> list[WalletChannel]:
-        with self._db() as db:
-            query = "SELECT * FROM channels" + (" WHERE status = ?" if status else "") + " ORDER BY opened_at"
-            return [_wallet_row(r) for r in db.execute(query, (status,) if status else ()).fetchall()]
-
-    # ------------------------------------------------------------ deposit pairs
 
     def allocate(self, chain_id: int, escrow: str, worker: str, increment: int, *, peer_id: str = "") -> int:
         """Raise the pair's cumulative amount by ``increment`` and commit it; returns the new total to sign.

@@ -8,21 +8,16 @@ streams, the requester hands every chunk to ``on_chunk`` and the final
 ``JobDone`` to ``on_done``; either may send a payment message back through
 ``send``. Leaving the block gives back whatever the payment held.
 
-Three payers exist:
+Two payers exist:
 
 - ``FreePayer``: pays nothing; for free workers.
 - ``DepositPayer``: pays any worker from the requester's one deposit in a
-  ``DepositEscrow``, with no chain step (docs/payments.md, "The deposit scheme").
-- ``WalletPayer``: pays workers that charge from a ``Wallet`` of escrow
-  channels (free workers are still free). A channel carries one job at a
-  time: receipts are cumulative, so two jobs signing on one channel would have
-  to agree on who owes what first. The payer leases a channel that is not in
-  use, opening a new one when all are (at most one per slot of the worker);
-  leasing runs on the trio thread, and only the chain calls go to threads, so
-  opening a channel on a slow chain never holds up another job's stream.
+  ``DepositEscrow``, with no chain step (docs/payments.md). Free workers stay
+  free.
 
-Both paid schemes share ``CheckedPayment``: what is owed for what checks out,
-and when to sign; each says only how a receipt is made. What is signed, and
+``CheckedPayment`` is what a paid attempt is, whatever makes its receipts: what
+is owed for what checks out, and when to sign; ``DepositPayment`` says only how
+a receipt is made. What is signed, and
 when (docs/payments.md): the prompt once the worker announces its size, then
 generated text as it arrives, a receipt every half window, never for text not
 received; the final receipt is exactly usage × price. Every count is checked
@@ -46,24 +41,14 @@ import trio
 from eth_utils import to_checksum_address
 
 from node.errors import Overcharge
-from node.payments.policy import job_cost, prompt_token_bound, worst_case_cost
+from node.payments.policy import job_cost, prompt_token_bound
 from node.payments.usage import CheckedUsage
-from node.protocol.messages import (
-    DepositReceipt,
-    DepositTerms,
-    JobChunk,
-    JobDone,
-    JobRequest,
-    Offer,
-    PaymentTerms,
-    PayReceipt,
-)
+from node.protocol.messages import DepositReceipt, DepositTerms, JobChunk, JobDone, JobRequest, Offer
 from node.protocol.wire import Message
 
 if TYPE_CHECKING:  # a requester that pays nobody never imports web3
     from node.payments.deposits import DepositClient
     from node.payments.ledger import WalletLedger
-    from node.payments.wallet import Wallet
 
 Send = Callable[[Message], Awaitable[None]]
 #: The checked usage of a request to an offer's worker (node/payments/usage.py). Raises ``ModelError`` or
@@ -91,11 +76,8 @@ class JobPayment(Protocol):
 
 class Payer(Protocol):
     def pay(self, offer: Offer, request: JobRequest) -> AsyncIterator[JobPayment | None]:
-        """``async with payer.pay(offer, request) as payment``: None if this worker cannot be paid right now.
-
-        None means every channel we may use with the worker is busy with our
-        other jobs (the worker is treated as busy). Raises ``PaymentError`` if
-        the wallet cannot pay at all (no tokens, no chain): that ends the job.
+        """``async with payer.pay(offer, request) as payment``: None if this worker cannot be paid right now
+        (it is then treated as busy). Raises ``PaymentError`` if the wallet cannot pay at all: that ends the job.
         """
 
 
@@ -122,7 +104,7 @@ class FreePayer:
         yield FreePayment(request)
 
 
-# -------------------------------------------------------------------- wallet
+# ---------------------------------------------------------------- checked
 
 
 @dataclass(kw_only=True)
@@ -217,85 +199,6 @@ class CheckedPayment:
         # A chunk with no text is the worker asking for what is owed (the prompt, before its first token).
         if owed > self.paid and (not chunk.text or owed - self.paid >= self.step):
             await self._pay(send, owed)
-
-
-@dataclass(kw_only=True)
-class EscrowPayment(CheckedPayment):
-    """One paid attempt on a leased channel: cumulative receipts for the channel, ``base`` + this job's cost."""
-
-    wallet: Wallet
-    base: int  # what was signed on the channel before this job
-
-    @property
-    def channel_id(self) -> bytes:
-        return self.request.payment.channel_id
-
-    async def _pay(self, send: Send, amount: int) -> None:
-        cumulative, signature = await trio.to_thread.run_sync(self.wallet.sign, self.channel_id, self.base + amount)
-        self.paid = cumulative - self.base
-        await send(PayReceipt(self.request.job_id, str(cumulative), signature))
-
-
-@dataclass
-class WalletPayer:
-    """Pays workers that charge from ``wallet``'s channels; free workers stay free."""
-
-    wallet: Wallet
-    credit_tokens: int = CREDIT_TOKENS
-    usage: UsageOracle | None = None  # the model's own token counts (node/payments/usage.py)
-    # Per worker: the tokens' worth it may stream ahead of our last receipt (the requester's verified history of
-    # it: node/market/trust.py); ``credit_tokens`` for every worker when None.
-    credit: Callable[[str], int] | None = None
-    _leased: dict[bytes, str] = field(default_factory=dict)  # channel id → worker address, in use by a job
-    _opening: dict[str, int] = field(default_factory=dict)  # worker address → channels being leased now
-    # One channel opening at a time: each takes the account's next permit nonce (and its allowance), so two at
-    # once would clash. Waiting on this lock is a trio wait: other jobs' streams flow meanwhile.
-    _open_lock: trio.Lock = field(default_factory=trio.Lock)
-
-    @asynccontextmanager
-    async def pay(self, offer: Offer, request: JobRequest) -> AsyncIterator[JobPayment | None]:
-        price = offer.price_per_1k
-        if price <= 0:
-            yield FreePayment(request)
-            return
-        checked = await self.usage(offer, request) if self.usage is not None else None
-        bound = checked.prompt_tokens if checked is not None else prompt_token_bound(request)
-        needed = worst_case_cost(bound, int(request.params["max_tokens"]), price)
-        channel = await self._lease(offer, needed)
-        if channel is None:
-            yield None
-            return
-        try:
-            tokens = self.credit(offer.peer_id) if self.credit is not None else self.credit_tokens
-            window = max(job_cost(0, tokens, price), 1)
-            terms = PaymentTerms(channel.channel_id, channel.chain_id, channel.escrow, price, str(window))
-            yield EscrowPayment(
-                wallet=self.wallet, request=dataclasses.replace(request, payment=terms), price=price,
-                base=channel.signed, step=max(window // 2, 1), prompt_bound=bound, checked=checked,
-            )  # fmt: skip
-        finally:
-            self._leased.pop(channel.channel_id, None)
-
-    async def _lease(self, offer: Offer, needed: int):
-        """A channel to the offer's payee for one job; None if as many as it has slots are in use by our jobs."""
-        worker = to_checksum_address(offer.payee)
-        in_use = sum(1 for w in self._leased.values() if w == worker) + self._opening.get(worker, 0)
-        if in_use >= max(offer.slots_total, 1):
-            return None
-        io = self.wallet.client.io
-        self._opening[worker] = self._opening.get(worker, 0) + 1
-        try:
-            while True:
-                reuse = functools.partial(self.wallet.reusable_channel, worker, needed, exclude=frozenset(self._leased))
-                channel = await io(reuse)
-                if channel is None:
-                    async with self._open_lock:
-                        channel = await io(lambda: self.wallet.open_channel(worker, needed, peer_id=offer.peer_id))
-                if channel.channel_id not in self._leased:  # not taken by another job while we asked the chain
-                    self._leased[channel.channel_id] = worker
-                    return channel
-        finally:
-            self._opening[worker] -= 1
 
 
 # ------------------------------------------------------------------- deposit

@@ -5,10 +5,11 @@ plus completion tokens at that price, rounded up to a whole base unit:
 
     cost = ceil((prompt_tokens + completion_tokens) × price_per_1k / 1000)
 
-A requester deposits enough for the worst case of a job, ``(prompt tokens +
-max_tokens) × price``, plus a margin so later jobs can reuse the channel. A
-worker serves against a channel only if it is open, pays this worker, leaves
-time to claim before it expires, and has the job's worst case left unsigned.
+A job's worst case is ``(prompt tokens + max_tokens) × price``, the prompt
+bounded by its bytes before it is tokenized. A worker serves a job paid from a
+requester's deposit only if the chain says the deposit can cover it and its
+unclaimed exposure to that requester stays within its bound
+(``deposit_problem``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from node.protocol.messages import JobRequest
 
 if TYPE_CHECKING:  # pure arithmetic: no web3 for callers that only price jobs (the requester)
     from node.payments.deposits import DepositAccount
-    from node.payments.escrow import ChannelState
 
 PROMPT_TOKEN_OVERHEAD = 64  # chat-template tokens, on top of one token per prompt byte at most…
 MESSAGE_TOKEN_OVERHEAD = 8  # …and the template's markers around each message
@@ -29,9 +29,9 @@ MESSAGE_TOKEN_OVERHEAD = 8  # …and the template's markers around each message
 def prompt_token_bound(request: JobRequest) -> int:
     """An upper bound on the prompt's tokens, known before tokenizing: a BPE token covers at least one byte.
 
-    Both sides use it: the requester to size its deposit and to check the
-    prompt size a worker announces, the worker to check the channel can pay
-    for the job's worst case.
+    Both sides use it: the requester to check the prompt size a worker
+    announces, the worker to check the requester's deposit can pay for the
+    job's worst case.
     """
     messages = [m for m in request.messages or [] if isinstance(m, dict)]
     roles = sum(len(str(m.get("role", "")).encode()) for m in messages)
@@ -46,41 +46,6 @@ def job_cost(prompt_tokens: int, completion_tokens: int, price_per_1k: int) -> i
 
 def worst_case_cost(prompt_tokens: int, max_tokens: int, price_per_1k: int) -> int:
     return job_cost(prompt_tokens, max_tokens, price_per_1k)
-
-
-def deposit_for(worst_case: int, *, margin: float = 10.0) -> int:
-    """A deposit covering ``worst_case`` and ``margin`` more jobs like it (default: 11 jobs in all)."""
-    return int(worst_case * (1 + margin))
-
-
-def channel_problem(
-    channel: ChannelState,
-    *,
-    payee: str,
-    now: float,
-    min_time_left_s: float,
-    signed_total: int,
-    needed: int,
-) -> str | None:
-    """Why a worker must not serve a job against ``channel``, or None if it may.
-
-    Args:
-        payee: the worker's own address.
-        signed_total: the highest cumulative receipt the worker already holds for this channel.
-        needed: the job's worst-case cost.
-    """
-    if channel.status.name != "OPEN":
-        return f"channel is {channel.status.name.lower()}, not open"
-    if channel.worker.lower() != payee.lower():
-        return f"channel pays {channel.worker}, not this worker ({payee})"
-    if channel.expiry - now < min_time_left_s:
-        return (
-            f"channel expires in {max(channel.expiry - now, 0):.0f}s; this worker needs {min_time_left_s:.0f}s to claim"
-        )
-    owed = max(signed_total, channel.paid)
-    if channel.deposit - owed < needed:
-        return f"channel has {channel.deposit - owed} base units left; this job may cost {needed}"
-    return None
 
 
 def deposit_problem(
@@ -114,8 +79,3 @@ def deposit_problem(
             f"for this job > {bound} ({what}); try again once its claims land"
         )
     return None
-
-
-def credit_left(streamed_cost: int, receipted: int, window: int) -> int:
-    """How much more (in base units) a worker may stream before it needs a newer receipt."""
-    return receipted + window - streamed_cost

@@ -69,20 +69,6 @@ class OffersBatch(Message):
 # -------------------------------------------------------- /llmarket/job/1.0.0
 
 
-@dataclass(frozen=True)
-class PaymentTerms:
-    """How a paid job is paid: a channel of the escrow, and the credit the worker may extend.
-
-    Amounts are uint256 in token base units, carried as decimal strings.
-    """
-
-    channel_id: bytes
-    chain_id: int
-    escrow: str
-    price_per_1k: int
-    credit_window: str  # how far (in base units) the worker may stream ahead of the last receipt
-
-
 SCHEME_DEPOSIT = "deposit"
 
 
@@ -113,8 +99,7 @@ class JobRequest(Message):
     prompt: str | None = None  # …or a plain completion
     max_price_per_1k: int = 0
     resume_text: str = ""  # output already streamed by a worker that died: continue from it
-    # None: a free job. A channel's terms, or a deposit's (told apart by their fields: a channel's have an id).
-    payment: PaymentTerms | DepositTerms | None = None
+    payment: DepositTerms | None = None  # None: a free job
     # A verification job (/llmarket/verify/1.0.0): check another worker's answer instead of generating. Its
     # messages/prompt are the checked job's, and resume_text is the checked job's resume_text + answer, so
     # the prompt-size bound a requester pays against covers everything the verifier evaluates.
@@ -133,7 +118,7 @@ REJECT_BUSY = "busy"
 REJECT_UNKNOWN_MODEL = "unknown_model"
 REJECT_PRICE = "price"
 REJECT_MALFORMED = "malformed"
-REJECT_PAYMENT = "payment"  # no usable channel: missing, wrong payee, too little left, expiring
+REJECT_PAYMENT = "payment"  # no usable payment: no terms, another escrow, no deposit, unlocking, over the bound
 REJECT_TOO_LONG = "too_long"  # prompt + max_tokens do not fit the model's context (detail names the limit)
 
 #: Rejections that say the request is at fault, not the worker: they never count against its reputation.
@@ -244,16 +229,6 @@ class JobError(Message):
     reason: str = ""  # ERROR_PAYMENT, or "" for the worker's own failure
 
 
-@message("pay.receipt/1")
-@dataclass(frozen=True)
-class PayReceipt(Message):
-    """Requester → worker: a signed cumulative receipt on the job's channel (node/payments/receipts.py)."""
-
-    job_id: str
-    cumulative: str  # uint256, decimal
-    signature: bytes
-
-
 @message("deposit.receipt/1")
 @dataclass(frozen=True)
 class DepositReceipt(Message):
@@ -268,33 +243,6 @@ class DepositReceipt(Message):
     cumulative: str
     job_amount: str
     signature: bytes
-
-
-# ---------------------------------------------------------- /llmarket/pay/1.0.0
-
-
-@message("pay.close/1")
-@dataclass(frozen=True)
-class CloseRequest(Message):
-    """Requester → worker: settle this channel now and return the rest (signed by the channel's requester)."""
-
-    channel_id: bytes
-    signature: bytes  # EIP-191 over "llmarket close 0x<channel id>" (node/payments/close.py)
-
-
-@message("pay.closed/1")
-@dataclass(frozen=True)
-class Closed(Message):
-    channel_id: bytes
-    paid: str  # uint256, decimal: what the worker was paid in all
-    returned: str  # uint256, decimal: what went back to the requester
-
-
-@message("pay.refused/1")
-@dataclass(frozen=True)
-class CloseRefused(Message):
-    channel_id: bytes
-    detail: str
 
 
 @message("job.cancel/1")
