@@ -102,6 +102,7 @@ def test_the_fast_filter_agrees_with_the_spec():
     rng = random.Random(1)
     rep = Reputation()
     rep.failure("p3", NOW)
+    rep.ban("p5", NOW, 60)  # condemned (caught cheating): out like a failure's backoff
     offers = [
         offer(
             f"p{i}",

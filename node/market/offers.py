@@ -56,7 +56,15 @@ from libp2p.peer.id import ID
 
 from node.concurrency import TokenBucket
 from node.errors import NodeError, WireError
-from node.market.routing import MAX_PLAUSIBLE_TOKENS_PER_S, plausible, sample_key
+from node.market.routing import (
+    MAX_PLAUSIBLE_TOKENS_PER_S,
+    ModelColumns,
+    Reputation,
+    RouteQuery,
+    plausible,
+    rank,
+    sample_key,
+)
 from node.net.addresses import address_problem
 from node.net.identity import Identity, verify_binding, verify_peer_signature
 from node.net.network import Network
@@ -243,11 +251,38 @@ def _speed(offer: Offer) -> float:
     return plausible(offer.tokens_per_s, MAX_PLAUSIBLE_TOKENS_PER_S) or 0.0
 
 
+class LiveOffers(list):
+    """``OfferBook.live``'s answer: a list of offers that remembers the book and its version, so that
+    ``best_offer`` can decide over the book's columns while the book has not changed since."""
+
+    def __init__(self, offers, book: OfferBook) -> None:
+        super().__init__(offers)
+        self.book = book
+        self.version = book.version
+
+
+def best_offer(
+    offers: list[Offer], query: RouteQuery, reputation: Reputation, now: float, *, exclude: set[str] | None = None
+) -> Offer | None:
+    """``rank(offers minus exclude, query, reputation, now, limit=1)``'s choice, or None.
+
+    When ``offers`` is a book's ``live`` answer and the book has not changed since, the
+    decision is made over the book's per-model columns (``ModelColumns.best``: the same
+    decision, without a Python loop over the offers); otherwise by ``rank``.
+    """
+    exclude = exclude or set()
+    if isinstance(offers, LiveOffers) and offers.version == offers.book.version and query.pinned_peer is None:
+        return offers.book.best(query, reputation, now, exclude=exclude)
+    ranked = rank([o for o in offers if o.peer_id not in exclude], query, reputation, now, limit=1)
+    return ranked[0] if ranked else None
+
+
 @dataclasses.dataclass
 class OfferBook:
     """The newest live offer of each peer, within caps (see the module docstring).
 
-    ``offers`` maps peer id to offer; change it only through ``add``.
+    ``offers`` maps peer id to offer; change it only through ``add``. Each model's
+    offers are also kept as columns (``ModelColumns``) for routing (``best``).
     """
 
     max_offers: int = 1024
@@ -267,6 +302,8 @@ class OfferBook:
         self._admissions = 0
         self.version = 0  # changes whenever the set of offers changes
         self._answer: tuple[int, float, float, list[bytes]] | None = None  # version, built, min expiry, frames
+        self._columns: dict[str, ModelColumns] = {}  # model CID → its offers' routing columns
+        self._expiries: list[tuple[float, str]] = []  # a heap of (expires_at, peer); stale entries are skipped
 
     def __len__(self) -> int:
         return len(self.offers)
@@ -327,10 +364,23 @@ class OfferBook:
         self._store(offer, data, self._admissions)
         return None
 
-    def live(self, now: float) -> list[Offer]:
+    def live(self, now: float) -> LiveOffers:
         """Offers not yet expired (expired ones are dropped)."""
         self._drop_expired(now)
-        return list(self.offers.values())
+        return LiveOffers(self.offers.values(), self)
+
+    def best(
+        self, query: RouteQuery, reputation: Reputation, now: float, *, exclude: set[str] | None = None
+    ) -> Offer | None:
+        """The offer routing chooses first for ``query`` among those held and not in ``exclude``, or None:
+        ``rank``'s choice, decided over the model's columns (node/market/routing.py, ``ModelColumns``)."""
+        exclude = exclude or set()
+        if query.pinned_peer is not None:
+            offer = self.offers.get(query.pinned_peer)
+            ranked = rank([offer] if offer is not None and offer.peer_id not in exclude else [], query, reputation, now)
+            return ranked[0] if ranked else None
+        columns = self._columns.get(query.model)
+        return None if columns is None else columns.best(query, reputation, now, exclude)
 
     def sync_frames(self, now: float) -> list[bytes]:
         """The sync answer: framed ``offers.batch/1`` pieces, built once and shared until the book changes.
@@ -364,24 +414,50 @@ class OfferBook:
 
     def _store(self, offer: Offer, data: bytes | None, admitted: int) -> None:
         peer = offer.peer_id
+        cids = {m.cid for m in offer.models}
         if peer in self.offers:
-            self._per_model.subtract({m.cid for m in self.offers[peer].models})
+            old = {m.cid for m in self.offers[peer].models}
+            self._per_model.subtract(old)
+            for cid in old - cids:
+                self._uncolumn(cid, peer)
+        for cid in cids:
+            columns = self._columns.get(cid)
+            if columns is None:
+                columns = self._columns[cid] = ModelColumns()
+            columns.put(offer)
         self.offers[peer] = offer
+        heapq.heappush(self._expiries, (offer.expires_at, peer))
+        if len(self._expiries) > 4 * len(self.offers) + 64:  # refreshed offers left stale entries: rebuild
+            self._expiries = [(o.expires_at, p) for p, o in self.offers.items()]
+            heapq.heapify(self._expiries)
         self._data[peer] = data if data is not None else encode(offer)
         self._admitted[peer] = admitted
         self._keys[peer] = sample_key(offer)
-        self._per_model.update({m.cid for m in offer.models})
+        self._per_model.update(cids)
         self.version += 1
 
     def _remove(self, peer: str) -> None:
         offer = self.offers.pop(peer)
         del self._data[peer], self._admitted[peer], self._keys[peer]
-        self._per_model.subtract({m.cid for m in offer.models})
+        cids = {m.cid for m in offer.models}
+        self._per_model.subtract(cids)
+        for cid in cids:
+            self._uncolumn(cid, peer)
         self.version += 1
 
+    def _uncolumn(self, cid: str, peer: str) -> None:
+        columns = self._columns[cid]
+        columns.remove(peer)
+        if not len(columns):
+            del self._columns[cid]
+
     def _drop_expired(self, now: float) -> None:
-        for peer in [p for p, o in self.offers.items() if not o.expires_at > now]:
-            self._remove(peer)
+        expiries = self._expiries
+        while expiries and not expiries[0][0] > now:
+            _, peer = heapq.heappop(expiries)
+            offer = self.offers.get(peer)
+            if offer is not None and not offer.expires_at > now:  # not refreshed since
+                self._remove(peer)
 
     def _cids(self, peer: str) -> set[str]:
         return {m.cid for m in self.offers[peer].models}

@@ -56,7 +56,8 @@ from node.errors import (
 )
 from node.inference.sampling import SamplingParams, TokenLogprob, prompt_bytes
 from node.market.jobs import JOB_PROTOCOL, check_result_receipt, logprobs_from_wire
-from node.market.routing import Reputation, RouteQuery, exclusion, rank
+from node.market.offers import best_offer
+from node.market.routing import Reputation, RouteQuery, exclusion
 from node.net.host import Host
 from node.payments.payer import FreePayer, JobPayment, Payer
 from node.protocol.messages import (
@@ -591,16 +592,16 @@ async def run_job(
     timed = _Timed(observer or JobObserver(), started_at)
     with trio.move_on_after(deadline_s) as deadline:
         while True:
-            candidates = rank(job.untried(offers()), query, reputation, clock(), limit=1)  # re-ranked after failures
-            if not candidates and job.busy:  # every worker we could still use is busy: wait for one, and ask again
+            # re-routed after each failure; over the book's columns when ``offers`` is a book's ``live``
+            offer = best_offer(offers(), query, reputation, clock(), exclude=job.tried)
+            if offer is None and job.busy:  # every worker we could still use is busy: wait for one, and ask again
                 await trio.sleep(BUSY_RETRY_S)
                 job.retry_busy()
                 continue
-            if not candidates and not job.tried:
+            if offer is None and not job.tried:
                 raise NoWorker(_why_no_worker(offers(), query, reputation, clock()))
-            if not candidates:
+            if offer is None:
                 raise job.gave_up()
-            offer = candidates[0]
             request = job.request_to(offer.peer_id)
             began = time.perf_counter()
             timed.on_attempt(offer.peer_id)

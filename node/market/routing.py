@@ -59,6 +59,8 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from node.inference.numerics import claims_exact
 from node.protocol.messages import Offer
 
@@ -114,14 +116,34 @@ def _smooth(old: float | None, new: float) -> float:
 
 @dataclass
 class Reputation:
-    """Local success/failure history per peer, with backoff bans."""
+    """Local success/failure history per peer, with backoff bans.
+
+    ``version`` counts changes, and ``changed_since`` names the peers changed after a
+    version, so that a book's routing columns (``ModelColumns``) refresh only those.
+    Every change goes through ``record``.
+    """
 
     base_ban_s: float = 5.0
     max_ban_s: float = 600.0
     peers: dict[str, PeerRecord] = field(default_factory=dict)
+    version: int = field(default=0, init=False, compare=False)
+    _touched: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def record(self, peer: str) -> PeerRecord:
+        """``peer``'s record, to change (it counts as changed)."""
+        self.version += 1
+        self._touched.pop(peer, None)  # re-inserted last: the dict stays in order of last change
+        self._touched[peer] = self.version
         return self.peers.setdefault(peer, PeerRecord())
+
+    def changed_since(self, version: int) -> list[str]:
+        """The peers whose records changed after ``version``, the last changed first."""
+        changed = []
+        for peer, at in reversed(self._touched.items()):
+            if at <= version:
+                break
+            changed.append(peer)
+        return changed
 
     def success(self, peer: str) -> None:
         rec = self.record(peer)
@@ -246,7 +268,11 @@ def eligible(offers: Iterable[Offer], query: RouteQuery, reputation: Reputation,
     """The offers whose ``exclusion`` is None, in one tight loop (``rank`` runs it over the whole market)."""
     pinned, cap, model = query.pinned_peer, query.max_price_per_1k, query.model
     free_only, chain_id, escrow = query.free_only, query.chain_id, query.escrow.lower()
-    banned = set() if pinned is not None else {p for p, r in reputation.peers.items() if r.banned_until > now}
+    banned = (
+        set()
+        if pinned is not None
+        else {p for p, r in reputation.peers.items() if max(r.banned_until, r.condemned_until) > now}
+    )
     out = []
     for o in offers:
         if o.expires_at <= now:
@@ -342,3 +368,258 @@ def _first_token_estimates(candidates: list[Offer], records: list[PeerRecord | N
         else:
             estimates.append(max((default_rtt if rtt is None else rtt) + claim, floor))
     return _fill_absent(estimates)
+
+
+# ------------------------------------------------------------------ the fast path: one model's offers as columns
+
+#: Prices up to this convert to floats exactly; a cap compares exactly against them as floats.
+_EXACT_FLOAT_INT = 2**53
+_INT64_MAX = 2**63 - 1
+
+
+class ModelColumns:
+    """One model's offers as numpy columns, so that a routing decision is a few array operations.
+
+    The offer book keeps one per model (node/market/offers.py) and ``put``s and
+    ``remove``s offers as they come and go; ``best`` then makes ``rank(...,
+    limit=1)``'s decision over them without a Python loop over the offers: the same
+    filters (``exclusion``), the same estimates and the same order, number for number
+    (tests/test_scale_policy.py compares them on random books). What it needs of the
+    requester's ``Reputation`` it copies into columns too, and refreshes only the peers
+    changed since the last decision (``Reputation.changed_since``).
+
+    Rows are dense: a removed row is filled with the last one. Strings that filters
+    compare (escrow, numerics) are kept as small integer codes.
+    """
+
+    _OFFER_COLUMNS = (
+        ("expires", np.float64, 0.0),
+        ("price", np.float64, 0.0),  # float(price_per_1k), as ``rank`` scales it
+        ("big", np.bool_, False),  # price_per_1k is past what a float holds exactly
+        ("paid", np.bool_, False),
+        ("chain", np.int64, -1),  # -1: a chain id past int64 (matches no query's)
+        ("escrow", np.int64, -1),  # code of the lowercased escrow
+        ("full", np.bool_, False),  # no free slot
+        ("claim_tps", np.float64, math.nan),  # plausible claims; NaN: absent
+        ("claim_ftt", np.float64, math.nan),
+        ("exact", np.bool_, False),  # claims a class of exact numerics
+        ("numerics", np.int64, -1),  # code of that class
+    )
+    _REPUTATION_COLUMNS = (
+        ("rtt", np.float64, math.nan),  # NaN: no record, or never pinged
+        ("m_tps", np.float64, math.nan),  # measured on our jobs; NaN: never
+        ("m_ftt", np.float64, math.nan),
+        ("successes", np.float64, 0.0),
+        ("failures", np.float64, 0.0),
+        ("ban", np.float64, 0.0),  # banned until (backoff or cheating, whichever is later)
+    )
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.n = 0
+        self.peers: list[str] = []
+        self.offers: list[Offer] = []
+        self.row: dict[str, int] = {}
+        self._codes: dict[str, int] = {}
+        self._next_code = 0
+        self._capacity = 0
+        self._grow(capacity)
+        self._reputation: Reputation | None = None  # whose records the reputation columns hold
+        self._reputation_version = 0
+        self._unfilled: set[str] = set()  # peers put since, whose reputation columns are not filled yet
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _grow(self, capacity: int) -> None:
+        for name, dtype, empty in self._OFFER_COLUMNS + self._REPUTATION_COLUMNS:
+            column = np.full(capacity, empty, dtype=dtype)
+            if self._capacity:
+                column[: self.n] = getattr(self, name)[: self.n]
+            setattr(self, name, column)
+        self._capacity = capacity
+
+    def _code(self, text: str) -> int:
+        if len(self._codes) > 4 * self.n + 64:  # forget strings no offer uses any more
+            used = {o.escrow.lower() for o in self.offers} | {o.numerics for o in self.offers}
+            self._codes = {t: c for t, c in self._codes.items() if t in used}
+        code = self._codes.get(text)
+        if code is None:
+            code = self._codes[text] = self._next_code
+            self._next_code += 1
+        return code
+
+    def put(self, offer: Offer) -> None:
+        """Add ``offer``, or replace the offer of its peer."""
+        peer = offer.peer_id
+        r = self.row.get(peer)
+        if r is None:
+            if self.n == self._capacity:
+                self._grow(2 * self._capacity)
+            r = self.n
+            self.n += 1
+            self.peers.append(peer)
+            self.offers.append(offer)
+            self.row[peer] = r
+            for name, _, empty in self._REPUTATION_COLUMNS:
+                getattr(self, name)[r] = empty
+            self._unfilled.add(peer)
+        else:
+            self.offers[r] = offer
+        price = offer.price_per_1k
+        self.expires[r] = offer.expires_at
+        self.price[r] = float(price)
+        self.big[r] = price > _EXACT_FLOAT_INT
+        self.paid[r] = price > 0
+        self.chain[r] = offer.chain_id if 0 <= offer.chain_id <= _INT64_MAX else -1
+        self.escrow[r] = self._code(offer.escrow.lower())
+        self.full[r] = offer.slots_free <= 0
+        tps = plausible(offer.tokens_per_s, MAX_PLAUSIBLE_TOKENS_PER_S)
+        ftt = plausible(offer.first_token_ms, MAX_PLAUSIBLE_FIRST_TOKEN_MS, MIN_PLAUSIBLE_FIRST_TOKEN_MS)
+        self.claim_tps[r] = math.nan if tps is None else tps
+        self.claim_ftt[r] = math.nan if ftt is None else ftt
+        self.exact[r] = claims_exact(offer.numerics)
+        self.numerics[r] = self._code(offer.numerics)
+
+    def remove(self, peer: str) -> None:
+        r = self.row.pop(peer, None)
+        if r is None:
+            return
+        self._unfilled.discard(peer)
+        last = self.n - 1
+        if r != last:  # the last row fills the hole
+            for name, _, _ in self._OFFER_COLUMNS + self._REPUTATION_COLUMNS:
+                column = getattr(self, name)
+                column[r] = column[last]
+            self.peers[r], self.offers[r] = self.peers[last], self.offers[last]
+            self.row[self.peers[r]] = r
+        self.peers.pop()
+        self.offers.pop()
+        self.n = last
+
+    def _fill(self, r: int, record: PeerRecord | None) -> None:
+        if record is None:
+            for name, _, empty in self._REPUTATION_COLUMNS:
+                getattr(self, name)[r] = empty
+            return
+        self.rtt[r] = math.nan if record.latency_ms is None else record.latency_ms
+        self.m_tps[r] = math.nan if record.tokens_per_s is None else record.tokens_per_s
+        self.m_ftt[r] = math.nan if record.first_token_ms is None else record.first_token_ms
+        self.successes[r] = record.successes
+        self.failures[r] = record.failures
+        self.ban[r] = max(record.banned_until, record.condemned_until)
+
+    def _sync(self, reputation: Reputation) -> None:
+        """Bring the reputation columns up to ``reputation``'s records."""
+        peers = reputation.peers
+        if reputation is not self._reputation:
+            for r, peer in enumerate(self.peers):
+                self._fill(r, peers.get(peer))
+            self._reputation = reputation
+        else:
+            for peer in self._unfilled.union(reputation.changed_since(self._reputation_version)):
+                r = self.row.get(peer)
+                if r is not None:
+                    self._fill(r, peers.get(peer))
+        self._unfilled.clear()
+        self._reputation_version = reputation.version
+
+    def _eligible(self, query: RouteQuery, now: float, exclude: Iterable[str]) -> np.ndarray:
+        """Rows that pass ``exclusion`` and are not in ``exclude``, for a query with no pinned peer."""
+        n = self.n
+        ok = self.expires[:n] > now
+        cap = query.max_price_per_1k
+        if cap is not None and cap < _EXACT_FLOAT_INT:  # both exact as floats
+            ok &= self.price[:n] <= float(cap)
+        elif cap is not None:  # every price a float holds exactly is under the cap; compare the others exactly
+            for r in np.flatnonzero(self.big[:n]):
+                ok[r] &= self.offers[r].price_per_1k <= cap
+        paid = self.paid[:n]
+        if query.free_only:
+            ok &= ~paid
+        else:
+            chain = query.chain_id if 0 <= query.chain_id <= _INT64_MAX else -2
+            escrow = self._codes.get(query.escrow.lower(), -2)
+            ok &= ~(paid & ((self.chain[:n] != chain) | (self.escrow[:n] != escrow)))
+        ok &= ~(self.ban[:n] > now)
+        for peer in exclude:
+            r = self.row.get(peer)
+            if r is not None:
+                ok[r] = False
+        return np.flatnonzero(ok)
+
+    def best(self, query: RouteQuery, reputation: Reputation, now: float, exclude: Iterable[str] = ()) -> Offer | None:
+        """What ``rank(offers, query, reputation, now, limit=1)`` would choose among this model's offers not in
+        ``exclude`` (None if nothing can take the job). ``query.model`` must be this model's and
+        ``query.pinned_peer`` None (a pinned query looks at one offer: ``rank`` it)."""
+        self._sync(reputation)
+        rows = self._eligible(query, now, exclude)
+        if rows.size <= 1:
+            return self.offers[rows[0]] if rows.size else None
+        n = self.n
+
+        def pick(column: np.ndarray) -> np.ndarray:  # the candidates' values (a view when every row is one)
+            return column[:n] if rows.size == n else column.take(rows)
+
+        # speed: measured, else the claim capped at the fastest measured; absent: the median
+        measured = pick(self.m_tps)
+        known = ~np.isnan(measured)
+        cap = measured[known].max() if known.any() else MAX_PLAUSIBLE_TOKENS_PER_S
+        speed = _filled(np.where(known, measured, np.minimum(pick(self.claim_tps), cap)))
+        # first token: measured, else round trip (median of the pinged if never pinged) + claim, floored at
+        # the quickest measured; absent: the median
+        rtt = pick(self.rtt)
+        pinged = ~np.isnan(rtt)
+        default_rtt = _median(rtt[pinged]) if pinged.any() else 0.0
+        measured = pick(self.m_ftt)
+        known = ~np.isnan(measured)
+        floor = measured[known].min() if known.any() else 0.0
+        claimed = np.maximum(np.where(pinged, rtt, default_rtt) + pick(self.claim_ftt), floor)
+        first_token = _filled(np.where(known, measured, claimed))
+        successes = pick(self.successes)
+        unreliability = 1.0 - (successes + 1.0) / (successes + pick(self.failures) + 2.0)
+        score = (
+            WEIGHT_PRICE * _scaled_array(pick(self.price))
+            + WEIGHT_LATENCY * _scaled_array(first_token)
+            + WEIGHT_SPEED * _scaled_array(1.0 / speed)
+            + WEIGHT_RELIABILITY * _scaled_array(unreliability)
+        )
+        # order: checking regime, then free slots, then score, then peer id
+        full = pick(self.full).astype(np.int64)
+        if query.exact_first:
+            exact = pick(self.exact)
+            here = pick(self.numerics) == self._codes.get(query.numerics, -2)
+            order = np.where(exact, np.where(here, REGIME_HERE, REGIME_EXACT), REGIME_NOISY) * 2 + full
+        else:
+            order = full
+        first = order == order.min()
+        top = score[first].min()
+        ties = np.flatnonzero(first & (score == top))
+        if rows.size != n:
+            ties = rows[ties]
+        return min((self.offers[r] for r in ties), key=lambda o: o.peer_id)
+
+
+def _median(values: np.ndarray) -> float:
+    """``statistics.median``'s number: the middle value, or the mean of the two middle ones as (a + b) / 2."""
+    n = values.size
+    half = n // 2
+    if n % 2:
+        return float(np.partition(values, half)[half])
+    low, high = np.partition(values, (half - 1, half))[half - 1 : half + 1]
+    return (float(low) + float(high)) / 2
+
+
+def _filled(values: np.ndarray) -> np.ndarray:
+    """``_fill_absent`` on an array with NaN for absent."""
+    absent = np.isnan(values)
+    if absent.any():
+        present = values[~absent]
+        values[absent] = _median(present) if present.size else 1.0
+    return values
+
+
+def _scaled_array(values: np.ndarray) -> np.ndarray:
+    """``_scaled`` on an array."""
+    low, high = values.min(), values.max()
+    span = high - low
+    return np.zeros_like(values) if span == 0 else (values - low) / span
