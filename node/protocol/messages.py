@@ -54,6 +54,25 @@ class Offer(Message):
     numerics: str = ""
 
 
+@message("offer.delta/1")
+@dataclass(frozen=True)
+class OfferDelta(Message):
+    """What changed in a worker's offer since its full ``offer/1`` (``base_seq``): free slots, price and expiry.
+
+    Published on the offers topic between full offers, on a change and as the worker's "still here" (a later
+    expiry); signed by the peer like an offer. It carries the three values whole, not differences, so any one
+    delta applies to the base offer (node/market/offers.py).
+    """
+
+    peer_id: str
+    base_seq: int  # the seq of the full offer it amends
+    seq: int  # > base_seq; increases with every offer or delta from this peer
+    slots_free: int
+    price_per_1k: int
+    expires_at: float
+    signature: bytes = b""  # the peer's libp2p key over the delta with signature=b""
+
+
 @message("offers.get/1")
 @dataclass(frozen=True)
 class OffersRequest(Message):
@@ -63,7 +82,8 @@ class OffersRequest(Message):
 @message("offers.batch/1")
 @dataclass(frozen=True)
 class OffersBatch(Message):
-    offers: list[bytes]  # each an encoded, signed ``offer/1``, checked by the receiver like a gossiped one
+    # each an encoded, signed ``offer/1`` (or an ``offer.delta/1`` right after its base), checked like a gossiped one
+    offers: list[bytes]
 
 
 # -------------------------------------------------------- /llmarket/job/1.0.0
