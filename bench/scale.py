@@ -109,7 +109,7 @@ def child(args: argparse.Namespace) -> None:
     from libp2p.pubsub.pubsub import Pubsub
 
     from node.market.jobs import WorkerService
-    from node.market.offers import Advertiser, OfferBook, OfferGossip, sign_offer
+    from node.market.offers import TOPIC, Advertiser, OfferBook, OfferGossip, sign_offer
     from node.market.requester import JobObserver, run_job
     from node.market.routing import Reputation, RouteQuery, rank
     from node.net.config import HostConfig
@@ -211,14 +211,18 @@ def child(args: argparse.Namespace) -> None:
             max_connections_per_ip=100_000, connection_rate_per_ip=1e6, connection_burst_per_ip=1e6,
             max_pending_per_ip=64,
         )  # fmt: skip
+        if args.degree:
+            relief.update(gossip_degree=args.degree, gossip_degree_low=max(1, args.degree - 2),
+                          gossip_degree_high=2 * args.degree)  # fmt: skip
+        if args.watermarks:
+            low, high = (int(x) for x in args.watermarks.split(","))
+            relief.update(min_connections=min(low, 8), low_watermark=low, high_watermark=high,
+                          max_connections=max(300, high))  # fmt: skip
         return HostConfig(bootstrap=bootstrap, dht_server=server, **relief)
 
     def tune(host: Network) -> None:
-        g = host.gossipsub
-        if args.degree:
-            g.degree, g.degree_low, g.degree_high = args.degree, max(1, args.degree - 2), 2 * args.degree
-        if args.rate_limit is not None:
-            g.max_messages_per_topic_per_second = args.rate_limit
+        if args.rate_limit is not None:  # after OfferGossip.run, which sets the offers topic's own
+            host.set_topic_rate_limit(TOPIC, args.rate_limit)
 
     async def worker(k: int, nursery_task_status=trio.TASK_STATUS_IGNORED) -> None:
         identity = Identity.load(work / f"w{args.index}-{k}")
@@ -234,7 +238,6 @@ def child(args: argparse.Namespace) -> None:
         if rng.random() < 0.1:
             traced.add(identity.peer_id)
         host = Network(identity, host_config(bootstrap_addrs(3), server=True))
-        tune(host)
         engine = ScriptedEngine(slots=4, tick_s=0.005)
         async with trio.open_nursery() as nursery:
             began = time.time()
@@ -246,6 +249,7 @@ def child(args: argparse.Namespace) -> None:
             books.append(book)
             gossip = OfferGossip(host, book)
             await nursery.start(gossip.run)
+            tune(host)
             steps["gossip"] = time.time() - began
             service = WorkerService(host, identity, {model: engine})
             service.install()
@@ -299,7 +303,6 @@ def child(args: argparse.Namespace) -> None:
         began = time.time()
         identity = Identity.load(work / f"r{args.index}-{k}")
         host = Network(identity, host_config(bootstrap_addrs(3), server=False))
-        tune(host)
         record: dict = {"t": began}
         reputation = Reputation()
         book = TracedBook(valued=reputation.valued)
@@ -312,6 +315,7 @@ def child(args: argparse.Namespace) -> None:
                     lifetimes[identity.peer_id] = [time.time(), math.inf]
                     gossip = OfferGossip(host, book)
                     await nursery.start(gossip.run)
+                    tune(host)
                     node = RequesterNode(host, gossip, reputation)
                     model = MODELS[0][0]
                     await node.wait_for_model(model, 20)
@@ -651,7 +655,13 @@ def main() -> None:
     parser.add_argument("--refresh", type=float, default=10.0, help="Advertiser interval (llmarket serve: 10 s)")
     parser.add_argument("--ttl", type=float, default=30.0, help="offer lifetime (llmarket serve: 30 s)")
     parser.add_argument("--degree", type=int, default=0, help="GossipSub mesh degree D (0: the host's, 6)")
-    parser.add_argument("--rate-limit", type=float, default=None, help="GossipSub messages/s per peer and topic")
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=None,
+        help="GossipSub offers/s one peer may forward (default: the offers topic's, 1000)",
+    )
+    parser.add_argument("--watermarks", default="", help="connection watermarks LOW,HIGH (default: the host's)")
     parser.add_argument("--no-ip-relief", action="store_true", help="keep the per-IP inbound limits on loopback")
     parser.add_argument("--seed", type=int, default=1)
     # internal
@@ -670,6 +680,8 @@ def main() -> None:
         "--churn", str(args.churn), "--requester-every", str(args.requester_every), "--refresh", str(args.refresh),
         "--ttl", str(args.ttl), "--degree", str(args.degree), "--seed", str(args.seed),
     ] + (["--rate-limit", str(args.rate_limit)] if args.rate_limit is not None else []) + (
+        ["--watermarks", args.watermarks] if args.watermarks else []
+    ) + (
         ["--no-ip-relief"] if args.no_ip_relief else []
     )  # fmt: skip
     print(f"# {os.cpu_count()} CPUs, load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

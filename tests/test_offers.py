@@ -8,9 +8,12 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from libp2p.peer.id import ID
+from libp2p.pubsub.pb import rpc_pb2
 
 from node.errors import WireError
 from node.market.offers import (
+    GOSSIP_RATE_LIMIT,
     MAX_OFFER_BYTES,
     REFUSED_FULL,
     REFUSED_MODEL_FULL,
@@ -369,3 +372,40 @@ def test_a_capped_book_routes_like_a_full_one():
     best = [o.peer_id for o in rank(full.live(0.0), query, reputation, 0.0)]
     assert rank(capped.live(0.0), query, reputation, 0.0, limit=1)[0].peer_id == best[0]
     assert set(best[:100]) <= set(capped.offers)
+
+
+# ------------------------------------------------ GossipSub and connection settings (issue 21)
+
+
+def test_the_hosts_gossip_and_connection_settings_reach_py_libp2p(tmp_path):
+    config = HostConfig(gossip_degree=5, gossip_degree_low=3, gossip_degree_high=9, gossip_rate_limit=4.0,
+                        min_connections=2, low_watermark=10, high_watermark=20, max_connections=50)  # fmt: skip
+    host = Network(Identity.load(tmp_path / "h"), config)
+    g = host.gossipsub
+    assert (g.degree, g.degree_low, g.degree_high, g.max_messages_per_topic_per_second) == (5, 3, 9, 4.0)
+    connections = host.libp2p.get_network().connection_config
+    assert (connections.min_connections, connections.low_watermark, connections.high_watermark) == (2, 10, 20)
+    assert connections.max_connections == 50 and connections.max_connections_per_peer == 1
+    defaults = Network(Identity.load(tmp_path / "d")).libp2p.get_network().connection_config
+    assert (defaults.low_watermark, defaults.high_watermark) == (16, 32)  # not py-libp2p's 100/200
+
+
+def test_the_offers_topic_has_its_own_gossip_rate_limit(tmp_path):
+    host = Network(Identity.load(tmp_path / "h"), HostConfig(gossip_rate_limit=3.0))
+    host.set_topic_rate_limit(TOPIC, 50.0)  # what OfferGossip.run does, with GOSSIP_RATE_LIMIT
+    sender = ID.from_base58(Identity.load(tmp_path / "p").peer_id)
+
+    def accepted(topic: str, n: int) -> int:
+        message = rpc_pb2.Message(topicIDs=[topic])
+        return sum(host.gossipsub._check_spam_protection(sender, message) for _ in range(n))
+
+    assert accepted("another/topic", 10) == 3  # the host's default: the rest are dropped
+    assert accepted(TOPIC, 60) == 50
+
+
+async def test_offer_gossip_sets_the_offers_topic_rate_limit(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with node(nursery, tmp_path, "a") as (a, _):
+                assert a.gossipsub.topic_rate_limits[TOPIC] == GOSSIP_RATE_LIMIT > 100
+                nursery.cancel_scope.cancel()

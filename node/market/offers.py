@@ -1,8 +1,9 @@
 """Capacity offers: workers advertise, everyone keeps a book of the live market.
 
 A worker publishes a signed ``Offer`` on the GossipSub topic ``llmarket/offers/1``
-every ``interval_s`` and soon after its free slots change (at most once a second,
-well inside GossipSub's default limit of 10 messages per second per topic). Each
+every ``interval_s`` and soon after its free slots change (at most once a second).
+GossipSub drops what one peer forwards past a rate limit per topic; the offers
+topic's is ``GOSSIP_RATE_LIMIT``, far above the host's default. Each
 offer expires ``ttl_s`` after it was made, so a worker that disappears falls out
 of every book within a minute.
 
@@ -98,6 +99,10 @@ SYNC_WINDOW_S = 60.0
 SYNC_PEERS = 3
 #: How often the shared sync answer may be rebuilt while the book keeps changing.
 SYNC_REBUILD_S = 1.0
+#: Offers one peer may forward us a second (GossipSub's default for a topic, 10, broke propagation from about
+#: 500 workers: a node's mesh peers each pass it a sixth of the market's offers). 10,000 workers refreshing
+#: every 10 s, all through one peer; a flood past it is dropped, and each offer is checked before it counts.
+GOSSIP_RATE_LIMIT = 1000.0
 
 # Bounds of every field of an offer (inclusive). EIP-2294 bounds chain ids.
 MAX_PRICE_PER_1K = 2**128 - 1
@@ -579,6 +584,7 @@ class OfferGossip:
         return True  # valid offers are forwarded whether or not our book keeps them
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.host.set_topic_rate_limit(TOPIC, GOSSIP_RATE_LIMIT)
         self.host.pubsub.set_topic_validator(TOPIC, self._validate, is_async_validator=False)
         self.host.set_handler(SYNC_PROTOCOL, self._serve_sync)
         subscription = await self.host.pubsub.subscribe(TOPIC)

@@ -64,3 +64,19 @@ class HostConfig:
     # what yamux may buffer unread (node.net.guards.GuardedYamux); a stream's own cap follows its window
     max_buffered_per_connection: int = 32 << 20
     max_buffered_total: int = 256 << 20
+    # connections in all (py-libp2p's ConnectionConfig). Below ``low_watermark`` the auto-connector dials known
+    # peers, up to half-way to ``high_watermark``; py-libp2p's 100/200 made every market of under 100 nodes
+    # fully connected, and heads for 100 connections a node at scale (docs/benchmarks.md). Above
+    # ``high_watermark`` idle connections may be pruned (one with an open stream, a GossipSub peer's say,
+    # never is); ``max_connections`` is a hard cap, in and out: a worker at it turns requesters away.
+    min_connections: int = 8
+    low_watermark: int = 16
+    high_watermark: int = 32
+    max_connections: int = 300
+    # GossipSub: the mesh degree D (and the bounds it is kept in) and the messages a second one peer may
+    # forward us on one topic (more are dropped, not forwarded, and count against it); a topic can have its
+    # own (``Host.set_topic_rate_limit``: the offers topic does, node.market.offers)
+    gossip_degree: int = 6
+    gossip_degree_low: int = 4
+    gossip_degree_high: int = 12
+    gossip_rate_limit: float = 10.0

@@ -10,7 +10,11 @@
   resource manager); yamux flow control enforced (``GuardedYamux``).
 - **Deadlines** on connect and on opening streams: a listener that accepts TCP
   but never speaks would otherwise hold a dial for minutes.
-- **GossipSub** for offers, with signed messages and a 1 s heartbeat.
+- **GossipSub** for offers, with signed messages and a 1 s heartbeat; the mesh
+  degree and the per-peer rate limit come from ``HostConfig``, and a topic may
+  have its own rate limit (``set_topic_rate_limit``: py-libp2p has one for all).
+- **Connection watermarks** from ``HostConfig`` (py-libp2p's 100/200 made
+  every small market fully connected).
 - **Addresses others can dial** (``node.net.addresses``): wildcards expanded,
   ``announce`` honoured; ``dial`` tries every address of a peer, best first and
   staggered, and names each failure; when all fail, ``open_stream`` asks
@@ -28,6 +32,7 @@ answer) and its pubsub runs.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import secrets
 import time
@@ -126,6 +131,36 @@ class Stream:
 Handler = Callable[[Stream], Awaitable[None]]
 
 
+class TopicRateGossipSub(GossipSub):
+    """py-libp2p's GossipSub with a rate limit per topic (``topic_rate_limits``) where one is set.
+
+    py-libp2p drops (does not forward, and penalises its sender for) a message once a
+    peer has forwarded ``max_messages_per_topic_per_second`` on its topic within the
+    last second, the same number for every topic. The offers topic needs far more
+    (node/market/offers.py, ``GOSSIP_RATE_LIMIT``) than a default that suits rare messages.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.topic_rate_limits: dict[str, float] = {}
+
+    def _check_spam_protection(self, peer_id: ID, msg) -> bool:
+        if not self.spam_protection_enabled:
+            return True
+        now = time.time()
+        for topic in msg.topicIDs:
+            limit = self.topic_rate_limits.get(topic, self.max_messages_per_topic_per_second)
+            timestamps = self.message_rate_limits[peer_id][topic]  # appended in time order
+            del timestamps[: bisect.bisect_right(timestamps, now - 1.0)]
+            if len(timestamps) >= limit:
+                log.debug("%s… forwards more than %g messages a second on %s", str(peer_id)[:12], limit, topic)
+                if self.scorer is not None:
+                    self.scorer.penalize_behavior(peer_id, 5.0)
+                return False
+            timestamps.append(now)
+        return True
+
+
 @dataclass
 class Host:
     """One node's libp2p presence: streams by protocol, and GossipSub."""
@@ -140,7 +175,13 @@ class Host:
             key_pair=key_pair,
             sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)},
             muxer_opt={YAMUX_PROTOCOL_ID: self.yamux},
-            connection_config=ConnectionConfig(max_connections_per_peer=1),
+            connection_config=ConnectionConfig(
+                max_connections_per_peer=1,
+                min_connections=self.config.min_connections,
+                low_watermark=self.config.low_watermark,
+                high_watermark=self.config.high_watermark,
+                max_connections=self.config.max_connections,
+            ),
             listen_addrs=[multiaddr.Multiaddr(a) for a in self.config.listen],
             addrs_factory=self._direct_multiaddrs,  # what identify tells peers, too
         )
@@ -152,8 +193,13 @@ class Host:
         self.inbound.install()
         adopt_yamux(swarm, self.yamux)
         self.streams = StreamLimit(self.config.max_inbound_streams_per_peer)
-        self.gossipsub = GossipSub(
-            protocols=[GOSSIPSUB_V11, GOSSIPSUB_V10], degree=6, degree_low=4, degree_high=12, heartbeat_interval=1
+        self.gossipsub = TopicRateGossipSub(
+            protocols=[GOSSIPSUB_V11, GOSSIPSUB_V10],
+            degree=self.config.gossip_degree,
+            degree_low=self.config.gossip_degree_low,
+            degree_high=self.config.gossip_degree_high,
+            heartbeat_interval=1,
+            max_messages_per_topic_per_second=self.config.gossip_rate_limit,
         )
         self.pubsub = Pubsub(self.libp2p, self.gossipsub, strict_signing=True)
         self.ready = trio.Event()
@@ -342,6 +388,10 @@ class Host:
             "advertised": self.advertised(),
             "peers": [{"peer_id": p, "connection": kind} for p, kind in sorted(peers.items())],
         }
+
+    def set_topic_rate_limit(self, topic: str, per_s: float) -> None:
+        """Let each peer forward us up to ``per_s`` messages a second on ``topic`` (else ``gossip_rate_limit``)."""
+        self.gossipsub.topic_rate_limits[topic] = per_s
 
     def set_handler(self, protocol: str, handler: Handler) -> None:
         """Serve ``protocol`` with ``handler``; no exception from it can escape into libp2p (``node.net.guards``)."""
