@@ -17,20 +17,26 @@ from node.market.offers import (
     MAX_OFFER_BYTES,
     REFUSED_FULL,
     REFUSED_MODEL_FULL,
+    REFUSED_NO_BASE,
     REFUSED_OLDER,
     REFUSED_RATE,
+    REFUSED_SLOTS,
     SYNC_PIECE_BYTES,
     TOPIC,
     Advertiser,
     OfferBook,
     OfferGossip,
+    _check_synced,
+    check_delta,
     check_offer,
     parse_offer,
+    sign_delta,
 )
+from node.market.routing import Reputation, RouteQuery
 from node.net.host import HostConfig
 from node.net.identity import Identity, load_or_create_account
 from node.net.network import Network
-from node.protocol.messages import ModelInfo, Offer, OffersBatch
+from node.protocol.messages import ModelInfo, Offer, OfferDelta, OffersBatch
 from node.protocol.wire import decode, encode
 
 from . import factories
@@ -409,3 +415,108 @@ async def test_offer_gossip_sets_the_offers_topic_rate_limit(tmp_path):
             async with node(nursery, tmp_path, "a") as (a, _):
                 assert a.gossipsub.topic_rate_limits[TOPIC] == GOSSIP_RATE_LIMIT > 100
                 nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------ offer deltas (issue 21)
+
+
+def delta_of(identity: Identity, base: Offer, seq: int, **changes) -> OfferDelta:
+    fields = {"slots_free": base.slots_free, "price_per_1k": base.price_per_1k, "expires_at": base.expires_at}
+    fields.update(changes)
+    return sign_delta(identity, OfferDelta(identity.peer_id, base.seq, seq, **fields))
+
+
+def test_deltas_are_checked_like_offers(tmp_path):
+    me, other = Identity.load(tmp_path / "me"), Identity.load(tmp_path / "other")
+    now = time.time()
+    base = make_offer(me, 5, now + 30)
+    delta = delta_of(me, base, 6, slots_free=0, expires_at=now + 60)
+    assert parse_offer(encode(delta), me.peer_id, now) == delta
+    assert check_delta(delta, other.peer_id, now) == "published by another peer than it names"
+    assert check_delta(dataclasses.replace(delta, price_per_1k=1), me.peer_id, now) == "bad signature"
+    assert check_delta(delta_of(other, base, 6), other.peer_id, now) is None  # signed by its own peer: fine…
+    assert "seq" in check_delta(delta_of(me, base, 5), me.peer_id, now)  # …but never at or below its base
+    assert check_delta(delta, me.peer_id, now + 60) == "expired"
+    assert check_delta(delta_of(me, base, 6, expires_at=now + 10_000), me.peer_id, now) == "expiry too far ahead"
+
+
+def test_a_delta_amends_its_base_offer_and_travels_with_it_in_a_sync(tmp_path):
+    me = Identity.load(tmp_path / "me")
+    now = time.time()
+    base = make_offer(me, 5, now + 30, slots_total=2, slots_free=2, price_per_1k=0)
+    book = OfferBook()
+    assert book.amend(delta_of(me, base, 6)) == REFUSED_NO_BASE  # nothing to amend yet
+    assert book.add(base)
+    later = delta_of(me, base, 7, slots_free=0, price_per_1k=3, expires_at=now + 90)
+    assert book.amend(later) is None
+    held = book.offers[me.peer_id]
+    assert (held.seq, held.slots_free, held.price_per_1k, held.expires_at) == (7, 0, 3, now + 90)
+    assert held.models == base.models and held.addrs == base.addrs
+    assert book.amend(delta_of(me, base, 6)) == REFUSED_OLDER
+    assert book.amend(delta_of(me, base, 8, slots_free=3)) == REFUSED_SLOTS  # more than the base's 2
+    assert book.amend(delta_of(me, dataclasses.replace(base, seq=4), 9)) == REFUSED_NO_BASE
+    # the offer lives on past its base's expiry, and routing sees the new price
+    assert book.live(now + 60) == [held]
+    assert book.best(RouteQuery(MODEL, max_price_per_1k=2), Reputation(), now) is None
+    # a joining node gets the signed base and the delta, checks both and holds what we hold
+    (piece,) = book.sync_frames(now)
+    batch = decode(piece[4:])  # the frame's length prefix
+    assert isinstance(batch, OffersBatch) and len(batch.offers) == 2
+    joined = OfferBook()
+    for item, data in _check_synced(batch.offers, now):
+        (joined.amend(item, data=data) if isinstance(item, OfferDelta) else joined.add(item, data=data))
+    assert joined.offers == book.offers
+    # a new full offer replaces base and delta
+    assert book.add(make_offer(me, 10, now + 30, slots_total=2, slots_free=1))
+    assert len(decode(book.sync_frames(now + 2)[0][4:]).offers) == 1
+
+
+def test_the_advertiser_sends_deltas_between_full_offers(tmp_path):
+    me = Identity.load(tmp_path / "me")
+    state = {"free": 1, "addrs": []}
+
+    class Gossip:
+        now = 1_800_000_000.0
+        host = type("H", (), {"identity": me})()
+        sent: list = []
+
+        def clock(self):
+            return self.now
+
+        async def publish(self, offer):
+            self.sent.append(offer)
+
+        async def publish_delta(self, delta):
+            self.sent.append(delta)
+
+    gossip = Gossip()
+    advertiser = Advertiser(
+        gossip,
+        lambda seq, expires: make_offer(me, seq, expires, slots_free=state["free"], addrs=state["addrs"]),
+        interval_s=10,
+        ttl_s=30,
+        min_gap_s=0,
+        full_interval_s=300,
+    )
+
+    async def main():
+        await advertiser.publish_next()  # first: full
+        state["free"] = 0
+        gossip.now += 10
+        await advertiser.publish_next()  # slots changed: a delta
+        state["addrs"] = ["/ip4/127.0.0.1/tcp/4001"]
+        gossip.now += 10
+        await advertiser.publish_next()  # an address changed: full
+        gossip.now += 301
+        await advertiser.publish_next()  # nothing changed, but a full offer is due
+        gossip.now += 10
+        await advertiser.publish_next()  # still here: a delta
+        advertiser._full_due = True  # (what a newly subscribed neighbour sets)
+        await advertiser.publish_next()  # full, for the newcomer
+
+    trio.run(main)
+    assert [type(m).__name__ for m in gossip.sent] == ["Offer", "OfferDelta", "Offer", "Offer", "OfferDelta", "Offer"]
+    delta = gossip.sent[1]
+    assert delta.base_seq == gossip.sent[0].seq and delta.slots_free == 0
+    assert check_delta(delta, me.peer_id, delta.expires_at - 30) is None
+    assert len(encode(delta)) < len(encode(gossip.sent[0])) - 200  # this bare offer's 455 bytes; a real one ~800

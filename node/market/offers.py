@@ -16,6 +16,11 @@ carries a valid binding to the peer. Invalid offers are dropped (and count
 against the sender in GossipSub's scoring). The validator also files the offer
 in the book, so each gossiped offer is checked once.
 
+Between full offers (every ``FULL_OFFER_INTERVAL_S``) a worker publishes an
+``OfferDelta`` when only its free slots, price or expiry changed, and as its
+"still here": a book that holds the delta's base offer applies it (``amend``),
+and keeps the signed base and the delta so that its sync answers carry both.
+
 The ``OfferBook`` keeps the newest offer (highest ``seq``) per peer, within
 caps: ``max_offers`` in all and ``max_per_model`` per model. When a model's
 share is full, the book keeps a sample worth routing on rather than the first
@@ -69,7 +74,7 @@ from node.market.routing import (
 from node.net.addresses import address_problem
 from node.net.identity import Identity, verify_binding, verify_peer_signature
 from node.net.network import Network
-from node.protocol.messages import Offer, OffersBatch, OffersRequest
+from node.protocol.messages import Offer, OfferDelta, OffersBatch, OffersRequest
 from node.protocol.wire import MAX_FRAME, decode, encode, frame, receive_as, send
 
 log = logging.getLogger(__name__)
@@ -83,6 +88,8 @@ MAX_TTL_S = 600.0
 
 #: Offers in one sync answer, and the most a joining node reads from one peer.
 MAX_SYNC_OFFERS = 1000
+#: Items (offers, and a delta after an offer) a joining node reads from one peer.
+MAX_SYNC_BATCH_ITEMS = 2 * MAX_SYNC_OFFERS
 #: One ``offers.batch/1`` frame of a sync answer.
 SYNC_PIECE_BYTES = 64 * 1024
 #: What a joining node reads from one peer (all frames together), and how long it waits.
@@ -97,6 +104,8 @@ SYNC_WINDOW_S = 60.0
 #: Each answer holds up to a whole book; at scale a node is connected to dozens of peers, and asking each of them
 #: in turn made a start take tens of seconds (bench/scale.py).
 SYNC_PEERS = 3
+#: How often a worker publishes its full offer; in between, deltas (``Advertiser``).
+FULL_OFFER_INTERVAL_S = 300.0
 #: How often the shared sync answer may be rebuilt while the book keeps changing.
 SYNC_REBUILD_S = 1.0
 #: Offers one peer may forward us a second (GossipSub's default for a topic, 10, broke propagation from about
@@ -214,21 +223,54 @@ def check_offer(offer: Offer, publisher: str, now: float) -> str | None:
     return None
 
 
-def parse_offer(data: bytes, publisher: str, now: float) -> Offer:
-    """Decode and check an offer. Raises ``WireError`` if either fails."""
+def sign_delta(identity: Identity, delta: OfferDelta) -> OfferDelta:
+    return dataclasses.replace(delta, signature=identity.sign(encode(dataclasses.replace(delta, signature=b""))))
+
+
+def check_delta(delta: OfferDelta, publisher: str, now: float) -> str | None:
+    """Why ``delta`` (as published by ``publisher``) is invalid, or None. Its free slots are checked against
+    its base offer's total when it is applied (``OfferBook.amend``)."""
+    if delta.peer_id != publisher:
+        return "published by another peer than it names"
+    for name, value, low, high in (
+        ("expires_at", delta.expires_at, -math.inf, math.inf),
+        ("price_per_1k", delta.price_per_1k, 0, MAX_PRICE_PER_1K),
+        ("slots_free", delta.slots_free, 0, MAX_SLOTS),
+        ("base_seq", delta.base_seq, 0, MAX_SEQ),
+        ("seq", delta.seq, delta.base_seq + 1, MAX_SEQ),
+    ):
+        if problem := _number_problem(name, value, low, high):
+            return problem
+    if delta.expires_at <= now:
+        return "expired"
+    if delta.expires_at > now + MAX_TTL_S:
+        return "expiry too far ahead"
+    if problem := _too_long("peer_id", delta.peer_id) or _too_long("signature", delta.signature):
+        return problem
+    unsigned = encode(dataclasses.replace(delta, signature=b""))
+    if not verify_peer_signature(delta.peer_id, unsigned, delta.signature):
+        return "bad signature"
+    return None
+
+
+def parse_offer(data: bytes, publisher: str, now: float) -> Offer | OfferDelta:
+    """Decode and check an offer or an offer delta. Raises ``WireError`` if either fails."""
     if len(data) > MAX_OFFER_BYTES:
         raise WireError(f"offer of {len(data)} bytes is over {MAX_OFFER_BYTES}")
     offer = decode(data, max_size=MAX_OFFER_BYTES)
-    if not isinstance(offer, Offer):
+    if isinstance(offer, Offer):
+        reason = check_offer(offer, publisher, now)
+    elif isinstance(offer, OfferDelta):
+        reason = check_delta(offer, publisher, now)
+    else:
         raise WireError(f"{offer.TYPE} on the offers topic")
-    reason = check_offer(offer, publisher, now)
     if reason is not None:
-        raise WireError(f"offer from {publisher[:12]}…: {reason}")
+        raise WireError(f"{offer.TYPE} from {publisher[:12]}…: {reason}")
     return offer
 
 
-def _check_synced(datas: list[bytes], now: float) -> list[tuple[Offer, bytes]]:
-    """The offers of a sync answer that check out under their own signatures (runs in a thread)."""
+def _check_synced(datas: list[bytes], now: float) -> list[tuple[Offer | OfferDelta, bytes]]:
+    """The offers (and deltas) of a sync answer that check out under their own signatures (runs in a thread)."""
     valid = []
     for data in datas:
         try:
@@ -236,6 +278,8 @@ def _check_synced(datas: list[bytes], now: float) -> list[tuple[Offer, bytes]]:
         except WireError:
             continue
         if isinstance(offer, Offer) and check_offer(offer, offer.peer_id, now) is None:
+            valid.append((offer, data))
+        elif isinstance(offer, OfferDelta) and check_delta(offer, offer.peer_id, now) is None:
             valid.append((offer, data))
     return valid
 
@@ -246,6 +290,8 @@ REFUSED_OLDER = "not newer than the offer we hold"
 REFUSED_RATE = "new peers are arriving too fast"
 REFUSED_FULL = "the offer book is full"
 REFUSED_MODEL_FULL = "the offer book is full for a model"
+REFUSED_NO_BASE = "the delta's base offer is not the one held"
+REFUSED_SLOTS = "more free slots than the base offer has"
 
 
 def _never_valued(peer_id: str) -> bool:
@@ -308,6 +354,7 @@ class OfferBook:
         self.version = 0  # changes whenever the set of offers changes
         self._answer: tuple[int, float, float, list[bytes]] | None = None  # version, built, min expiry, frames
         self._columns: dict[str, ModelColumns] = {}  # model CID → its offers' routing columns
+        self._deltas: dict[str, tuple[Offer, bytes]] = {}  # peer → (its signed full offer, the delta applied)
         self._expiries: list[tuple[float, str]] = []  # a heap of (expires_at, peer); stale entries are skipped
 
     def __len__(self) -> int:
@@ -369,6 +416,32 @@ class OfferBook:
         self._store(offer, data, self._admissions)
         return None
 
+    def amend(self, delta: OfferDelta, *, data: bytes | None = None) -> str | None:
+        """Apply a checked ``delta`` to the offer it amends; returns why not (``REFUSED_*``), or None if applied.
+
+        The offer held becomes the base offer with the delta's free slots, price, expiry
+        and seq. The book keeps the signed base and the delta, and a sync answer carries
+        both, so every node can check what it is given.
+        """
+        peer = delta.peer_id
+        current = self.offers.get(peer)
+        if current is None:
+            return REFUSED_NO_BASE
+        base = self._deltas[peer][0] if peer in self._deltas else current
+        if base.seq != delta.base_seq:
+            return REFUSED_NO_BASE
+        if delta.seq <= current.seq:
+            return REFUSED_OLDER
+        if delta.slots_free > base.slots_total:
+            return REFUSED_SLOTS
+        amended = dataclasses.replace(
+            base, seq=delta.seq, slots_free=delta.slots_free, price_per_1k=delta.price_per_1k,
+            expires_at=delta.expires_at,
+        )  # fmt: skip
+        self._store(amended, self._data[peer], self._admitted[peer])
+        self._deltas[peer] = (base, data if data is not None else encode(delta))
+        return None
+
     def live(self, now: float) -> LiveOffers:
         """Offers not yet expired (expired ones are dropped)."""
         self._drop_expired(now)
@@ -403,12 +476,13 @@ class OfferBook:
         piece: list[bytes] = []
         size = 0
         for peer in order:
-            data = self._data[peer]
-            if piece and size + len(data) > SYNC_PIECE_BYTES - 64:  # 64: the frame's own overhead
+            datas = [self._data[peer], self._deltas[peer][1]] if peer in self._deltas else [self._data[peer]]
+            length = sum(map(len, datas)) + 8 * len(datas)
+            if piece and size + length > SYNC_PIECE_BYTES - 64:  # 64: the frame's own overhead
                 frames.append(frame(OffersBatch(piece)))
                 piece, size = [], 0
-            piece.append(data)
-            size += len(data) + 8
+            piece.extend(datas)  # a delta right after its base
+            size += length
         if piece:
             frames.append(frame(OffersBatch(piece)))
         min_expiry = min((self.offers[p].expires_at for p in order), default=math.inf)
@@ -419,6 +493,7 @@ class OfferBook:
 
     def _store(self, offer: Offer, data: bytes | None, admitted: int) -> None:
         peer = offer.peer_id
+        self._deltas.pop(peer, None)  # a new full offer, or a delta that ``amend`` notes again
         cids = {m.cid for m in offer.models}
         if peer in self.offers:
             old = {m.cid for m in self.offers[peer].models}
@@ -444,6 +519,7 @@ class OfferBook:
     def _remove(self, peer: str) -> None:
         offer = self.offers.pop(peer)
         del self._data[peer], self._admitted[peer], self._keys[peer]
+        self._deltas.pop(peer, None)
         cids = {m.cid for m in offer.models}
         self._per_model.subtract(cids)
         for cid in cids:
@@ -576,7 +652,10 @@ class OfferGossip:
         except (WireError, ValueError) as err:
             log.debug("dropping an offer relayed by %s…: %s", str(forwarder)[:12], err)
             return False
-        refused = self.book.admit(offer, data=msg.data, rate_limited=True)
+        if isinstance(offer, OfferDelta):
+            refused = self.book.amend(offer, data=msg.data)
+        else:
+            refused = self.book.admit(offer, data=msg.data, rate_limited=True)
         if refused is None:
             self._kept()
         elif refused != REFUSED_OLDER:
@@ -623,7 +702,7 @@ class OfferGossip:
                 try:
                     await send(stream, OffersRequest())
                     size = 0
-                    while len(datas) < MAX_SYNC_OFFERS and size < MAX_SYNC_BYTES:
+                    while len(datas) < MAX_SYNC_BATCH_ITEMS and size < MAX_SYNC_BYTES:
                         try:
                             batch = await receive_as(stream, OffersBatch, max_frame=MAX_FRAME)
                         except EOFError:
@@ -636,8 +715,12 @@ class OfferGossip:
             log.debug("offer sync from %s… failed: %s", peer_id[:12], err)
             if not datas:
                 return 0
-        checked = await trio.to_thread.run_sync(_check_synced, datas[:MAX_SYNC_OFFERS], self.clock())
-        kept = sum(self.book.add(offer, data=data) for offer, data in checked)
+        checked = await trio.to_thread.run_sync(_check_synced, datas[:MAX_SYNC_BATCH_ITEMS], self.clock())
+        kept = sum(
+            (self.book.amend(offer, data=data) if isinstance(offer, OfferDelta) else self.book.admit(offer, data=data))
+            is None
+            for offer, data in checked
+        )
         if kept:
             self._kept()
         return kept
@@ -648,6 +731,11 @@ class OfferGossip:
             log.error("our own offer is invalid (%s); other nodes will drop it", problem)
         self.book.add(offer)  # our own offer is part of the market too
         await self.host.pubsub.publish(TOPIC, encode(offer))
+
+    async def publish_delta(self, delta: OfferDelta) -> None:
+        data = encode(delta)
+        self.book.amend(delta, data=data)
+        await self.host.pubsub.publish(TOPIC, data)
 
     async def wait_for(self, predicate: Callable[[list[Offer]], bool]) -> list[Offer]:
         """Wait until the live offers satisfy ``predicate`` (the caller sets the deadline)."""
@@ -661,9 +749,14 @@ class OfferGossip:
 class Advertiser:
     """Publish our offer every ``interval_s``, and within a second of ``changed()``.
 
-    A peer that newly subscribes to the offers topic also triggers a publish, so a
-    requester that just joined sees every worker within about a second instead
-    of waiting for the next interval.
+    A full offer goes out every ``full_interval_s``; in between, when only the free
+    slots, the price or the expiry changed, an ``OfferDelta`` does (about a third of
+    the bytes), which also keeps the offer alive in every book. Anything else that
+    changes (models, addresses, …) goes out as a full offer at once.
+
+    A peer that newly subscribes to the offers topic also triggers a publish (a full
+    offer), so a requester that just joined sees every worker within about a second
+    instead of waiting for the next interval.
     """
 
     def __init__(
@@ -674,10 +767,15 @@ class Advertiser:
         interval_s: float = 10.0,
         ttl_s: float = 60.0,
         min_gap_s: float = 1.0,
+        full_interval_s: float = FULL_OFFER_INTERVAL_S,
     ) -> None:
         self.gossip = gossip
         self.make_offer = make_offer  # (seq, expires_at) -> signed Offer
         self.interval_s, self.ttl_s, self.min_gap_s = interval_s, ttl_s, min_gap_s
+        self.full_interval_s = full_interval_s
+        self._base: Offer | None = None  # the last full offer published
+        self._base_at = -math.inf
+        self._full_due = False
         # Offers of a restarted worker must beat the ones it published before (books keep the highest seq):
         # start from the clock in milliseconds, which runs far ahead of one offer every second or more.
         self.seq = int(gossip.clock() * 1000)
@@ -697,16 +795,42 @@ class Advertiser:
         while True:
             current = set(self.gossip.host.pubsub.peer_topics.get(TOPIC, ()))
             if current - known:
+                self._full_due = True  # a new neighbour may not hold our full offer
                 self.changed()
             known = current
             await trio.sleep(0.25)  # polling interval: py-libp2p has no subscription callback
 
+    def _delta(self, offer: Offer) -> OfferDelta | None:
+        """``offer`` as a signed delta on the last full offer, or None if a full offer is due."""
+        base, identity = self._base, getattr(self.gossip.host, "identity", None)
+        if base is None or identity is None or self._full_due:
+            return None
+        if self.gossip.clock() - self._base_at >= self.full_interval_s:
+            return None
+        same = dataclasses.replace(
+            offer, seq=base.seq, slots_free=base.slots_free, price_per_1k=base.price_per_1k,
+            expires_at=base.expires_at, signature=base.signature,
+        )  # fmt: skip
+        if same != base:  # more than slots, price and expiry changed
+            return None
+        delta = OfferDelta(offer.peer_id, base.seq, offer.seq, offer.slots_free, offer.price_per_1k, offer.expires_at)
+        return sign_delta(identity, delta)
+
+    async def publish_next(self) -> None:
+        """Publish our offer now: as a delta on the last full offer if that is enough, else in full."""
+        self.seq += 1
+        offer = self.make_offer(self.seq, self.gossip.clock() + self.ttl_s)
+        delta = self._delta(offer)
+        if delta is not None:
+            await self.gossip.publish_delta(delta)
+        else:
+            self._base, self._base_at, self._full_due = offer, self.gossip.clock(), False
+            await self.gossip.publish(offer)
+
     async def _advertise(self) -> None:
         while True:
-            self.seq += 1
-            offer = self.make_offer(self.seq, self.gossip.clock() + self.ttl_s)
             try:
-                await self.gossip.publish(offer)
+                await self.publish_next()
             except Exception:  # a publish failure must not stop advertising
                 log.exception("publishing our offer failed")
             await trio.sleep(self.min_gap_s)
