@@ -21,6 +21,11 @@ SmolLM2, greedy) and an in-process requester (`run_job`, the code behind
    (``DepositMetering.admit``) of a never-seen requester (its account and the pair
    read from chain, 2 reads) against a known one (read from the cache), in-process on
    the same anvil, for --admissions fresh requesters.
+2c. What one receipt costs each side, timed alone (--receipts of them, no chain): the
+   requester raising the pair's total in its SQLite wallet (committed,
+   ``synchronous=FULL``) and signing it; the worker checking the signature and
+   committing the credit to its ledger. With a receipt every half credit window,
+   this bounds what paying takes from decoding, whatever the machine's load.
 3. Capital a gateway locks for 8 concurrent streams on 8 workers, computed (no
    chain): one deposit + a reserve on the deposit scheme, against the channels the
    removed channel scheme opened (a deposit of the worst case × 11 per channel, one
@@ -57,8 +62,8 @@ from node.payments.deployment import deploy_contracts, write_deployment  # noqa:
 from node.payments.deposit_metering import DepositMetering  # noqa: E402
 from node.payments.deposits import DepositClient  # noqa: E402
 from node.payments.ledger import WorkerLedger  # noqa: E402
-from node.payments.payer import DepositPayer  # noqa: E402
-from node.payments.policy import worst_case_cost  # noqa: E402
+from node.payments.payer import CREDIT_TOKENS, DepositPayer  # noqa: E402
+from node.payments.policy import job_cost, worst_case_cost  # noqa: E402
 from node.protocol.messages import JobRequest  # noqa: E402
 
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
@@ -143,6 +148,30 @@ async def admissions(w3, deployment, chain, root: Path, requesters: list) -> lis
     return out
 
 
+def receipt_costs(root: Path, n: int) -> tuple[float, float]:
+    """Median ms per receipt: (requester: allocate + sign, worker: check + credit), over ``n`` receipts."""
+    from eth_account import Account
+
+    from node.payments.deposit_receipts import DepositDomain, check_receipt, sign_receipt
+    from node.payments.ledger import WalletLedger
+
+    requester, worker = Account.create(), Account.create()
+    domain = DepositDomain(31337, "0x" + "dd" * 20)
+    wallet, ledger = WalletLedger(root / "rc-wallet.db"), WorkerLedger(root / "rc-worker.db")
+    step = job_cost(0, CREDIT_TOKENS // 2, PRICE)
+    sides: tuple[list[float], list[float]] = ([], [])
+    for _ in range(n):
+        began = time.perf_counter()
+        total = wallet.allocate(domain.chain_id, domain.escrow, worker.address, step)
+        signature = sign_receipt(requester, domain, worker.address, total)
+        mid = time.perf_counter()
+        check_receipt(domain, requester.address, worker.address, total, signature)
+        ledger.credit_pair(domain.chain_id, domain.escrow, requester.address, total, signature, step, floor=0)
+        sides[0].append(1000 * (mid - began))
+        sides[1].append(1000 * (time.perf_counter() - mid))
+    return statistics.median(sides[0]), statistics.median(sides[1])
+
+
 def print_admissions(admitted: list[tuple[float, float]]) -> None:
     cold, warm = statistics.median(a[0] for a in admitted), statistics.median(a[1] for a in admitted)
     print()
@@ -150,6 +179,14 @@ def print_admissions(admitted: list[tuple[float, float]]) -> None:
     print("|---|---:|")
     print(f"| a requester it knows (account read from its cache) | {warm:.2f} |")
     print(f"| a requester it never saw (account and pair read from chain) | {cold:.2f} ({cold - warm:+.2f}) |")
+
+
+def print_receipts(requester_ms: float, worker_ms: float, n: int) -> None:
+    print()
+    print(f"| one receipt, median of {n} (one every half credit window: 8 to {CREDIT_TOKENS // 2} tokens) | ms |")
+    print("|---|---:|")
+    print(f"| requester: raise the pair's total (SQLite, committed) and sign it | {requester_ms:.2f} |")
+    print(f"| worker: check the signature and commit the credit (SQLite) | {worker_ms:.2f} |")
 
 
 def capital(prompt_tokens: int = 1000, max_tokens: int = 256, streams: int = 8) -> list[tuple[str, int]]:
@@ -176,9 +213,16 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--admissions", type=int, default=30)
     parser.add_argument("--admission-only", action="store_true", help="time the worker's admission step only")
+    parser.add_argument("--receipts", type=int, default=200)
+    parser.add_argument("--receipts-only", action="store_true", help="time one receipt on each side only")
     args = parser.parse_args()
+    if args.receipts_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            print_receipts(*receipt_costs(Path(tmp), args.receipts), args.receipts)
+        return
     with tempfile.TemporaryDirectory() as tmp, DevChain.start() as chain:
         root = Path(tmp)
+        costs = receipt_costs(root, args.receipts)
         w3 = Web3(HTTPProvider(chain.rpc_url))
         deployment = deploy_contracts(w3, chain.accounts[0].address)
         write_deployment(deployment, root / "deployments")
@@ -255,6 +299,7 @@ def main() -> None:
     trials = ", ".join(f"{n:.0f}/{k:.0f}" for n, k in zip(new_ms, known_ms, strict=True))
     print(f"| per trial: never-seen / known, ms | {trials} |")
     print_admissions(admitted)
+    print_receipts(*costs, args.receipts)
     print()
     print(f"| capital for 8 concurrent streams on 8 workers (1,000-token prompts, 256 max tokens, {PRICE} per 1k) "
           "| base units | worst cases |")  # fmt: skip
