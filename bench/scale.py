@@ -109,7 +109,7 @@ def child(args: argparse.Namespace) -> None:
     from libp2p.pubsub.pubsub import Pubsub
 
     from node.market.jobs import WorkerService
-    from node.market.offers import TOPIC, Advertiser, OfferBook, OfferGossip, sign_offer
+    from node.market.offers import REFUSED_NO_BASE, TOPIC, Advertiser, OfferBook, OfferGossip, sign_offer
     from node.market.requester import JobObserver, run_job
     from node.market.routing import Reputation, RouteQuery, rank
     from node.net.config import HostConfig
@@ -197,6 +197,16 @@ def child(args: argparse.Namespace) -> None:
                 self.shadow.admit(offer, data=data)
             return super().admit(offer, data=data, rate_limited=rate_limited)
 
+        def amend(self, delta, *, data=None):
+            if delta.peer_id in traced:  # a change sent as a delta (or a still-here)
+                arrivals.setdefault(self.node, []).append((delta.peer_id, delta.seq, time.time()))
+            if self.shadow is not None:
+                self.shadow.amend(delta, data=data)
+            refused = super().amend(delta, data=data)
+            if refused == REFUSED_NO_BASE:  # the node asks the forwarder for the base (OfferGossip)
+                failures["deltas that came before their base"] += 1
+            return refused
+
     def bootstrap_addrs(k: int) -> tuple[str, ...]:
         names = sorted(os.listdir(addr_dir))
         if not names:
@@ -266,7 +276,9 @@ def child(args: argparse.Namespace) -> None:
                     version="0.1.0", seq=seq, expires_at=expires_at, numerics="",
                 ))  # fmt: skip
 
-            advertiser = Advertiser(gossip, make_offer, interval_s=args.refresh, ttl_s=args.ttl)
+            advertiser = Advertiser(
+                gossip, make_offer, interval_s=args.refresh, ttl_s=args.ttl, full_interval_s=args.full_every
+            )
             await nursery.start(advertiser.run)
             steps["advertiser"] = time.time() - began
             starts.append(steps)
@@ -654,6 +666,12 @@ def main() -> None:
     parser.add_argument("--requester-every", type=float, default=4.0, help="seconds between requesters, per process")
     parser.add_argument("--refresh", type=float, default=10.0, help="Advertiser interval (llmarket serve: 10 s)")
     parser.add_argument("--ttl", type=float, default=30.0, help="offer lifetime (llmarket serve: 30 s)")
+    parser.add_argument(
+        "--full-every",
+        type=float,
+        default=300.0,
+        help="seconds between full offers; deltas in between (Advertiser: 300 s)",
+    )
     parser.add_argument("--degree", type=int, default=0, help="GossipSub mesh degree D (0: the host's, 6)")
     parser.add_argument(
         "--rate-limit",
@@ -678,7 +696,8 @@ def main() -> None:
     args.passthrough = [
         "--settle", str(args.settle), "--steady", str(args.steady), "--change-every", str(args.change_every),
         "--churn", str(args.churn), "--requester-every", str(args.requester_every), "--refresh", str(args.refresh),
-        "--ttl", str(args.ttl), "--degree", str(args.degree), "--seed", str(args.seed),
+        "--ttl", str(args.ttl), "--full-every", str(args.full_every),
+        "--degree", str(args.degree), "--seed", str(args.seed),
     ] + (["--rate-limit", str(args.rate_limit)] if args.rate_limit is not None else []) + (
         ["--watermarks", args.watermarks] if args.watermarks else []
     ) + (
