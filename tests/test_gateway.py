@@ -132,16 +132,16 @@ def test_errors_come_back_as_openai_errors(market, tmp_path):
     with pytest.raises(openai.InternalServerError) as unavailable:  # streaming: the status, not 200 then an event
         list(c.chat.completions.create(model=DEFAULT_MODEL_CID_V0, messages=messages, stream=True))
     assert unavailable.value.status_code == 503
-    # a wallet with no tokens: 402
+    # a paying wallet with no deposit: the gateway does not start, and says in one line which command funds it
     load_or_create_account(tmp_path / "broke", insecure_dev_key=True, chain_id=net.chain_id)
-    broke, broke_url = start_gateway(net, tmp_path / "broke")
-    try:
-        with pytest.raises(openai.APIStatusError) as funds:
-            client(broke_url).chat.completions.create(model="default", messages=messages)
-        assert funds.value.status_code == 402
-    finally:
-        broke.terminate()
-        broke.wait()
+    broke = subprocess.run(
+        [sys.executable, "-m", "node", "--data-dir", str(tmp_path / "broke"), "gateway", "--listen", "127.0.0.1:0",
+         "--bootstrap", net.workers[0]["multiaddr"], "--max-price", str(max(w["price"] for w in net.workers)),
+         "--rpc-url", net.rpc_url, "--deployments", net.deployments, "--insecure-dev-key", "--no-mdns"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert broke.returncode == 1 and broke.stderr.count("\n") == 1, broke.stderr
+    assert "has no deposit" in broke.stderr and "llmarket wallet deposit AMOUNT" in broke.stderr
     # a deadline too short for the answer: 504
     hurried, hurried_url = start_gateway(net, Path(net.requester["data_dir"]), "--timeout", "0.3")
     try:
