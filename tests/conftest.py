@@ -31,6 +31,9 @@ REQUESTER_FUNDS = 1_000_000 * TOKEN
 def _isolated_home(tmp_path, monkeypatch):
     home = tmp_path / "llmarket-home"
     monkeypatch.setenv("LLMARKET_HOME", str(home))
+    runtime = tmp_path / "runtime"  # workers note their threads here: tests never see each other's, or yours
+    runtime.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     return home
 
 
