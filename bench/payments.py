@@ -135,14 +135,15 @@ async def admissions(w3, deployment, chain, root: Path, requesters: list) -> lis
     metering = DepositMetering(DepositClient(w3, deployment, worker), WorkerLedger(root / "admit.db"), PRICE)
     out = []
     for account in requesters:
-        payer = DepositPayer(DepositClient(w3, deployment, account), None)  # terms only: no receipt is signed
+        peer = "12D3KooWbench"  # the terms are bound to the peer that sends them (none here: admit is told)
+        payer = DepositPayer(DepositClient(w3, deployment, account), None, peer)  # terms only: no receipt signed
         offer = type("O", (), {"price_per_1k": PRICE, "payee": worker.address, "peer_id": "x"})()
         times = []
         for i in range(2):
             request = JobRequest(f"j{i}", DEFAULT_MODEL_CID, {"max_tokens": 64}, prompt="Why is the sky blue?")
             async with payer.pay(offer, request) as payment:
                 began = time.perf_counter()
-                await metering.admit(payment.request)
+                await metering.admit(payment.request, peer)
                 times.append(1000 * (time.perf_counter() - began))
         out.append((times[0], times[1]))
     return out

@@ -173,6 +173,11 @@ async def worker(tmp_path, name, engine, *, metering=None, activity=None, **offe
         nursery.cancel_scope.cancel()
 
 
+def requester_peer(tmp_path) -> str:
+    """The peer id of ``requester(tmp_path)``'s host: a deposit payer binds its jobs' terms to it."""
+    return Identity.load(tmp_path / "requester").peer_id
+
+
 @asynccontextmanager
 async def requester(tmp_path):
     """A requester's host (no offer book: tests hand ``run_job`` the offers)."""

@@ -96,7 +96,8 @@ async def run_against(chain, tmp_path, default_model_file, make_cheater):
             node = RequesterNode(host, None, tokenizers=tokenizers)
             client = deposits(chain, chain.requester)
             await trio.to_thread.run_sync(client.deposit, TOKEN)  # the one deposit both workers are paid from
-            payer = DepositPayer(client, WalletLedger.in_data_dir(tmp_path / "requester"), usage=node.checked_usage)
+            payer = DepositPayer(client, WalletLedger.in_data_dir(tmp_path / "requester"), host.peer_id,
+                                 usage=node.checked_usage)  # fmt: skip
             query = RouteQuery(DEFAULT_MODEL_CID, max_price_per_1k=2 * PRICE, chain_id=chain.deployment.chain_id,
                                escrow=chain.deployment.deposits)  # fmt: skip
             reputation, heard = Reputation(), Recorder()

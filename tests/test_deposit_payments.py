@@ -7,28 +7,29 @@ transaction, concurrent jobs on one pair, restarts, over-commitment, unlocking a
 
 from __future__ import annotations
 
-import gc
 import time
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
-from node.errors import JobFailed, NoWorker, PaymentRefused
+from node.errors import InvalidReceipt, JobFailed, NoWorker, PaymentRefused
 from node.market.jobs import WorkerService
 from node.market.requester import JobSpec, run_job
 from node.market.routing import Reputation, RouteQuery
 from node.net.identity import Identity
 from node.net.network import Network
 from node.payments.deposit_metering import DepositMetering
+from node.payments.deposit_receipts import sign_job_terms
+from node.payments.deposit_settlement import SettlementPolicy
 from node.payments.deposits import DepositClient
 from node.payments.ledger import WalletLedger, WorkerLedger
 from node.payments.payer import DepositPayer
 from node.payments.policy import job_cost, prompt_token_bound, worst_case_cost
-from node.protocol.messages import JobDone, JobRequest, ResultReceipt
+from node.protocol.messages import DepositReceipt, DepositTerms, JobDone, JobRequest, ResultReceipt
 
 from .conftest import TOKEN
-from .factories import MODEL, SPEC, WORDS, ScriptedEngine, gather, requester, signed_offer
+from .factories import MODEL, SPEC, WORDS, ScriptedEngine, gather, requester, requester_peer, signed_offer
 from .factories import offer as unsigned_offer
 
 pytestmark = pytest.mark.slow
@@ -53,7 +54,8 @@ def fund(chain, account, deposit: int = TOKEN, reserve: int = 0, slots: int = 1)
 
 def payer_for(chain, tmp_path, account=None) -> DepositPayer:
     account = account or chain.requester
-    return DepositPayer(deposits(chain, account), WalletLedger.in_data_dir(tmp_path / f"r-{account.address[:8]}"))
+    ledger = WalletLedger.in_data_dir(tmp_path / f"r-{account.address[:8]}")
+    return DepositPayer(deposits(chain, account), ledger, requester_peer(tmp_path))
 
 
 def metering_for(chain, tmp_path, account, **changes) -> DepositMetering:
@@ -172,7 +174,7 @@ async def test_worker_and_requester_restart_and_nothing_is_lost(chain, tmp_path)
 async def admit(metering, payer, offer, job_id: str):
     request = JobRequest(job_id, MODEL, {"max_tokens": 50}, messages=SPEC.messages, max_price_per_1k=PRICE)
     async with payer.pay(offer, request) as payment:
-        return await metering.admit(payment.request), payment
+        return await metering.admit(payment.request, payer.host_peer_id), payment
 
 
 async def test_a_requester_that_over_commits_is_refused_past_the_workers_bound(chain, tmp_path):
@@ -195,8 +197,7 @@ async def test_a_requester_that_over_commits_is_refused_past_the_workers_bound(c
             assert await trio.to_thread.run_sync(settle, metering) == (1, 0)
             with pytest.raises(PaymentRefused, match="cannot cover"):  # claimed: the deposit is that much less
                 await admit(metering, payer, offer, "c")
-            del second  # the second job ends, unpaid: its worst case is no longer reserved
-            gc.collect()
+            second.close()  # the second job ends, unpaid: its worst case is no longer reserved
             third, _ = await admit(metering, payer, offer, "c")
             with pytest.raises(PaymentRefused, match="cannot cover"):
                 await admit(metering, payer, offer, "d")
@@ -273,3 +274,93 @@ async def test_a_cached_read_is_dropped_when_an_event_names_the_requester(chain,
             with pytest.raises(PaymentRefused, match="unlocking"):
                 await admit(metering, payer, offer, "b")
             nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------ the review's attacks (issue 20 review, F1–F3)
+
+
+async def _receipts(metering, payer, offer, job_id: str, completion: int):
+    """A job whose receipts for ``completion`` tokens were taken; it is still open."""
+    meter, payment = await admit(metering, payer, offer, job_id)
+    sent: list = []
+    await payment.on_done(_collect(sent), _done(job_id, completion))
+    for message in sent:
+        assert await meter.take(message)
+    return meter
+
+
+async def test_an_unlock_seen_only_in_the_events_has_a_cancelled_jobs_receipts_claimed_before_withdrawal(
+    chain, tmp_path
+):
+    """F1: a slot holder holds a cancelled job's receipts; the requester unlocks and sends it no other job. The
+    worker sees the unlock in the escrow's events, records it and claims before unlockAt, so the requester's
+    withdrawal takes nothing the worker was owed."""
+    client = fund(chain, chain.requester, deposit=TOKEN, reserve=TOKEN, slots=1)
+    payer = payer_for(chain, tmp_path)
+    metering = metering_for(chain, tmp_path, chain.worker, events_poll_s=0.05)
+    metering.settler.policy = SettlementPolicy(settle_every=100)  # a slot holder's claims wait: only F1's paths
+    offer = unsigned_offer(payee=chain.worker.address, price_per_1k=PRICE)
+    R, W = chain.requester.address, chain.worker.address
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(metering.run)
+            first = await _receipts(metering, payer, offer, "a", 20)
+            assert await first.settle(0, 20) == "paid"  # no slot yet: claimed at once, which takes the slot
+            while not (held := metering.ledger.get_pair(metering.chain_id, metering.escrow, R)).has_slot:
+                await trio.sleep(0.05)  # polling interval
+            cancelled = await _receipts(metering, payer, offer, "b", 40)
+            cancelled.close()  # the requester cancelled: the job never settles (jobs.py closes the meter)
+            held = metering.ledger.get_pair(metering.chain_id, metering.escrow, R)
+            assert held.claimable > 0 and metering.settler.due(time.time()) == []  # held, not due
+            await trio.to_thread.run_sync(client.unlock)
+            while deposits(chain).pair_of(R, W).paid < held.best:  # seen in the events, claimed before unlockAt
+                await trio.sleep(0.05)  # polling interval
+            nursery.cancel_scope.cancel()
+    assert metering.ledger.get_pair(metering.chain_id, metering.escrow, R).unlock_at > 0
+    chain.advance(deposits(chain).unlock_period())
+    client.withdraw()
+    assert deposits(chain).pair_of(R, W).paid == held.best  # the worker was paid in full
+
+
+async def test_a_stranger_cannot_name_someone_elses_deposit(chain, tmp_path):
+    """F2: a stranger with no deposit names a funded victim's: unbound terms, or terms bound with its own key,
+    are refused before anything is reserved, so the victim's own job still fits a worker without a slot."""
+    fund(chain, chain.requester, deposit=TOKEN)  # the victim's deposit; the stranger has none
+    victim = payer_for(chain, tmp_path)
+    metering = metering_for(chain, tmp_path, chain.worker, allowance=WORST)
+    offer = unsigned_offer(payee=chain.worker.address, price_per_1k=PRICE)
+    d, peer = chain.deployment, "12D3KooWstranger"
+    expires = int(time.time()) + 600
+    own = sign_job_terms(chain.stranger, deposits(chain).domain, "evil", chain.worker.address, peer, expires)
+    with trio.fail_after(60):
+        for binding, reason in [(b"", "not signed by the requester"), (own, "not the requester's")]:
+            terms = DepositTerms(chain.requester.address, d.chain_id, d.deposits, PRICE, str(TOKEN),
+                                 expires_at=expires, binding=binding)  # fmt: skip
+            forged = JobRequest("evil", MODEL, {"max_tokens": 50}, messages=SPEC.messages, max_price_per_1k=PRICE,
+                                payment=terms)  # fmt: skip
+            with pytest.raises(PaymentRefused, match=reason):
+                await metering.admit(forged, peer)
+        assert await admit(metering, victim, offer, "real")
+
+
+async def test_a_worker_that_lost_its_ledger_refuses_a_replayed_paid_receipt(chain, tmp_path):
+    """F3: the worker's ledger is lost (same key, new data dir) and an event dropped its cached read; the
+    requester replays its old receipt, which the chain already paid: the new job is not credited with it."""
+    fund(chain, chain.requester, deposit=TOKEN)
+    payer = payer_for(chain, tmp_path)
+    offer = unsigned_offer(payee=chain.worker.address, price_per_1k=PRICE)
+    R = chain.requester.address
+    before = metering_for(chain, tmp_path, chain.worker)
+    with trio.fail_after(60):
+        meter, payment = await admit(before, payer, offer, "a")
+        sent: list = []
+        await payment.on_done(_collect(sent), _done("a", 40))
+        old = sent[-1]
+        assert await meter.take(old) and await meter.settle(0, 40) == "paid"
+        assert before.settler.settle_once() == (1, 0)
+        lost = metering_for(chain, tmp_path / "lost", chain.worker)
+        replayed, _ = await admit(lost, payer, offer, "b")
+        lost.forget(R)  # any event naming the requester (its own 1-wei deposit) drops the cached read
+        with pytest.raises(InvalidReceipt, match="does not back"):
+            await replayed.take(DepositReceipt("b", old.cumulative, old.cumulative, old.signature))
+        assert replayed.credited == 0

@@ -25,7 +25,7 @@ from node.payments.payer import DepositPayer
 from node.payments.policy import job_cost
 
 from .conftest import TOKEN
-from .factories import MODEL, SPEC, WORDS, Recorder, ScriptedEngine, requester, signed_offer
+from .factories import MODEL, SPEC, WORDS, Recorder, ScriptedEngine, requester, requester_peer, signed_offer
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def payer_for(chain, tmp_path, *, deposit: int = TOKEN) -> DepositPayer:
     client = deposits(chain, chain.requester)
     if deposit:
         client.deposit(deposit)
-    return DepositPayer(client, WalletLedger.in_data_dir(tmp_path / "requester"))
+    return DepositPayer(client, WalletLedger.in_data_dir(tmp_path / "requester"), requester_peer(tmp_path))
 
 
 async def test_a_paid_job_pays_exactly_usage_times_price(chain, tmp_path):
@@ -143,7 +143,7 @@ async def test_a_payment_rejection_is_not_held_against_the_worker(chain, tmp_pat
     spec = JobSpec(**{**SPEC.__dict__, "max_price_per_1k": PRICE})
     other_escrow = dataclasses.replace(chain.deployment, deposits=chain.deployment.token)
     payer = DepositPayer(DepositClient(deposits(chain).w3, other_escrow, chain.requester),
-                         WalletLedger.in_data_dir(tmp_path / "requester"))  # fmt: skip
+                         WalletLedger.in_data_dir(tmp_path / "requester"), requester_peer(tmp_path))  # fmt: skip
     with trio.fail_after(30):
         async with paid_worker(chain, tmp_path, ScriptedEngine()) as (offer, _), requester(tmp_path) as host:
             with pytest.raises(JobFailed, match="rejected: payment"):

@@ -7,7 +7,6 @@ ledgers are real SQLite files; only the chain and the stream are stand-ins.
 from __future__ import annotations
 
 import dataclasses
-import gc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -15,12 +14,13 @@ import pytest
 import trio
 from eth_account import Account
 
-from node.errors import InvalidReceipt, Overcharge, PaymentRefused
+from node.errors import ChainUnreachable, InvalidReceipt, Overcharge, PaymentRefused
 from node.payments.chainio import ChainIO
-from node.payments.deposit_metering import DepositMetering
-from node.payments.deposit_receipts import DepositDomain
+from node.payments.deposit_metering import ALLOWANCE_TOKENS, UNSECURED_ALLOWANCES, DepositMetering
+from node.payments.deposit_receipts import DepositDomain, sign_job_terms
 from node.payments.deposit_receipts import check_receipt as check_deposit_receipt
 from node.payments.deposit_receipts import sign_receipt as sign_deposit_receipt
+from node.payments.deposit_settlement import SettlementPolicy
 from node.payments.deposits import DepositAccount, PairState
 from node.payments.ledger import WalletLedger, WorkerLedger
 from node.payments.metering import FreeMetering
@@ -33,6 +33,8 @@ from .factories import MODEL, offer
 PRICE = 10**15  # per 1k tokens: 10**12 base units a token
 REQUESTER = Account.from_key(b"\x11" * 32)
 WORKER = Account.from_key(b"\x22" * 32)
+PEER = "12D3KooWrequester"  # the libp2p peer the requester sends jobs from
+EXPIRES = 4_000_000_000  # terms bindings' expiry (unix seconds)
 
 
 @dataclass
@@ -60,21 +62,42 @@ class FakeDeposits:
     io: ChainIO = field(default_factory=ChainIO)
     reads: int = 0
     batches: list = field(default_factory=list)
+    has_slot: bool = False
+    guarantee: int = 0
+    blocks: int = 0
+    failing: dict = field(default_factory=dict)  # method name → exceptions it raises, one per call, first
 
     def account_of(self, requester: str) -> DepositAccount:
         self.reads += 1
         return self.state
 
+    def _fail(self, method: str) -> None:
+        if self.failing.get(method):
+            raise self.failing[method].pop(0)
+
+    def block_number(self) -> int:  # a block a call
+        self._fail("block_number")
+        self.blocks += 1
+        return self.blocks
+
+    def requesters_changed(self, from_block: int, to_block) -> set[str]:
+        return set()
+
     def pair_of(self, requester: str, worker: str) -> PairState:
-        return PairState(self.paid.get(worker, 0), 0, False)
+        self._fail("pair_of")
+        return PairState(self.paid.get(worker, 0), 0, self.has_slot)
 
     def guarantee_of(self, requester: str, worker: str) -> int:
-        return 0
+        return self.guarantee
 
     def sign_receipt(self, worker: str, cumulative: int) -> bytes:
         return sign_deposit_receipt(self.account, DEPOSITS, worker, cumulative)
 
+    def sign_job_terms(self, job_id: str, worker: str, peer_id: str, expires_at: int) -> bytes:
+        return sign_job_terms(self.account, DEPOSITS, job_id, worker, peer_id, expires_at)
+
     def claim_batch(self, claims) -> dict:
+        self._fail("claim_batch")
         self.batches.append(list(claims))
         for requester, cumulative, signature in claims:
             check_deposit_receipt(DEPOSITS, requester, self.account.address, cumulative, signature)
@@ -84,10 +107,33 @@ class FakeDeposits:
         return {}
 
 
-def deposit_request(job_id: str = "job", max_tokens: int = 100, window: int = 64 * 10**12, **terms) -> JobRequest:
-    fields = dict(requester=REQUESTER.address, chain_id=DEPOSITS.chain_id, escrow=DEPOSITS.escrow,
-                  price_per_1k=PRICE, credit_window=str(window)) | terms  # fmt: skip
-    return JobRequest(job_id, MODEL, {"max_tokens": max_tokens}, prompt="hi", payment=DepositTerms(**fields))
+def deposit_request(
+    job_id: str = "job",
+    max_tokens: int = 100,
+    window: int = 64 * 10**12,
+    *,
+    signer=REQUESTER,
+    peer: str = PEER,
+    worker: str = WORKER.address,
+    expires_at: int = EXPIRES,
+    **terms,
+) -> JobRequest:
+    """A request paid from REQUESTER's deposit, its terms bound by ``signer`` to ``peer`` sending it to ``worker``."""
+    binding = sign_job_terms(signer, DEPOSITS, job_id, worker, peer, expires_at)
+    fields = (
+        dict(
+            requester=REQUESTER.address,
+            chain_id=DEPOSITS.chain_id,
+            escrow=DEPOSITS.escrow,
+            price_per_1k=PRICE,
+            credit_window=str(window),
+            expires_at=expires_at,
+            binding=binding,
+        )
+        | terms
+    )
+    payment = DepositTerms(**fields)
+    return JobRequest(job_id, MODEL, {"max_tokens": max_tokens}, prompt="hi", payment=payment)
 
 
 def deposit_metering(tmp_path, **changes) -> DepositMetering:
@@ -101,7 +147,7 @@ def deposit_receipt(cumulative: int, job_amount: int, job_id: str = "job", signe
 
 
 def deposit_payer(tmp_path, **changes) -> DepositPayer:
-    return DepositPayer(FakeDeposits(REQUESTER), WalletLedger(tmp_path / "wallet.db"), **changes)
+    return DepositPayer(FakeDeposits(REQUESTER), WalletLedger(tmp_path / "wallet.db"), PEER, **changes)
 
 
 def paid_offer(peer: str = "12D3KooWpaid", slots: int = 1, payee: str = WORKER.address):
@@ -125,7 +171,7 @@ async def test_the_free_meter_covers_everything_and_takes_nothing():
 
 async def test_a_meter_streams_only_within_the_window_of_what_was_receipted(tmp_path):
     metering = deposit_metering(tmp_path)
-    meter = await metering.admit(deposit_request(window=job_cost(0, 64, PRICE)))
+    meter = await metering.admit(deposit_request(window=job_cost(0, 64, PRICE)), PEER)
     assert meter.covers(0, 64) and not meter.covers(0, 65)
     assert not meter.covers(1500, 1)  # a long prompt is never within the window on its own…
     prompt = job_cost(1500, 0, PRICE)
@@ -136,7 +182,7 @@ async def test_a_meter_streams_only_within_the_window_of_what_was_receipted(tmp_
 
 
 async def test_a_meter_waits_for_credit_and_gives_up_after_the_timeout(tmp_path):
-    meter = await deposit_metering(tmp_path).admit(deposit_request(window=job_cost(0, 64, PRICE)))
+    meter = await deposit_metering(tmp_path).admit(deposit_request(window=job_cost(0, 64, PRICE)), PEER)
     async with trio.open_nursery() as nursery:
 
         async def pay_soon():
@@ -243,7 +289,7 @@ async def checked_payment(tmp_path, prompt_words: int = 300, max_tokens: int = 2
         sent.append(message)
 
     request = JobRequest("job", MODEL, {"max_tokens": max_tokens}, prompt="word " * prompt_words)
-    payer = DepositPayer(FakeDeposits(REQUESTER), WalletLedger(tmp_path / "wallet.db"), usage=usage)
+    payer = DepositPayer(FakeDeposits(REQUESTER), WalletLedger(tmp_path / "wallet.db"), PEER, usage=usage)
     async with payer.pay(paid_offer(), request) as payment:
         yield payment, send, sent
 
@@ -325,8 +371,8 @@ async def test_a_deposit_meter_credits_each_job_its_part_of_the_pairs_receipts_i
     """Two concurrent jobs: the requester allocated A 100 (total 100), then B 50 (total 150), then A 30 more
     (total 180). B's receipt comes first, A's second receipt before its first."""
     metering = deposit_metering(tmp_path)
-    a = await metering.admit(deposit_request("a"))
-    b = await metering.admit(deposit_request("b"))
+    a = await metering.admit(deposit_request("a"), PEER)
+    b = await metering.admit(deposit_request("b"), PEER)
     assert await b.take(deposit_receipt(150, 50, "b"))
     assert await a.take(deposit_receipt(180, 130, "a"))
     assert await a.take(deposit_receipt(100, 100, "a"))  # older: nothing new
@@ -338,8 +384,8 @@ async def test_a_deposit_meter_credits_each_job_its_part_of_the_pairs_receipts_i
 
 async def test_a_deposit_meter_refuses_receipts_that_do_not_back_the_credit(tmp_path):
     metering = deposit_metering(tmp_path)
-    a = await metering.admit(deposit_request("a"))
-    b = await metering.admit(deposit_request("b"))
+    a = await metering.admit(deposit_request("a"), PEER)
+    b = await metering.admit(deposit_request("b"), PEER)
     assert await a.take(deposit_receipt(100, 100, "a"))
     with pytest.raises(InvalidReceipt, match="does not back"):  # the same total again, claimed for another job
         await b.take(deposit_receipt(100, 100, "b"))
@@ -359,53 +405,235 @@ async def test_deposit_admission_refuses_unlocking_and_overcommitted_requesters(
     metering = deposit_metering(tmp_path, cache_ttl_s=0)
     worst = job_cost(prompt_token_bound(deposit_request()), 100, PRICE)
     metering.allowance = 2 * worst
-    first = await metering.admit(deposit_request("a"))
-    second = await metering.admit(deposit_request("b"))  # held: a running job
+    first = await metering.admit(deposit_request("a"), PEER)
+    second = await metering.admit(deposit_request("b"), PEER)  # held: a running job
     with pytest.raises(PaymentRefused, match="exposure to the requester would pass its bound"):
-        await metering.admit(deposit_request("c"))  # two worst cases reserved: the allowance is full
+        await metering.admit(deposit_request("c"), PEER)  # two worst cases reserved: the allowance is full
     await first.take(deposit_receipt(worst, worst, "a"))
     assert await first.settle(prompt_token_bound(deposit_request()), 100) == "paid"
     with pytest.raises(PaymentRefused, match="exposure"):  # a finished job's receipt is owed until claimed
-        await metering.admit(deposit_request("c"))
+        await metering.admit(deposit_request("c"), PEER)
     assert await trio.to_thread.run_sync(metering.settler.settle_once) == (1, 0)
     assert second.credited == 0
-    await metering.admit(deposit_request("c"))  # claimed: room again
+    await metering.admit(deposit_request("c"), PEER)  # claimed: room again
     metering.client.state = dataclasses.replace(metering.client.state, deposit=worst - 1)
     with pytest.raises(PaymentRefused, match="cannot cover"):
-        await metering.admit(deposit_request("d"))
+        await metering.admit(deposit_request("d"), PEER)
     metering.client.state = dataclasses.replace(metering.client.state, deposit=10**18, unlock_at=12_345)
     with pytest.raises(PaymentRefused, match="unlocking"):
-        await metering.admit(deposit_request("d"))
+        await metering.admit(deposit_request("d"), PEER)
     for terms, reason in [
         (dict(escrow="0x" + "ee" * 20), "deposit escrow"),
         (dict(price_per_1k=PRICE - 1), "offered"),
         (dict(requester="nobody"), "not an address"),
     ]:
         with pytest.raises(PaymentRefused, match=reason):
-            await metering.admit(deposit_request("e", **terms))
+            await metering.admit(deposit_request("e", **terms), PEER)
     with pytest.raises(PaymentRefused, match="send payment terms"):
-        await metering.admit(JobRequest("f", MODEL, {}, prompt="x"))
+        await metering.admit(JobRequest("f", MODEL, {}, prompt="x"), PEER)
 
 
 async def test_a_cancelled_job_frees_its_reservation(tmp_path):
     metering = deposit_metering(tmp_path)
     worst = job_cost(prompt_token_bound(deposit_request()), 100, PRICE)
     metering.allowance = worst
-    meter = await metering.admit(deposit_request("a"))
+    meter = await metering.admit(deposit_request("a"), PEER)
     with pytest.raises(PaymentRefused, match="exposure"):
-        await metering.admit(deposit_request("b"))
-    del meter  # the job service drops its meter when the job ends, settled or not
-    gc.collect()
-    assert await metering.admit(deposit_request("b"))
+        await metering.admit(deposit_request("b"), PEER)
+    meter.close()  # the job service closes its meter however the job ends, settled or not
+    assert await metering.admit(deposit_request("b"), PEER)
+
+
+def worst_case(request: JobRequest | None = None) -> int:
+    request = request or deposit_request()
+    return job_cost(prompt_token_bound(request), int(request.params["max_tokens"]), PRICE)
+
+
+async def test_terms_are_admitted_only_if_the_requester_bound_them_to_the_sending_peer(tmp_path):
+    """A stranger naming someone's deposit (issue 20 review, F2) cannot bind the terms to its own peer: it is
+    refused before anything is read or reserved, and the owner's own job still fits the worker's bound."""
+    metering = deposit_metering(tmp_path, allowance=worst_case())  # room for one job
+    stranger = Account.from_key(b"\x33" * 32)
+    for request, peer, reason in [
+        (deposit_request("a", signer=stranger), PEER, "not the requester's"),  # names a deposit not its own
+        (deposit_request("a"), "12D3KooWstranger", "not the requester's"),  # the owner's terms, from another peer
+        (deposit_request("a", worker=REQUESTER.address), PEER, "not the requester's"),  # bound to another worker
+        (dataclasses.replace(deposit_request("a"), job_id="b"), PEER, "not the requester's"),  # another job
+        (deposit_request("a", expires_at=1_000), PEER, "expired"),
+        (deposit_request("a", binding=b""), PEER, "not signed by the requester"),
+        (deposit_request("a", binding=b"\x01" * 64), PEER, "65 bytes"),
+    ]:
+        with pytest.raises(PaymentRefused, match=reason):
+            await metering.admit(request, peer)
+    assert metering.client.reads == 0  # refused before any chain read
+    assert await metering.admit(deposit_request("a"), PEER)  # the owner's job: nothing was reserved
+    async with deposit_payer(tmp_path).pay(paid_offer(), deposit_request("c")) as payment:  # the payer binds
+        with pytest.raises(PaymentRefused, match="not the requester's"):
+            await deposit_metering(tmp_path / "other").admit(payment.request, "12D3KooWstranger")
+
+
+async def test_a_job_that_ends_without_settling_has_its_receipts_claimed(tmp_path):
+    """A cancelled job (F1) never settles: closing its meter hands its receipts to the settler, even at a slot
+    holder whose claims wait for the policy (every job)."""
+    metering = deposit_metering(tmp_path)
+    metering.client.has_slot, metering.client.guarantee = True, 10**18
+    assert metering.settler.settle_once() == (0, 0)  # started, nothing held
+    meter = await metering.admit(deposit_request("a"), PEER)
+    assert await meter.take(deposit_receipt(100, 100, "a"))
+    assert metering.settler.settle_once() == (0, 0)  # running: not due yet
+    meter.close()  # cancelled by the requester: jobs.py closes the meter in a finally
+    meter.close()  # once is enough
+    assert metering.settler.settle_once() == (1, 0)
+    assert metering.client.paid[WORKER.address] == 100
+    idle = await metering.admit(deposit_request("b"), PEER)
+    idle.close()  # no receipt taken: nothing for the settler
+    assert metering.settler._unclaimed_jobs(REQUESTER.address) == 0
+
+
+async def test_a_worker_that_lost_its_ledger_never_credits_a_receipt_the_chain_already_paid(tmp_path):
+    """F3: same key, new data dir; the requester replays a receipt the chain paid, after an event dropped the
+    worker's cached read: the job's credit starts from what the chain had paid at its admission."""
+    first = deposit_metering(tmp_path / "old")
+    meter = await first.admit(deposit_request("a"), PEER)
+    assert await meter.take(deposit_receipt(100, 100, "a"))
+    meter.close()
+    assert first.settler.settle_once() == (1, 0)
+    lost = DepositMetering(first.client, WorkerLedger(tmp_path / "new.db"), PRICE, max_credit_window=10**18)
+    replayed = await lost.admit(deposit_request("b"), PEER)
+    lost.forget(REQUESTER.address)  # an event named the requester (its own 1-wei deposit, say)
+    with pytest.raises(InvalidReceipt, match="does not back"):
+        await replayed.take(deposit_receipt(100, 100, "b"))
+    assert await replayed.take(deposit_receipt(150, 50, "b"))  # what it really owes on top is credited
+    assert replayed.credited == 50
+
+
+async def test_a_slot_holder_is_never_stricter_than_a_worker_without_a_slot(tmp_path):
+    """F5: a slot holder's bound is its guarantee plus the allowance any requester gets."""
+    worst = worst_case()
+    metering = deposit_metering(tmp_path, allowance=worst, cache_ttl_s=0)
+    metering.client.has_slot, metering.client.guarantee = True, worst // 2  # a small reserve's share
+    a = await metering.admit(deposit_request("a"), PEER)
+    with pytest.raises(PaymentRefused, match=rf"> {worst + worst // 2} \(what the requester's reserve guarantees"):
+        await metering.admit(deposit_request("b"), PEER)
+    a.close()
+    metering.client.guarantee = 0  # its share is used up: still the allowance
+    assert await metering.admit(deposit_request("c"), PEER)
+
+
+async def test_a_worker_caps_its_unsecured_exposure_over_all_requesters(tmp_path):
+    """F4: addresses cost nothing, so the allowance per requester is not a bound on its own; the unsecured
+    exposure summed over every requester is capped (default: UNSECURED_ALLOWANCES allowances)."""
+    worst = worst_case()
+    assert deposit_metering(tmp_path / "d").unsecured_cap == UNSECURED_ALLOWANCES * job_cost(0, ALLOWANCE_TOKENS, PRICE)
+    metering = deposit_metering(tmp_path, allowance=worst, unsecured_cap=2 * worst)
+    keys = [Account.from_key(bytes([0x41 + i]) * 32) for i in range(3)]
+    meters = [
+        await metering.admit(deposit_request(f"j{i}", signer=k, requester=k.address), PEER)
+        for i, k in enumerate(keys[:2])
+    ]
+    with pytest.raises(PaymentRefused, match="over all requesters would pass its cap"):
+        await metering.admit(deposit_request("j2", signer=keys[2], requester=keys[2].address), PEER)
+    meters[0].close()
+    assert await metering.admit(deposit_request("j2", signer=keys[2], requester=keys[2].address), PEER)
+
+
+async def test_the_allowance_admits_a_job_at_its_own_edge(tmp_path):
+    """F8: the default allowance is one job of an 8 KiB conversation (4 messages, roles included) at the default
+    max_tokens, as the worker bounds it; a byte more, or a client's max_tokens of 16k, is refused with why."""
+    metering = deposit_metering(tmp_path)  # no slot: the allowance alone
+
+    def conversation(job_id: str, size: int, max_tokens: int = 256) -> JobRequest:
+        roles = ["system", "user", "assistant", "user"]
+        content = size - sum(len(r) for r in roles)
+        messages = [{"role": r, "content": "x" * (content // 4 + (i < content % 4))} for i, r in enumerate(roles)]
+        return dataclasses.replace(deposit_request(job_id, max_tokens), prompt=None, messages=messages)
+
+    edge = conversation("a", 8192)
+    assert worst_case(edge) == metering.allowance == job_cost(0, ALLOWANCE_TOKENS, PRICE)
+    (await metering.admit(edge, PEER)).close()
+    with pytest.raises(PaymentRefused, match="worst case .* is over this worker's bound"):
+        await metering.admit(conversation("b", 8193), PEER)
+    with pytest.raises(PaymentRefused, match="ask for fewer max_tokens"):
+        await metering.admit(conversation("c", 100, max_tokens=16_000), PEER)
+
+
+async def test_the_settler_survives_chain_errors_and_never_claims_twice(tmp_path):
+    """F6: a read that fails after a claim landed is read again next round (no second transaction); a round that
+    fails with any error is retried with backoff, and the event watcher goes on too: ``serve`` never stops."""
+    metering = deposit_metering(tmp_path, events_poll_s=0.01)
+    client = metering.client
+    assert metering.settler.settle_once() == (0, 0)
+    meter = await metering.admit(deposit_request("a"), PEER)
+    assert await meter.take(deposit_receipt(100, 100, "a"))
+    meter.close()
+    client.failing["pair_of"] = [ChainUnreachable("the endpoint went away")]
+    assert metering.settler.settle_once() == (0, 1)  # the claim landed, what it paid is not known yet
+    assert metering.settler.settle_once() == (0, 0) and len(client.batches) == 1  # read: paid, no second claim
+    assert metering.ledger.get_pair(DEPOSITS.chain_id, DEPOSITS.escrow, REQUESTER.address).claimed == 100
+
+    fresh = deposit_metering(tmp_path / "fresh", events_poll_s=0.01)
+    meter = await fresh.admit(deposit_request("b"), PEER)
+    assert await meter.take(deposit_receipt(100, 100, "b"))
+    meter.close()
+    fresh.client.failing = {"claim_batch": [RuntimeError("HTTP 429")], "block_number": [ValueError("range")] * 3}
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fresh.run)
+            while fresh.client.paid.get(WORKER.address) != 100 or fresh.client.failing["block_number"]:
+                await trio.sleep(0.05)  # polling interval: both loops went on past their errors
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_claim_dropped_by_a_reorg_is_claimed_again(tmp_path):
+    """F7: a landed claim is read again (every ``recheck_s``, for ``reorg_window_s``); gone, it is claimed again."""
+    metering = deposit_metering(tmp_path)
+    now = [1_000.0]
+    settler = metering.settler
+    settler.clock = lambda: now[0]
+    meter = await metering.admit(deposit_request("a"), PEER)
+    assert await meter.take(deposit_receipt(100, 100, "a"))
+    meter.close()
+    assert settler.settle_once() == (1, 0)
+    metering.client.paid[WORKER.address] = 0  # the block with the claim was reorganised out
+    now[0] += 1
+    assert settler.settle_once() == (0, 0)  # not read again yet
+    now[0] += settler.recheck_s
+    assert settler.settle_once() == (1, 0)
+    assert metering.client.paid[WORKER.address] == 100 and len(metering.client.batches) == 2
+    now[0] += settler.reorg_window_s + 1
+    assert settler.settle_once() == (0, 0) and not settler._landed  # past the window: no more reads
+
+
+async def test_an_unlock_seen_in_the_escrow_s_events_is_recorded_and_claimed_at_once(tmp_path):
+    """F1: the events name the requester, whose receipts the worker holds: it is read again, its unlock recorded,
+    and its receipts claimed at once, though no job of it comes again."""
+    metering = deposit_metering(tmp_path, events_poll_s=0.01)
+    metering.client.has_slot, metering.client.guarantee = True, 10**18
+    metering.settler.policy = SettlementPolicy(settle_every=100)  # only the unlock makes it due
+    metering.client.requesters_changed = lambda start, end: {REQUESTER.address}  # an event names it each poll
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(metering.run)
+            while not metering.settler._started:
+                await trio.sleep(0.01)  # polling interval: the start-up round is over (nothing held)
+            meter = await metering.admit(deposit_request("a"), PEER)
+            assert await meter.take(deposit_receipt(100, 100, "a"))
+            meter.close()  # a slot holder's job: its claim waits for the policy
+            metering.client.state = dataclasses.replace(metering.client.state, unlock_at=12_345)
+            while metering.client.paid.get(WORKER.address) != 100:
+                await trio.sleep(0.01)  # polling interval
+            nursery.cancel_scope.cancel()
+    held = metering.ledger.get_pair(DEPOSITS.chain_id, DEPOSITS.escrow, REQUESTER.address)
+    assert held.unlock_at == 12_345 and held.claimed == 100
 
 
 async def test_chain_reads_are_cached_per_requester(tmp_path):
     metering = deposit_metering(tmp_path)
     for job in "abc":
-        await metering.admit(deposit_request(job))
+        await metering.admit(deposit_request(job), PEER)
     assert metering.client.reads == 1
     metering.forget(REQUESTER.address)  # an event named the requester
-    await metering.admit(deposit_request("d"))
+    await metering.admit(deposit_request("d"), PEER)
     assert metering.client.reads == 2
 
 
@@ -445,7 +673,7 @@ async def test_a_deposit_meter_and_payer_settle_a_job_between_them(tmp_path):
     payer = deposit_payer(tmp_path / "r")
     request = JobRequest("job", MODEL, {"max_tokens": 100}, prompt="word " * 1500)
     async with payer.pay(paid_offer(), request) as payment:
-        meter = await metering.admit(payment.request)
+        meter = await metering.admit(payment.request, PEER)
 
         async def send(message):
             assert await meter.take(message)

@@ -124,6 +124,7 @@ class Gateway:
             DepositPayer(
                 self.wallet.client,
                 self.wallet.ledger,
+                self.requester.host.peer_id,  # the terms of its jobs are bound to the peer that sends them
                 usage=self.requester.checked_usage,
                 credit=self.trust.credit_tokens,
             )  # fmt: skip

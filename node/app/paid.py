@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from node.app.config import WorkerConfig
 from node.errors import ConfigError
-from node.net.identity import load_or_create_account
+from node.net.identity import load_or_create_account, load_or_create_p2p_key, peer_id_of
 from node.payments.deposit_metering import DepositMetering
 from node.payments.deposit_settlement import DepositSettler, SettlementPolicy
 from node.payments.ledger import WalletLedger, WorkerLedger
@@ -59,10 +59,14 @@ def deposit_metering(config: WorkerConfig) -> DepositMetering:
 def requester_wallet(
     data_dir: Path, rpc_url: str, deployments_dir: Path, *, insecure_dev_key: bool = False
 ) -> DepositWallet:
-    """The requester's deposit wallet on the chain at ``rpc_url`` (blocking); it may be unfunded."""
+    """The requester's deposit wallet on the chain at ``rpc_url`` (blocking); it may be unfunded.
+
+    Its ``peer_id`` is the libp2p identity in ``data_dir``, the one a requester node on that data dir sends
+    jobs from (``open_requester``): the payer binds each job's terms to it."""
     return DepositWallet(
-        _client(rpc_url, deployments_dir, data_dir, insecure_dev_key), WalletLedger.in_data_dir(data_dir)
-    )
+        _client(rpc_url, deployments_dir, data_dir, insecure_dev_key), WalletLedger.in_data_dir(data_dir),
+        peer_id=peer_id_of(load_or_create_p2p_key(data_dir)),
+    )  # fmt: skip
 
 
 def paying_wallet(
@@ -79,7 +83,12 @@ def paying_wallet(
 
 
 def payer_for(
-    wallet: DepositWallet, *, usage: UsageOracle | None = None, credit: Callable[[str], int] | None = None
+    wallet: DepositWallet,
+    *,
+    usage: UsageOracle | None = None,
+    credit: Callable[[str], int] | None = None,
+    peer_id: str = "",
 ) -> DepositPayer:
-    """The payer that pays any worker from ``wallet``'s deposit, with no chain step."""
-    return DepositPayer(wallet.client, wallet.ledger, usage=usage, credit=credit)
+    """The payer that pays any worker from ``wallet``'s deposit, with no chain step, for jobs sent from the
+    libp2p peer ``peer_id`` (default: the wallet's data dir's own)."""
+    return DepositPayer(wallet.client, wallet.ledger, peer_id or wallet.peer_id, usage=usage, credit=credit)

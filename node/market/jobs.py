@@ -11,8 +11,8 @@ the stream.
 
 Payment is not this module's concern: a ``Metering`` admits each request and
 gives a ``JobMeter`` that says how far the text may stream ahead of what the
-requester has paid (node/payments/metering.py); a free worker's meter allows
-everything. The requester's side, with routing and failover, is
+requester has paid (node/payments/metering.py), closed however the job ends; a
+free worker's meter allows everything. The requester's side, with routing and failover, is
 ``node.market.requester``.
 """
 
@@ -164,7 +164,7 @@ class WorkerService:
     async def handle(self, stream: Stream) -> None:
         with trio.fail_after(self.request_timeout_s):
             request = await receive_as(stream, JobRequest)
-        admitted = await self._admit(request)
+        admitted = await self._admit(request, stream.peer_id)
         if isinstance(admitted, JobRejected):
             job = self.activity.started(self._kind, request.job_id, request.model, stream.peer_id)
             self.activity.ended(job.id, REJECTED, detail=f"{admitted.reason}: {admitted.detail}")
@@ -174,14 +174,17 @@ class WorkerService:
             await stream.close()
             return
         generation, meter = admitted
-        await self._run(stream, request, generation, meter)
+        try:
+            await self._run(stream, request, generation, meter)
+        finally:  # however the job ended: the meter gives back what it held and hands on what was paid
+            meter.close()
 
     @property
     def _kind(self) -> str:
         return VERIFY if self.protocol == VERIFY_PROTOCOL else SERVED
 
-    async def _admit(self, request: JobRequest) -> tuple[Any, JobMeter] | JobRejected:
-        """The engine's generation and the job's meter, or why the job is rejected."""
+    async def _admit(self, request: JobRequest, peer_id: str) -> tuple[Any, JobMeter] | JobRejected:
+        """The engine's generation and the job's meter (``peer_id`` sent the request), or why it is rejected."""
         engine = self.engines.get(request.model)
         try:
             params = SamplingParams(**{**request.params, "stop": tuple(request.params.get("stop", ()))})
@@ -212,7 +215,7 @@ class WorkerService:
         if not await self._slot_soon(engine):
             return JobRejected(request.job_id, REJECT_BUSY, "all slots are busy")
         try:
-            meter = await self.metering.admit(request)
+            meter = await self.metering.admit(request, peer_id)
         except PaymentRefused as err:
             return JobRejected(request.job_id, REJECT_PAYMENT, str(err))
         return generation, meter

@@ -21,8 +21,16 @@ worker's reserve share does not cover the rest) stays pending: it is tried again
 when the requester's account changes on chain (``nudge``: a top-up lets the same
 receipt claim the rest) or a new receipt comes, never in a loop. Claims wait while
 the worker generates (``busy``) until it has been idle ``idle_s``, at most
-``max_defer_s``; urgent ones (no slot, unlocking) do not wait. An unreachable
-chain is retried with backoff (1 s doubling to 60 s) while the worker keeps serving.
+``max_defer_s``; urgent ones (no slot, unlocking) do not wait.
+
+The settler never stops the worker: any error of a round (an unreachable chain, a
+rate-limited or refused RPC call, a read after a claim that failed) is logged once
+and the round is retried with backoff (1 s doubling to 60 s) while the worker keeps
+serving. Before claiming a pair whose state it is unsure of (at start-up, or when
+the read after its last claim failed) it reads ``pairOf`` and only records what the
+chain already paid, with no transaction. A claim that landed is read again for
+``reorg_window_s`` (every ``recheck_s``): if a reorganisation dropped it, the ledger
+learns the lower amount and the receipt is claimed again.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from node.errors import ChainUnreachable, PaymentError
 from node.payments.ledger import WorkerLedger, WorkerPair
 
 if TYPE_CHECKING:  # web3 loads only where a client is made (node.app.paid)
-    from node.payments.deposits import DepositClient
+    from node.payments.deposits import DepositClient, PairState
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +90,10 @@ class DepositSettler:
     max_defer_s: float = 30.0
     idle_s: float = 0.5
     max_batch: int = MAX_BATCH
-    # Told which requesters' pairs changed on chain after each claim (the metering refreshes its reads of them).
-    on_claimed: Callable[[set[str]], None] = lambda requesters: None
+    reorg_window_s: float = 900.0  # a landed claim is checked for a reorganisation this long…
+    recheck_s: float = 60.0  # …this often
+    # Told what the chain paid on each pair after a claim (the metering refreshes its reads of them).
+    on_claimed: Callable[[dict[str, int]], None] = lambda paid: None
     # Counted on the trio thread (jobs per requester) and written by the claiming thread (what a claim covered):
     # one writer each, so a job counted during a claim is never lost.
     _jobs_done: dict[str, int] = field(default_factory=dict)
@@ -91,6 +101,8 @@ class DepositSettler:
     _last_claim: dict[str, float] = field(default_factory=dict)
     _tried: dict[str, tuple[int, int]] = field(default_factory=dict)  # requester → (best, claimed) last claimed
     _urgent: set[str] = field(default_factory=set)
+    _unsure: set[str] = field(default_factory=set)  # pairs whose chain state after a claim could not be read
+    _landed: dict[str, tuple[int, float, float]] = field(default_factory=dict)  # requester → (paid, at, checked)
     _started: bool = False
     _failures: int = 0
     _poke: trio.Event = field(default_factory=trio.Event)
@@ -160,25 +172,87 @@ class DepositSettler:
             self.ledger.update_pair(chain_id, escrow, pair.requester, last_error=str(err))
             self._tried[pair.requester] = (pair.best, pair.claimed)  # again only once something changes
             return True
+        self._unsure.update(p.requester for p in pairs)  # until its state is read: no second transaction
+        for p in pairs:
+            self._jobs_claimed[p.requester] = counted.get(p.requester, 0)
+            self._urgent.discard(p.requester)
+        paid, unread = {}, None
+        for p in pairs:
+            try:
+                state = self.client.pair_of(p.requester, self.client.account.address)
+            except Exception as err:  # the claim landed; what it paid is read next round (``_unsure``)
+                unread = err
+                continue
+            paid[p.requester] = self._record(p, state)
+            log.info("claimed from %s: %s", p.requester, self._short(p, state) or f"{p.best - p.claimed} base units")
+        if paid:
+            self.on_claimed(paid)
+        if unread is not None:
+            log.warning("a claim landed, but what it paid cannot be read yet (read again next round): %s", unread)
+        return unread is None
+
+    @staticmethod
+    def _short(p: WorkerPair, state: PairState) -> str | None:
+        return f"paid {state.paid} of {p.best}: the requester's deposit ran out" if state.paid < p.best else None
+
+    def _record(self, p: WorkerPair, state: PairState) -> int:
+        """Write what the chain says of pair ``p`` (after a claim, or instead of one)."""
+        chain_id, escrow = self._where
+        self.ledger.update_pair(chain_id, escrow, p.requester, claimed=state.paid, has_slot=state.has_slot,
+                                last_error=self._short(p, state))  # fmt: skip
         now = self.clock()
+        self._tried[p.requester] = (p.best, state.paid)
+        self._last_claim[p.requester] = now
+        self._landed[p.requester] = (state.paid, now, now)
+        self._unsure.discard(p.requester)
+        return state.paid
+
+    def _already_paid(self, pairs: list[WorkerPair]) -> list[WorkerPair]:
+        """Of ``pairs``, those the chain has not paid in full; the others are recorded (blocking, a read each)."""
+        claim, paid = [], {}
         for p in pairs:
             state = self.client.pair_of(p.requester, self.client.account.address)
-            short = f"paid {state.paid} of {p.best}: the requester's deposit ran out" if state.paid < p.best else None
-            self.ledger.update_pair(chain_id, escrow, p.requester, claimed=state.paid, has_slot=state.has_slot,
-                                    last_error=short)  # fmt: skip
-            self._tried[p.requester] = (p.best, state.paid)
-            self._jobs_claimed[p.requester] = counted.get(p.requester, 0)
-            self._last_claim[p.requester] = now
-            self._urgent.discard(p.requester)
-            log.info("claimed from %s: %s", p.requester, short or f"{p.best - p.claimed} base units")
-        self.on_claimed({p.requester for p in pairs})
-        return True
+            if state.paid >= p.best:
+                paid[p.requester] = self._record(p, state)
+            else:
+                claim.append(p)
+        if paid:
+            self.on_claimed(paid)
+        return claim
+
+    def _check_reorgs(self) -> None:
+        """Read again the pairs whose claims landed within ``reorg_window_s``; a claim that is gone is claimed
+        again (blocking)."""
+        now = self.clock()
+        chain_id, escrow = self._where
+        for requester, (paid, at, checked) in list(self._landed.items()):
+            if now - at > self.reorg_window_s:
+                del self._landed[requester]
+                continue
+            if now - checked < self.recheck_s:
+                continue
+            state = self.client.pair_of(requester, self.client.account.address)
+            self._landed[requester] = (paid, at, now)
+            if state.paid < paid:
+                log.warning("a claim from %s was reorganised out (paid %d, was %d): claiming it again", requester,
+                            state.paid, paid)  # fmt: skip
+                self.ledger.lower_claimed(chain_id, escrow, requester, state.paid)
+                self._tried.pop(requester, None)
+                self._urgent.add(requester)
+                self._landed[requester] = (state.paid, at, now)
 
     def settle_once(self) -> tuple[int, int]:
-        """Claim everything due (blocking); returns (pairs claimed, pairs whose claim must be retried)."""
+        """Claim everything due (blocking); returns (pairs claimed, pairs whose claim must be retried).
+
+        Raises ``PaymentError`` (or any error of the chain client) when a read fails: ``run`` retries it.
+        """
         ok = failed = 0
+        self._check_reorgs()
         counted = dict(self._jobs_done)  # before reading the ledger: these jobs' receipts are in what we read
         due = self.due(self.clock())
+        unsure = due if not self._started else [p for p in due if p.requester in self._unsure]
+        if unsure:
+            due = [p for p in due if p not in unsure] + self._already_paid(unsure)
         for start in range(0, len(due), self.max_batch):
             batch = due[start : start + self.max_batch]
             if self.claim(batch, counted):
@@ -189,12 +263,20 @@ class DepositSettler:
         return ok, failed
 
     async def run(self, *, poll_s: float = 5.0, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Settle until cancelled: at start-up, when poked, and every ``poll_s``; back off while the chain is down."""
+        """Settle until cancelled: at start-up, when poked, and every ``poll_s``; back off while the chain is down.
+
+        Never fails: any error of a round is logged (once while it lasts) and the round retried with backoff."""
         task_status.started(self)
         while True:
-            if self._started and not await trio.to_thread.run_sync(self.urgent_due):
-                await wait_until_idle(self.busy, self.idle_s, self.max_defer_s)
-            _, failed = await self.client.io(self.settle_once)
+            try:
+                if self._started and not await trio.to_thread.run_sync(self.urgent_due):
+                    await wait_until_idle(self.busy, self.idle_s, self.max_defer_s)
+                _, failed = await self.client.io(self.settle_once)
+                error = None
+            except Exception as err:  # a settler that stops would never claim again: retry on any error
+                failed, error = 1, err
+            if error is not None and not self._failures:
+                log.warning("cannot settle with the deposit escrow now (retrying with backoff): %s", error)
             self._failures = self._failures + 1 if failed else 0
             with trio.move_on_after(backoff(self._failures, poll_s)):
                 await self._poke.wait()

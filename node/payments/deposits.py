@@ -52,7 +52,7 @@ from node.errors import (
 from node.payments.artifacts import load_artifact
 from node.payments.chainio import ChainIO
 from node.payments.deployment import Deployment, load_deployment
-from node.payments.deposit_receipts import MAX_AMOUNT, DepositDomain, check_receipt, sign_receipt
+from node.payments.deposit_receipts import MAX_AMOUNT, DepositDomain, check_receipt, sign_job_terms, sign_receipt
 
 TX_TIMEOUT_S = 120
 #: The gas limit sent, in percent of the estimate.
@@ -313,6 +313,10 @@ class DepositClient:
         """Sign ``Receipt(worker, cumulative_amount)`` as the requester."""
         return sign_receipt(self._require_account(), self.domain, worker, cumulative_amount)
 
+    def sign_job_terms(self, job_id: str, worker: str, peer_id: str, expires_at: int) -> bytes:
+        """Bind a job's terms to the peer ``peer_id`` that sends it to ``worker``, as the requester."""
+        return sign_job_terms(self._require_account(), self.domain, job_id, worker, peer_id, expires_at)
+
     def check_receipt(
         self, requester: str, worker: str, cumulative_amount: int, signature: bytes, *, paid: int | None = None
     ) -> None:
@@ -532,14 +536,20 @@ _HINTS = {
 
 @contextmanager
 def _transport_errors(url: str) -> Iterator[None]:
-    """Turn transport failures into one-line ``ChainUnreachable`` / ``InsufficientBalance`` errors."""
+    """Turn transport failures into one-line ``ChainUnreachable`` / ``InsufficientBalance`` errors.
+
+    An endpoint that answers with an HTTP error (429: rate-limited) or refuses a call with a JSON-RPC error
+    (a log range too large, a node busy) is ``ChainUnreachable`` too: a later try may work, and callers retry it.
+    """
     try:
         yield
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout):
         raise ChainUnreachable(
             f"no Ethereum JSON-RPC endpoint answers at {url}; start the chain or fix --rpc-url"
         ) from None
+    except requests.exceptions.RequestException as err:
+        raise ChainUnreachable(f"the Ethereum JSON-RPC endpoint at {url} failed: {err}") from None
     except Web3RPCError as err:
         if "insufficient funds" in str(err).lower():
             raise InsufficientBalance(f"not enough ETH to pay for gas ({err}); fund the account with ETH") from None
-        raise
+        raise ChainUnreachable(f"the Ethereum JSON-RPC endpoint at {url} refused the call: {err}") from None

@@ -91,8 +91,11 @@ class WorkerLedger:
     ) -> WorkerPair:
         """Keep a verified receipt if it beats the one held, and credit ``credit`` more to jobs, atomically.
 
-        ``floor`` is what the chain has paid on the pair: jobs are never credited against it (a worker whose
-        ledger was lost starts there). Returns the row as committed.
+        ``floor`` is what the chain had paid on the pair (read from chain, never 0 for want of a read): a ledger
+        that holds no receipt of the pair yet starts its jobs' credits there (a worker whose ledger was lost never
+        credits a receipt the chain already paid). Once the pair holds a receipt its credits go on from what they
+        are: the requester's increments add up from there, whatever the chain paid since. Returns the row as
+        committed.
 
         Raises:
             ValueError: the jobs' credits would pass the best receipt held (nothing is written).
@@ -103,7 +106,8 @@ class WorkerLedger:
             row = db.execute(_PAIR_WHERE.format("SELECT * FROM pairs"), (chain_id, escrow, requester)).fetchone()
             held = _pair_row(row) if row else WorkerPair(chain_id, escrow, requester, 0, None, 0, 0, 0, False, None)
             best, sig = (cumulative, signature) if cumulative > held.best else (held.best, held.signature)
-            credited = max(held.credited, floor) + credit
+            start = held.credited if held.best > 0 else max(held.credited, held.claimed, floor)
+            credited = start + credit
             if credited > best:
                 raise ValueError(f"jobs would be credited {credited}, past the {best} the requester signed")
             db.execute(
@@ -149,6 +153,15 @@ class WorkerLedger:
                     "UPDATE pairs SET claimed = ?, unlock_at = ?, has_slot = ?, last_error = ?, updated_at = ?"
                 ),
                 (*values.values(), time.time(), chain_id, escrow, requester),
+            )
+
+    def lower_claimed(self, chain_id: int, escrow: str, requester: str, paid: int) -> None:
+        """The chain paid less on the pair than the ledger says (a claim was reorged out): record ``paid``, so the
+        receipt held is claimed again."""
+        with self._db() as db:
+            db.execute(
+                _PAIR_WHERE.format("UPDATE pairs SET claimed = ?, updated_at = ?"),
+                (str(paid), time.time(), chain_id, escrow, requester),
             )
 
     def pairs(self) -> list[WorkerPair]:

@@ -1,20 +1,25 @@
 """The worker's side of payment: a meter per job.
 
 ``WorkerService`` (node/market/jobs.py) knows nothing of chains. For every request it
-asks its ``Metering`` to ``admit`` it, which returns a ``JobMeter`` or raises
+asks its ``Metering`` to ``admit`` it, naming the libp2p peer the request came from
+(the stream's authenticated remote peer), which returns a ``JobMeter`` or raises
 ``PaymentRefused`` (the rejection is sent to the requester). While the job
 streams, the service hands the meter every payment message the requester
 sends (``take``), asks it whether the text produced so far is covered
 (``covers``) and waits for credit when it is not (``wait_for_credit``). After
-the job it asks the meter to ``settle`` the final amount.
+the job it asks the meter to ``settle`` the final amount. However the job ends
+(settled, cancelled, cut off, a bad receipt, receipts fell behind), the service
+then ``close``s the meter: it gives back what the job held and hands the
+receipts taken to settlement.
 
 Two meterings exist:
 
 - ``FreeMetering`` (here): the no-op meter of a free worker (everything is covered).
 - ``DepositMetering`` (node/payments/deposit_metering.py): payment from the
-  requester's deposit in the ``DepositEscrow``. Before generating, it reads the
-  requester's account from the chain and refuses the job unless the deposit can
-  cover it within this worker's bound (``node.payments.policy.deposit_problem``).
+  requester's deposit in the ``DepositEscrow``. Before generating, it checks the
+  requester bound the terms to the sending peer, reads the requester's account
+  from the chain and refuses the job unless the deposit can cover it within
+  this worker's bound (``node.payments.policy.deposit_problem``).
   While streaming, the requester sends cumulative receipts for the (requester,
   worker) pair; each is checked exactly as the contract will and written to the
   ledger before the worker relies on it.
@@ -56,14 +61,19 @@ class JobMeter(Protocol):
     async def settle(self, prompt_tokens: int, completion_tokens: int) -> str:
         """After the job: collect the final amount for this usage. Returns a note for the job's log line."""
 
+    def close(self) -> None:
+        """The job ended, however (called once, after ``settle`` if it ran; safe to call again): give back what
+        the job held and hand what was paid to settlement. Never blocks: it runs in a ``finally``."""
+
 
 class Metering(Protocol):
     """Admits jobs: one meter per request."""
 
     price_per_1k: int
 
-    async def admit(self, request: JobRequest) -> JobMeter:
-        """The meter for ``request``. Raises ``PaymentRefused`` with the reason."""
+    async def admit(self, request: JobRequest, peer_id: str) -> JobMeter:
+        """The meter for ``request``, sent by the libp2p peer ``peer_id``. Raises ``PaymentRefused`` with the
+        reason."""
 
 
 # ---------------------------------------------------------------------- free
@@ -82,6 +92,9 @@ class FreeMeter:
     async def settle(self, prompt_tokens: int, completion_tokens: int) -> str:
         return ""
 
+    def close(self) -> None:
+        pass
+
 
 @dataclass(frozen=True)
 class FreeMetering:
@@ -89,7 +102,7 @@ class FreeMetering:
 
     price_per_1k: int = 0
 
-    async def admit(self, request: JobRequest) -> JobMeter:
+    async def admit(self, request: JobRequest, peer_id: str = "") -> JobMeter:
         return FreeMeter()
 
 

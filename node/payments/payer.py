@@ -13,7 +13,9 @@ Two payers exist:
 - ``FreePayer``: pays nothing; for free workers.
 - ``DepositPayer``: pays any worker from the requester's one deposit in a
   ``DepositEscrow``, with no chain step (docs/payments.md). Free workers stay
-  free.
+  free. Its terms are bound to the peer the requester sends from (signed with
+  the requester's key for the job, the worker and its peer id), so a worker
+  knows the deposit named is the sender's.
 
 ``CheckedPayment`` is what a paid attempt is, whatever makes its receipts: what
 is owed for what checks out, and when to sign; ``DepositPayment`` says only how
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 from eth_utils import to_checksum_address
 
-from node.errors import Overcharge
+from node.errors import ConfigError, Overcharge
 from node.payments.policy import job_cost, prompt_token_bound
 from node.payments.usage import CheckedUsage
 from node.protocol.messages import DepositReceipt, DepositTerms, JobChunk, JobDone, JobRequest, Offer
@@ -56,6 +59,7 @@ Send = Callable[[Message], Awaitable[None]]
 UsageOracle = Callable[[Offer, JobRequest], Awaitable[CheckedUsage]]
 
 CREDIT_TOKENS = 64  # a paid worker may stream this many tokens' worth ahead of the last receipt
+TERMS_TTL_S = 600  # a job's terms binding is good for this long (the worker checks it when the job starts)
 
 
 class JobPayment(Protocol):
@@ -231,11 +235,13 @@ class DepositPayer:
 
     client: DepositClient  # with the requester's key
     ledger: WalletLedger
+    host_peer_id: str = ""  # the libp2p peer the requester sends jobs from: its terms are bound to it
     usage: UsageOracle | None = None  # the model's own token counts (node/payments/usage.py)
     # Per worker: the tokens' worth it may stream ahead of our last receipt (node/market/trust.py);
     # ``credit_tokens`` for every worker when None.
     credit: Callable[[str], int] | None = None
     credit_tokens: int = CREDIT_TOKENS
+    clock: Callable[[], float] = time.time
     _locks: dict[str, trio.Lock] = field(default_factory=dict)  # worker address → its pair's lock
 
     @property
@@ -248,16 +254,20 @@ class DepositPayer:
         if price <= 0:
             yield FreePayment(request)
             return
+        if not self.host_peer_id:
+            raise ConfigError("a deposit payer needs the peer id it sends jobs from (host_peer_id)")
         checked = await self.usage(offer, request) if self.usage is not None else None
         bound = checked.prompt_tokens if checked is not None else prompt_token_bound(request)
         tokens = self.credit(offer.peer_id) if self.credit is not None else self.credit_tokens
         window = max(job_cost(0, tokens, price), 1)
-        escrow = self.client.address
-        terms = DepositTerms(self.requester, self.client.deployment.chain_id, escrow, price, str(window))
+        escrow, worker = self.client.address, to_checksum_address(offer.payee)
+        expires_at = int(self.clock()) + TERMS_TTL_S
+        binding = self.client.sign_job_terms(request.job_id, worker, self.host_peer_id, expires_at)
+        terms = DepositTerms(self.requester, self.client.deployment.chain_id, escrow, price, str(window),
+                             expires_at=expires_at, binding=binding)  # fmt: skip
         yield DepositPayment(
             request=dataclasses.replace(request, payment=terms), price=price, step=max(window // 2, 1),
-            prompt_bound=bound, checked=checked, payer=self, worker=to_checksum_address(offer.payee),
-            peer_id=offer.peer_id,
+            prompt_bound=bound, checked=checked, payer=self, worker=worker, peer_id=offer.peer_id,
         )  # fmt: skip
 
     async def allocate(self, worker: str, increment: int, *, peer_id: str = "") -> tuple[int, bytes]:

@@ -8,8 +8,9 @@ plus completion tokens at that price, rounded up to a whole base unit:
 A job's worst case is ``(prompt tokens + max_tokens) × price``, the prompt
 bounded by its bytes before it is tokenized. A worker serves a job paid from a
 requester's deposit only if the chain says the deposit can cover it and its
-unclaimed exposure to that requester stays within its bound
-(``deposit_problem``).
+unclaimed exposure to that requester stays within its bound (what the reserve
+guarantees it plus an unsecured allowance), and its unsecured exposure over all
+requesters within its cap (``deposit_problem``).
 """
 
 from __future__ import annotations
@@ -49,9 +50,22 @@ def worst_case_cost(prompt_tokens: int, max_tokens: int, price_per_1k: int) -> i
 
 
 def deposit_problem(
-    account: DepositAccount, *, guarantee: int, has_slot: bool, exposure: int, needed: int, allowance: int
+    account: DepositAccount,
+    *,
+    guarantee: int,
+    has_slot: bool,
+    exposure: int,
+    needed: int,
+    allowance: int,
+    unsecured_elsewhere: int = 0,
+    unsecured_cap: int | None = None,
 ) -> str | None:
     """Why a worker must not serve a job paid from ``account`` (a ``DepositEscrow`` requester), or None if it may.
+
+    A worker's loss to a requester is bounded by what it lets the requester owe it unpaid. The deposit secures
+    nothing: the requester may empty it at any time by signing a receipt to an address of its own and claiming
+    it. Only the reserve's share bound to this worker (its ``guarantee``) is secured; beyond it the worker takes
+    at most ``allowance`` unsecured, and at most ``unsecured_cap`` summed over every requester it serves.
 
     Args:
         guarantee: what the reserve guarantees this worker (``guaranteeOf``; 0 without a slot).
@@ -59,7 +73,9 @@ def deposit_problem(
         exposure: what the requester owes this worker that is not paid on chain: the best receipt held above
             what the chain paid, plus what the jobs running now may still add (their worst cases).
         needed: the job's worst-case cost.
-        allowance: the most this worker lets a requester owe it unsecured (no slot).
+        allowance: the most this worker lets one requester owe it beyond its guarantee (unsecured).
+        unsecured_elsewhere: the unsecured exposure to every other requester, summed.
+        unsecured_cap: the most unsecured exposure over all requesters (None: no cap).
     """
     if account.unlocking:
         return f"the requester is unlocking its deposit (it may withdraw at {account.unlock_at}): no new jobs"
@@ -71,11 +87,27 @@ def deposit_problem(
             f"the requester's deposit and reserve ({account.deposit + potential} base units for this worker) cannot "
             f"cover what it may owe this worker ({exposure}) and this job's worst case ({needed})"
         )
-    bound = guarantee if has_slot else allowance
+    secured = guarantee if has_slot else 0
+    bound = secured + allowance
     if exposure + needed > bound:
-        what = "what the requester's reserve guarantees it" if has_slot else "its allowance while no slot backs it"
+        what = (
+            f"what the requester's reserve guarantees it ({secured}) plus its allowance ({allowance})"
+            if has_slot
+            else "its allowance while no reserve slot backs it"
+        )
+        if exposure == 0:
+            return (
+                f"this job's worst case ({needed}) is over this worker's bound for the requester: {bound} ({what}); "
+                "ask for fewer max_tokens, a shorter prompt, or fund a reserve this worker can hold a slot of"
+            )
         return (
             f"this worker's unclaimed exposure to the requester would pass its bound: {exposure} owed + {needed} "
             f"for this job > {bound} ({what}); try again once its claims land"
+        )
+    unsecured = max(exposure + needed - secured, 0)
+    if unsecured_cap is not None and unsecured and unsecured_elsewhere + unsecured > unsecured_cap:
+        return (
+            f"this worker's unsecured exposure over all requesters would pass its cap: {unsecured_elsewhere} + "
+            f"{unsecured} for this requester > {unsecured_cap}; try again once its claims land"
         )
     return None

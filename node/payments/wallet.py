@@ -41,6 +41,7 @@ class DepositWallet:
 
     client: DepositClient  # with the requester's key
     ledger: WalletLedger
+    peer_id: str = ""  # the libp2p peer of the node in the same data dir: its jobs' terms are bound to it
 
     @property
     def address(self) -> str:

@@ -99,6 +99,12 @@ class DepositTerms:
     The worker reads ``requester``'s deposit, reserve and unlock from the chain (never from these terms), and
     takes ``deposit.receipt/1`` messages signed by ``requester``. Amounts are uint256 base units, as decimal
     strings.
+
+    ``binding`` ties the terms to whoever sends them: the requester's Ethereum signature (EIP-712, the escrow's
+    domain) over ``JobTerms(jobId, worker, peerId, expiresAt)``, where ``peerId`` is the libp2p peer the request
+    comes from (node/payments/deposit_receipts.py). The worker admits the job only if ``requester`` signed it for
+    this job, to its own payee address, for the stream's remote peer, and ``expires_at`` (unix seconds) has not
+    passed: nobody can name someone else's deposit.
     """
 
     requester: str  # the address whose deposit pays, and whose key signs the receipts
@@ -107,6 +113,8 @@ class DepositTerms:
     price_per_1k: int
     credit_window: str  # how far (in base units) the worker may stream ahead of the last receipt
     scheme: str = SCHEME_DEPOSIT
+    expires_at: int = 0  # the binding is refused after this (unix seconds)
+    binding: bytes = b""  # 65 bytes: the requester's signature over JobTerms(jobId, worker, peerId, expiresAt)
 
 
 @message("job.request/1")
