@@ -520,3 +520,21 @@ def test_the_advertiser_sends_deltas_between_full_offers(tmp_path):
     assert delta.base_seq == gossip.sent[0].seq and delta.slots_free == 0
     assert check_delta(delta, me.peer_id, delta.expires_at - 30) is None
     assert len(encode(delta)) < len(encode(gossip.sent[0])) - 200  # this bare offer's 455 bytes; a real one ~800
+
+
+async def test_a_node_that_gets_a_delta_without_its_base_asks_the_forwarder_for_it(tmp_path):
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            async with node(nursery, tmp_path, "w") as (w, gossip_w):
+                async with node(nursery, tmp_path, "b", w.addrs()) as (b, gossip_b):
+                    while b.peer_id not in {str(p) for p in w.pubsub.peer_topics.get(TOPIC, ())}:
+                        await trio.sleep(0.05)  # polling: b's subscription reaches w
+                    now = time.time()
+                    base = make_offer(w.identity, 5, now + 30, slots_total=2, slots_free=2)
+                    gossip_w.book.add(base)  # held by w only: b joined before it, and never saw it published
+                    delta = delta_of(w.identity, base, 6, slots_free=1, expires_at=now + 40)
+                    await gossip_w.publish_delta(delta)
+                    live = await gossip_b.wait_for(lambda live: any(o.seq == 6 for o in live))
+                    (held,) = [o for o in live if o.peer_id == w.peer_id]
+                    assert (held.slots_free, held.expires_at, held.models) == (1, now + 40, base.models)
+                    nursery.cancel_scope.cancel()

@@ -106,6 +106,13 @@ SYNC_WINDOW_S = 60.0
 SYNC_PEERS = 3
 #: How often a worker publishes its full offer; in between, deltas (``Advertiser``).
 FULL_OFFER_INTERVAL_S = 300.0
+#: A node that gets a delta without its base asks the forwarder for the base: at most this many peers held
+#: waiting, this many in one request, gathered for this long, and once per peer in this long. A book that
+#: refused a peer's full offer (full) does not ask for it until its next full offer is due.
+MAX_WANTED = 1024
+MAX_WANTED_PER_ASK = 256
+WANT_GATHER_S = 0.5
+WANT_BACKOFF_S = 30.0
 #: How often the shared sync answer may be rebuilt while the book keeps changing.
 SYNC_REBUILD_S = 1.0
 #: Offers one peer may forward us a second (GossipSub's default for a topic, 10, broke propagation from about
@@ -472,6 +479,18 @@ class OfferBook:
                 return frames
         self._drop_expired(now)
         order = sorted(self.offers, key=lambda p: (not self.valued(p), self._admitted[p]))[:MAX_SYNC_OFFERS]
+        frames = self._frames(order)
+        min_expiry = min((self.offers[p].expires_at for p in order), default=math.inf)
+        self._answer = (self.version, now, min_expiry, frames)
+        return frames
+
+    def frames_for(self, peers: list[str], now: float) -> list[bytes]:
+        """An answer with only ``peers``' offers (and deltas) among those held: what a node that got a delta
+        without its base asks for (``OfferGossip``)."""
+        self._drop_expired(now)
+        return self._frames([p for p in dict.fromkeys(peers[:MAX_WANTED_PER_ASK]) if p in self.offers])
+
+    def _frames(self, order: list[str]) -> list[bytes]:
         frames: list[bytes] = []
         piece: list[bytes] = []
         size = 0
@@ -485,8 +504,6 @@ class OfferBook:
             size += length
         if piece:
             frames.append(frame(OffersBatch(piece)))
-        min_expiry = min((self.offers[p].expires_at for p in order), default=math.inf)
-        self._answer = (self.version, now, min_expiry, frames)
         return frames
 
     # -- internals
@@ -639,6 +656,36 @@ class OfferGossip:
         self.clock = clock
         self.received = trio.Event()  # set (and replaced) whenever an offer is kept
         self.sync_budget = SyncBudget()
+        self._wanted: dict[str, str] = {}  # a peer whose delta came without its base → who forwarded it
+        self._not_before: dict[str, float] = {}  # a peer → when we may ask for its offer again
+        self._want = trio.Event()
+
+    def _note_wanted(self, peer: str, forwarder: str) -> None:
+        """Ask ``forwarder`` soon for ``peer``'s offer, unless we asked for it within ``WANT_BACKOFF_S`` (or
+        turned it away lately)."""
+        now = self.clock()
+        if len(self._not_before) > 4 * MAX_WANTED:  # forget what is past
+            self._not_before = {p: t for p, t in self._not_before.items() if t > now}
+        if self._not_before.get(peer, -math.inf) > now or len(self._wanted) >= MAX_WANTED:
+            return
+        self._wanted[peer] = forwarder
+        self._want.set()
+
+    async def _fetch_wanted(self) -> None:
+        """Ask the forwarders of deltas we could not apply for their bases, a batch at a time."""
+        while True:
+            await self._want.wait()
+            await trio.sleep(WANT_GATHER_S)  # a few more arrive: one stream per forwarder for all of them
+            self._want = trio.Event()
+            wanted, self._wanted = self._wanted, {}
+            now = self.clock()
+            by_forwarder: dict[str, list[str]] = {}
+            for peer, forwarder in wanted.items():
+                self._not_before[peer] = now + WANT_BACKOFF_S
+                by_forwarder.setdefault(forwarder, []).append(peer)
+            async with trio.open_nursery() as nursery:
+                for forwarder, peers in list(by_forwarder.items())[:SYNC_PEERS]:
+                    nursery.start_soon(self.sync_from, forwarder, peers[:MAX_WANTED_PER_ASK])
 
     def _kept(self) -> None:
         self.received.set()
@@ -658,6 +705,10 @@ class OfferGossip:
             refused = self.book.admit(offer, data=msg.data, rate_limited=True)
         if refused is None:
             self._kept()
+        elif refused == REFUSED_NO_BASE:
+            self._note_wanted(publisher, str(forwarder))
+        elif refused in (REFUSED_FULL, REFUSED_MODEL_FULL):
+            self._not_before[publisher] = self.clock() + FULL_OFFER_INTERVAL_S  # a pull would be turned away too
         elif refused != REFUSED_OLDER:
             log.debug("not keeping the offer of %s…: %s", publisher[:12], refused)
         return True  # valid offers are forwarded whether or not our book keeps them
@@ -672,8 +723,10 @@ class OfferGossip:
             for peer in self.host.connected_peers()[:SYNC_PEERS]:
                 nursery.start_soon(self.sync_from, peer)
         task_status.started(self)
-        while True:
-            await subscription.get()  # the validator has filed it already
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._fetch_wanted)
+            while True:
+                await subscription.get()  # the validator has filed it already
 
     async def _serve_sync(self, stream) -> None:
         peer = stream.peer_id
@@ -684,8 +737,11 @@ class OfferGossip:
             return
         try:
             with trio.fail_after(10):
-                await receive_as(stream, OffersRequest)
-            frames = self.book.sync_frames(self.clock())
+                request = await receive_as(stream, OffersRequest)
+            if request.peers:
+                frames = self.book.frames_for(request.peers, self.clock())
+            else:
+                frames = self.book.sync_frames(self.clock())
             self.sync_budget.charge(peer, self.clock(), sum(map(len, frames)))
             for piece in frames:
                 await stream.write(piece)
@@ -693,14 +749,15 @@ class OfferGossip:
         finally:
             self.sync_budget.close(peer)
 
-    async def sync_from(self, peer_id: str) -> int:
-        """Add the offers ``peer_id`` holds to our book; returns how many were kept. Never raises."""
+    async def sync_from(self, peer_id: str, peers: list[str] | None = None) -> int:
+        """Add the offers ``peer_id`` holds (only ``peers``' if given) to our book; returns how many were kept.
+        Never raises."""
         datas: list[bytes] = []
         try:
             with trio.fail_after(SYNC_DEADLINE_S):
                 stream = await self.host.open_stream(peer_id, SYNC_PROTOCOL)
                 try:
-                    await send(stream, OffersRequest())
+                    await send(stream, OffersRequest(peers=list(peers or [])))
                     size = 0
                     while len(datas) < MAX_SYNC_BATCH_ITEMS and size < MAX_SYNC_BYTES:
                         try:

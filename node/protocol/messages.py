@@ -76,7 +76,10 @@ class OfferDelta(Message):
 @message("offers.get/1")
 @dataclass(frozen=True)
 class OffersRequest(Message):
-    """Ask a peer for the live offers it knows (``/llmarket/offers/1.0.0``), to join the market at once."""
+    """Ask a peer for the live offers it knows (``/llmarket/offers/1.0.0``), to join the market at once; or, with
+    ``peers``, for only those peers' offers (a delta came without its base)."""
+
+    peers: list[str] = field(default_factory=list)  # [] for every offer; else at most 256 peer ids
 
 
 @message("offers.batch/1")
