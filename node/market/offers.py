@@ -19,7 +19,9 @@ in the book, so each gossiped offer is checked once.
 Between full offers (every ``FULL_OFFER_INTERVAL_S``) a worker publishes an
 ``OfferDelta`` when only its free slots, price or expiry changed, and as its
 "still here": a book that holds the delta's base offer applies it (``amend``),
-and keeps the signed base and the delta so that its sync answers carry both.
+and keeps the signed base and the delta so that its sync answers carry both. A
+node that gets a delta without its base asks the peer that forwarded it for the
+base (a sync request naming the peers wanted; ``OfferGossip._fetch_wanted``).
 
 The ``OfferBook`` keeps the newest offer (highest ``seq``) per peer, within
 caps: ``max_offers`` in all and ``max_per_model`` per model. When a model's
