@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 import trio
 from eth_account import Account
 
+from node.app.worker import _priced
 from node.errors import ChainUnreachable, InvalidReceipt, Overcharge, PaymentRefused
 from node.payments.chainio import ChainIO
 from node.payments.deposit_metering import ALLOWANCE_TOKENS, UNSECURED_ALLOWANCES, DepositMetering
@@ -684,3 +686,13 @@ async def test_a_deposit_meter_and_payer_settle_a_job_between_them(tmp_path):
         assert await meter.settle(1500, 40) == "paid"
     assert await trio.to_thread.run_sync(metering.settler.settle_once) == (1, 0)
     assert metering.client.paid[WORKER.address] == job_cost(1500, 40, PRICE)
+
+
+def test_the_verification_price_copy_has_its_own_credit_window_and_shares_the_rest():
+    """``serve --verify-price``: the copy's credit window is 256 tokens at its own price (a window is tokens'
+    worth); its allowances (money), chain reads, pairs and settler are the original's."""
+    main = DepositMetering(client=SimpleNamespace(), ledger=SimpleNamespace(), price_per_1k=10**15)
+    verify = _priced(main, 10**14)
+    assert verify.max_credit_window == job_cost(0, 256, 10**14) < main.max_credit_window
+    assert (verify.allowance, verify.unsecured_cap) == (main.allowance, main.unsecured_cap)
+    assert verify._views is main._views and verify._pairs is main._pairs and verify.settler is main.settler

@@ -76,10 +76,12 @@ log = logging.getLogger(__name__)
 def _priced(metering: Metering, price_per_1k: int) -> Metering:
     """The same payment scheme at another price (verification jobs); free when that price is 0.
 
-    The copy shares the original's chain reads, pairs and settler: the requester's exposure is counted once."""
+    The copy shares the original's chain reads, pairs and settler: the requester's exposure is counted once. Its
+    credit window is worked out again at its own price (a window is tokens' worth); the allowances are amounts of
+    money, and stay."""
     if price_per_1k == 0 or isinstance(metering, FreeMetering):
         return FreeMetering()
-    return dataclasses.replace(metering, price_per_1k=price_per_1k)
+    return dataclasses.replace(metering, price_per_1k=price_per_1k, max_credit_window=0)
 
 
 @dataclass
