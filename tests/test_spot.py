@@ -51,7 +51,9 @@ async def test_a_stopped_verifiers_lingering_offer_does_not_stop_the_check_and_a
             assert checks.spot is not None and checks.spot.verifier == live.id, checks.notes
             assert checks.spot.verdict.ok and not checks.reported and checks.notes == []
             assert trust.verified(worker.id) == 1
-            assert all(requester.reputation.banned(n.id, time.time()) for n in stopped)  # skipped next time
+            # each failure was recorded (a backoff ban, skipped by the next check while it lasts); whether the ban
+            # still holds now depends on how long the check took, so the record is what is asserted
+            assert all(requester.reputation.peers[n.id].consecutive_failures >= 1 for n in stopped)
 
             # only stopped verifiers left: no check, and the note says whom it tried
             requester.reputation = Reputation()
