@@ -28,12 +28,12 @@ REQUESTER_FUNDS = 1_000_000 * TOKEN
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
+def _isolated_home(tmp_path, tmp_path_factory, monkeypatch):
     home = tmp_path / "llmarket-home"
     monkeypatch.setenv("LLMARKET_HOME", str(home))
-    runtime = tmp_path / "runtime"  # workers note their threads here: tests never see each other's, or yours
-    runtime.mkdir()
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    # workers note their threads here (node/app/worker.py): tests never see each other's, or yours; beside
+    # tmp_path, not in it, which tests may list
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
     return home
 
 
