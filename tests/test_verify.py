@@ -291,13 +291,13 @@ async def test_honest_noisy_work_is_never_flagged(default_model_file, capsys):
 @slow
 @pytest.mark.parametrize("cheat", calibration.CHEATS)
 async def test_every_cheater_is_caught(cheat, default_model_file, tmp_path, capsys):
-    """6 checked jobs of at least 32 tokens (64 for the noisy-regime cheaters and the padder) from each cheater
+    """4 checked jobs of at least 32 tokens (64 for the noisy-regime cheaters and the padder) from each cheater
     of tests/cheaters.py, served by the default (batched) engine: every one must fail verification. The
     calibration runs 100 per cheater."""
     with trio.fail_after(900):
-        tally = await calibration.cheater_checks(cheat, default_model_file, tmp_path, jobs=6)
+        tally = await calibration.cheater_checks(cheat, default_model_file, tmp_path, jobs=4)
     report(capsys, tally.summary())
-    assert tally.checked == 6 and tally.caught == 6, tally.passed
+    assert tally.checked == 4 and tally.caught == 4, tally.passed
 
 
 @slow
