@@ -166,6 +166,14 @@ def _number_problem(name: str, value: float, low: float, high: float) -> str | N
     return None
 
 
+def _expiry_problem(expires_at: float, now: float) -> str | None:
+    if expires_at <= now:
+        return "expired"
+    if expires_at > now + MAX_TTL_S:
+        return "expiry too far ahead"
+    return None
+
+
 def _too_long(name: str, value: str | bytes, key: str | None = None) -> str | None:
     limit = FIELD_CHARS[key or name]
     if len(value) > limit:
@@ -189,10 +197,8 @@ def field_problem(offer: Offer, now: float) -> str | None:
     for name, value, low, high in numbers:
         if problem := _number_problem(name, value, low, high):
             return problem
-    if offer.expires_at <= now:
-        return "expired"
-    if offer.expires_at > now + MAX_TTL_S:
-        return "expiry too far ahead"
+    if problem := _expiry_problem(offer.expires_at, now):
+        return problem
     if len(offer.addrs) > MAX_ADDRS:
         return f"{len(offer.addrs)} addresses, more than {MAX_ADDRS}"
     if not 1 <= len(offer.models) <= MAX_MODELS:
@@ -250,10 +256,8 @@ def check_delta(delta: OfferDelta, publisher: str, now: float) -> str | None:
     ):
         if problem := _number_problem(name, value, low, high):
             return problem
-    if delta.expires_at <= now:
-        return "expired"
-    if delta.expires_at > now + MAX_TTL_S:
-        return "expiry too far ahead"
+    if problem := _expiry_problem(delta.expires_at, now):
+        return problem
     if problem := _too_long("peer_id", delta.peer_id) or _too_long("signature", delta.signature):
         return problem
     unsigned = encode(dataclasses.replace(delta, signature=b""))
