@@ -43,6 +43,7 @@ STEPS_PER_UNLOCK = 3
 STEP = DEFAULT_UNLOCK_PERIOD_S // STEPS_PER_UNLOCK
 #: LLMARKET_FUZZ_EXAMPLES=200 for a long run; the default keeps the suite's run near 30 s on 2 cores.
 EXAMPLES = int(os.environ.get("LLMARKET_FUZZ_EXAMPLES", "16"))
+LONG_RUN = "LLMARKET_FUZZ_EXAMPLES" in os.environ
 
 REQUESTERS = (0, 1, 2)  # actors that hold tokens
 WORKERS = (3, 4, 0)  # actors that claim; a requester may claim its own receipts too (a sock puppet)
@@ -196,6 +197,14 @@ def test_random_deposit_histories_conserve_tokens_and_honour_guarantees(deployed
             self.advance_time(STEPS_PER_UNLOCK)
             self.withdraw(r)
 
+        @rule(r=st.sampled_from(REQUESTERS), steps=st.integers(0, STEPS_PER_UNLOCK - 1))
+        def withdraw_before_the_period_ends(self, r, steps):
+            """An early exit is refused (a rule of its own: random sequences do not always reach it)."""
+            self.unlock(r)
+            if steps:
+                self.advance_time(steps)
+            self.withdraw(r)
+
         @rule(steps=st.integers(1, STEPS_PER_UNLOCK))
         def advance_time(self, steps):
             chain.advance(steps * STEP)
@@ -259,6 +268,27 @@ def test_random_deposit_histories_conserve_tokens_and_honour_guarantees(deployed
             self.expect(error, "claim", clients[w].claim, actors[r].address, amount, signature)
             if error is None:
                 self.m.earnings[w] = self.m.earnings.get(w, 0) + paid
+
+        @rule(r=st.sampled_from(REQUESTERS), w=st.sampled_from(WORKERS), amount=st.integers(1, 30 * TOKEN))
+        def deposit_and_claim(self, r, w, amount):
+            """A requester deposits and a worker claims part of it (a rule of its own, so every run pays claims)."""
+            self.deposit(r, amount, False)
+            pair = self.m.pair(r, w)
+            owed = pair.paid + amount // 2 + 1
+            pair.max_signed = max(pair.max_signed, owed)
+            paid, error = self.settle(r, w, owed, r)
+            signature = sign_receipt(actors[r], reader.domain, actors[w].address, owed)
+            self.expect(error, "claim", clients[w].claim, actors[r].address, owed, signature)
+            if error is None:
+                self.m.earnings[w] = self.m.earnings.get(w, 0) + paid
+
+        @rule(w=st.sampled_from(WORKERS), r=st.sampled_from(REQUESTERS))
+        def claim_a_forged_receipt(self, w, r):
+            """More than was ever paid, signed by someone other than the requester: refused, nothing moves."""
+            forger = (r + 1) % len(actors)
+            amount = self.m.pair(r, w).paid + TOKEN
+            signature = sign_receipt(actors[forger], reader.domain, actors[w].address, amount)
+            self.expect("InvalidSignature", "claim", clients[w].claim, actors[r].address, amount, signature)
 
         @rule(
             data=st.data(), w=st.sampled_from(WORKERS), rs=st.lists(st.sampled_from(REQUESTERS), min_size=1, max_size=3)
@@ -343,6 +373,7 @@ def test_random_deposit_histories_conserve_tokens_and_honour_guarantees(deployed
             stateful_step_count=25,
             deadline=None,
             database=None,
+            derandomize=not LONG_RUN,  # the suite's run is the same every time; a long run explores
             suppress_health_check=list(HealthCheck),
         ),
     )
