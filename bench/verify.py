@@ -286,17 +286,23 @@ async def calibrate(scale: float) -> tuple:
 
     size = {key: max(1, round(value * scale)) for key, value in FULL.items()}
     model = default_model_file()
+
+    def report(line: str) -> None:  # progress on stderr; the tallies go to stdout
+        print(f"  ... {line}", file=sys.stderr, flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         # The default engine's workloads first: each tally is printed as it completes.
-        batched = await calibration.batched_checks(model, rounds=size["rounds"])
+        batched = await calibration.batched_checks(model, rounds=size["rounds"], report=report)
         print(batched.summary(), flush=True)
         cheats = []
         for cheat in calibration.CHEATS:
-            cheats.append(await calibration.cheater_checks(cheat, model, Path(tmp), jobs=size["jobs"]))
+            cheats.append(await calibration.cheater_checks(cheat, model, Path(tmp), jobs=size["jobs"], report=report))
             print(cheats[-1].summary(), flush=True)
-        honest = await calibration.honest_checks(model, Path(tmp), pairs=size["pairs"], singles=size["singles"])
+        honest = await calibration.honest_checks(
+            model, Path(tmp), pairs=size["pairs"], singles=size["singles"], report=report
+        )
         print(honest.summary(), flush=True)
-        noisy = await calibration.noisy_checks(model, jobs=size["noisy"])
+        noisy = await calibration.noisy_checks(model, jobs=size["noisy"], report=report)
         print(noisy.summary(), flush=True)
     return honest, batched, noisy, cheats
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import random
 import re
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -34,6 +35,7 @@ TOPICS = [
     "the rules of chess", "a trip to Mars", "how bread rises", "the history of the printing press",
     "a robot who learns to paint", "how volcanoes form", "a market town in winter", "the life of a honeybee",
 ]  # fmt: skip
+PROGRESS_EVERY = 50  # checks between a workload's progress lines (``report``)
 DOCUMENT = " ".join(
     f"Entry {i}: the harbour of town {i % 7} counted {i * 3} boats and {i % 5} ships." for i in range(48)
 )
@@ -101,11 +103,14 @@ class Honest:
     verdicts: list[judge.Verdict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     reused_tokens: int = 0  # prompt tokens the batched engine found in a cache
+    report: Callable[[str], None] | None = field(default=None, repr=False, compare=False)  # progress lines
 
     def keep(self, verdict: judge.Verdict, job_name: str) -> None:
         self.verdicts.append(verdict)
         if not verdict.ok:
             self.failures.append(f"{job_name}: {verdict.reason}")
+        if self.report and len(self.verdicts) % PROGRESS_EVERY == 0:
+            self.report(f"{self.what}: {len(self.verdicts)} checked, {len(self.failures)} flagged")
 
     def summary(self) -> str:
         errors = np.array([v.max_error for v in self.verdicts])
@@ -122,7 +127,7 @@ class Honest:
         return text + (f"; prompt tokens found in a cache: {self.reused_tokens}" if self.reused_tokens else "")
 
 
-async def honest_checks(model_file: Path, workdir: Path, *, pairs: int, singles: int) -> Honest:
+async def honest_checks(model_file: Path, workdir: Path, *, pairs: int, singles: int, report=None) -> Honest:
     """``6 * pairs + 4 * singles`` honest checks.
 
     ``pairs`` rounds of two jobs at once on a 2-slot, 1-thread worker, each checked
@@ -132,7 +137,7 @@ async def honest_checks(model_file: Path, workdir: Path, *, pairs: int, singles:
     2-thread verifier, cold and warm.
     """
     q2k = cheaters.requantize(model_file, workdir / "q2k.gguf", "Q2_K")
-    tally = Honest("honest checks")
+    tally = Honest("honest checks", report=report)
     async with (
         open_engine(model_file, slots=2, threads=1) as pair,
         open_engine(model_file, slots=1, threads=2) as single,
@@ -158,12 +163,12 @@ async def honest_checks(model_file: Path, workdir: Path, *, pairs: int, singles:
     return tally
 
 
-async def batched_checks(model_file: Path, *, rounds: int) -> Honest:
+async def batched_checks(model_file: Path, *, rounds: int, report=None) -> Honest:
     """``4 * rounds`` honest answers of the batched engine (batch-invariant: exact), four jobs at a time joining
     a quarter of a second apart, so prompts are prefilled beside other sequences' decoding; every fifth carries
     the long system document, mostly found in a cache or copied from another sequence (prefix reuse). Each is
     checked once by a one-thread verifier, two checks at once."""
-    tally = Honest("honest batched checks")
+    tally = Honest("honest batched checks", report=report)
     async with (
         open_engine(model_file, slots=4, kind="batched") as worker,
         open_engine(model_file, slots=2, threads=1) as verifiers,
@@ -185,11 +190,11 @@ async def batched_checks(model_file: Path, *, rounds: int) -> Honest:
     return tally
 
 
-async def noisy_checks(model_file: Path, *, jobs: int, sigma: float = cheaters.NOISE) -> Honest:
+async def noisy_checks(model_file: Path, *, jobs: int, sigma: float = cheaters.NOISE, report=None) -> Honest:
     """``jobs`` honest answers (up to 96 tokens) of a worker whose logits carry Gaussian noise of ``sigma`` at
     every position (``cheaters.NoisyHonest``, as a GPU's might; it claims no numerics, so it is checked in the
     widest class), each checked by a one-thread verifier."""
-    tally = Honest(f"honest noisy checks (noise {sigma})")
+    tally = Honest(f"honest noisy checks (noise {sigma})", report=report)
     async with (
         open_engine(model_file, slots=1, threads=1) as own,
         open_engine(model_file, slots=1, threads=1) as verifier,
@@ -243,7 +248,7 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"\d+(\.\d+)?", "#", text)
 
 
-async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: int) -> Caught:
+async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: int, report=None) -> Caught:
     """``jobs`` checked answers of at least 32 tokens (64: ``LONG``) from the cheater ``cheat`` (in ``CHEATS``);
     a padder's answers count only where it padded (the model would have ended before ``max_tokens``)."""
     path = model_file
@@ -287,4 +292,6 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
                     tally.passed.append(f"temperature {params.temperature}, {verdict}")
                 key = reason_kind(verdict.reason) if verdict.reason else "passed"
                 tally.reasons[key] = tally.reasons.get(key, 0) + 1
+                if report and tally.checked % PROGRESS_EVERY == 0:
+                    report(f"{cheat}: caught {tally.caught} of {tally.checked}")
     return tally
