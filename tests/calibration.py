@@ -208,9 +208,12 @@ async def noisy_checks(model_file: Path, *, jobs: int, sigma: float = cheaters.N
 
 
 CHEATS = ["Q4_0", "Q2_K", "hidden-prompt", "hotter", "random-tokens", "truncate-pad", "noisy-hotter", "noisy-Q4_0",
-          "pad-past-eog"]  # fmt: skip
+          "pad-past-eog", "mild-hidden-prompt", "truncated-prompt", "hotter-1.3", "forged-Q2_K"]  # fmt: skip
 WRAPPERS = {
     "hidden-prompt": cheaters.HiddenPrompt,
+    "mild-hidden-prompt": lambda engine: cheaters.HiddenPrompt(engine, "Be concise."),
+    "truncated-prompt": cheaters.TruncatePrompt,
+    "hotter-1.3": lambda engine: cheaters.HotSampler(engine, factor=1.3),
     "hotter": cheaters.HotSampler,
     "random-tokens": cheaters.RandomTokens,
     "truncate-pad": cheaters.TruncatePad,
@@ -219,6 +222,9 @@ WRAPPERS = {
 #: The cheats of the noisy regime (no numerics claimed, noise in the records) are counted on jobs of at least 64
 #: tokens (docs/verification.md); the others on jobs of at least 32.
 LONG = {"noisy-hotter": 64, "noisy-Q4_0": 64, "pad-past-eog": 64}
+#: Cheats that may leave an answer exactly as an honest worker gives it (a slightly hotter sampler can draw
+#: every token the asked one draws): such a job is not cheated, and is not counted.
+MAY_NOT_CHANGE = {"hotter-1.3"}
 
 
 @dataclass
@@ -252,7 +258,7 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
     """``jobs`` checked answers of at least 32 tokens (64: ``LONG``) from the cheater ``cheat`` (in ``CHEATS``);
     a padder's answers count only where it padded (the model would have ended before ``max_tokens``)."""
     path = model_file
-    quantization = cheat.removeprefix("noisy-")
+    quantization = cheat.removeprefix("noisy-").removeprefix("forged-")
     if quantization in cheaters.QUANTIZATIONS:
         path = cheaters.requantize(model_file, workdir / f"{quantization}.gguf", quantization)
     least = LONG.get(cheat, 32)
@@ -260,10 +266,12 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
     async with AsyncExitStack() as stack:
         engine = await stack.enter_async_context(open_engine(path, slots=2, kind="batched"))  # the default engine
         verifier = await stack.enter_async_context(open_engine(model_file, slots=2, threads=1))
-        if cheat in ("noisy-Q4_0", "pad-past-eog"):
+        if cheat in ("noisy-Q4_0", "pad-past-eog", "forged-Q2_K"):
             real = cheaters.Direct(await stack.enter_async_context(open_engine(model_file, slots=1, threads=1)))
         if cheat == "noisy-Q4_0":
             worker = cheaters.ForgedTokens(engine, real)
+        elif cheat == "forged-Q2_K":  # the real model's exact numerics claimed, no noise
+            worker = cheaters.ForgedTokens(engine, real, sigma=0.0, numerics=real.engine.numerics)
         elif cheat == "pad-past-eog":
             worker = cheaters.PadPastEOG(real)
         else:
@@ -275,6 +283,8 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
                 return None
             if cheat == "pad-past-eog" and worker.honest[done.text] >= done.usage.completion_tokens:
                 return None  # the model would not have ended earlier: nothing was padded
+            if cheat in MAY_NOT_CHANGE and (await answer(engine, messages, params)).text == done.text:
+                return None  # the honest engine (batch-invariant) gives the same answer: nothing was cheated
             return await check(verifier, messages, params, done, worker)
 
         i = 1000

@@ -10,7 +10,11 @@ model, not a bookkeeping slip:
   ``llama_model_quantize``; served as is by a real engine, under the
   original's CID.
 - ``HiddenPrompt``: prepends a system prompt the requester never sent (and bills the prompt it was sent).
-- ``HotSampler``: samples at a higher temperature than asked (same seed).
+- ``HiddenPrompt(engine, "Be concise.")``: the same with a mild system prompt.
+- ``TruncatePrompt``: prefills only the second half of the last message (drops the rest), bills the whole prompt.
+- ``HotSampler``: samples at a higher temperature than asked (same seed): twice, or 1.3 times.
+- ``ForgedTokens(..., sigma=0, numerics=...)``: a Q2_K copy's tokens with records forged by teacher-forcing the
+  real model, claiming the real model's exact numerics (no noise).
 - ``RandomTokens``: random tokens, with fingerprints made up to look right.
 - ``TruncatePad``: answers half honestly, then pads with copies of its last token and record.
 
@@ -127,6 +131,24 @@ class HiddenPrompt(_Wrapper):
 
     def stream_chat(self, messages, params: SamplingParams, *, assistant_prefix: str = ""):
         """Bills the requester's own prompt tokens, so that only the logits can give it away."""
+        billed = len(self.engine._chat_tokens(self.llama, list(messages)))
+
+        def start(p):
+            return self.engine.stream_chat(self.messages(messages), p, assistant_prefix=assistant_prefix)
+
+        return self._stream(start, params, billed)
+
+
+class TruncatePrompt(_Wrapper):
+    """Prefills only the second half of the last message's words (the system message and any earlier turns
+    dropped), and bills the requester's whole prompt, so only the logits can give it away."""
+
+    def messages(self, messages):
+        last = messages[-1]
+        words = last["content"].split()
+        return [{**last, "content": " ".join(words[len(words) // 2 :])}]
+
+    def stream_chat(self, messages, params: SamplingParams, *, assistant_prefix: str = ""):
         billed = len(self.engine._chat_tokens(self.llama, list(messages)))
 
         def start(p):
@@ -375,13 +397,15 @@ class NoisyRecords(_Wrapper):
 
 class ForgedTokens(_Wrapper):
     """The tokens of ``engine`` (a cheaper model: same parameters, same seed), with records forged by
-    teacher-forcing the real model (``real``, a ``Direct``) on them, plus noise; claims no numerics."""
+    teacher-forcing the real model (``real``, a ``Direct``) on them, plus noise of ``sigma``; claims
+    ``numerics`` (default none: checked in the widest class)."""
 
     numerics = ""
 
-    def __init__(self, engine, real: Direct, sigma: float = NOISE, seed: int = 0) -> None:
+    def __init__(self, engine, real: Direct, sigma: float = NOISE, seed: int = 0, numerics: str = "") -> None:
         super().__init__(engine)
         self.real, self.sigma, self.random = real, sigma, random.Random(seed)
+        self.numerics = numerics
 
     def stream_chat(self, messages, params: SamplingParams, *, assistant_prefix: str = ""):
         return self._forged(messages, params)

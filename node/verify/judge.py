@@ -21,8 +21,8 @@ this, would have produced:
   nothing gets the widest, and that class is calibrated against the cheats;
 - greedy: each token is the (penalised) argmax, up to near-ties;
 - sampled: each token is among the chain's top-k/top-p/min-p candidates;
-  with the job's seed the replayed draw picks the same token, up to a few
-  flips, and in a noisy class the flips do not lean toward less likely tokens
+  with the job's seed the replayed draw picks the same token (exact: always;
+  noisy classes: up to a few flips), and in a noisy class the flips do not lean toward less likely tokens
   (honest noise flips both ways alike); and the tokens are not, taken together,
   less likely than the asked temperature makes them (a surprisal z-score);
 - the text is what the tokens spell, and the finish reason is true (an
@@ -75,8 +75,9 @@ class NoiseClass:
     stop: float = 1e-6  # unseeded: the least probability that the sampler would have gone on where it did
 
 
-#: The worker's receipt names the verifier's own numerics: every logit is reproduced to the bit.
-EXACT = NoiseClass("exact", logit=0, mean=0, tie=0, flips=1 / 64, lower=1 / 64, outside=1 / 32, surprise_z=5, slack=1)
+#: The worker's receipt names the verifier's own numerics: every logit is reproduced to the bit, so the same
+#: sampler chain, seed and logits pick the same token: not one flip or outside token is allowed.
+EXACT = NoiseClass("exact", logit=0, mean=0, tie=0, flips=0, lower=0, outside=0, surprise_z=5, slack=0)
 #: Another CPU build or instruction set, or this CPU in a path that is not bit-identical (several threads,
 #: K-quants, a batch shared with other sequences).
 CPU = NoiseClass("cpu", logit=1.5, mean=0.4, tie=1.0, flips=0.5, lower=0.25, outside=0.1, surprise_z=5, slack=2)
