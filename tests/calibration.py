@@ -208,7 +208,8 @@ async def noisy_checks(model_file: Path, *, jobs: int, sigma: float = cheaters.N
 
 
 CHEATS = ["Q4_0", "Q2_K", "hidden-prompt", "hotter", "random-tokens", "truncate-pad", "noisy-hotter", "noisy-Q4_0",
-          "pad-past-eog", "mild-hidden-prompt", "truncated-prompt", "hotter-1.3", "forged-Q2_K"]  # fmt: skip
+          "pad-past-eog", "mild-hidden-prompt", "truncated-prompt", "hotter-1.3", "forged-Q2_K",
+          "pad-past-eog-exact"]  # fmt: skip
 WRAPPERS = {
     "hidden-prompt": cheaters.HiddenPrompt,
     "mild-hidden-prompt": lambda engine: cheaters.HiddenPrompt(engine, "Be concise."),
@@ -221,7 +222,8 @@ WRAPPERS = {
 }
 #: The cheats of the noisy regime (no numerics claimed, noise in the records) are counted on jobs of at least 64
 #: tokens (docs/verification.md); the others on jobs of at least 32.
-LONG = {"noisy-hotter": 64, "noisy-Q4_0": 64, "pad-past-eog": 64}
+LONG = {"noisy-hotter": 64, "noisy-Q4_0": 64, "pad-past-eog": 64, "pad-past-eog-exact": 64}
+PADDERS = {"pad-past-eog", "pad-past-eog-exact"}  # claiming no numerics (the widest class), and the real engine's
 #: Cheats that may leave an answer exactly as an honest worker gives it (a slightly hotter sampler can draw
 #: every token the asked one draws): such a job is not cheated, and is not counted.
 MAY_NOT_CHANGE = {"hotter-1.3"}
@@ -266,12 +268,14 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
     async with AsyncExitStack() as stack:
         engine = await stack.enter_async_context(open_engine(path, slots=2, kind="batched"))  # the default engine
         verifier = await stack.enter_async_context(open_engine(model_file, slots=2, threads=1))
-        if cheat in ("noisy-Q4_0", "pad-past-eog", "forged-Q2_K"):
+        if cheat in ("noisy-Q4_0", "forged-Q2_K") or cheat in PADDERS:
             real = cheaters.Direct(await stack.enter_async_context(open_engine(model_file, slots=1, threads=1)))
         if cheat == "noisy-Q4_0":
             worker = cheaters.ForgedTokens(engine, real)
         elif cheat == "forged-Q2_K":  # the real model's exact numerics claimed, no noise
             worker = cheaters.ForgedTokens(engine, real, sigma=0.0, numerics=real.engine.numerics)
+        elif cheat == "pad-past-eog-exact":  # as a default worker pads: its batched engine claims exact numerics
+            worker = cheaters.PadPastEOG(real, numerics=real.engine.numerics)
         elif cheat == "pad-past-eog":
             worker = cheaters.PadPastEOG(real)
         else:
@@ -281,7 +285,7 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
             done = await answer(worker, messages, params)
             if done.usage.completion_tokens < least:
                 return None
-            if cheat == "pad-past-eog" and worker.honest[done.text] >= done.usage.completion_tokens:
+            if cheat in PADDERS and worker.honest[done.text] >= done.usage.completion_tokens:
                 return None  # the model would not have ended earlier: nothing was padded
             if cheat in MAY_NOT_CHANGE and (await answer(engine, messages, params)).text == done.text:
                 return None  # the honest engine (batch-invariant) gives the same answer: nothing was cheated
@@ -289,7 +293,7 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
 
         i = 1000
         while tally.checked < jobs:
-            pair = [job(i + k, long_every=25, max_tokens=max(40, least + least // 2), short=cheat == "pad-past-eog")
+            pair = [job(i + k, long_every=25, max_tokens=max(40, least + least // 2), short=cheat in PADDERS)
                     for k in range(2)]  # fmt: skip
             i += 2
             calls = (partial(checked_if_long, m, replace(p, stop=())) for m, p in pair)
