@@ -2,13 +2,14 @@
 
     .venv/bin/python bench/verify.py [--rounds 5] [--tokens 256] [--runs 3] [--spot-check 0.05] [--jobs 20000] [--json]
     .venv/bin/python bench/verify.py --quick    # seconds: 1 round and 1 run of 32 tokens
-    .venv/bin/python bench/verify.py --calibrate [--scale 0.1] [--no-write]
+    .venv/bin/python bench/verify.py --calibrate [--scale 0.1] [--no-write] [--only hotter-1.3,noisy]
 
-``--calibrate`` runs the statistical calibration instead (about an hour on 2 cores):
-the workloads of ``tests/calibration.py`` at full size, 1,000 honest checks of the
-per-slot engine, 160 of the batched engine and 100 jobs per cheater, and writes the
-tallies into docs/verification.md (between its calibration markers). The test
-suite runs the same workloads at a smoke size.
+``--calibrate`` runs the statistical calibration instead (about 1.5 hours on 2 cores):
+the workloads of ``tests/calibration.py`` at full size, 1,000 honest jobs of the
+batched (default) engine, 1,000 honest checks of the per-slot engine, 200 of a noisy
+worker and 100 jobs per cheater, and writes the tallies into docs/verification.md
+(between its calibration markers); ``--only`` runs some of them and writes nothing.
+The test suite runs the same workloads at a smoke size.
 
 One process, the default model (SmolLM2-135M-Instruct Q4_1), n_ctx 2048, one
 slot per engine using every core; the KV cache is emptied before every job, so
@@ -274,15 +275,23 @@ def table(r: dict, args: argparse.Namespace) -> list[str]:
 
 # ------------------------------------------------------------------ the calibration (--calibrate)
 
-#: Full sizes: 6 * 100 + 4 * 100 = 1,000 honest checks, 4 * 40 = 160 batched ones, 200 of a worker with noisy
+#: Full sizes: 6 * 100 + 4 * 100 = 1,000 honest checks, 4 * 250 = 1,000 batched ones, 200 of a worker with noisy
 #: logits, 100 jobs per cheater.
 FULL = {"pairs": 100, "singles": 100, "rounds": 250, "noisy": 200, "jobs": 100}  # rounds: 1,000 default jobs
 BEGIN = "<!-- calibration: begin (written by bench/verify.py --calibrate) -->"
 END = "<!-- calibration: end -->"
 
 
-async def calibrate(scale: float) -> tuple:
+HONEST_WORKLOADS = ("batched", "honest", "noisy")
+
+
+async def calibrate(scale: float, only: frozenset[str] = frozenset()) -> tuple:
+    """The workloads at ``scale`` of their full sizes; ``only``: just these (names of ``HONEST_WORKLOADS`` and
+    cheaters), the others' tallies None."""
     from tests import calibration
+
+    wanted = lambda name: not only or name in only  # noqa: E731
+    honest = batched = noisy = None
 
     size = {key: max(1, round(value * scale)) for key, value in FULL.items()}
     model = default_model_file()
@@ -292,25 +301,28 @@ async def calibrate(scale: float) -> tuple:
 
     with tempfile.TemporaryDirectory() as tmp:
         # The default engine's workloads first: each tally is printed as it completes.
-        batched = await calibration.batched_checks(model, rounds=size["rounds"], report=report)
-        print(batched.summary(), flush=True)
+        if wanted("batched"):
+            batched = await calibration.batched_checks(model, rounds=size["rounds"], report=report)
+            print(batched.summary(), flush=True)
         cheats = []
-        for cheat in calibration.CHEATS:
+        for cheat in filter(wanted, calibration.CHEATS):
             cheats.append(await calibration.cheater_checks(cheat, model, Path(tmp), jobs=size["jobs"], report=report))
             print(cheats[-1].summary(), flush=True)
-        honest = await calibration.honest_checks(
-            model, Path(tmp), pairs=size["pairs"], singles=size["singles"], report=report
-        )
-        print(honest.summary(), flush=True)
-        noisy = await calibration.noisy_checks(model, jobs=size["noisy"], report=report)
-        print(noisy.summary(), flush=True)
+        if wanted("honest"):
+            honest = await calibration.honest_checks(
+                model, Path(tmp), pairs=size["pairs"], singles=size["singles"], report=report
+            )
+            print(honest.summary(), flush=True)
+        if wanted("noisy"):
+            noisy = await calibration.noisy_checks(model, jobs=size["noisy"], report=report)
+            print(noisy.summary(), flush=True)
     return honest, batched, noisy, cheats
 
 
 def calibration_markdown(honest, batched, noisy, cheats, *, machine: str, minutes: float, scale: float = 1) -> str:
     rows = ["| workload | checks | flagged | max logit error: median / p99 / max | mean error, max | flips, max "
             "(per token) | surprisal z, max |", "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
-    for tally in (honest, batched, noisy):
+    for tally in filter(None, (honest, batched, noisy)):
         errors = sorted(v.max_error for v in tally.verdicts)
         p99 = errors[min(len(errors) - 1, int(0.99 * len(errors)))]
         rows.append(
@@ -338,17 +350,24 @@ def write_between_markers(doc: Path, block: str) -> None:
 
 
 def run_calibration(args: argparse.Namespace) -> None:
+    from tests import calibration
+
+    only = frozenset(name for name in args.only.split(",") if name)
+    if unknown := only - {*HONEST_WORKLOADS, *calibration.CHEATS}:
+        known = ", ".join([*HONEST_WORKLOADS, *calibration.CHEATS])
+        raise SystemExit(f"bench/verify.py: no workload {', '.join(sorted(unknown))} (the workloads: {known})")
     started = time.monotonic()
-    honest, batched, noisy, cheats = trio.run(calibrate, args.scale)
+    honest, batched, noisy, cheats = trio.run(calibrate, args.scale, only)
     machine = f"{cpu_model()}, {os.cpu_count()} cores"
     minutes = (time.monotonic() - started) / 60
     block = calibration_markdown(honest, batched, noisy, cheats, machine=machine, minutes=minutes, scale=args.scale)
     print(block)
-    if not args.no_write:
+    if only:
+        print("(--only: a partial calibration; docs/verification.md is left as it is)")
+    elif not args.no_write:
         write_between_markers(Path(__file__).resolve().parents[1] / "docs" / "verification.md", block)
-    flagged = (
-        len(honest.failures) + len(batched.failures) + len(noisy.failures) + sum(t.checked - t.caught for t in cheats)
-    )
+    honest_flags = sum(len(t.failures) for t in (honest, batched, noisy) if t)
+    flagged = honest_flags + sum(t.checked - t.caught for t in cheats)
     if flagged:
         raise SystemExit(f"bench/verify.py: {flagged} wrong verdicts (see above)")
 
@@ -367,6 +386,12 @@ def main() -> None:
     parser.add_argument("--calibrate", action="store_true", help="run the statistical calibration instead (~1 h)")
     parser.add_argument("--scale", type=float, default=1.0, help="--calibrate at this fraction of its full sizes")
     parser.add_argument("--no-write", action="store_true", help="--calibrate without writing docs/verification.md")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="--calibrate only these workloads, comma-separated (batched, honest, noisy or a "
+        "cheater of tests/calibration.py); never written to the docs",
+    )
     args = parser.parse_args()
     if args.calibrate:
         run_calibration(args)
