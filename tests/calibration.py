@@ -1,10 +1,10 @@
 """The verification workloads, at any size: honest work (per-slot and batched engines) and every cheater.
 
 One definition, two sizes. ``tests/test_verify.py`` runs each at a smoke size with
-fixed seeds (a few dozen honest checks, 10 jobs per cheater), so a regression
-fails the suite in a minute or two; ``bench/verify.py --calibrate`` runs them at
-the sizes ``docs/verification.md`` quotes (1,000 honest checks, 160 batched, 100
-per cheater) and writes the tallies there. Every job is ``job(i)``, seeded by
+fixed seeds (a few dozen honest checks, 4 jobs per cheater), so a regression
+fails the suite in minutes; ``bench/verify.py --calibrate`` runs them at the sizes
+``docs/verification.md`` quotes (1,000 honest checks, 1,000 batched, 100 per
+cheater) and writes the tallies there. Every job is ``job(i)``, seeded by
 ``i``: the same sizes give the same jobs everywhere.
 """
 
