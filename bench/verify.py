@@ -367,9 +367,9 @@ def run_calibration(args: argparse.Namespace) -> None:
     elif not args.no_write:
         write_between_markers(Path(__file__).resolve().parents[1] / "docs" / "verification.md", block)
     honest_flags = sum(len(t.failures) for t in (honest, batched, noisy) if t)
-    flagged = honest_flags + sum(t.checked - t.caught for t in cheats)
-    if flagged:
-        raise SystemExit(f"bench/verify.py: {flagged} wrong verdicts (see above)")
+    short = [t.cheat for t in cheats if t.caught < calibration.TARGET.get(t.cheat, 1.0) * t.checked]
+    if honest_flags or short:
+        raise SystemExit(f"bench/verify.py: {honest_flags} honest jobs flagged; caught below target: {short or 'none'}")
 
 
 def main() -> None:

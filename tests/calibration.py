@@ -224,6 +224,9 @@ WRAPPERS = {
 #: tokens (docs/verification.md); the others on jobs of at least 32.
 LONG = {"noisy-hotter": 64, "noisy-Q4_0": 64, "pad-past-eog": 64, "pad-past-eog-exact": 64}
 PADDERS = {"pad-past-eog", "pad-past-eog-exact"}  # claiming no numerics (the widest class), and the real engine's
+#: The noisy-regime cheaters (no numerics claimed, noise in the records): issue 19 asks >= 95% caught of them,
+#: and 100% of every other cheater (the default worker's exact regime).
+TARGET = {"noisy-hotter": 0.95, "noisy-Q4_0": 0.95, "pad-past-eog": 0.95}
 #: Cheats that may leave an answer exactly as an honest worker gives it (a slightly hotter sampler can draw
 #: every token the asked one draws): such a job is not cheated, and is not counted.
 MAY_NOT_CHANGE = {"hotter-1.3"}
