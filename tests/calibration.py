@@ -124,7 +124,8 @@ class Honest:
             f"outside max {max(v.outside for v in self.verdicts)}; surprise z max "
             f"{max(v.surprise_z for v in self.verdicts):.2f}"
         )
-        return text + (f"; prompt tokens found in a cache: {self.reused_tokens}" if self.reused_tokens else "")
+        text += f"; prompt tokens found in a cache: {self.reused_tokens}" if self.reused_tokens else ""
+        return text + "".join(f"\n  flagged: {failure}" for failure in self.failures)
 
 
 async def honest_checks(model_file: Path, workdir: Path, *, pairs: int, singles: int, report=None) -> Honest:
