@@ -243,6 +243,7 @@ class Caught:
     caught: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     passed: list[str] = field(default_factory=list)
+    verdicts: list[tuple[SamplingParams, judge.Verdict]] = field(default_factory=list, repr=False)  # every check
 
     def summary(self) -> str:
         return (
@@ -306,6 +307,7 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
                     continue
                 tally.checked += 1
                 tally.caught += not verdict.ok
+                tally.verdicts.append((params, verdict))
                 if verdict.ok:
                     tally.passed.append(f"temperature {params.temperature}, {verdict}")
                 key = reason_kind(verdict.reason) if verdict.reason else "passed"
