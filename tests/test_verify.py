@@ -99,6 +99,19 @@ def test_identical_logits_pass():
     assert judged(GREEDY).ok and judged(noise=verify.EXACT).ok and judged(GREEDY, noise=verify.CPU).ok
 
 
+def test_in_the_exact_class_a_single_differing_pick_fails():
+    """Same logits, chain and seed give the same pick: one flip (a slightly hotter sampler's) or one token outside
+    the candidates is a cheat there, though a noisy class allows it."""
+    one_flip = dict(pick=np.array([10, 11, 12, 14]), gap=np.array([0, 0, 0, 0.5]))
+    assert "1 of 4 tokens differ from the seeded draw's" in judged(noise=verify.EXACT, **one_flip).reason
+    assert judged(noise=verify.CPU, **one_flip).ok
+    one_outside = dict(allowed=np.array([True, True, True, False]))
+    assert "1 of 4 tokens are outside" in judged(noise=verify.EXACT, **one_outside).reason
+    assert judged(noise=verify.GPU, **one_outside).ok
+    greedy_flip = dict(pick=np.array([10, 11, 12, 14]), gap=np.array([0, 0, 0, 0.0]))  # a tie, picked the other way
+    assert "1 of 4 tokens are not the most likely one" in judged(GREEDY, noise=verify.EXACT, **greedy_flip).reason
+
+
 def test_the_noise_class_comes_from_the_claim_and_never_from_the_records():
     own = "0123456789abcdef"
     assert verify.noise_class(own, own) is verify.EXACT
