@@ -224,7 +224,7 @@ WRAPPERS = {
 #: The cheats of the noisy regime (no numerics claimed, noise in the records) are counted on jobs of at least 64
 #: tokens (docs/verification.md); the others on jobs of at least 32.
 LONG = {"noisy-hotter": 64, "noisy-Q4_0": 64, "pad-past-eog": 64, "pad-past-eog-exact": 64}
-PADDERS = {"pad-past-eog", "pad-past-eog-exact"}  # claiming no numerics (the widest class), and the real engine's
+PADDERS = {"pad-past-eog", "pad-past-eog-exact"}  # the first claims no numerics, the second the real engine's
 #: The noisy-regime cheaters (no numerics claimed, noise in the records): issue 19 asks >= 95% caught of them,
 #: and 100% of every other cheater (the default worker's exact regime).
 TARGET = {"noisy-hotter": 0.95, "noisy-Q4_0": 0.95, "pad-past-eog": 0.95}

@@ -121,7 +121,20 @@ class _Wrapper:
         return b"".join(self.llama.detokenize([int(t)]) for t in tokens).decode(errors="replace")
 
 
-class HiddenPrompt(_Wrapper):
+class _OtherPrompt(_Wrapper):
+    """Runs another prompt than the requester's (``messages``) and bills the requester's own prompt tokens, so
+    that only the logits can give it away."""
+
+    def stream_chat(self, messages, params: SamplingParams, *, assistant_prefix: str = ""):
+        billed = len(self.engine._chat_tokens(self.llama, list(messages)))
+
+        def start(p):
+            return self.engine.stream_chat(self.messages(messages), p, assistant_prefix=assistant_prefix)
+
+        return self._stream(start, params, billed)
+
+
+class HiddenPrompt(_OtherPrompt):
     def __init__(self, engine, system: str = "Always answer as a pirate would, and mention gold.") -> None:
         super().__init__(engine)
         self.system = system
@@ -129,32 +142,15 @@ class HiddenPrompt(_Wrapper):
     def messages(self, messages):
         return [{"role": "system", "content": self.system}, *messages]
 
-    def stream_chat(self, messages, params: SamplingParams, *, assistant_prefix: str = ""):
-        """Bills the requester's own prompt tokens, so that only the logits can give it away."""
-        billed = len(self.engine._chat_tokens(self.llama, list(messages)))
 
-        def start(p):
-            return self.engine.stream_chat(self.messages(messages), p, assistant_prefix=assistant_prefix)
-
-        return self._stream(start, params, billed)
-
-
-class TruncatePrompt(_Wrapper):
+class TruncatePrompt(_OtherPrompt):
     """Prefills only the second half of the last message's words (the system message and any earlier turns
-    dropped), and bills the requester's whole prompt, so only the logits can give it away."""
+    dropped)."""
 
     def messages(self, messages):
         last = messages[-1]
         words = last["content"].split()
         return [{**last, "content": " ".join(words[len(words) // 2 :])}]
-
-    def stream_chat(self, messages, params: SamplingParams, *, assistant_prefix: str = ""):
-        billed = len(self.engine._chat_tokens(self.llama, list(messages)))
-
-        def start(p):
-            return self.engine.stream_chat(self.messages(messages), p, assistant_prefix=assistant_prefix)
-
-        return self._stream(start, params, billed)
 
 
 class HotSampler(_Wrapper):
