@@ -191,17 +191,19 @@ async def batched_checks(model_file: Path, *, rounds: int, report=None) -> Hones
     return tally
 
 
-async def noisy_checks(model_file: Path, *, jobs: int, sigma: float = cheaters.NOISE, report=None) -> Honest:
+async def noisy_checks(
+    model_file: Path, *, jobs: int, sigma: float = cheaters.NOISE, first: int = 2000, report=None
+) -> Honest:
     """``jobs`` honest answers (up to 96 tokens) of a worker whose logits carry Gaussian noise of ``sigma`` at
     every position (``cheaters.NoisyHonest``, as a GPU's might; it claims no numerics, so it is checked in the
-    widest class), each checked by a one-thread verifier."""
+    widest class), each checked by a one-thread verifier. ``first``: the first ``job``'s index."""
     tally = Honest(f"honest noisy checks (noise {sigma})", report=report)
     async with (
         open_engine(model_file, slots=1, threads=1) as own,
         open_engine(model_file, slots=1, threads=1) as verifier,
     ):
         worker = cheaters.NoisyHonest(cheaters.Direct(own), sigma)
-        for i in range(2000, 2000 + jobs):
+        for i in range(first, first + jobs):
             messages, params = job(i, long_every=25, max_tokens=96)
             done = await answer(worker, messages, params)
             tally.keep(await check(verifier, messages, params, done, worker), f"noisy job {i}")
@@ -261,9 +263,12 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"\d+(\.\d+)?", "#", text)
 
 
-async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: int, report=None) -> Caught:
+async def cheater_checks(
+    cheat: str, model_file: Path, workdir: Path, *, jobs: int, first: int = 1000, report=None
+) -> Caught:
     """``jobs`` checked answers of at least 32 tokens (64: ``LONG``) from the cheater ``cheat`` (in ``CHEATS``);
-    a padder's answers count only where it padded (the model would have ended before ``max_tokens``)."""
+    a padder's answers count only where it padded (the model would have ended before ``max_tokens``).
+    ``first``: the first ``job``'s index."""
     path = model_file
     quantization = cheat.removeprefix("noisy-").removeprefix("forged-")
     if quantization in cheaters.QUANTIZATIONS:
@@ -296,7 +301,7 @@ async def cheater_checks(cheat: str, model_file: Path, workdir: Path, *, jobs: i
                 return None  # the honest engine (batch-invariant) gives the same answer: nothing was cheated
             return await check(verifier, messages, params, done, worker)
 
-        i = 1000
+        i = first
         while tally.checked < jobs:
             pair = [job(i + k, long_every=25, max_tokens=max(40, least + least // 2), short=cheat in PADDERS)
                     for k in range(2)]  # fmt: skip

@@ -43,6 +43,7 @@ def test_up_status_down_leaves_nothing_running_and_up_works_again(tmp_path):
     assert not any(pid_alive(pid) for pid in again.pids.values())
 
 
+@pytest.mark.long  # two more worker processes; the testnet's own start is the test above
 def test_two_workers_share_the_cores_and_the_one_that_fetched_the_model_keeps_its_name(tmp_path, monkeypatch):
     """Issue 22: `testnet up` divides the cores among its workers (each notes its threads in the runtime dir), and
     worker-2, which fetched the model by CID from IPFS, serves it under the market's name: in its store, its log

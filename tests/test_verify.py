@@ -267,6 +267,7 @@ async def test_where_the_probe_says_exact_every_logit_matches_and_the_budget_is_
 
 
 @slow
+@pytest.mark.long  # the per-slot engine is not the default; the default (batched) one's test below stays
 async def test_honest_work_is_never_flagged(default_model_file, tmp_path, capsys):
     """40 honest checks (tests/calibration.py: 1- and 2-thread workers, either slot, alone or beside another
     job, warm and cold caches, 1- and 2-thread verifiers, a Q2_K round whose batched pass is not bit-identical):
@@ -290,6 +291,7 @@ async def test_honest_batched_work_is_never_flagged(default_model_file, capsys):
 
 
 @slow
+@pytest.mark.long  # the noisy regime is not the default worker's
 async def test_honest_noisy_work_is_never_flagged(default_model_file, capsys):
     """8 honest answers of up to 96 tokens from a worker whose logits carry Gaussian noise at every position (as
     a GPU's might) and that claims no numerics, so it is checked in the widest class: none flagged. The
@@ -301,8 +303,15 @@ async def test_honest_noisy_work_is_never_flagged(default_model_file, capsys):
     assert len(tally.verdicts) == 8 and {v.regime for v in tally.verdicts} == {"gpu"}
 
 
+#: The cheaters the default suite runs, one per kind of check (a logit off, the seeded draw, padding a default
+#: worker's answer); the others run with ``scripts/test --all`` (CI), as marked.
+IN_DEFAULT_SUITE = {"Q4_0", "hotter", "pad-past-eog-exact"}
+
+
 @slow
-@pytest.mark.parametrize("cheat", calibration.CHEATS)
+@pytest.mark.parametrize(
+    "cheat", [c if c in IN_DEFAULT_SUITE else pytest.param(c, marks=pytest.mark.long) for c in calibration.CHEATS]
+)
 async def test_every_cheater_is_caught(cheat, default_model_file, tmp_path, capsys):
     """4 checked jobs of at least 32 tokens (64 for the noisy-regime cheaters and the padder) from each cheater
     of tests/cheaters.py, served by the default (batched) engine: every one must fail verification. The
