@@ -63,7 +63,7 @@ Measured (steady state only):
   exceeded": a peer forwarding more than 10 messages a second on one topic has the
   excess neither forwarded nor cached, and is penalised).
 
-The mesh overrides (``--degree``, ``--rate-limit``) set the same attributes on each
+The mesh overrides (``--degree``, ``--heartbeat``, ``--rate-limit``) set the same attributes on each
 host's ``GossipSub`` that ``HostConfig``'s gossip fields stand for (node/net/config.py).
 It prints one table row per size, plus the load average before and after.
 """
@@ -224,6 +224,8 @@ def child(args: argparse.Namespace) -> None:
         if args.degree:
             relief.update(gossip_degree=args.degree, gossip_degree_low=max(1, args.degree - 2),
                           gossip_degree_high=2 * args.degree)  # fmt: skip
+        if args.heartbeat:
+            relief.update(gossip_heartbeat_s=args.heartbeat)
         if args.watermarks:
             low, high = (int(x) for x in args.watermarks.split(","))
             relief.update(min_connections=min(low, 8), low_watermark=low, high_watermark=high,
@@ -673,6 +675,7 @@ def main() -> None:
         help="seconds between full offers; deltas in between (Advertiser: 300 s)",
     )
     parser.add_argument("--degree", type=int, default=0, help="GossipSub mesh degree D (0: the host's, 6)")
+    parser.add_argument("--heartbeat", type=int, default=0, help="seconds between GossipSub heartbeats (0: the host's)")
     parser.add_argument(
         "--rate-limit",
         type=float,
@@ -697,7 +700,7 @@ def main() -> None:
         "--settle", str(args.settle), "--steady", str(args.steady), "--change-every", str(args.change_every),
         "--churn", str(args.churn), "--requester-every", str(args.requester_every), "--refresh", str(args.refresh),
         "--ttl", str(args.ttl), "--full-every", str(args.full_every),
-        "--degree", str(args.degree), "--seed", str(args.seed),
+        "--degree", str(args.degree), "--heartbeat", str(args.heartbeat), "--seed", str(args.seed),
     ] + (["--rate-limit", str(args.rate_limit)] if args.rate_limit is not None else []) + (
         ["--watermarks", args.watermarks] if args.watermarks else []
     ) + (

@@ -80,3 +80,5 @@ class HostConfig:
     gossip_degree_low: int = 4
     gossip_degree_high: int = 12
     gossip_rate_limit: float = 10.0
+    # seconds between GossipSub heartbeats (mesh upkeep and IHAVE gossip; py-libp2p takes whole seconds)
+    gossip_heartbeat_s: int = 1

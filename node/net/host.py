@@ -198,7 +198,7 @@ class Host:
             degree=self.config.gossip_degree,
             degree_low=self.config.gossip_degree_low,
             degree_high=self.config.gossip_degree_high,
-            heartbeat_interval=1,
+            heartbeat_interval=self.config.gossip_heartbeat_s,
             max_messages_per_topic_per_second=self.config.gossip_rate_limit,
         )
         self.pubsub = Pubsub(self.libp2p, self.gossipsub, strict_signing=True)
