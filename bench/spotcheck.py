@@ -1,6 +1,7 @@
 """Adaptive spot checks, simulated with the real policy (node/market/trust.py): what cheaters get, what honesty costs.
 
-    .venv/bin/python bench/spotcheck.py [--base 0.05] [--identities 20000] [--workers 5000] [--seed 1] [--json]
+    .venv/bin/python bench/spotcheck.py [--base 0.05] [--identities 20000] [--workers 5000] [--seed 1]
+        [--strikes 2] [--noisy-false 0.01875] [--noisy-catch 0.96] [--json]
 
 No network and no model: each job is a draw. A requester runs jobs on one worker
 at a time with its ``Trust`` and spot-checks each job with
@@ -23,6 +24,16 @@ verifier's default price, a tenth of the job's (``WorkerConfig.verify_price``).
 The spend ratio is verification spend over job spend over the worker's first
 100 jobs; mean, 95th percentile and worst are over workers, for exact and noisy
 workers (node/market/trust.py: a noisy worker is checked at least twice the base).
+
+Noisy workers and strikes: a noisy worker's failed check can be statistical
+(node/market/trust.py, ``Trust.struck``), and only ``--strikes`` in a row ban.
+Honest noisy workers fail a check with probability ``--noisy-false`` (15 of
+800 in docs/verification.md's held-out runs); the share that one requester bans
+within 100 and ``--noisy-jobs`` jobs is printed. Noisy cheaters are caught by a
+check with probability ``--noisy-catch`` (the least measured, 96 of 100), and
+each of their cheated jobs is counted as unchecked or as struck (checked and
+failed, but not yet banned: a spot check comes after the job was paid).
+``--strikes 1`` is the policy without strikes, for comparison.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.market.trust import Trust  # noqa: E402
+from node.market.trust import STRIKES, Trust  # noqa: E402
 from node.payments.policy import job_cost  # noqa: E402
 
 #: (prompt tokens, answer tokens) of the short and long jobs in docs/benchmarks.md (bench/verify.py).
@@ -112,6 +123,64 @@ def honest_workers(base: float, workers: int, jobs: int, price: int, exact: bool
     }
 
 
+def noisy_honest(base: float, workers: int, jobs: int, false_rate: float, strikes: int, rng: random.Random) -> dict:
+    """Honest noisy workers whose checked answers fail (statistically) with probability ``false_rate``: the
+    share that one requester bans (``strikes`` in a row, ``Trust.struck``) within 100 and within ``jobs`` jobs."""
+    trust = Trust(strikes=strikes)
+    banned_at, checks = [], []
+    for w in range(workers):
+        peer, checked, ban = f"noisy-{w}", 0, None
+        for j in range(jobs):
+            if rng.random() < trust.spot_probability(peer, base, exact=False):
+                checked += 1
+                if rng.random() >= false_rate:
+                    trust.passed(peer)
+                elif trust.struck(peer):
+                    ban = j
+                    break
+        banned_at.append(ban)
+        checks.append(checked)
+    return {
+        "workers": workers,
+        "jobs": jobs,
+        "false_rate": false_rate,
+        "checks_mean": statistics.mean(checks),
+        "banned_within_100": sum(b is not None and b < 100 for b in banned_at) / workers,
+        "banned_within_all": sum(b is not None for b in banned_at) / workers,
+    }
+
+
+def noisy_cheater(
+    cheats, base: float, identities: int, max_jobs: int, catch: float, strikes: int, rng: random.Random
+) -> dict:
+    """A noisy cheater that a check catches with probability ``catch`` (statistically: a strike), and that
+    takes a new identity after each ban. Counts its cheated jobs per identity that nobody checked, and those
+    a check caught without a ban yet (a spot check is made after the job is paid: it was paid for them)."""
+    trust = Trust(strikes=strikes)
+    unchecked = struck = jobs = 0
+    for identity in range(identities):
+        peer = f"noisy-cheater-{identity}"
+        for j in range(max_jobs):
+            jobs += 1
+            cheated = cheats(j, rng)
+            checked = rng.random() < trust.spot_probability(peer, base, exact=False)
+            if not checked:
+                unchecked += cheated
+            elif cheated and rng.random() < catch:
+                if trust.struck(peer):
+                    break
+                struck += 1
+            else:
+                trust.passed(peer)
+    return {
+        "identities": identities,
+        "catch": catch,
+        "unchecked_cheats_per_identity": unchecked / identities,
+        "struck_cheats_per_identity": struck / identities,
+        "jobs_per_identity": jobs / identities,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=float, default=0.05, help="the requester's --spot-check (default 0.05)")
@@ -119,6 +188,25 @@ def main() -> None:
     parser.add_argument("--max-jobs", type=int, default=10_000, help="jobs after which an identity stops")
     parser.add_argument("--workers", type=int, default=5_000, help="honest workers, 100 jobs each")
     parser.add_argument("--price", type=int, default=10**6, help="job price per 1,000 tokens (base units)")
+    parser.add_argument(
+        "--noisy-false",
+        type=float,
+        default=15 / 800,
+        help="an honest noisy job's chance of failing a check (default: 15 of 800, measured)",
+    )
+    parser.add_argument(
+        "--noisy-catch",
+        type=float,
+        default=0.96,
+        help="a noisy cheat's chance of failing a check (default 0.96, the least measured)",
+    )
+    parser.add_argument(
+        "--strikes",
+        type=int,
+        default=STRIKES,
+        help=f"statistical failures in a row that ban a noisy worker (default {STRIKES}; 1: no strikes)",
+    )
+    parser.add_argument("--noisy-jobs", type=int, default=1000, help="jobs per honest noisy worker (strikes)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -131,6 +219,11 @@ def main() -> None:
         "honest": {
             kind: honest_workers(args.base, args.workers, 100, args.price, kind == "exact", rng)
             for kind in ("exact", "noisy")
+        },
+        "noisy_honest": noisy_honest(args.base, args.workers, args.noisy_jobs, args.noisy_false, args.strikes, rng),
+        "noisy_cheaters": {
+            name: noisy_cheater(cheats, args.base, args.identities, args.max_jobs, args.noisy_catch, args.strikes, rng)
+            for name, cheats in STRATEGIES[:3]
         },
     }
     if args.json:
@@ -153,6 +246,22 @@ def main() -> None:
     for kind, r in results["honest"].items():
         spend = " | ".join(f"{100 * r[k]:.2f}%" for k in ("spend_ratio_mean", "spend_ratio_p95", "spend_ratio_max"))
         print(f"| {kind} ({r['workers']:,} workers) | {r['checks_mean']:.1f} | {spend} | {r['credit_after']} |")
+    r = results["noisy_honest"]
+    print()
+    print(f"Noisy workers under strikes ({args.strikes} statistical failure(s) in a row ban):")
+    print()
+    print("| honest noisy worker, one requester | checks | banned within 100 jobs | within "
+          f"{r['jobs']:,} jobs |")  # fmt: skip
+    print("|---|---:|---:|---:|")
+    print(f"| fails {100 * r['false_rate']:.1f}% of checks ({r['workers']:,} workers) | {r['checks_mean']:.1f} "
+          f"| {100 * r['banned_within_100']:.2f}% | {100 * r['banned_within_all']:.2f}% |")  # fmt: skip
+    print()
+    print(f"| noisy cheater caught in {100 * args.noisy_catch:.0f}% of checks (new identity after each ban) "
+          "| unchecked cheated jobs / identity | struck, not yet banned / identity | jobs / identity |")  # fmt: skip
+    print("|---|---:|---:|---:|")
+    for name, r in results["noisy_cheaters"].items():
+        print(f"| {name} | {r['unchecked_cheats_per_identity']:.2f} | {r['struck_cheats_per_identity']:.2f} "
+              f"| {r['jobs_per_identity']:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -152,18 +152,26 @@ async def test_a_spot_check_catches_a_cheat_and_the_report_is_rechecked_or_taken
         nursery.cancel_scope.cancel()
 
 
-def test_a_report_that_does_not_hold_together_is_dropped(tmp_path):
-    """Reports are checked before they are forwarded: signatures of the reporter, the accused and the verifiers."""
+def _signed_proof(worker: Identity, job_id: str):
+    """A proof of a (made-up) answer that ``worker`` really signed."""
     from node.market.requester import Proof
     from node.protocol.messages import JobDone, JobRequest
 
-    worker, reporter, other = (Identity.load(tmp_path / n) for n in ("worker", "reporter", "other"))
-    request = JobRequest(job_id="j1", model=MODEL, params={"max_tokens": 4, "temperature": 0.0}, prompt="hi")
+    request = JobRequest(job_id=job_id, model=MODEL, params={"max_tokens": 4, "temperature": 0.7}, prompt="hi")
     fingerprints = b"\x01" * 15
-    receipt = ResultReceipt("j1", MODEL, request_hash(request), hashlib.sha256(b"out").digest(), 2, 1,
+    receipt = ResultReceipt(job_id, MODEL, request_hash(request), hashlib.sha256(b"out").digest(), 2, 1,
                             worker.peer_id, fingerprints_hash=hashlib.sha256(fingerprints).digest())  # fmt: skip
     receipt = ResultReceipt(**{**receipt.__dict__, "signature": worker.sign(receipt_signing_bytes(receipt))})
-    proof = Proof(request, JobDone("j1", "length", receipt, fingerprints), "out")
+    return Proof(request, JobDone(job_id, "length", receipt, fingerprints), "out")
+
+
+def test_a_report_that_does_not_hold_together_is_dropped(tmp_path):
+    """Reports are checked before they are forwarded: signatures of the reporter, the accused and the verifiers."""
+    from node.market.requester import Proof
+
+    worker, reporter, other = (Identity.load(tmp_path / n) for n in ("worker", "reporter", "other"))
+    proof = _signed_proof(worker, "j1")
+    request = proof.request
     good = make_report(reporter, proof, [forged_verdict(other, proof)])
     assert parse_report(encode(good), reporter.peer_id) == good  # well formed (its verdict is a lie, not a forgery)
     resigned = dataclasses.replace(good, signature=other.sign(b"something else"))
@@ -177,6 +185,55 @@ def test_a_report_that_does_not_hold_together_is_dropped(tmp_path):
     ):
         with pytest.raises(WireError, match=why):
             parse_report(encode(report), publisher)
+
+
+async def test_a_noisy_workers_statistical_failure_is_a_strike_and_two_in_a_row_ban_and_report(tmp_path):
+    """A verdict that failed only on counts honest noise crosses now and then (``statistical``) neither bans
+    nor reports at once; the second in a row does both. A proof (here: a padded answer) bans at the first."""
+    from types import SimpleNamespace
+
+    from node.market.trust import STRIKES, Trust
+    from node.verify.judge import Verdict
+
+    worker, padder, me = (Identity.load(tmp_path / n) for n in ("worker", "padder", "me"))
+    published = []
+
+    async def publish(report):
+        published.append(report)
+
+    requester = SimpleNamespace(host=SimpleNamespace(identity=me), reputation=Reputation(),
+                                fraud=SimpleNamespace(publish=publish))  # fmt: skip
+    counts = Verdict(False, "40 of 64 tokens differ from the seeded draw's", 64, 0.3, 0.1, 40, 0, 0.0, "gpu",
+                     statistical=True)  # fmt: skip
+    passing = Verdict(True, "", 64, 0.3, 0.1, 3, 0, 0.0, "gpu")
+    padded = Verdict(False, "token 9: the answer goes on where the model ends it (end-of-generation)", 64, 0.3,
+                     0.1, 3, 0, 0.0, "gpu")  # fmt: skip
+
+    @dataclass
+    class Checker:  # a LocalVerifier whose verdict is given
+        verdict: Verdict
+
+        async def check_result(self, result) -> Verdict:
+            return self.verdict
+
+    async def audited(who: Identity, verdict: Verdict, job: str):
+        result = SimpleNamespace(proof=_signed_proof(who, job), model=MODEL)
+        return await audit(requester, result, verifier=Checker(verdict), trust=trust)
+
+    trust, now = Trust(), time.time()
+    first = await audited(worker, counts, "j1")
+    assert first.struck and not first.reported and not published
+    assert not requester.reputation.banned(worker.peer_id, now + 1)
+    assert (await audited(worker, passing, "j2")).verdict.ok  # a pass between: the strikes start over
+    for job in range(STRIKES - 1):
+        assert (await audited(worker, counts, f"k{job}")).struck and not published
+    last = await audited(worker, counts, "k-last")
+    assert last.reported and not last.struck and len(published) == 1
+    assert requester.reputation.banned(worker.peer_id, now + CHEATER_BAN_S - 60)
+    assert published[0].done.receipt.worker == worker.peer_id
+    # a proof bans and reports at once
+    assert (await audited(padder, padded, "p1")).reported and len(published) == 2
+    assert requester.reputation.banned(padder.peer_id, now + CHEATER_BAN_S - 60)
 
 
 async def test_verification_jobs_go_to_the_verify_protocol_and_only_there(tmp_path):

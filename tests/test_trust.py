@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.market.trust import CREDIT_START, FIRST_CHECKS, NOISY_FACTOR, Trust, probability_after
+from node.market.trust import CREDIT_START, FIRST_CHECKS, NOISY_FACTOR, STRIKES, Trust, probability_after
 from node.payments.payer import CREDIT_TOKENS
 from node.payments.policy import job_cost
 
@@ -116,3 +116,17 @@ def _unchecked_cheats(rate: float, jobs: int = 2000) -> float:
 def test_a_cheater_that_takes_a_new_key_after_each_catch_gets_at_most_one_unchecked_cheat_per_key():
     assert _unchecked_cheats(1.0) == 0.0  # every first job is checked
     assert _unchecked_cheats(0.5) <= 1.0
+
+
+def test_statistical_failures_are_strikes_and_only_enough_in_a_row_ban():
+    trust = Trust()
+    for _ in range(FIRST_CHECKS + 4):
+        trust.passed("w")
+    assert trust.spot_probability("w", BASE, exact=False) < 1 and trust.credit_tokens("w") > CREDIT_START
+    assert not trust.struck("w")  # the first: a stranger again, not caught
+    assert trust.spot_probability("w", BASE, exact=False) == 1.0 and trust.credit_tokens("w") == CREDIT_START
+    assert trust.verified("w") == 0 and not trust.peers["w"].caught
+    trust.passed("w")  # a pass between clears the strikes
+    assert not trust.struck("w")
+    more = [trust.struck("w") for _ in range(STRIKES - 1)]  # … and STRIKES in a row ban
+    assert more[-1] and not any(more[:-1])

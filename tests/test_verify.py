@@ -166,6 +166,25 @@ def test_noisy_picks_are_held_to_fixed_allowances_and_must_flip_both_ways():
     assert seeded_flips(17, 17).ok
 
 
+def test_a_noisy_failure_on_counts_is_statistical_and_every_other_failure_is_not():
+    """Only the pick counts and probabilities that honest noise crosses now and then make a failure
+    ``statistical`` (a strike, node/market/trust.py); a bad bill, padding, an off logit or any failure in the
+    exact class is a proof."""
+    assert seeded_flips(19).statistical and seeded_flips(17).statistical and seeded_flips(18, 17).statistical
+    assert not seeded_flips(8, 8).statistical  # a pass is never statistical
+    far = judged(GREEDY, noise=verify.GPU, pick=np.array([10, 99, 12, 13]), gap=np.array([0, 2.5, 0, 0]))
+    assert not far.ok and far.statistical
+    assert judged(noise=verify.CPU, p=np.full(4, 0.01)).statistical  # surprisal
+    assert not judged(
+        GREEDY, noise=verify.EXACT, pick=np.array([10, 99, 12, 13]), gap=np.array([0, 2.5, 0, 0])
+    ).statistical
+    assert not judged(noise=verify.EXACT, pick=np.array([1, 2, 3, 13])).statistical
+    ended = dict(pick=np.array([10, 98, 99, 13]), pick_eog=np.array([False, True, True, False]))
+    for proof in (judged(prompt=12), judged(tokens=3), judged(**ended), judged(text="abce"),
+                  judged(at_token=np.array([15.0, 15.0, 11.0, 15.0], np.float32))):  # fmt: skip
+        assert not proof.ok and not proof.statistical, proof.reason
+
+
 def test_the_billed_usage_must_be_the_verifiers_own_count():
     assert judged(prompt=9).ok
     assert judged(prompt=12).reason == "12 prompt tokens billed where the prompt has 9"

@@ -16,6 +16,18 @@ exact numerics, so it is checked in a noisy class: node/verify/judge.py) is chec
 ``NOISY_FACTOR × base``. ``base`` 0 turns checks off: the requester asked for none.
 A worker caught once is always checked (it is banned anyway, node/verify/fraud.py).
 
+A noisy worker's failed check can be *statistical* (``Verdict.statistical``:
+too many flips of the seeded draw, a greedy pick past the near-tie allowance, …
+limits that an honest worker on other hardware crosses in about 2% of jobs,
+docs/verification.md). Such a failure is a strike, not a proof: ``struck``
+makes the worker a stranger again (always checked for its next
+``FIRST_CHECKS`` jobs, the smallest credit window) and says whether it has
+now failed ``STRIKES`` checks in a row, when the caller bans it as for any
+failed check. A check that passes clears the strikes. An honest noisy worker
+is then banned after two failures in a row (about 0.04% of pairs of checks),
+while a cheater that the noisy checks catch 95% of the time is, after its
+first strike, checked on every job until it is caught again.
+
 ``credit_tokens(peer_id)``: how many tokens' worth a paid worker may stream
 ahead of the requester's last receipt (node/payments/payer.py). It starts at
 ``CREDIT_START`` and doubles every ``FIRST_CHECKS`` passes, up to
@@ -46,6 +58,8 @@ FIRST_CHECKS = 3
 DECAY = 1.5
 #: A noisy worker (no exact numerics claimed) is checked at least this many times the base probability.
 NOISY_FACTOR = 2.0
+#: Statistical failures in a row (no passed check between) that ban a noisy worker (``Trust.struck``).
+STRIKES = 2
 #: The credit window of a worker with no verified history, in tokens; it doubles every ``FIRST_CHECKS`` passes.
 CREDIT_START = 16
 
@@ -69,6 +83,7 @@ def credit_after(passed: int) -> int:
 class TrustRecord:
     passed: int = 0  # answers of this worker that passed a check
     caught: bool = False  # an answer of this worker failed a check
+    strikes: int = 0  # statistical failures since its last passed check
 
 
 @dataclass
@@ -76,6 +91,7 @@ class Trust:
     """What a requester has verified of each worker, and the spot-check probability and credit that follow."""
 
     max_peers: int = 10_000
+    strikes: int = STRIKES  # statistical failures in a row that ban (``struck``)
     peers: dict[str, TrustRecord] = field(default_factory=dict)
 
     def spot_probability(self, peer_id: str, base: float, *, exact: bool = True) -> float:
@@ -99,7 +115,17 @@ class Trust:
 
     def passed(self, peer_id: str) -> None:
         """An answer of ``peer_id`` passed a check (ours or a spot check)."""
-        self._record(peer_id).passed += 1
+        rec = self._record(peer_id)
+        rec.passed += 1
+        rec.strikes = 0
+
+    def struck(self, peer_id: str) -> bool:
+        """An answer of ``peer_id`` failed a check only statistically: it starts over as a stranger. True when
+        that makes ``strikes`` in a row, and the caller treats it as caught (bans it, ``failed``)."""
+        rec = self._record(peer_id)
+        rec.passed = 0
+        rec.strikes += 1
+        return rec.strikes >= self.strikes
 
     def failed(self, peer_id: str) -> None:
         """An answer of ``peer_id`` failed a check: it starts over, and is always checked."""
@@ -115,7 +141,7 @@ class Trust:
         rec = self.peers.get(peer_id)
         if rec is None:
             if len(self.peers) >= self.max_peers:
-                least = min(self.peers, key=lambda p: self.peers[p].passed)
+                least = min(self.peers, key=lambda p: (self.peers[p].passed, self.peers[p].strikes))
                 del self.peers[least]
             rec = self.peers[peer_id] = TrustRecord()
         return rec

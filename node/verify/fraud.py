@@ -14,7 +14,10 @@ What a node does with a report that passes those checks (``FraudWatch``):
   ``CHEATER_BAN_S``. If the answer checks out, the report was false: the
   reporter and every verifier that signed a failing verdict are banned
   instead, and the accused is untouched. Framing an honest worker costs the
-  framer, never the worker.
+  framer, never the worker. Except where every failing verdict is statistical
+  (``Verdict.statistical``; a reporter's own check signs none, so it may be):
+  a check on other numerics can fail a count that passes here, so the report
+  is ignored.
 - **It does not have the model**: the report is a hint. Each distinct verifier
   that signed a failing verdict against a worker counts once (the reporter's
   own word counts for nothing: it could be anyone). From ``HINT_QUORUM``
@@ -45,7 +48,7 @@ from node.errors import InvalidRequest, PaymentError, WireError
 from node.inference.numerics import claims_exact
 from node.market.jobs import check_result_receipt, request_hash
 from node.market.routing import Reputation, RouteQuery
-from node.market.trust import Trust
+from node.market.trust import STRIKES, Trust
 from node.net.host import Host
 from node.net.identity import Identity, verify_peer_signature
 from node.payments.payer import Payer
@@ -215,9 +218,22 @@ class FraudWatch:
         if not verdict.ok:
             self.reputation.ban(accused, now, CHEATER_BAN_S)
             return Outcome(accused, report.reporter, "banned the worker", verdict.reason)
+        if all(_statistical(signed) for signed in report.verdicts):
+            # The report's failures are statistical (a reporter's own check signs no verdict, so it may be too):
+            # an answer checked on other numerics can fail a count there and pass here, within honest noise.
+            # Not proof that the reporter lied; and the worker is untouched either way.
+            return Outcome(accused, report.reporter, "ignored", "passes here; the report's failures are statistical")
         for framer in {report.reporter} | accusers:
             self.reputation.ban(framer, now, CHEATER_BAN_S)
         return Outcome(accused, report.reporter, "banned the reporter", "the answer checks out")
+
+
+def _statistical(signed: SignedVerdict) -> bool:
+    """Whether a (valid, failing) verdict failed only statistically."""
+    try:
+        return read_verdict(signed).statistical
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------ after a job
@@ -230,6 +246,7 @@ class Audit:
     local: Verdict | None = None  # our own check (--verify)
     spot: SpotCheck | None = None  # another worker's (--spot-check)
     reported: bool = False  # a fraud report was published
+    struck: bool = False  # the check failed only statistically: a strike (``Trust.struck``), not yet a ban
     notes: list[str] = field(default_factory=list)  # checks that were asked for and could not be made, and why
 
     @property
@@ -244,6 +261,7 @@ class Audit:
             if self.spot is None
             else {"verifier": self.spot.verifier, "cost": self.spot.cost, **self.spot.verdict.to_dict()},
             "reported": self.reported,
+            "struck": self.struck,
             "notes": self.notes,
         }
 
@@ -265,8 +283,10 @@ async def audit(
     ``spot_check_probability``; with ``trust`` (node/market/trust.py), with the probability it gives the
     worker for that base instead (a stranger's first jobs are always checked, then less as checks pass),
     unless our own check was made. Every verdict is recorded in ``trust``. A failed check bans the worker
-    (``CHEATER_BAN_S``: no more jobs, so no more receipts signed to it) and publishes a fraud report. When our
-    own check passes an answer that a spot check failed, the verifier lied: it is banned instead.
+    (``CHEATER_BAN_S``: no more jobs, so no more receipts signed to it) and publishes a fraud report, except
+    a statistical failure of a noisy worker (``Verdict.statistical``) with ``trust``: that is a strike
+    (``Trust.struck``), and only ``STRIKES`` in a row ban and report. When our own check passes an answer
+    that a spot check failed, the verifier lied: it is banned instead.
     """
     checks = Audit()
     if verifier is not None:
@@ -298,6 +318,13 @@ async def audit(
             trust.passed(proof.worker)
         return checks
     if trust is not None:
+        if verdict.statistical and not trust.struck(proof.worker):
+            checks.struck = True
+            checks.notes.append(
+                f"a statistical failure, which honest noisy workers make now and then: a strike, not a ban; "
+                f"{trust.strikes} in a row ban and report the worker"
+            )
+            return checks
         trust.failed(proof.worker)
     requester.reputation.ban(proof.worker, now, CHEATER_BAN_S)
     against = [checks.spot.signed] if checks.spot is not None and not checks.spot.verdict.ok else []

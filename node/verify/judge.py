@@ -114,6 +114,7 @@ class Verdict:
     surprise_z: float  # 0 for greedy
     regime: str = ""  # the NoiseClass checked in
     lower: int = 0  # sampled: flips to a token the verifier's chain finds less likely than its own pick
+    statistical: bool = False  # failed on a count or a probability that honest noise crosses now and then
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,7 +163,7 @@ def judge(
 
     lower = int((picks_differ & (obs.gap[:m] > 0)).sum()) if sampled else 0
 
-    def verdict(reason: str = "") -> Verdict:
+    def verdict(reason: str = "", *, statistical: bool = False) -> Verdict:
         return Verdict(
             ok=not reason,
             reason=reason,
@@ -174,6 +175,7 @@ def judge(
             surprise_z=round(z, 3),
             regime=noise.name,
             lower=lower,
+            statistical=statistical and bool(reason) and noise is not EXACT,
         )
 
     # ---- what was billed and said: the usage, the end of the answer, the finish reason, the text
@@ -247,26 +249,34 @@ def judge(
         gaps = obs.gap[:m][picks_differ]
         if gaps.size and float(gaps.max()) > noise.tie:
             i = int(np.flatnonzero(picks_differ)[int(np.argmax(gaps))])
-            return verdict(f"token {i} is not the most likely one (by {float(obs.gap[i]):.2f}) in a greedy answer")
+            return verdict(
+                f"token {i} is not the most likely one (by {float(obs.gap[i]):.2f}) in a greedy answer",
+                statistical=True,
+            )
         if flips > allowed_flips:
-            return verdict(f"{flips} of {m} tokens are not the most likely one")
+            return verdict(f"{flips} of {m} tokens are not the most likely one", statistical=True)
         return verdict()
     if outside > noise.slack + noise.outside * m:
-        return verdict(f"{outside} of {m} tokens are outside the top-k/top-p/min-p candidates")
+        return verdict(f"{outside} of {m} tokens are outside the top-k/top-p/min-p candidates", statistical=True)
     if obs.seeded:
         # Honest noise moves the draw's boundaries both ways alike, so its flips go to a less likely token as
         # often as to a more likely one; a hotter sampler's all go down, and a cheaper model's mostly do.
         if flips > allowed_flips:
-            return verdict(f"{flips} of {m} tokens differ from the seeded draw's")
+            return verdict(f"{flips} of {m} tokens differ from the seeded draw's", statistical=True)
         if lower > noise.slack + noise.lower * m:
-            return verdict(f"{lower} of {m} tokens differ from the seeded draw's toward less likely ones")
+            return verdict(
+                f"{lower} of {m} tokens differ from the seeded draw's toward less likely ones", statistical=True
+            )
         if noise is not EXACT and one_sided(lower, flips) < noise.sign:
             return verdict(
                 f"{lower} of {flips} tokens that differ from the seeded draw's are less likely than its own "
-                f"(as likely as honest noise with probability {one_sided(lower, flips):.1e})"
+                f"(as likely as honest noise with probability {one_sided(lower, flips):.1e})",
+                statistical=True,
             )
     if z > noise.surprise_z:
-        return verdict(f"the tokens are too unlikely for temperature {params.temperature} (z = {z:.1f})")
+        return verdict(
+            f"the tokens are too unlikely for temperature {params.temperature} (z = {z:.1f})", statistical=True
+        )
     return verdict()
 
 
