@@ -279,8 +279,9 @@ def child(args: argparse.Namespace) -> None:
                 ))  # fmt: skip
 
             advertiser = Advertiser(
-                gossip, make_offer, interval_s=args.refresh, ttl_s=args.ttl, full_interval_s=args.full_every
-            )
+                gossip, make_offer, interval_s=args.refresh, ttl_s=args.ttl, full_interval_s=args.full_every,
+                full_for_every_newcomer=args.newcomer_flood == "every",
+            )  # fmt: skip
             await nursery.start(advertiser.run)
             steps["advertiser"] = time.time() - began
             starts.append(steps)
@@ -674,6 +675,12 @@ def main() -> None:
         default=300.0,
         help="seconds between full offers; deltas in between (Advertiser: 300 s)",
     )
+    parser.add_argument(
+        "--newcomer-flood",
+        choices=("every", "first"),
+        default="every",
+        help="a worker publishes its full offer for every new topic neighbour, or only its first (default every)",
+    )
     parser.add_argument("--degree", type=int, default=0, help="GossipSub mesh degree D (0: the host's, 6)")
     parser.add_argument("--heartbeat", type=int, default=0, help="seconds between GossipSub heartbeats (0: the host's)")
     parser.add_argument(
@@ -699,7 +706,7 @@ def main() -> None:
     args.passthrough = [
         "--settle", str(args.settle), "--steady", str(args.steady), "--change-every", str(args.change_every),
         "--churn", str(args.churn), "--requester-every", str(args.requester_every), "--refresh", str(args.refresh),
-        "--ttl", str(args.ttl), "--full-every", str(args.full_every),
+        "--ttl", str(args.ttl), "--full-every", str(args.full_every), "--newcomer-flood", args.newcomer_flood,
         "--degree", str(args.degree), "--heartbeat", str(args.heartbeat), "--seed", str(args.seed),
     ] + (["--rate-limit", str(args.rate_limit)] if args.rate_limit is not None else []) + (
         ["--watermarks", args.watermarks] if args.watermarks else []

@@ -471,6 +471,32 @@ def test_a_delta_amends_its_base_offer_and_travels_with_it_in_a_sync(tmp_path):
     assert len(decode(book.sync_frames(now + 2)[0][4:]).offers) == 1
 
 
+def test_a_delta_late_past_the_ttl_brings_the_expired_offer_back(tmp_path):
+    """On a busy network a worker's deltas can arrive after its offer expired here; the book keeps the expired
+    base, so the next delta on it revives the offer instead of waiting minutes for a full one."""
+    me = Identity.load(tmp_path / "me")
+    now = time.time()
+    base = make_offer(me, 5, now + 30, slots_total=4, slots_free=4)
+    book = OfferBook(max_offers=2)
+    assert book.add(base) and book.amend(delta_of(me, base, 6, expires_at=now + 40)) is None
+    assert book.live(now + 41) == []  # expired: out of routing and of sync answers
+    assert book.sync_frames(now + 41) == []
+    assert book.amend(delta_of(me, base, 7, slots_free=2, expires_at=now + 45)) is None
+    back = book.live(now + 42)
+    assert [(o.seq, o.slots_free) for o in back] == [(7, 2)] and back[0].models == base.models
+    assert len(decode(book.sync_frames(now + 42)[0][4:]).offers) == 2  # the base and the delta, as before
+    # a delta on another base, or with more free slots than the base has, revives nothing
+    assert book.live(now + 46) == []
+    assert book.amend(delta_of(me, dataclasses.replace(base, seq=4), 8, expires_at=now + 60)) == REFUSED_NO_BASE
+    assert book.amend(delta_of(me, base, 8, slots_free=5, expires_at=now + 60)) == REFUSED_SLOTS
+    # the kept bases are bounded like the book
+    for i in range(3):
+        other = Identity.load(tmp_path / f"o{i}")
+        assert book.add(make_offer(other, 1, now + 50 + i))
+        book.live(now + 60 + i)
+    assert len(book._dormant) <= book.max_offers
+
+
 def test_the_advertiser_sends_deltas_between_full_offers(tmp_path):
     me = Identity.load(tmp_path / "me")
     state = {"free": 1, "addrs": []}

@@ -22,6 +22,9 @@ Between full offers (every ``FULL_OFFER_INTERVAL_S``) a worker publishes an
 and keeps the signed base and the delta so that its sync answers carry both. A
 node that gets a delta without its base asks the peer that forwarded it for the
 base (a sync request naming the peers wanted; ``OfferGossip._fetch_wanted``).
+A book keeps the base of an offer that expired (at most ``max_offers`` of them):
+a delta on it, late past the TTL on a busy network, brings the offer back
+instead of waiting for the next full offer.
 
 The ``OfferBook`` keeps the newest offer (highest ``seq``) per peer, within
 caps: ``max_offers`` in all and ``max_per_model`` per model. When a model's
@@ -369,6 +372,7 @@ class OfferBook:
         self._columns: dict[str, ModelColumns] = {}  # model CID → its offers' routing columns
         self._deltas: dict[str, tuple[Offer, bytes]] = {}  # peer → (its signed full offer, the delta applied)
         self._expiries: list[tuple[float, str]] = []  # a heap of (expires_at, peer); stale entries are skipped
+        self._dormant: dict[str, tuple[Offer, bytes, float]] = {}  # peer → (expired base, its encoding, when)
 
     def __len__(self) -> int:
         return len(self.offers)
@@ -439,7 +443,7 @@ class OfferBook:
         peer = delta.peer_id
         current = self.offers.get(peer)
         if current is None:
-            return REFUSED_NO_BASE
+            return self._revive(delta, data)
         base = self._deltas[peer][0] if peer in self._deltas else current
         if base.seq != delta.base_seq:
             return REFUSED_NO_BASE
@@ -454,6 +458,24 @@ class OfferBook:
         self._store(amended, self._data[peer], self._admitted[peer])
         self._deltas[peer] = (base, data if data is not None else encode(delta))
         return None
+
+    def _revive(self, delta: OfferDelta, data: bytes | None) -> str | None:
+        """Apply ``delta`` to the base of an offer that expired here (``_dormant``), which it may bring back:
+        a worker whose deltas were late past the TTL is still the same worker, and its delta is signed."""
+        dormant = self._dormant.get(delta.peer_id)
+        if dormant is None or dormant[0].seq != delta.base_seq:
+            return REFUSED_NO_BASE
+        base, base_data, _ = dormant
+        if delta.slots_free > base.slots_total:
+            return REFUSED_SLOTS
+        amended = dataclasses.replace(
+            base, seq=delta.seq, slots_free=delta.slots_free, price_per_1k=delta.price_per_1k,
+            expires_at=delta.expires_at,
+        )  # fmt: skip
+        refused = self.admit(amended, data=base_data)
+        if refused is None:  # (storing it cleared the dormant base)
+            self._deltas[delta.peer_id] = (base, data if data is not None else encode(delta))
+        return refused
 
     def live(self, now: float) -> LiveOffers:
         """Offers not yet expired (expired ones are dropped)."""
@@ -516,6 +538,7 @@ class OfferBook:
 
     def _store(self, offer: Offer, data: bytes | None, admitted: int) -> None:
         peer = offer.peer_id
+        self._dormant.pop(peer, None)
         self._deltas.pop(peer, None)  # a new full offer, or a delta that ``amend`` notes again
         cids = {m.cid for m in offer.models}
         if peer in self.offers:
@@ -561,7 +584,14 @@ class OfferBook:
             _, peer = heapq.heappop(expiries)
             offer = self.offers.get(peer)
             if offer is not None and not offer.expires_at > now:  # not refreshed since
+                base = self._deltas[peer][0] if peer in self._deltas else offer
+                self._dormant[peer] = (base, self._data[peer], now)
                 self._remove(peer)
+        if len(self._dormant) > self.max_offers:  # the oldest go first
+            for peer in sorted(self._dormant, key=lambda p: self._dormant[p][2])[
+                : len(self._dormant) - self.max_offers
+            ]:
+                del self._dormant[peer]
 
     def _cids(self, peer: str) -> set[str]:
         return {m.cid for m in self.offers[peer].models}
@@ -819,7 +849,10 @@ class Advertiser:
 
     A peer that newly subscribes to the offers topic also triggers a publish (a full
     offer), so a requester that just joined sees every worker within about a second
-    instead of waiting for the next interval.
+    instead of waiting for the next interval. With ``full_for_every_newcomer`` False,
+    only the first neighbours do (our first offer may have gone out before anyone
+    listened): a joining node then has its sync and the base fetch (bench/scale.py
+    ``--newcomer-flood`` measures both).
     """
 
     def __init__(
@@ -831,8 +864,10 @@ class Advertiser:
         ttl_s: float = 60.0,
         min_gap_s: float = 1.0,
         full_interval_s: float = FULL_OFFER_INTERVAL_S,
+        full_for_every_newcomer: bool = True,
     ) -> None:
         self.gossip = gossip
+        self.full_for_every_newcomer = full_for_every_newcomer
         self.make_offer = make_offer  # (seq, expires_at) -> signed Offer
         self.interval_s, self.ttl_s, self.min_gap_s = interval_s, ttl_s, min_gap_s
         self.full_interval_s = full_interval_s
@@ -857,7 +892,7 @@ class Advertiser:
         known: set = set()
         while True:
             current = set(self.gossip.host.pubsub.peer_topics.get(TOPIC, ()))
-            if current - known:
+            if current - known and (self.full_for_every_newcomer or not known):
                 self._full_due = True  # a new neighbour may not hold our full offer
                 self.changed()
             known = current

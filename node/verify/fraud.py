@@ -48,7 +48,7 @@ from node.errors import InvalidRequest, PaymentError, WireError
 from node.inference.numerics import claims_exact
 from node.market.jobs import check_result_receipt, request_hash
 from node.market.routing import Reputation, RouteQuery
-from node.market.trust import STRIKES, Trust
+from node.market.trust import Trust
 from node.net.host import Host
 from node.net.identity import Identity, verify_peer_signature
 from node.payments.payer import Payer
