@@ -16,6 +16,7 @@ import time
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
 from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, TYPE_DATA, YAMUX_HEADER_FORMAT
 
 from node.market.offers import SYNC_PROTOCOL, SYNC_STREAMS_PER_PEER, OfferBook, OfferGossip
@@ -319,6 +320,46 @@ async def test_a_silent_peer_is_one_quiet_line_not_a_traceback(tmp_path, caplog)
     assert all(silent.peer_id[:12] in r.getMessage() and "said nothing" in r.getMessage() for r in mine)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert sum(len(r.getMessage()) for r in mine) < 10 * 200
+
+
+async def test_garbage_on_every_protocol_a_node_serves_never_takes_it_down(tmp_path, caplog):
+    """One malformed GossipSub RPC (bytes that are no protobuf) took down the whole node: py-libp2p's pubsub
+    let protobuf's DecodeError escape its stream handler, through the connection's task group, into the swarm.
+    Every handler, py-libp2p's own included, now runs guarded; a peer's garbage ends its stream, nothing more."""
+    caplog.set_level(logging.DEBUG)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            server = await start_host(nursery, tmp_path, "server", mdns=False)
+            server.set_handler(ECHO, echo)
+            protocols = [p for p in server.libp2p.get_mux().handlers if p]
+            assert any("meshsub" in p for p in protocols) and any("identify" in p or "/id/" in p for p in protocols)
+            hostile = await start_host(nursery, tmp_path, "hostile", mdns=False)
+            await hostile.connect(server.addrs()[0])
+            garbage = struct.pack(">B", 20) + b"\xff\xfe not a protobuf \x00\x01\x02"
+            sent = 0
+            for protocol in protocols:
+                try:
+                    stream = await hostile.libp2p.new_stream(server.libp2p.get_id(), [protocol])
+                    await stream.write(garbage)
+                    await stream.close()
+                    sent += 1
+                except Exception:  # a stream the server already ended: it ended it, and lives
+                    pass
+            assert sent >= len(protocols) - 2
+            with trio.move_on_after(1):  # give every handler time to read the garbage and fail
+                await trio.sleep_forever()
+            # the server still serves: a new peer's request, and GossipSub
+            honest = await start_host(nursery, tmp_path, "honest", mdns=False)
+            await echo_once(honest, server)
+            await server.pubsub.subscribe("llmarket-test/topic")
+            subscription = await honest.pubsub.subscribe("llmarket-test/topic")
+            while "llmarket-test/topic" not in {t for t, peers in server.pubsub.peer_topics.items()
+                                                 if ID.from_base58(honest.peer_id) in peers}:  # fmt: skip
+                await trio.sleep(0.05)  # polling: subscriptions arrive by gossip
+            await server.pubsub.publish("llmarket-test/topic", b"still here")
+            assert (await subscription.get()).data == b"still here"
+            nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "meshsub" in r.getMessage()]
 
 
 # ------------------------------------------------------------------- offers

@@ -149,6 +149,29 @@ def guarded(
     return partial(run_guarded, protocol, handler, limit=limit, faults=faults)
 
 
+def guard_every_handler(libp2p) -> None:
+    """Run every stream handler of a py-libp2p host inside a guard, those registered later too: py-libp2p's
+    own protocols (GossipSub, identify, …) let some exceptions from a peer's bad input escape, and one that
+    escapes a handler takes down the connection's task group and, through the swarm, the whole node (one
+    malformed GossipSub RPC did). Any exception there is the peer's input: one debug line, the stream reset."""
+    handlers = libp2p.get_mux().handlers
+    for protocol, handler in list(handlers.items()):
+        if handler is not None:
+            handlers[protocol] = _guard_once(protocol, handler)
+    register = libp2p.set_stream_handler
+
+    def set_guarded(protocol, handler) -> None:
+        register(protocol, _guard_once(protocol, handler))
+
+    libp2p.set_stream_handler = set_guarded
+
+
+def _guard_once(protocol, handler):
+    if isinstance(handler, partial) and handler.func is run_guarded:
+        return handler
+    return guarded(str(protocol), handler, faults=ANY_FAULT)
+
+
 async def reset_stream(raw) -> None:
     """Reset a py-libp2p stream, shielded from cancellation; a dead stream fails to reset in several ways."""
     with trio.CancelScope(shield=True):

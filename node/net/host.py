@@ -62,7 +62,7 @@ from node.errors import NodeError, PeerUnreachable
 from node.net import addresses
 from node.net.config import HostConfig
 from node.net.conns import ConnectionKind, connection_kind
-from node.net.guards import InboundGuard, StreamLimit, adopt_yamux, guarded, guarded_yamux
+from node.net.guards import InboundGuard, StreamLimit, adopt_yamux, guard_every_handler, guarded, guarded_yamux
 from node.net.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,19 @@ class TopicRateGossipSub(GossipSub):
         return True
 
 
+class GuardedPubsub(Pubsub):
+    """py-libp2p's Pubsub, for which a peer's stream that fails in a way it does not expect (a malformed
+    RPC raises protobuf's ``DecodeError``) is a dead peer, as a broken stream is: the guard around every
+    handler (``guard_every_handler``) logs it and resets the stream."""
+
+    async def stream_handler(self, stream) -> None:
+        try:
+            await super().stream_handler(stream)
+        except Exception:
+            self._handle_dead_peer(stream.muxed_conn.peer_id)
+            raise
+
+
 @dataclass
 class Host:
     """One node's libp2p presence: streams by protocol, and GossipSub."""
@@ -201,7 +214,8 @@ class Host:
             heartbeat_interval=self.config.gossip_heartbeat_s,
             max_messages_per_topic_per_second=self.config.gossip_rate_limit,
         )
-        self.pubsub = Pubsub(self.libp2p, self.gossipsub, strict_signing=True)
+        guard_every_handler(self.libp2p)  # before Pubsub registers its handlers
+        self.pubsub = GuardedPubsub(self.libp2p, self.gossipsub, strict_signing=True)
         self.ready = trio.Event()
 
     @property
