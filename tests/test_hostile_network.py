@@ -292,6 +292,42 @@ async def test_an_honest_big_transfer_to_a_slow_reader_is_not_cut_off(tmp_path, 
     assert not [r for r in caplog.records if "exceeded receive window" in r.getMessage()]  # no credit overrun at all
 
 
+async def test_two_tasks_writing_one_stream_never_interleave_their_messages(tmp_path):
+    """py-libp2p's yamux sends a write in frames as the window allows, locking per frame, so two tasks writing one
+    stream (GossipSub's publish, forwarding and heartbeat all write a peer's stream) could interleave a message's
+    frames with another's: the reader then parsed garbage (a GossipSub RPC that was no protobuf, seen in
+    bench/scale.py). A write now goes out whole."""
+    size, writers = 300 * 1024, 4  # each over yamux's 64 KiB frame and the 256 KiB initial window
+    messages = []
+
+    async def reader(stream) -> None:
+        await trio.sleep(0.3)  # let the window fill, so that the writers wait for window updates
+        buffered = b""
+        while len(messages) < writers:
+            while len(buffered) < size:
+                chunk = await stream.read(64 * 1024)
+                assert chunk, "the stream ended early"
+                buffered += chunk
+            messages.append(buffered[:size])
+            buffered = buffered[size:]
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            server = await start_host(nursery, tmp_path, "server", mdns=False)
+            server.set_handler("/llmarket-test/whole/1.0.0", reader)
+            client = await start_host(nursery, tmp_path, "client", mdns=False)
+            await client.connect(server.addrs()[0])
+            stream = await client.open_stream(server.peer_id, "/llmarket-test/whole/1.0.0")
+            async with trio.open_nursery() as writing:
+                for i in range(writers):
+                    writing.start_soon(stream.write, bytes([65 + i]) * size)
+            while len(messages) < writers:
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    assert sorted(message[0] for message in messages) == [65 + i for i in range(writers)]
+    assert all(message == message[:1] * size for message in messages)  # each one whole, none mixed
+
+
 # ------------------------------------------------------------- silent peers
 
 

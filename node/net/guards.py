@@ -8,7 +8,9 @@
   is a bug and logged with its traceback. With a ``StreamLimit`` a peer may
   hold at most so many open inbound streams; more are reset at once. The NAT
   traversal protocols (``node.net.autonat``, ``node.net.relay``,
-  ``node.net.dcutr``) run in the same guard, without the limit.
+  ``node.net.dcutr``) run in the same guard, without the limit, and so does
+  every other handler py-libp2p registers (``guard_every_handler``: GossipSub,
+  identify, ping, the DHT), where any exception is the peer's input.
 - **Inbound connection limits** (``InboundGuard``). py-libp2p admits 250
   inbound connections in all, holds each one that does not speak for 10 s, and
   keeps every inbound connection's slot until the host stops, even after the
@@ -30,6 +32,9 @@
   a second line of defence a stream may buffer at most twice its window plus
   one frame, a connection ``max_buffered_per_connection``, all connections
   ``max_buffered_total``.
+- **Whole writes** (``_WholeWrites``). py-libp2p's yamux locks each frame of a
+  write, not the write, so two tasks writing one stream interleaved their
+  messages; here a stream's writes go out one after the other.
 
 The limits come from ``node.net.config.HostConfig``; ``node.net.host.Host``
 installs all three. No state lives at module level: each host has its own.
@@ -47,7 +52,7 @@ from functools import partial
 
 import trio
 from libp2p.abc import IMuxedConn
-from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, MAX_MESSAGE_SIZE, Yamux
+from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, MAX_MESSAGE_SIZE, Yamux, YamuxStream
 
 from node.concurrency import TokenBucket
 from node.errors import NodeError
@@ -367,6 +372,29 @@ class _StreamBuffers(dict):
         super().__setitem__(stream_id, _StreamBuffer(self._conn, stream_id, bytes(buffer)))
 
 
+class _WholeWrites(YamuxStream):
+    """A yamux stream whose writes go out whole. py-libp2p's ``YamuxStream.write`` sends a write in frames (of
+    at most 64 KiB, and as the peer's window allows), taking its lock for each frame only, so two tasks writing
+    one stream interleaved their frames, and the reader parsed garbage. GossipSub writes a peer's stream from
+    several tasks (publish, forwarding, heartbeat); under load, with windows short, that happened."""
+
+    _whole: trio.Lock
+
+    async def write(self, data: bytes) -> None:
+        async with self._whole:
+            await super().write(data)
+
+
+class _Streams(dict):
+    """Yamux's ``streams``: every stream put in it writes whole (``_WholeWrites``)."""
+
+    def __setitem__(self, stream_id: int, stream) -> None:
+        if type(stream) is YamuxStream:
+            stream.__class__ = _WholeWrites
+            stream._whole = trio.Lock()
+        super().__setitem__(stream_id, stream)
+
+
 class GuardedYamux(Yamux):
     """py-libp2p's yamux, with caps on what it buffers (see the module docstring).
 
@@ -378,7 +406,7 @@ class GuardedYamux(Yamux):
     py-libp2p 0.8.1 ignores the muxer class it is given for ``/yamux/1.0.0``
     (``MuxerMultistream.new_conn`` constructs ``Yamux`` itself), so ``adopt``
     turns each new, not yet started ``Yamux`` into this class; it adds methods
-    and two attributes, and changes nothing else.
+    and two attributes, and makes every stream's writes whole (``_WholeWrites``).
     """
 
     config: HostConfig = HostConfig()
@@ -396,6 +424,9 @@ class GuardedYamux(Yamux):
 
     def _guard(self) -> None:
         self.stream_buffers = _StreamBuffers(self)
+        streams, self.streams = self.streams, _Streams()
+        for stream_id, stream in streams.items():
+            self.streams[stream_id] = stream
         self.violation: str = ""
         if self.connections is not None:
             self.connections.add(self)

@@ -3,8 +3,8 @@
 - **Noise only.** py-libp2p also accepts plaintext (and TLS, secio) unless told
   otherwise, and plaintext lets a peer claim any peer id.
 - **yamux, one connection per peer** (which also skips a 250 ms dial delay).
-- **Guards** (``node.net.guards``): every stream handler runs inside a guard
-  (a peer's fault is one debug line, a bug its traceback; at most
+- **Guards** (``node.net.guards``): every stream handler runs inside a guard,
+  py-libp2p's own too (a peer's fault is one debug line, a bug its traceback; at most
   ``max_inbound_streams_per_peer`` open streams per peer); limits on inbound
   connections per IP and in all (``InboundGuard``, in place of py-libp2p's
   resource manager); yamux flow control enforced (``GuardedYamux``).
