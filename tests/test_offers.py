@@ -466,6 +466,18 @@ def test_a_delta_amends_its_base_offer_and_travels_with_it_in_a_sync(tmp_path):
     for item, data in _check_synced(batch.offers, now):
         (joined.amend(item, data=data) if isinstance(item, OfferDelta) else joined.add(item, data=data))
     assert joined.offers == book.offers
+    # later, the base's own expiry has passed (a full offer goes out every 5 minutes) and the delta keeps it
+    # alive: a joining node takes the pair, though it would drop the base alone (this emptied the books of
+    # bench/scale.py's requesters once workers stopped sending a full offer for every newcomer)
+    (piece,) = book.sync_frames(now + 60)
+    later_joined = OfferBook()
+    for item, data in _check_synced(decode(piece[4:]).offers, now + 60):
+        (later_joined.amend(item, data=data) if isinstance(item, OfferDelta) else later_joined.add(item, data=data))
+    assert later_joined.live(now + 60) == [held]
+    assert _check_synced([encode(base)], now + 60) == []  # the expired base alone
+    assert _check_synced([encode(base), encode(delta_of(me, base, 8, expires_at=now + 50))], now + 60) == []
+    forged = dataclasses.replace(base, price_per_1k=7)  # kept alive by a good delta, but not what was signed
+    assert [type(i) for i, _ in _check_synced([encode(forged), encode(later)], now + 60)] == [OfferDelta]
     # a new full offer replaces base and delta
     assert book.add(make_offer(me, 10, now + 30, slots_total=2, slots_free=1))
     assert len(decode(book.sync_frames(now + 2)[0][4:]).offers) == 1

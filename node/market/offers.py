@@ -19,7 +19,9 @@ in the book, so each gossiped offer is checked once.
 Between full offers (every ``FULL_OFFER_INTERVAL_S``) a worker publishes an
 ``OfferDelta`` when only its free slots, price or expiry changed, and as its
 "still here": a book that holds the delta's base offer applies it (``amend``),
-and keeps the signed base and the delta so that its sync answers carry both. A
+and keeps the signed base and the delta so that its sync answers carry both (the
+base's own expiry has usually passed by then: the delta right after it is what
+keeps it alive, ``_check_synced``). A
 node that gets a delta without its base asks the peer that forwarded it for the
 base (a sync request naming the peers wanted; ``OfferGossip._fetch_wanted``).
 A book keeps the base of an offer that expired (at most ``max_offers`` of them):
@@ -286,17 +288,30 @@ def parse_offer(data: bytes, publisher: str, now: float) -> Offer | OfferDelta:
 
 
 def _check_synced(datas: list[bytes], now: float) -> list[tuple[Offer | OfferDelta, bytes]]:
-    """The offers (and deltas) of a sync answer that check out under their own signatures (runs in a thread)."""
-    valid = []
+    """The offers (and deltas) of a sync answer that check out under their own signatures (runs in a thread).
+
+    A base offer comes with the delta that keeps it alive, and its own expiry has usually passed (a full offer
+    goes out every ``FULL_OFFER_INTERVAL_S``, its deltas every few seconds): a base that is valid but for its
+    expiry counts when the delta right after it amends it and is valid itself."""
+    items: list[Offer | OfferDelta | None] = []
     for data in datas:
         try:
-            offer = decode(data, max_size=MAX_OFFER_BYTES) if len(data) <= MAX_OFFER_BYTES else None
+            items.append(decode(data, max_size=MAX_OFFER_BYTES) if len(data) <= MAX_OFFER_BYTES else None)
         except WireError:
-            continue
-        if isinstance(offer, Offer) and check_offer(offer, offer.peer_id, now) is None:
-            valid.append((offer, data))
-        elif isinstance(offer, OfferDelta) and check_delta(offer, offer.peer_id, now) is None:
-            valid.append((offer, data))
+            items.append(None)
+    valid = []
+    for i, (item, data) in enumerate(zip(items, datas, strict=True)):
+        if isinstance(item, OfferDelta) and check_delta(item, item.peer_id, now) is None:
+            valid.append((item, data))
+        elif isinstance(item, Offer):
+            after = items[i + 1] if i + 1 < len(items) else None
+            kept_alive = (
+                isinstance(after, OfferDelta) and after.peer_id == item.peer_id and after.base_seq == item.seq
+                and check_delta(after, after.peer_id, now) is None
+            )  # fmt: skip
+            checked_at = min(now, item.expires_at - 1e-3) if kept_alive else now  # all but the base's expiry
+            if check_offer(item, item.peer_id, checked_at) is None:
+                valid.append((item, data))
     return valid
 
 
