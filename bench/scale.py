@@ -678,8 +678,9 @@ def main() -> None:
     parser.add_argument(
         "--newcomer-flood",
         choices=("every", "first"),
-        default="every",
-        help="a worker publishes its full offer for every new topic neighbour, or only its first (default every)",
+        default="first",
+        help="a worker publishes its full offer for its first topic neighbours only (Advertiser's default), "
+        "or for every new one",
     )
     parser.add_argument("--degree", type=int, default=0, help="GossipSub mesh degree D (0: the host's, 6)")
     parser.add_argument("--heartbeat", type=int, default=0, help="seconds between GossipSub heartbeats (0: the host's)")

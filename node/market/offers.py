@@ -862,12 +862,13 @@ class Advertiser:
     the bytes), which also keeps the offer alive in every book. Anything else that
     changes (models, addresses, …) goes out as a full offer at once.
 
-    A peer that newly subscribes to the offers topic also triggers a publish (a full
-    offer), so a requester that just joined sees every worker within about a second
-    instead of waiting for the next interval. With ``full_for_every_newcomer`` False,
-    only the first neighbours do (our first offer may have gone out before anyone
-    listened): a joining node then has its sync and the base fetch (bench/scale.py
-    ``--newcomer-flood`` measures both).
+    The first peers to subscribe to the offers topic beside us trigger a full offer
+    too: our first one may have gone out before anyone listened. A node that joins
+    later gets our offer from its sync (base and delta) and, for a delta that comes
+    before its base, the base fetch. ``full_for_every_newcomer`` sends a full offer
+    to the whole network whenever any new neighbour subscribes, as before: in
+    bench/scale.py at 15 nodes it doubled GossipSub's bytes and held up changes
+    (docs/benchmarks.md).
     """
 
     def __init__(
@@ -879,7 +880,7 @@ class Advertiser:
         ttl_s: float = 60.0,
         min_gap_s: float = 1.0,
         full_interval_s: float = FULL_OFFER_INTERVAL_S,
-        full_for_every_newcomer: bool = True,
+        full_for_every_newcomer: bool = False,
     ) -> None:
         self.gossip = gossip
         self.full_for_every_newcomer = full_for_every_newcomer
