@@ -387,7 +387,7 @@ class OfferBook:
         self._columns: dict[str, ModelColumns] = {}  # model CID → its offers' routing columns
         self._deltas: dict[str, tuple[Offer, bytes]] = {}  # peer → (its signed full offer, the delta applied)
         self._expiries: list[tuple[float, str]] = []  # a heap of (expires_at, peer); stale entries are skipped
-        self._dormant: dict[str, tuple[Offer, bytes, float]] = {}  # peer → (expired base, its encoding, when)
+        self._dormant: dict[str, tuple[Offer, bytes]] = {}  # peer → (expired base, its encoding), oldest first
 
     def __len__(self) -> int:
         return len(self.offers)
@@ -480,7 +480,7 @@ class OfferBook:
         dormant = self._dormant.get(delta.peer_id)
         if dormant is None or dormant[0].seq != delta.base_seq:
             return REFUSED_NO_BASE
-        base, base_data, _ = dormant
+        base, base_data = dormant
         if delta.slots_free > base.slots_total:
             return REFUSED_SLOTS
         amended = dataclasses.replace(
@@ -600,13 +600,11 @@ class OfferBook:
             offer = self.offers.get(peer)
             if offer is not None and not offer.expires_at > now:  # not refreshed since
                 base = self._deltas[peer][0] if peer in self._deltas else offer
-                self._dormant[peer] = (base, self._data[peer], now)
+                self._dormant.pop(peer, None)  # (re-inserted: the dict stays oldest first)
+                self._dormant[peer] = (base, self._data[peer])
                 self._remove(peer)
-        if len(self._dormant) > self.max_offers:  # the oldest go first
-            for peer in sorted(self._dormant, key=lambda p: self._dormant[p][2])[
-                : len(self._dormant) - self.max_offers
-            ]:
-                del self._dormant[peer]
+        while len(self._dormant) > self.max_offers:
+            del self._dormant[next(iter(self._dormant))]
 
     def _cids(self, peer: str) -> set[str]:
         return {m.cid for m in self.offers[peer].models}
