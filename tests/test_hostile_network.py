@@ -322,7 +322,7 @@ async def test_two_tasks_writing_one_stream_never_interleave_their_messages(tmp_
                 for i in range(writers):
                     writing.start_soon(stream.write, bytes([65 + i]) * size)
             while len(messages) < writers:
-                await trio.sleep(0.05)
+                await trio.sleep(0.05)  # polling: the reader files each message as it completes
             nursery.cancel_scope.cancel()
     assert sorted(message[0] for message in messages) == [65 + i for i in range(writers)]
     assert all(message == message[:1] * size for message in messages)  # each one whole, none mixed

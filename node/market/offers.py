@@ -325,6 +325,13 @@ REFUSED_NO_BASE = "the delta's base offer is not the one held"
 REFUSED_SLOTS = "more free slots than the base offer has"
 
 
+def _amended(base: Offer, delta: OfferDelta) -> Offer:
+    """``base`` with ``delta``'s free slots, price, expiry and seq."""
+    return dataclasses.replace(
+        base, seq=delta.seq, slots_free=delta.slots_free, price_per_1k=delta.price_per_1k, expires_at=delta.expires_at
+    )
+
+
 def _never_valued(peer_id: str) -> bool:
     return False
 
@@ -466,11 +473,7 @@ class OfferBook:
             return REFUSED_OLDER
         if delta.slots_free > base.slots_total:
             return REFUSED_SLOTS
-        amended = dataclasses.replace(
-            base, seq=delta.seq, slots_free=delta.slots_free, price_per_1k=delta.price_per_1k,
-            expires_at=delta.expires_at,
-        )  # fmt: skip
-        self._store(amended, self._data[peer], self._admitted[peer])
+        self._store(_amended(base, delta), self._data[peer], self._admitted[peer])
         self._deltas[peer] = (base, data if data is not None else encode(delta))
         return None
 
@@ -483,11 +486,7 @@ class OfferBook:
         base, base_data = dormant
         if delta.slots_free > base.slots_total:
             return REFUSED_SLOTS
-        amended = dataclasses.replace(
-            base, seq=delta.seq, slots_free=delta.slots_free, price_per_1k=delta.price_per_1k,
-            expires_at=delta.expires_at,
-        )  # fmt: skip
-        refused = self.admit(amended, data=base_data)
+        refused = self.admit(_amended(base, delta), data=base_data)
         if refused is None:  # (storing it cleared the dormant base)
             self._deltas[delta.peer_id] = (base, data if data is not None else encode(delta))
         return refused
