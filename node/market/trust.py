@@ -26,7 +26,8 @@ now failed ``STRIKES`` checks in a row, when the caller bans it as for any
 failed check. A check that passes clears the strikes. An honest noisy worker
 is then banned after two failures in a row (about 0.04% of pairs of checks),
 while a cheater that the noisy checks catch 95% of the time is, after its
-first strike, checked on every job until it is caught again.
+first strike, checked on its next ``FIRST_CHECKS`` jobs, where one more cheat
+is very likely its second strike.
 
 ``credit_tokens(peer_id)``: how many tokens' worth a paid worker may stream
 ahead of the requester's last receipt (node/payments/payer.py). It starts at
